@@ -1,0 +1,40 @@
+"""The public function: validate, pick the backend, and run the fused op."""
+import os
+from typing import Optional
+
+import torch
+
+from mta_reference.validate import validate
+
+# Triton decides at import time whether kernels are compiled or interpreted.
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_HEAD_DIM = 256
+
+
+def _check_backend(q: torch.Tensor, D: int):
+    if q.device.type == "cpu" and not INTERPRETER:
+        raise RuntimeError(
+            "mta_kernels runs Triton kernels: CPU tensors need the Triton interpreter "
+            "(set TRITON_INTERPRET=1 before importing mta_kernels), or use "
+            "mta_reference.mta_attention for the plain-PyTorch path")
+    if q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"q is on {q.device}; mta_kernels supports CUDA (and CPU under the interpreter)")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"q has head dim D={D}; the fused kernels support D <= {MAX_HEAD_DIM}")
+
+
+def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix=None, *,
+                  causal: bool = True, pad_key: str = "both",
+                  scale: Optional[float] = None) -> torch.Tensor:
+    """Multi-Token Attention through the fused Triton kernels.
+
+    q: (B, H, L, D); k, v: (B, Hkv, L, D), H % Hkv == 0, any strides, fp16/bf16/fp32.
+    pre_conv, post_conv: (H, cq, ck) key-query kernels (row cq-1 is the current query).
+    pre_mix, post_mix: (G, ch, ch) head mixing, W[g, out, in], H = G * ch.
+    Each part is optional; with none this is plain softmax attention.
+    Returns (B, H, L, D) in q's dtype. See shared spec section 2 for the index-by-index math.
+    """
+    p = validate(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
+    _check_backend(q, p.D)
+    from .autograd import MTAFunction
+    return MTAFunction.apply(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, p.scale)

@@ -1,0 +1,89 @@
+"""Host side of the fused forward: block sizes, weight layouts, buffers and the two launches."""
+import math
+
+import torch
+import triton
+
+from mta_reference.validate import left_pad
+from .forward_kernels import mta_fwd_kernel
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _group_size(w) -> int:
+    return 1 if w is None else w.shape[1]
+
+
+def block_diagonal_mix(w: torch.Tensor, H: int, NH: int) -> torch.Tensor:
+    """(G, ch, ch) mixing weight -> (H // NH, NH, NH) fp32: the mixing matrix restricted to
+    each block of NH heads (NH a multiple of ch), zero across groups."""
+    ch = w.shape[1]
+    heads = torch.arange(H, device=w.device).view(H // NH, NH)
+    g, o = heads // ch, heads % ch
+    same_group = g[:, :, None] == g[:, None, :]
+    block = w.float()[g[:, :, None], o[:, :, None], o[:, None, :]]
+    return torch.where(same_group, block, torch.zeros((), device=w.device)).contiguous()
+
+
+def _frame(length: int, halo: int, cap: int) -> int:
+    """Smallest power-of-two frame >= 16 that holds the halo plus min(length, cap - halo) outputs."""
+    size = cap if halo > cap // 2 - 8 else cap // 2 if cap > 64 else cap
+    size = max(size, _next_pow2(halo + 1) * 2)
+    return max(16, min(size, _next_pow2(length + halo)))
+
+
+def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale):
+    """Fused MTA forward. q: (B, H, L, D); k, v: (B, Hkv, L, D). Returns (out, lse):
+    out (B, H, L, D) in q's dtype and lse (B, H, L) fp32, the log-sum-exp of each row of
+    masked (pre-conv, pre-mix) logits. The backward needs lse to rebuild P = exp(M - lse)
+    tile by tile without another statistics pass."""
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    dev = q.device
+    NH = math.lcm(_group_size(pre_mix), _group_size(post_mix))
+    NHP = max(16, _next_pow2(NH))
+
+    def conv_params(w):
+        if w is None:
+            return torch.zeros(1, device=dev), 1, 1, 0
+        return w.float().contiguous(), w.shape[1], w.shape[2], left_pad(w.shape[2], pad_key)
+
+    w_pre, cq_pre, ck_pre, pl_pre = conv_params(pre_conv)
+    w_post, cq_post, ck_post, pl_post = conv_params(post_conv)
+    mix_pre = block_diagonal_mix(pre_mix, H, NH) if pre_mix is not None else torch.zeros(1, device=dev)
+    mix_post = block_diagonal_mix(post_mix, H, NH) if post_mix is not None else torch.zeros(1, device=dev)
+
+    halo_rows = (cq_pre - 1) + (cq_post - 1)
+    halo_cols = (ck_pre - 1) + (ck_post - 1)
+    RF = _frame(L, halo_rows, 64)
+    W = _frame(L, halo_cols, 64 if halo_cols <= 24 else 128)
+    DP = max(16, _next_pow2(D))
+    DV = min(DP, 64)
+    low_precision = q.dtype in (torch.float16, torch.bfloat16)
+    conv_prec = "tf32" if low_precision else "ieee"
+
+    lse = torch.empty(B, H, L, device=dev, dtype=torch.float32)
+    m_run = torch.full((B, H, L), float("-inf"), device=dev, dtype=torch.float32)
+    l_run = torch.zeros(B, H, L, device=dev, dtype=torch.float32)
+    o_acc = torch.zeros(B, H, L, D, device=dev, dtype=torch.float32)
+    n_head_blocks = H // NH
+
+    common = dict(
+        CAUSAL=causal, PRE_CONV=pre_conv is not None, PRE_MIX=pre_mix is not None,
+        POST_CONV=post_conv is not None, POST_MIX=post_mix is not None,
+        CQ_PRE=cq_pre, CK_PRE=ck_pre, PL_PRE=pl_pre, CQ_POST=cq_post, CK_POST=ck_post, PL_POST=pl_post,
+        NH=NH, NHP=NHP, RF=RF, W=W, DP=DP, DV=DV, MIX_CHUNK=min(RF * W, 1024),
+        QK_PREC=conv_prec, CONV_PREC=conv_prec, PV_PREC=conv_prec, num_warps=4, num_stages=1,
+    )
+    for is_stats in (True, False):
+        rows_per_prog = RF - (cq_pre - 1) - (0 if is_stats else cq_post - 1)
+        grid = (triton.cdiv(L, rows_per_prog), B * n_head_blocks)
+        scratch = torch.empty(grid[0] * grid[1] * (2 * NH + 2) * RF * W, device=dev, dtype=torch.float32)
+        mta_fwd_kernel[grid](
+            q, k, v, lse, m_run, l_run, o_acc, scratch, w_pre, mix_pre, w_post, mix_post,
+            *q.stride(), *k.stride(), *v.stride(),
+            H, H // Hkv, L, D, scale, rows_per_prog, n_head_blocks,
+            IS_STATS=is_stats, **common)
+    return o_acc.to(q.dtype), lse

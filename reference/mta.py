@@ -1,0 +1,78 @@
+"""Multi-Token Attention in plain PyTorch: the scores are materialized, index by index as in
+``shared/spec/mta.md`` section 2. Slow and O(L^2) memory by design; it is the yardstick.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .validate import left_pad, validate
+
+
+def future_mask(L: int, device) -> torch.Tensor:
+    """(L, L) bool, True where key j is after query i (j > i)."""
+    idx = torch.arange(L, device=device)
+    return idx[None, :] > idx[:, None]
+
+
+def key_query_conv(x: torch.Tensor, w: torch.Tensor, pad_key: str) -> torch.Tensor:
+    """Depthwise cross-correlation over (query, key) of scores.
+
+    x: (B, H, L, L); w: (H, cq, ck). Returns out[b,h,i,j] = sum_{a,t} w[h,a,t] *
+    x[b, h, i+a-(cq-1), j+t-pL], with out-of-range entries read as zero.
+    """
+    H, cq, ck = w.shape
+    pL = left_pad(ck, pad_key)
+    padded = F.pad(x, (pL, ck - 1 - pL, cq - 1, 0))
+    return F.conv2d(padded, w[:, None].to(x.dtype), groups=H)
+
+
+def mix_heads(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Head mixing within contiguous groups, nn.Linear convention.
+
+    x: (B, H, L, L); w: (G, ch, ch) as W[g, out, in]. Returns (B, H, L, L) with
+    out[b, g*ch+o] = sum_c w[g, o, c] * x[b, g*ch+c].
+    """
+    B, H, Lq, Lk = x.shape
+    G, ch, _ = w.shape
+    y = torch.einsum("goc,bgcij->bgoij", w.to(x.dtype), x.reshape(B, G, ch, Lq, Lk))
+    return y.reshape(B, H, Lq, Lk)
+
+
+def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix=None, *,
+                  causal: bool = True, pad_key: str = "both", scale: Optional[float] = None,
+                  compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reference Multi-Token Attention.
+
+    q: (B, H, L, D); k, v: (B, Hkv, L, D) with H % Hkv == 0.
+    pre_conv, post_conv: (H, cq, ck) or None. pre_mix, post_mix: (G, ch, ch) or None, H = G*ch.
+    Every intermediate is held in ``compute_dtype`` (fp32 by default; fp64 for gradchecks;
+    the input dtype to play the low-precision baseline). The softmax runs in fp32, or
+    fp64 when compute_dtype is fp64. Returns (B, H, L, D) in q's dtype.
+    """
+    p = validate(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
+    cd = compute_dtype
+    rep = p.H // p.Hkv
+    qc = q.to(cd)
+    kc = k.to(cd).repeat_interleave(rep, dim=1)
+    vc = v.to(cd).repeat_interleave(rep, dim=1)
+    future = future_mask(p.L, q.device) if causal else None
+
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * p.scale
+    if pre_conv is not None:
+        if causal:
+            scores = scores.masked_fill(future, 0.0)
+        scores = key_query_conv(scores, pre_conv, pad_key)
+    if pre_mix is not None:
+        scores = mix_heads(scores, pre_mix)
+    if causal:
+        scores = scores.masked_fill(future, float("-inf"))
+    softmax_dtype = torch.float64 if cd == torch.float64 else torch.float32
+    probs = torch.softmax(scores.to(softmax_dtype), dim=-1).to(cd)
+    if post_conv is not None:
+        probs = key_query_conv(probs, post_conv, pad_key)
+        if causal:
+            probs = probs.masked_fill(future, 0.0)
+    if post_mix is not None:
+        probs = mix_heads(probs, post_mix)
+    return torch.matmul(probs, vc).to(q.dtype)
