@@ -24,6 +24,10 @@ def key_query_conv(x: torch.Tensor, w: torch.Tensor, pad_key: str) -> torch.Tens
     H, cq, ck = w.shape
     pL = left_pad(ck, pad_key)
     padded = F.pad(x, (pL, ck - 1 - pL, cq - 1, 0))
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        # CPU half-precision conv2d is extremely slow; accumulate in fp32 and round the
+        # result, as the GPU's half-precision convolution does.
+        return F.conv2d(padded.float(), w[:, None].float(), groups=H).to(x.dtype)
     return F.conv2d(padded, w[:, None].to(x.dtype), groups=H)
 
 

@@ -1,0 +1,147 @@
+"""The fused forward against the reference, under the spec's tolerance rule."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mta_kernels
+import mta_reference
+from cases import Case, make_inputs
+from conftest import DEVICE
+from tolerance import check_rule
+
+FULL = dict(pre_conv=(3, 5), pre_mix=4, post_conv=(2, 3), post_mix=4)
+
+CPU_CASES = [
+    Case(),
+    Case(causal=False),
+    Case(L=1, **FULL),
+    Case(L=2, pre_conv=(3, 5), post_conv=(4, 3)),               # L < cq and L < ck
+    Case(pre_conv=(3, 5)),
+    Case(pre_conv=(4, 4), pad_key="left"),
+    Case(pre_conv=(2, 4), pad_key="right"),
+    Case(pre_mix=2),
+    Case(post_conv=(3, 5)),
+    Case(post_conv=(2, 4), pad_key="left"),
+    Case(post_conv=(3, 2), pad_key="right"),
+    Case(post_mix=4),
+    Case(pre_mix=4, post_mix=4),                                 # talking heads
+    Case(L=70, **FULL),                                         # L crosses a tile edge
+    Case(L=70, causal=False, **FULL),
+    Case(L=70, pad_key="left", pre_conv=(3, 4), pre_mix=2, post_conv=(2, 6), post_mix=4),
+    Case(L=70, pad_key="right", causal=False, pre_conv=(3, 4), post_conv=(2, 6), post_mix=2),
+    Case(B=2, H=4, Hkv=2, L=45, **FULL),                         # GQA, batch > 1
+    Case(H=4, Hkv=1, L=45, pre_conv=(3, 5), post_mix=2),       # MQA
+    Case(H=10, L=40, D=16, pre_mix=10, post_mix=10),             # H = 10, full mixing
+    Case(H=10, L=40, D=16, pre_conv=(2, 3), pre_mix=10, post_conv=(2, 3), post_mix=5),
+    Case(H=6, L=40, D=16, pre_mix=2, post_mix=3),                # different group sizes (lcm 6)
+    Case(D=96, L=50, **FULL),                                    # D not a power of two
+    Case(D=20, L=33, pre_conv=(2, 3)),
+    Case(L=60, layout="blhd", **FULL),                           # non-contiguous q, k, v
+    Case(L=90, pre_conv=(8, 15), post_conv=(8, 15)),             # the largest kernels we promise
+]
+
+
+def _run_and_check(case, dtype, device, scale=None):
+    q, k, v, *w = make_inputs(case, dtype, device)
+    opts = dict(causal=case.causal, pad_key=case.pad_key, scale=scale)
+    out = mta_kernels.mta_attention(q, k, v, *w, **opts)
+    ref = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float64, **opts)
+    low = mta_reference.mta_attention(q, k, v, *w, compute_dtype=dtype, **opts)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    check_rule("out", out, ref, low, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
+def test_forward_matches_reference(case, dtype, device):
+    _run_and_check(case, dtype, device)
+
+
+def test_custom_scale(device):
+    _run_and_check(Case(L=40, **FULL), torch.float32, device, scale=0.37)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("pad_key", ["both", "left", "right"])
+def test_identity_weights_equal_sdpa(causal, pad_key, device):
+    H, L, D = 4, 50, 32
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, H, L, D, generator=g).to(device) for _ in range(3))
+    ck = 5 if pad_key == "both" else 4
+    w = dict(pre_conv=mta_reference.identity_conv(H, 3, ck, pad_key, device=device),
+             pre_mix=mta_reference.identity_mix(H, 4, device=device),
+             post_conv=mta_reference.identity_conv(H, 2, ck, pad_key, device=device),
+             post_mix=mta_reference.identity_mix(H, 2, device=device))
+    out = mta_kernels.mta_attention(q, k, v, **w, causal=causal, pad_key=pad_key)
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
+    assert (out.double() - expected).abs().max().item() < 2e-6
+
+
+@pytest.mark.parametrize("parts", [
+    dict(pre_conv=(3, 5)), dict(post_conv=(3, 5)), dict(post_conv=(2, 5)), dict(pre_mix=4),
+    dict(post_mix=4), FULL,
+], ids=["pre_conv", "post_conv-both", "post_conv-2x5", "pre_mix", "post_mix", "full"])
+@pytest.mark.parametrize("pad_key", ["both", "left", "right"])
+def test_causality(parts, pad_key, device):
+    """Perturbing q, k, v at positions >= t leaves outputs < t unchanged."""
+    if pad_key != "both":
+        parts = {n: (s[0], s[1] + 1) if isinstance(s, tuple) else s for n, s in parts.items()}
+    case = Case(L=48, pad_key=pad_key, **parts)
+    q, k, v, *w = make_inputs(case, torch.float32, device)
+    t = 29
+    out = mta_kernels.mta_attention(q, k, v, *w, pad_key=pad_key)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for x in (q2, k2, v2):
+        x[:, :, t:] = torch.randn_like(x[:, :, t:]) * 3
+    out2 = mta_kernels.mta_attention(q2, k2, v2, *w, pad_key=pad_key)
+    assert torch.equal(out[:, :, :t], out2[:, :, :t])
+    assert not torch.equal(out[:, :, t:], out2[:, :, t:])
+
+
+def test_large_logits_stay_finite(device):
+    """|S| up to 1e4: no inf or NaN, and still the reference's answer."""
+    case = Case(L=40, **FULL)
+    q, k, v, *w = make_inputs(case, torch.float32, device)
+    q = q * 60.0
+    k = k * 60.0
+    out = mta_kernels.mta_attention(q, k, v, *w)
+    ref = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float64)
+    low = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float32)
+    assert torch.isfinite(out).all()
+    check_rule("out", out, ref, low, torch.float32)
+
+
+# ---- GPU: realistic sizes in bf16 and fp16 ----
+
+PAPER = dict(pre_conv=(6, 11), pre_mix=16, post_conv=(6, 11), post_mix=16)
+GPU_CASES = [
+    Case(H=16, L=2048, D=64, **PAPER),
+    Case(H=16, L=2048, D=96, **PAPER),
+    Case(H=16, L=4096, D=128, **PAPER),
+    Case(H=16, L=2048, D=128, pre_mix=16, post_mix=16),
+    Case(H=16, L=4096, D=128),
+    Case(B=2, H=16, Hkv=4, L=1000, D=128, **PAPER),
+    Case(H=10, L=2048, D=128, pre_conv=(6, 11), pre_mix=10, post_conv=(6, 11), post_mix=10),
+    Case(H=16, L=2048, D=64, causal=False, **PAPER),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_forward_gpu(case, dtype):
+    _run_and_check(case, dtype, "cuda")
+
+
+@pytest.mark.gpu
+def test_long_sequence_runs():
+    case = Case(H=16, L=32768, D=128, **PAPER)
+    q, k, v, *w = make_inputs(case, torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = mta_kernels.mta_attention(q, k, v, *w)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
+    assert torch.isfinite(out).all()
+    assert extra < 2 * 2**30, f"{extra / 2**30:.2f} GiB beyond inputs and output"
