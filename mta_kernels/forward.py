@@ -5,6 +5,7 @@ import torch
 import triton
 
 from mta_reference.validate import left_pad
+from .flash_kernels import flash_fwd_kernel
 from .forward_kernels import mta_fwd_kernel
 
 
@@ -42,6 +43,8 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     dev = q.device
+    if pre_conv is None and pre_mix is None and post_conv is None and post_mix is None:
+        return flash_forward(q, k, v, causal, scale)
     NH = math.lcm(_group_size(pre_mix), _group_size(post_mix))
     NHP = max(16, _next_pow2(NH))
 
@@ -58,6 +61,10 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     halo_rows = (cq_pre - 1) + (cq_post - 1)
     halo_cols = (ck_pre - 1) + (ck_post - 1)
     RF = _frame(L, halo_rows, 64)
+    # Mixing puts all heads of a block in one program: use shorter row blocks so that the
+    # grid still fills the GPU.
+    while NH > 1 and RF > 16 and RF // 2 > 2 * halo_rows and triton.cdiv(L, RF - halo_rows) * B * (H // NH) < 264:
+        RF //= 2
     W = _frame(L, halo_cols, 64 if halo_cols <= 24 else 128)
     DP = max(16, _next_pow2(D))
     DV = min(DP, 64)
@@ -67,7 +74,8 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     lse = torch.empty(B, H, L, device=dev, dtype=torch.float32)
     m_run = torch.full((B, H, L), float("-inf"), device=dev, dtype=torch.float32)
     l_run = torch.zeros(B, H, L, device=dev, dtype=torch.float32)
-    o_acc = torch.zeros(B, H, L, D, device=dev, dtype=torch.float32)
+    o_acc = torch.zeros(B, H, L, D, device=dev, dtype=torch.float32) if NH > 1 else \
+        torch.empty(B, H, L, D, device=dev, dtype=torch.float32)
     n_head_blocks = H // NH
 
     common = dict(
@@ -87,3 +95,22 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
             H, H // Hkv, L, D, scale, rows_per_prog, n_head_blocks,
             IS_STATS=is_stats, **common)
     return o_acc.to(q.dtype), lse
+
+
+def flash_forward(q, k, v, causal, scale):
+    """Plain attention (no MTA part). Same contract as mta_forward: (out, lse)."""
+    B, H, L, D = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    DP = max(16, _next_pow2(D))
+    BM, BN = (128, 64) if DP <= 128 else (64, 32)
+    if L <= 64:
+        BM = BN = max(16, _next_pow2(L))
+    prec = "tf32" if q.dtype in (torch.float16, torch.bfloat16) else "ieee"
+    grid = (triton.cdiv(L, BM), B * H)
+    flash_fwd_kernel[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, H // k.shape[1], L, D, scale,
+        CAUSAL=causal, BM=BM, BN=BN, DP=DP, PREC=prec,
+        num_warps=8 if BM * DP >= 128 * 128 else 4, num_stages=3)
+    return out, lse

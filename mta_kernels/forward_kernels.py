@@ -116,7 +116,8 @@ def mta_fwd_kernel(
     q: (B, H, L, D); k, v: (B, H // HKV_REP, L, D), any strides.
     lse, m_run, l_run: (B, H, L) fp32. IS_STATS: accumulate the running max m_run and sum
     l_run of the masked logits and finish with lse = m + log(l). Otherwise read lse and add
-    this block's output rows into o_acc (B, H, L, D) fp32, contiguous.
+    this block's output rows into o_acc (B, H, L, D) fp32, contiguous (written once when
+    NH == 1, accumulated per key tile otherwise).
     w_pre_conv / w_post_conv: (H, CQ, CK) fp32; w_pre_mix / w_post_mix: (H // NH, NH, NH)
     fp32 block-diagonal mixing per head block. scratch: per program (2*NH + 2) * RF * W fp32.
     """
@@ -145,6 +146,11 @@ def mta_fwd_kernel(
     r0 = i_r * rows_per_prog                   # first output row
     rows = r0 - HQ - HP + f                    # absolute rows of the frame
     out_row = (f >= HQ + HP) & (f < HQ + HP + rows_per_prog) & (rows < L)
+
+    # With one head per program the output stays in registers; with more, the head loop
+    # sits inside the key loop, so each head's rows accumulate in o_acc.
+    dims = tl.arange(0, DP)
+    acc = tl.zeros([RF, DP], dtype=tl.float32)
 
     # one past the last key column any output row can see
     col_end = L
@@ -199,6 +205,9 @@ def mta_fwd_kernel(
                 p = tl.where((m[None, :] < W_OUT) & (cols_o[None, :] < L), p, 0.0)
                 if POST_MIX:
                     tl.store(slot_x + c * FRAME + f[:, None] * W + m[None, :], p)
+                elif NH == 1:
+                    b_v = _load_rows(v + i_b * svb + (h // HKV_REP) * svh, cols_o, dims, svl, svd, L, D)
+                    acc += tl.dot(p.to(b_v.dtype), b_v, input_precision=PV_PREC)
                 else:
                     _accumulate_pv(p, v + i_b * svb + (h // HKV_REP) * svh, svl, svd,
                                    o_acc + (i_b * H + h) * L * D, rows, out_row, cols_o, L, D,
@@ -213,6 +222,9 @@ def mta_fwd_kernel(
                                    o_acc + (i_b * H + h) * L * D, rows, out_row, cols_o, L, D,
                                    DP, DV, PV_PREC)
 
+    if (not IS_STATS) and NH == 1:
+        ptrs = o_acc + (i_b * H + h0) * L * D + rows[:, None].to(tl.int64) * D + dims[None, :]
+        tl.store(ptrs, acc, mask=out_row[:, None] & (dims[None, :] < D))
     if IS_STATS:
         for c in range(NH):
             stat = i_b * H * L + (h0 + c) * L + rows
