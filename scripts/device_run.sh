@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# One device-machine session: install, GPU tests, smoke timings. Results under $OUT.
+# One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
+# Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 # No installs there: put both packages on the path (mta_reference lives in reference/).
 mkdir -p /tmp/site && ln -sfn "$PWD/reference" /tmp/site/mta_reference
-export PYTHONPATH="$PWD:/tmp/site:$PWD/tests"
+export PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
+RES=/tmp/results
+mkdir -p "$RES"
 for step in "$@"; do
   case "$step" in
     smoke) timeout 300 python3 scripts/gpu_smoke.py 2>&1 | tee "$OUT/smoke.log" ;;
-    gputests) timeout 400 python3 -m pytest tests -m gpu -x -q 2>&1 | tee "$OUT/gputests.log" | tail -30 ;;
-    bench) timeout 500 python3 -m bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
+    gputests) timeout 400 python3 -m pytest tests -m gpu -q -rA 2>&1 | tee "$OUT/gputests.log" | grep -E "PASS|FAIL|ERROR|passed|failed" ;;
+    quick) timeout 400 python3 -m bench --quick --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/quick.log" | tail -30 ;;
+    sweep) timeout 500 python3 -m bench --shapes sweep --lengths 1024,4096,16384,32768 --ops full,talking_heads,none \
+             --modes fwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/sweep.log" | tail -30 ;;
+    ncu) timeout 300 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+             -k regex:mta_fwd python3 scripts/profile_one.py talking > "$OUT/ncu.txt" 2>&1; tail -60 "$OUT/ncu.txt" ;;
   esac
 done
+tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null

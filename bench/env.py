@@ -1,0 +1,45 @@
+"""Who ran the benchmark on what: GPU name, library versions, commit and date."""
+import datetime
+import subprocess
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _git(*args):
+    out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip())
+    return out.stdout.strip()
+
+
+def commit() -> str:
+    """Short hash of HEAD, '+dirty' when the work tree has changes (outside bench/results);
+    'nocommit' before the first commit."""
+    try:
+        head = _git("rev-parse", "--short", "HEAD")
+    except (OSError, RuntimeError, subprocess.TimeoutExpired):
+        head = "nocommit"
+    try:
+        # The results folder is left out: a run's own CSV must not make the next run dirty.
+        dirty = bool(_git("status", "--porcelain", "--", ".", ":(exclude)bench/results"))
+    except (OSError, RuntimeError, subprocess.TimeoutExpired):
+        dirty = False
+    return head + ("+dirty" if dirty else "")
+
+
+def device_name(on_gpu: bool) -> str:
+    return torch.cuda.get_device_name() if on_gpu else "cpu"
+
+
+def run_info(on_gpu: bool) -> dict:
+    import triton
+    return {
+        "gpu": device_name(on_gpu),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
