@@ -8,7 +8,7 @@ import triton.language as tl
 
 from .forward_kernels import _load_rows
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
