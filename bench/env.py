@@ -1,5 +1,6 @@
 """Who ran the benchmark on what: GPU name, library versions, commit and date."""
 import datetime
+import os
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,10 @@ def _git(*args):
 
 def commit() -> str:
     """Short hash of HEAD, '+dirty' when the work tree has changes (outside bench/results);
-    'nocommit' before the first commit."""
+    'nocommit' before the first commit. MTA_BENCH_COMMIT overrides it, for copies of the
+    tree without .git (the device machine gets the work tree only)."""
+    if os.environ.get("MTA_BENCH_COMMIT"):
+        return os.environ["MTA_BENCH_COMMIT"]
     try:
         head = _git("rev-parse", "--short", "HEAD")
     except (OSError, RuntimeError, subprocess.TimeoutExpired):
