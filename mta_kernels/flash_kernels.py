@@ -12,6 +12,27 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, rows, dims, j0, b_m, b_l, b_acc,
+                qk_scale, L, D, CAUSAL_MASK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Online-softmax update of (max, sum, acc) with the key tile at j0 (logits in log2 units)."""
+    cols = j0 + tl.arange(0, BN)
+    b_k = _load_rows(k_base, cols, dims, skl, skd, L, D)                   # [BN, DP]
+    b_v = _load_rows(v_base, cols, dims, svl, svd, L, D)                   # [BN, DP]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale     # [BM, BN]
+    keep = cols[None, :] < L
+    if CAUSAL_MASK:
+        keep = keep & (cols[None, :] <= rows[:, None])
+    b_s = tl.where(keep, b_s, float("-inf"))
+    m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing seen yet
+    b_p = tl.exp2(b_s - m_safe[:, None])
+    alpha = tl.exp2(b_m - m_safe)
+    b_l = b_l * alpha + tl.sum(b_p, axis=1)
+    b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+    return m_new, b_l, b_acc
+
+
+@triton.jit
 def flash_fwd_kernel(
     q, k, v, out, lse,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
@@ -36,25 +57,19 @@ def flash_fwd_kernel(
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, DP], dtype=tl.float32)
-    hi = L
     if CAUSAL:
-        hi = tl.minimum(L, (i_m + 1) * BM)
-    for j0 in range(0, hi, BN):
-        cols = j0 + tl.arange(0, BN)
-        b_k = _load_rows(k_base, cols, dims, skl, skd, L, D)                   # [BN, DP]
-        b_v = _load_rows(v_base, cols, dims, svl, svd, L, D)                   # [BN, DP]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale     # [BM, BN], log2 units
-        keep = cols[None, :] < L
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
-        b_s = tl.where(keep, b_s, float("-inf"))
-        m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing seen yet
-        b_p = tl.exp2(b_s - m_safe[:, None])
-        alpha = tl.exp2(b_m - m_safe)
-        b_l = b_l * alpha + tl.sum(b_p, axis=1)
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        b_m = m_new
+        # Key tiles left of the diagonal block need no mask; BM is a multiple of BN.
+        diag = i_m * BM
+        for j0 in range(0, diag, BN):
+            b_m, b_l, b_acc = _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, rows, dims, j0,
+                                          b_m, b_l, b_acc, qk_scale, L, D, False, BN, PREC)
+        for j0 in range(diag, tl.minimum(L, diag + BM), BN):
+            b_m, b_l, b_acc = _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, rows, dims, j0,
+                                          b_m, b_l, b_acc, qk_scale, L, D, True, BN, PREC)
+    else:
+        for j0 in range(0, L, BN):
+            b_m, b_l, b_acc = _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, rows, dims, j0,
+                                          b_m, b_l, b_acc, qk_scale, L, D, False, BN, PREC)
     b_acc = b_acc / b_l[:, None]
     o_ptrs = out + i_b * sob + i_h * soh + rows[:, None].to(tl.int64) * sol + dims[None, :] * sod
     tl.store(o_ptrs, b_acc.to(out.dtype.element_ty), mask=(rows[:, None] < L) & (dims[None, :] < D))

@@ -7,6 +7,17 @@ import triton
 from mta_reference.validate import left_pad
 from .flash_kernels import flash_fwd_kernel
 from .forward_kernels import mta_fwd_kernel
+from .mix_kernels import mta_mix_fwd_kernel
+
+
+# Mixing groups at least this large go to the register kernel (heads are padded to 16 there,
+# so smaller groups would waste most of its work).
+MIN_REGISTER_MIX_HEADS = 8
+
+
+def _precision(q) -> str:
+    """tl.dot precision for fp32 operands: tf32 beside 16-bit inputs, exact fp32 otherwise."""
+    return "tf32" if q.dtype in (torch.float16, torch.bfloat16) else "ieee"
 
 
 def _next_pow2(x: int) -> int:
@@ -43,9 +54,12 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     dev = q.device
-    if pre_conv is None and pre_mix is None and post_conv is None and post_mix is None:
-        return flash_forward(q, k, v, causal, scale)
     NH = math.lcm(_group_size(pre_mix), _group_size(post_mix))
+    if pre_conv is None and post_conv is None:
+        if pre_mix is None and post_mix is None:
+            return flash_forward(q, k, v, causal, scale)
+        if NH >= MIN_REGISTER_MIX_HEADS:
+            return mix_forward(q, k, v, pre_mix, post_mix, causal, scale)
     NHP = max(16, _next_pow2(NH))
 
     def conv_params(w):
@@ -68,8 +82,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     W = _frame(L, halo_cols, 64 if halo_cols <= 24 else 128)
     DP = max(16, _next_pow2(D))
     DV = min(DP, 64)
-    low_precision = q.dtype in (torch.float16, torch.bfloat16)
-    conv_prec = "tf32" if low_precision else "ieee"
+    conv_prec = _precision(q)
 
     lse = torch.empty(B, H, L, device=dev, dtype=torch.float32)
     m_run = torch.full((B, H, L), float("-inf"), device=dev, dtype=torch.float32)
@@ -97,8 +110,9 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     return o_acc.to(q.dtype), lse
 
 
-def flash_forward(q, k, v, causal, scale):
-    """Plain attention (no MTA part). Same contract as mta_forward: (out, lse)."""
+def flash_forward(q, k, v, causal, scale, config=None):
+    """Plain attention (no MTA part). Same contract as mta_forward: (out, lse).
+    config: optional dict overriding BM, BN, num_warps, num_stages (for tuning)."""
     B, H, L, D = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
@@ -106,11 +120,36 @@ def flash_forward(q, k, v, causal, scale):
     BM, BN = (128, 64) if DP <= 128 else (64, 32)
     if L <= 64:
         BM = BN = max(16, _next_pow2(L))
-    prec = "tf32" if q.dtype in (torch.float16, torch.bfloat16) else "ieee"
-    grid = (triton.cdiv(L, BM), B * H)
+    cfg = dict(BM=BM, BN=BN, num_warps=8 if BM * DP >= 128 * 128 else 4, num_stages=3)
+    cfg.update(config or {})
+    grid = (triton.cdiv(L, cfg["BM"]), B * H)
     flash_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, H // k.shape[1], L, D, scale,
-        CAUSAL=causal, BM=BM, BN=BN, DP=DP, PREC=prec,
-        num_warps=8 if BM * DP >= 128 * 128 else 4, num_stages=3)
+        H, H // k.shape[1], L, D, scale, CAUSAL=causal, DP=DP, PREC=_precision(q), **cfg)
+    return out, lse
+
+
+def mix_forward(q, k, v, pre_mix, post_mix, causal, scale, config=None):
+    """Head mixing without convs, all heads of a block in registers. Returns (out, lse).
+    config: optional dict overriding BM, BN, num_warps, num_stages (for tuning)."""
+    B, H, L, D = q.shape
+    NH = math.lcm(_group_size(pre_mix), _group_size(post_mix))
+    NHP = max(16, _next_pow2(NH))
+    dev = q.device
+    dummy = torch.zeros(1, device=dev)
+    mix_pre = block_diagonal_mix(pre_mix, H, NH) if pre_mix is not None else dummy
+    mix_post = block_diagonal_mix(post_mix, H, NH) if post_mix is not None else dummy
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(B, H, L, device=dev, dtype=torch.float32)
+    DP = max(16, _next_pow2(D))
+    cfg = dict(BM=16, BN=16, num_warps=8, num_stages=1)
+    cfg.update(config or {})
+    grid = (triton.cdiv(L, cfg["BM"]), B * (H // NH))
+    for is_stats in (True, False):
+        mta_mix_fwd_kernel[grid](
+            q, k, v, out, lse, mix_pre, mix_post,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            H, H // k.shape[1], L, D, scale, H // NH,
+            IS_STATS=is_stats, CAUSAL=causal, PRE_MIX=pre_mix is not None, POST_MIX=post_mix is not None,
+            NH=NH, NHP=NHP, DP=DP, MIX_PREC=_precision(q), DOT_PREC=_precision(q), **cfg)
     return out, lse

@@ -21,8 +21,9 @@ for step in "$@"; do
     quick) timeout 400 python3 -m bench --quick --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/quick.log" | tail -30 ;;
     sweep) timeout 500 python3 -m bench --shapes sweep --lengths 1024,4096,16384,32768 --ops full,talking_heads,none \
              --modes fwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/sweep.log" | tail -30 ;;
+    tune) timeout 300 python3 scripts/tune.py 2>&1 | tee "$OUT/tune.log" ;;
     ncu) timeout 300 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
-             -k regex:mta_fwd python3 scripts/profile_one.py talking > "$OUT/ncu.txt" 2>&1; tail -60 "$OUT/ncu.txt" ;;
+             -k regex:mta_ python3 scripts/profile_one.py talking > "$OUT/ncu.txt" 2>&1; tail -60 "$OUT/ncu.txt" ;;
   esac
 done
 tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null

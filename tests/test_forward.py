@@ -34,6 +34,12 @@ CPU_CASES = [
     Case(H=10, L=40, D=16, pre_mix=10, post_mix=10),             # H = 10, full mixing
     Case(H=10, L=40, D=16, pre_conv=(2, 3), pre_mix=10, post_conv=(2, 3), post_mix=5),
     Case(H=6, L=40, D=16, pre_mix=2, post_mix=3),                # different group sizes (lcm 6)
+    # mixing without convs, groups of >= 8 heads: the register kernel (mix_kernels.py)
+    Case(H=8, L=45, D=24, pre_mix=8),
+    Case(H=8, L=45, D=24, post_mix=8, causal=False),
+    Case(B=2, H=16, Hkv=4, L=33, D=16, pre_mix=8, post_mix=16),
+    Case(H=16, L=20, D=16, pre_mix=8, post_mix=4),                # two head blocks, block-diagonal post mix
+    Case(H=8, L=50, D=96, pre_mix=8, post_mix=8, layout="blhd"),
     Case(D=96, L=50, **FULL),                                    # D not a power of two
     Case(D=20, L=33, pre_conv=(2, 3)),
     Case(L=60, layout="blhd", **FULL),                           # non-contiguous q, k, v
@@ -122,6 +128,8 @@ GPU_CASES = [
     Case(H=16, L=4096, D=128),
     Case(B=2, H=16, Hkv=4, L=1000, D=128, **PAPER),
     Case(H=10, L=2048, D=128, pre_conv=(6, 11), pre_mix=10, post_conv=(6, 11), post_mix=10),
+    Case(H=10, L=2048, D=128, pre_mix=10, post_mix=10),
+    Case(B=2, H=16, Hkv=4, L=1000, D=96, pre_mix=16),
     Case(H=16, L=2048, D=64, causal=False, **PAPER),
 ]
 

@@ -1,0 +1,42 @@
+"""Time block-size choices of the flash and mixing kernels on one shape (GPU only).
+Each config is checked against SDPA / the reference before it is timed."""
+import torch
+import torch.nn.functional as F
+import triton
+
+import mta_reference as R
+from mta_kernels.forward import flash_forward, mix_forward
+
+torch.manual_seed(0)
+B, H, L, D = 1, 16, 4096, 128
+q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+scale = D ** -0.5
+t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), return_mode="median")
+print(f"sdpa {t_sdpa:.3f} ms", flush=True)
+expect = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+for cfg in [dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3),
+            dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=3),
+            dict(BM=128, BN=64, num_warps=8, num_stages=2), dict(BM=128, BN=32, num_warps=4, num_stages=4)]:
+    try:
+        out, _ = flash_forward(q, k, v, True, scale, cfg)
+        err = (out.float() - expect.float()).abs().max().item()
+        t = triton.testing.do_bench(lambda: flash_forward(q, k, v, True, scale, cfg), return_mode="median")
+        print(f"flash {cfg}: {t:.3f} ms = {t / t_sdpa:.2f}x sdpa, max err vs sdpa {err:.2e}", flush=True)
+    except Exception as e:  # a config may not fit (shared memory, registers)
+        print(f"flash {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
+
+w_pre = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
+w_post = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
+qs, ks, vs = q[:, :, :1024], k[:, :, :1024], v[:, :, :1024]
+ref = R.mta_attention(qs, ks, vs, pre_mix=w_pre, post_mix=w_post).float()
+for cfg in [dict(BM=16, BN=16, num_warps=8, num_stages=1), dict(BM=16, BN=16, num_warps=4, num_stages=1),
+            dict(BM=16, BN=32, num_warps=8, num_stages=1), dict(BM=32, BN=16, num_warps=8, num_stages=1),
+            dict(BM=16, BN=16, num_warps=8, num_stages=2), dict(BM=32, BN=32, num_warps=8, num_stages=1),
+            dict(BM=16, BN=64, num_warps=8, num_stages=1)]:
+    try:
+        out, _ = mix_forward(qs, ks, vs, w_pre, w_post, True, scale, cfg)
+        err = (out.float() - ref).abs().max().item()
+        t = triton.testing.do_bench(lambda: mix_forward(q, k, v, w_pre, w_post, True, scale, cfg), return_mode="median")
+        print(f"mix {cfg}: {t:.3f} ms = {t / t_sdpa:.2f}x sdpa, max err vs fp32 reference {err:.2e}", flush=True)
+    except Exception as e:
+        print(f"mix {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
