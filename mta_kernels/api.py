@@ -6,6 +6,8 @@ import torch
 
 from mta_reference.validate import validate
 
+from .ops import mta_fwd
+
 # Triton decides at import time whether kernels are compiled or interpreted.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_HEAD_DIM = 256
@@ -36,5 +38,5 @@ def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix
     """
     p = validate(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
     _check_backend(q, p.D)
-    from .autograd import MTAFunction
-    return MTAFunction.apply(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, p.scale)
+    out, _ = mta_fwd(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, p.scale)
+    return out

@@ -1,0 +1,74 @@
+"""The fused op as torch.library custom ops, so that autograd and torch.compile see it.
+
+``mta_kernels::mta_fwd`` runs the Triton forward and returns (out, lse);
+``mta_kernels::mta_bwd`` returns the seven gradients. The backward is interim: it is
+``mta_reference.mta_attention_backward`` (exact, but materialized, so O(L^2) memory) until
+the fused backward kernels land; its signature is the one they will fill. Gradients are
+computed only for inputs that require them (the others come back as empty tensors), and
+the interim backward is deterministic.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+import mta_reference
+from .forward import mta_forward
+
+
+@torch.library.custom_op("mta_kernels::mta_fwd", mutates_args=())
+def mta_fwd(q: Tensor, k: Tensor, v: Tensor, pre_conv: Optional[Tensor], pre_mix: Optional[Tensor],
+            post_conv: Optional[Tensor], post_mix: Optional[Tensor], causal: bool, pad_key: str,
+            scale: float) -> Tuple[Tensor, Tensor]:
+    """(out (B, H, L, D) in q's dtype, lse (B, H, L) fp32)."""
+    return mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
+
+
+@mta_fwd.register_fake
+def _(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale):
+    B, H, L, D = q.shape
+    return q.new_empty(B, H, L, D), q.new_empty(B, H, L, dtype=torch.float32)
+
+
+@torch.library.custom_op("mta_kernels::mta_bwd", mutates_args=())
+def mta_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pre_conv: Optional[Tensor],
+            pre_mix: Optional[Tensor], post_conv: Optional[Tensor], post_mix: Optional[Tensor],
+            out: Tensor, lse: Tensor, causal: bool, pad_key: str, scale: float,
+            needs_grad: List[bool]) -> List[Tensor]:
+    """Gradients of (q, k, v, pre_conv, pre_mix, post_conv, post_mix); an empty tensor where
+    needs_grad is False or the input is absent. out and lse are the forward's results."""
+    inputs = (q, k, v, pre_conv, pre_mix, post_conv, post_mix)
+    if not any(need and x is not None for need, x in zip(needs_grad, inputs)):
+        return [q.new_empty(0) for _ in inputs]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    grads = mta_reference.mta_attention_backward(
+        grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
+        causal=causal, pad_key=pad_key, scale=scale, compute_dtype=compute)
+    return [g.contiguous() if need and g is not None else q.new_empty(0)
+            for g, need in zip(grads, needs_grad)]
+
+
+@mta_bwd.register_fake
+def _(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse, causal, pad_key, scale, needs_grad):
+    inputs = (q, k, v, pre_conv, pre_mix, post_conv, post_mix)
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) if need and x is not None
+            else q.new_empty(0) for x, need in zip(inputs, needs_grad)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse)
+    ctx.options = (causal, pad_key, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:7]]
+    grads = mta_bwd(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse,
+                    *ctx.options, needs)
+    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None)
+
+
+mta_fwd.register_autograd(_backward, setup_context=_setup_context)

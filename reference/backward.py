@@ -1,0 +1,98 @@
+"""Gradients of the reference MTA written out as in spec section 3 (materialized, O(L^2)).
+
+The chain, per batch element and head: dA = dO v^T; post_mix^T; post conv^T on dA1
+zeroed on F, then zeroed on F; dZ = P * (dP - Delta) with Delta = rowsum(P * dP) (not
+rowsum(dO * O): O is not P v); pre_mix^T; pre conv^T, zeroed on F; dq = scale dS k,
+dk = scale dS^T q. It is the non-autograd twin of ``mta_attention`` and is checked against
+autograd in the tests.
+"""
+import torch
+import torch.nn.functional as F
+
+from .mta import future_mask, key_query_conv, mix_heads
+from .validate import left_pad, validate
+
+
+def key_query_conv_backward(grad, x, w, pad_key):
+    """Gradients of ``key_query_conv(x, w, pad_key)``: (dx (B, H, L, L), dw (H, cq, ck))."""
+    H, cq, ck = w.shape
+    pL = left_pad(ck, pad_key)
+    pads = (pL, ck - 1 - pL, cq - 1, 0)
+    padded = F.pad(x, pads)
+    w4 = w[:, None].to(x.dtype)
+    dpadded = torch.nn.grad.conv2d_input(padded.shape, w4, grad, groups=H)
+    dw = torch.nn.grad.conv2d_weight(padded, w4.shape, grad, groups=H)[:, 0]
+    L_q, L_k = x.shape[-2:]
+    return dpadded[..., cq - 1:cq - 1 + L_q, pL:pL + L_k], dw
+
+
+def mix_heads_backward(grad, x, w):
+    """Gradients of ``mix_heads(x, w)``: (dx (B, H, L, L), dw (G, ch, ch))."""
+    B, H, Lq, Lk = x.shape
+    G, ch, _ = w.shape
+    g5 = grad.reshape(B, G, ch, Lq, Lk)
+    x5 = x.reshape(B, G, ch, Lq, Lk)
+    dx = torch.einsum("goc,bgoij->bgcij", w.to(x.dtype), g5).reshape(B, H, Lq, Lk)
+    dw = torch.einsum("bgoij,bgcij->goc", g5, x5)
+    return dx, dw
+
+
+def _sum_kv_groups(x, Hkv):
+    B, H, L, D = x.shape
+    return x.reshape(B, Hkv, H // Hkv, L, D).sum(2)
+
+
+def mta_attention_backward(grad_out, q, k, v, pre_conv=None, pre_mix=None, post_conv=None,
+                           post_mix=None, *, causal=True, pad_key="both", scale=None,
+                           compute_dtype=torch.float32):
+    """Returns (dq, dk, dv, d_pre_conv, d_pre_mix, d_post_conv, d_post_mix), each in its input's
+    dtype, None for an absent weight. grad_out: (B, H, L, D); the rest as ``mta_attention``."""
+    p = validate(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
+    cd = compute_dtype
+    rep = p.H // p.Hkv
+    qc = q.to(cd)
+    kc = k.to(cd).repeat_interleave(rep, dim=1)
+    vc = v.to(cd).repeat_interleave(rep, dim=1)
+    dout = grad_out.to(cd)
+    future = future_mask(p.L, q.device) if causal else torch.zeros(p.L, p.L, dtype=torch.bool, device=q.device)
+
+    # forward, keeping what the backward reads
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * p.scale
+    s0 = scores.masked_fill(future, 0.0) if pre_conv is not None else scores
+    c = key_query_conv(s0, pre_conv, pad_key) if pre_conv is not None else s0
+    m = mix_heads(c, pre_mix) if pre_mix is not None else c
+    softmax_dtype = torch.float64 if cd == torch.float64 else torch.float32
+    probs = torch.softmax(m.masked_fill(future, float("-inf")).to(softmax_dtype), dim=-1).to(cd)
+    a1 = probs
+    if post_conv is not None:
+        a1 = key_query_conv(probs, post_conv, pad_key).masked_fill(future, 0.0)
+    a = mix_heads(a1, post_mix) if post_mix is not None else a1
+
+    # backward
+    dv = torch.matmul(a.transpose(-1, -2), dout)
+    da = torch.matmul(dout, vc.transpose(-1, -2))
+    d_post_mix = d_post_conv = d_pre_mix = d_pre_conv = None
+    if post_mix is not None:
+        da, d_post_mix = mix_heads_backward(da, a1, post_mix)
+    dp = da
+    if post_conv is not None:
+        dp, d_post_conv = key_query_conv_backward(da.masked_fill(future, 0.0), probs, post_conv, pad_key)
+        dp = dp.masked_fill(future, 0.0)
+    delta = (probs * dp).sum(-1, keepdim=True)
+    dm = probs * (dp - delta)
+    dc = dm
+    if pre_mix is not None:
+        dc, d_pre_mix = mix_heads_backward(dm, c, pre_mix)
+    ds = dc
+    if pre_conv is not None:
+        ds, d_pre_conv = key_query_conv_backward(dc, s0, pre_conv, pad_key)
+        ds = ds.masked_fill(future, 0.0)
+    dq = torch.matmul(ds, kc) * p.scale
+    dk = torch.matmul(ds.transpose(-1, -2), qc) * p.scale
+
+    def like(g, x):
+        return None if x is None else g.to(x.dtype)
+
+    return (dq.to(q.dtype), _sum_kv_groups(dk, p.Hkv).to(k.dtype), _sum_kv_groups(dv, p.Hkv).to(v.dtype),
+            like(d_pre_conv, pre_conv), like(d_pre_mix, pre_mix), like(d_post_conv, post_conv),
+            like(d_post_mix, post_mix))

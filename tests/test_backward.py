@@ -1,0 +1,132 @@
+"""Gradients: the reference backward against autograd, the fused op's gradients against the
+reference under the spec's rule, causality of gradients, the custom ops and torch.compile."""
+import pytest
+import torch
+
+import mta_kernels
+import mta_reference
+from cases import Case, make_inputs
+from mta_kernels.ops import mta_bwd, mta_fwd
+from tolerance import check_rule
+
+FULL = dict(pre_conv=(3, 5), pre_mix=4, post_conv=(2, 3), post_mix=4)
+NAMES = ("q", "k", "v", "pre_conv", "pre_mix", "post_conv", "post_mix")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("pad_key", ["both", "left", "right"])
+def test_reference_backward_matches_autograd(causal, pad_key):
+    ck = 5 if pad_key == "both" else 4
+    case = Case(B=2, H=4, Hkv=2, L=11, D=6, pre_conv=(3, ck), pre_mix=2, post_conv=(2, ck), post_mix=4,
+                causal=causal, pad_key=pad_key)
+    inputs = make_inputs(case, torch.float64, "cpu", requires_grad=True)
+    inputs = [x.double().detach().requires_grad_() for x in inputs]
+    out = mta_reference.mta_attention(*inputs, causal=causal, pad_key=pad_key, compute_dtype=torch.float64)
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(out, inputs, grad)
+    got = mta_reference.mta_attention_backward(grad, *inputs, causal=causal, pad_key=pad_key,
+                                               compute_dtype=torch.float64)
+    for name, e, g in zip(NAMES, expected, got):
+        assert torch.allclose(e, g, atol=1e-11, rtol=1e-9), name
+
+
+GRAD_CASES = [
+    Case(L=30),
+    Case(L=30, **FULL),
+    Case(L=30, causal=False, pad_key="left", pre_conv=(2, 4), post_mix=2),
+    Case(B=2, H=4, Hkv=2, L=25, **FULL),
+    Case(H=8, L=20, D=16, pre_mix=8, post_mix=8),
+    Case(L=20, D=96, layout="blhd", **FULL),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: c.id)
+def test_gradients_match_reference(case, dtype, device):
+    inputs = [x for x in make_inputs(case, dtype, device, requires_grad=True)]
+    present = [x for x in inputs if x is not None]
+    opts = dict(causal=case.causal, pad_key=case.pad_key)
+    grad = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+
+    def grads(fn, **kw):
+        out = fn(*inputs, **opts, **kw)
+        return torch.autograd.grad(out, present, grad)
+
+    got = grads(mta_kernels.mta_attention)
+    ref = grads(mta_reference.mta_attention, compute_dtype=torch.float64)
+    low = grads(mta_reference.mta_attention, compute_dtype=dtype)
+    names = [n for n, x in zip(NAMES, inputs) if x is not None]
+    for name, g, r, lo, x in zip(names, got, ref, low, present):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        check_rule(f"d{name}", g, r, lo, dtype)
+
+
+def test_gradient_causality(device):
+    """A loss on outputs before t gives zero gradient to q, k, v at t and after."""
+    case = Case(L=32, **FULL)
+    q, k, v, *w = make_inputs(case, torch.float32, device, requires_grad=True)
+    t = 19
+    out = mta_kernels.mta_attention(q, k, v, *w)
+    out[:, :, :t].square().sum().backward()
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        assert torch.count_nonzero(x.grad[:, :, t:]) == 0, name
+        assert torch.count_nonzero(x.grad[:, :, :t]) > 0, name
+
+
+def test_frozen_inputs_get_no_gradient_work(device, monkeypatch):
+    """Only inputs that require grad get gradients; with none, the backward op is not run."""
+    case = Case(L=20, **FULL)
+    q, k, v, *w = make_inputs(case, torch.float32, device)
+    q.requires_grad_()
+    out = mta_kernels.mta_attention(q, k, v, *w)
+    out.sum().backward()
+    assert q.grad is not None and k.grad is None and all(x.grad is None for x in w)
+
+    calls = []
+    real = mta_reference.mta_attention_backward
+    monkeypatch.setattr(mta_reference, "mta_attention_backward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = torch.ones((), requires_grad=True)
+    out = mta_kernels.mta_attention(q.detach(), k, v, *w) * x   # nothing of MTA's requires grad
+    out.sum().backward()
+    assert calls == [] and x.grad is not None
+
+
+def test_opcheck(device):
+    case = Case(L=12, D=16, **FULL)
+    q, k, v, *w = make_inputs(case, torch.float32, device, requires_grad=True)
+    args = (q, k, v, *w, True, "both", 0.25)
+    torch.library.opcheck(mta_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out, lse = mta_fwd(*args)
+    needs = [True] * 7
+    torch.library.opcheck(mta_bwd, (torch.randn_like(out), q, k, v, *w, out, lse, True, "both", 0.25, needs),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiled_training_step(device):
+    """torch.compile(fullgraph=True) over forward and backward: no graph break, same numbers."""
+    case = Case(L=16, D=16, **FULL)
+    q, k, v, *w = make_inputs(case, torch.float32, device, requires_grad=True)
+
+    def step(q, k, v, *w):
+        out = mta_kernels.mta_attention(q, k, v, *w)
+        loss = out.square().mean()
+        return loss, torch.autograd.grad(loss, (q, k, v, *w))
+
+    eager_loss, eager_grads = step(q, k, v, *w)
+    compiled = torch.compile(lambda *a: mta_kernels.mta_attention(*a).square().mean(), fullgraph=True)
+    loss = compiled(q, k, v, *w)
+    grads = torch.autograd.grad(loss, (q, k, v, *w))
+    assert torch.allclose(loss, eager_loss, atol=1e-6)
+    for name, g, e in zip(NAMES, grads, eager_grads):
+        assert torch.allclose(g, e, atol=1e-5, rtol=1e-4), name
+
+
+PAPER = dict(pre_conv=(6, 11), pre_mix=16, post_conv=(6, 11), post_mix=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [Case(H=16, L=2048, D=128, **PAPER), Case(B=2, H=16, Hkv=4, L=1000, D=96, **PAPER)],
+                         ids=lambda c: c.id)
+def test_gradients_gpu(case, dtype):
+    test_gradients_match_reference(case, dtype, "cuda")
