@@ -46,11 +46,12 @@ def _frame(length: int, halo: int, cap: int) -> int:
     return max(16, min(size, _next_pow2(length + halo)))
 
 
-def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale):
+def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale, config=None):
     """Fused MTA forward. q: (B, H, L, D); k, v: (B, Hkv, L, D). Returns (out, lse):
     out (B, H, L, D) in q's dtype and lse (B, H, L) fp32, the log-sum-exp of each row of
     masked (pre-conv, pre-mix) logits. The backward needs lse to rebuild P = exp(M - lse)
-    tile by tile without another statistics pass."""
+    tile by tile without another statistics pass. config: optional dict overriding the
+    general kernel's RF, W and num_warps (for tuning)."""
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     dev = q.device
@@ -80,6 +81,9 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     while NH > 1 and RF > 16 and RF // 2 > 2 * halo_rows and triton.cdiv(L, RF - halo_rows) * B * (H // NH) < 264:
         RF //= 2
     W = _frame(L, halo_cols, 64 if halo_cols <= 24 else 128)
+    num_warps = 4
+    if config:
+        RF, W, num_warps = config.get("RF", RF), config.get("W", W), config.get("num_warps", num_warps)
     DP = max(16, _next_pow2(D))
     DV = min(DP, 64)
     conv_prec = _precision(q)
@@ -96,7 +100,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
         POST_CONV=post_conv is not None, POST_MIX=post_mix is not None,
         CQ_PRE=cq_pre, CK_PRE=ck_pre, PL_PRE=pl_pre, CQ_POST=cq_post, CK_POST=ck_post, PL_POST=pl_post,
         NH=NH, NHP=NHP, RF=RF, W=W, DP=DP, DV=DV, MIX_CHUNK=min(RF * W, 1024),
-        QK_PREC=conv_prec, CONV_PREC=conv_prec, PV_PREC=conv_prec, num_warps=4, num_stages=1,
+        QK_PREC=conv_prec, CONV_PREC=conv_prec, PV_PREC=conv_prec, num_warps=num_warps, num_stages=1,
     )
     for is_stats in (True, False):
         rows_per_prog = RF - (cq_pre - 1) - (0 if is_stats else cq_post - 1)

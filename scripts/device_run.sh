@@ -22,6 +22,7 @@ for step in "$@"; do
     sweep) timeout 500 python3 -m bench --shapes sweep --lengths 1024,4096,16384,32768 --ops full,talking_heads,none \
              --modes fwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/sweep.log" | tail -30 ;;
     tune) timeout 300 python3 scripts/tune.py 2>&1 | tee "$OUT/tune.log" ;;
+    tunefull) timeout 300 python3 scripts/tune.py full 2>&1 | tee "$OUT/tune_full.log" ;;
     ncu) timeout 300 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
              -k regex:mta_ python3 scripts/profile_one.py talking > "$OUT/ncu.txt" 2>&1; tail -60 "$OUT/ncu.txt" ;;
   esac

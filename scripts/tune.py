@@ -1,5 +1,8 @@
-"""Time block-size choices of the flash and mixing kernels on one shape (GPU only).
-Each config is checked against SDPA / the reference before it is timed."""
+"""Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
+Each config is checked against SDPA / the reference before it is timed.
+Usage: python scripts/tune.py [flash] [mix] [full]   (all three without arguments)"""
+import sys
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -14,7 +17,8 @@ scale = D ** -0.5
 t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), return_mode="median")
 print(f"sdpa {t_sdpa:.3f} ms", flush=True)
 expect = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-for cfg in [dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3),
+which = set(sys.argv[1:]) or {"flash", "mix", "full"}
+for cfg in [] if "flash" not in which else [dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3),
             dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=3),
             dict(BM=128, BN=64, num_warps=8, num_stages=2), dict(BM=128, BN=32, num_warps=4, num_stages=4)]:
     try:
@@ -29,7 +33,7 @@ w_pre = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device
 w_post = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
 qs, ks, vs = q[:, :, :1024], k[:, :, :1024], v[:, :, :1024]
 ref = R.mta_attention(qs, ks, vs, pre_mix=w_pre, post_mix=w_post).float()
-for cfg in [dict(BM=16, BN=16, num_warps=8, num_stages=1), dict(BM=16, BN=16, num_warps=4, num_stages=1),
+for cfg in [] if "mix" not in which else [dict(BM=16, BN=16, num_warps=8, num_stages=1), dict(BM=16, BN=16, num_warps=4, num_stages=1),
             dict(BM=16, BN=32, num_warps=8, num_stages=1), dict(BM=32, BN=16, num_warps=8, num_stages=1),
             dict(BM=16, BN=16, num_warps=8, num_stages=2), dict(BM=32, BN=32, num_warps=8, num_stages=1),
             dict(BM=16, BN=64, num_warps=8, num_stages=1)]:
@@ -40,3 +44,20 @@ for cfg in [dict(BM=16, BN=16, num_warps=8, num_stages=1), dict(BM=16, BN=16, nu
         print(f"mix {cfg}: {t:.3f} ms = {t / t_sdpa:.2f}x sdpa, max err vs fp32 reference {err:.2e}", flush=True)
     except Exception as e:
         print(f"mix {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
+
+# The general kernel (convs present): full MTA with the paper's 6x11 convs.
+from mta_kernels.forward import mta_forward  # noqa: E402
+
+c_pre = R.identity_conv(H, 6, 11, device="cuda") + 0.01 * torch.randn(H, 6, 11, device="cuda")
+c_post = R.identity_conv(H, 6, 11, device="cuda") + 0.01 * torch.randn(H, 6, 11, device="cuda")
+ref = R.mta_attention(qs, ks, vs, c_pre, w_pre, c_post, w_post).float()
+for cfg in [] if "full" not in which else [dict(RF=32, W=64, num_warps=4), dict(RF=32, W=64, num_warps=8), dict(RF=64, W=64, num_warps=4),
+            dict(RF=64, W=64, num_warps=8), dict(RF=32, W=128, num_warps=4), dict(RF=64, W=128, num_warps=8)]:
+    try:
+        out, _ = mta_forward(qs, ks, vs, c_pre, w_pre, c_post, w_post, True, "both", scale, cfg)
+        err = (out.float() - ref).abs().max().item()
+        t = triton.testing.do_bench(lambda: mta_forward(q, k, v, c_pre, w_pre, c_post, w_post, True, "both", scale, cfg),
+                                    warmup=50, rep=300, return_mode="median")
+        print(f"full {cfg}: {t:.3f} ms = {t / t_sdpa:.1f}x sdpa, max err vs fp32 reference {err:.2e}", flush=True)
+    except Exception as e:
+        print(f"full {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
