@@ -9,8 +9,8 @@ autograd in the tests.
 import torch
 import torch.nn.functional as F
 
-from .mta import future_mask, key_query_conv, mix_heads
-from .validate import left_pad, validate
+from .mta import forward_intermediates
+from .validate import left_pad
 
 
 def key_query_conv_backward(grad, x, w, pad_key):
@@ -47,33 +47,17 @@ def mta_attention_backward(grad_out, q, k, v, pre_conv=None, pre_mix=None, post_
                            compute_dtype=torch.float32):
     """Returns (dq, dk, dv, d_pre_conv, d_pre_mix, d_post_conv, d_post_mix), each in its input's
     dtype, None for an absent weight. grad_out: (B, H, L, D); the rest as ``mta_attention``."""
-    p = validate(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
-    cd = compute_dtype
-    rep = p.H // p.Hkv
-    qc = q.to(cd)
-    kc = k.to(cd).repeat_interleave(rep, dim=1)
-    vc = v.to(cd).repeat_interleave(rep, dim=1)
-    dout = grad_out.to(cd)
-    future = future_mask(p.L, q.device) if causal else torch.zeros(p.L, p.L, dtype=torch.bool, device=q.device)
-
-    # forward, keeping what the backward reads
-    scores = torch.matmul(qc, kc.transpose(-1, -2)) * p.scale
-    s0 = scores.masked_fill(future, 0.0) if pre_conv is not None else scores
-    c = key_query_conv(s0, pre_conv, pad_key) if pre_conv is not None else s0
-    m = mix_heads(c, pre_mix) if pre_mix is not None else c
-    softmax_dtype = torch.float64 if cd == torch.float64 else torch.float32
-    probs = torch.softmax(m.masked_fill(future, float("-inf")).to(softmax_dtype), dim=-1).to(cd)
-    a1 = probs
-    if post_conv is not None:
-        a1 = key_query_conv(probs, post_conv, pad_key).masked_fill(future, 0.0)
-    a = mix_heads(a1, post_mix) if post_mix is not None else a1
+    t = forward_intermediates(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
+                              pad_key=pad_key, scale=scale, compute_dtype=compute_dtype)
+    p, future, probs = t.problem, t.future, t.probs
+    dout = grad_out.to(compute_dtype)
 
     # backward
-    dv = torch.matmul(a.transpose(-1, -2), dout)
-    da = torch.matmul(dout, vc.transpose(-1, -2))
+    dv = torch.matmul(t.a.transpose(-1, -2), dout)
+    da = torch.matmul(dout, t.v.transpose(-1, -2))
     d_post_mix = d_post_conv = d_pre_mix = d_pre_conv = None
     if post_mix is not None:
-        da, d_post_mix = mix_heads_backward(da, a1, post_mix)
+        da, d_post_mix = mix_heads_backward(da, t.a1, post_mix)
     dp = da
     if post_conv is not None:
         dp, d_post_conv = key_query_conv_backward(da.masked_fill(future, 0.0), probs, post_conv, pad_key)
@@ -82,13 +66,13 @@ def mta_attention_backward(grad_out, q, k, v, pre_conv=None, pre_mix=None, post_
     dm = probs * (dp - delta)
     dc = dm
     if pre_mix is not None:
-        dc, d_pre_mix = mix_heads_backward(dm, c, pre_mix)
+        dc, d_pre_mix = mix_heads_backward(dm, t.c, pre_mix)
     ds = dc
     if pre_conv is not None:
-        ds, d_pre_conv = key_query_conv_backward(dc, s0, pre_conv, pad_key)
+        ds, d_pre_conv = key_query_conv_backward(dc, t.s0, pre_conv, pad_key)
         ds = ds.masked_fill(future, 0.0)
-    dq = torch.matmul(ds, kc) * p.scale
-    dk = torch.matmul(ds.transpose(-1, -2), qc) * p.scale
+    dq = torch.matmul(ds, t.k) * p.scale
+    dk = torch.matmul(ds.transpose(-1, -2), t.q) * p.scale
 
     def like(g, x):
         return None if x is None else g.to(x.dtype)

@@ -1,12 +1,12 @@
 """Multi-Token Attention in plain PyTorch: the scores are materialized, index by index as in
 ``shared/spec/mta.md`` section 2. Slow and O(L^2) memory by design; it is the yardstick.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .validate import left_pad, validate
+from .validate import Problem, left_pad, validate
 
 
 def future_mask(L: int, device) -> torch.Tensor:
@@ -43,6 +43,48 @@ def mix_heads(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.reshape(B, H, Lq, Lk)
 
 
+class Intermediates(NamedTuple):
+    """Every materialized tensor of the forward, (B, H, L, L) unless noted, in compute dtype."""
+
+    problem: Problem
+    q: torch.Tensor        # (B, H, L, D)
+    k: torch.Tensor        # (B, H, L, D): kv heads repeated for GQA
+    v: torch.Tensor        # (B, H, L, D)
+    future: torch.Tensor   # (L, L) bool; all False when not causal
+    s0: torch.Tensor       # scaled scores, zeroed on the future when pre_conv is given
+    c: torch.Tensor        # after the pre-softmax conv (s0 without it)
+    m: torch.Tensor        # after the pre-softmax mixing (c without it)
+    probs: torch.Tensor    # softmax of m masked with -inf on the future
+    a1: torch.Tensor       # after the post-softmax conv, zeroed on the future (probs without it)
+    a: torch.Tensor        # after the post-softmax mixing (a1 without it)
+
+
+def forward_intermediates(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix=None, *,
+                          causal=True, pad_key="both", scale=None,
+                          compute_dtype=torch.float32) -> Intermediates:
+    """The forward of spec section 2, step by step; see ``mta_attention`` for the arguments."""
+    p = validate(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
+    cd = compute_dtype
+    rep = p.H // p.Hkv
+    qc = q.to(cd)
+    kc = k.to(cd).repeat_interleave(rep, dim=1)
+    vc = v.to(cd).repeat_interleave(rep, dim=1)
+    future = future_mask(p.L, q.device) if causal else torch.zeros(p.L, p.L, dtype=torch.bool, device=q.device)
+
+    s0 = torch.matmul(qc, kc.transpose(-1, -2)) * p.scale
+    if pre_conv is not None:
+        s0 = s0.masked_fill(future, 0.0)
+    c = key_query_conv(s0, pre_conv, pad_key) if pre_conv is not None else s0
+    m = mix_heads(c, pre_mix) if pre_mix is not None else c
+    softmax_dtype = torch.float64 if cd == torch.float64 else torch.float32
+    probs = torch.softmax(m.masked_fill(future, float("-inf")).to(softmax_dtype), dim=-1).to(cd)
+    a1 = probs
+    if post_conv is not None:
+        a1 = key_query_conv(probs, post_conv, pad_key).masked_fill(future, 0.0)
+    a = mix_heads(a1, post_mix) if post_mix is not None else a1
+    return Intermediates(p, qc, kc, vc, future, s0, c, m, probs, a1, a)
+
+
 def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix=None, *,
                   causal: bool = True, pad_key: str = "both", scale: Optional[float] = None,
                   compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -54,29 +96,6 @@ def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix
     the input dtype to play the low-precision baseline). The softmax runs in fp32, or
     fp64 when compute_dtype is fp64. Returns (B, H, L, D) in q's dtype.
     """
-    p = validate(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
-    cd = compute_dtype
-    rep = p.H // p.Hkv
-    qc = q.to(cd)
-    kc = k.to(cd).repeat_interleave(rep, dim=1)
-    vc = v.to(cd).repeat_interleave(rep, dim=1)
-    future = future_mask(p.L, q.device) if causal else None
-
-    scores = torch.matmul(qc, kc.transpose(-1, -2)) * p.scale
-    if pre_conv is not None:
-        if causal:
-            scores = scores.masked_fill(future, 0.0)
-        scores = key_query_conv(scores, pre_conv, pad_key)
-    if pre_mix is not None:
-        scores = mix_heads(scores, pre_mix)
-    if causal:
-        scores = scores.masked_fill(future, float("-inf"))
-    softmax_dtype = torch.float64 if cd == torch.float64 else torch.float32
-    probs = torch.softmax(scores.to(softmax_dtype), dim=-1).to(cd)
-    if post_conv is not None:
-        probs = key_query_conv(probs, post_conv, pad_key)
-        if causal:
-            probs = probs.masked_fill(future, 0.0)
-    if post_mix is not None:
-        probs = mix_heads(probs, post_mix)
-    return torch.matmul(probs, vc).to(q.dtype)
+    t = forward_intermediates(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
+                              pad_key=pad_key, scale=scale, compute_dtype=compute_dtype)
+    return torch.matmul(t.a, t.v).to(q.dtype)

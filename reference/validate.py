@@ -5,7 +5,6 @@ shape) and names the offending argument, so a user sees what to fix.
 """
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 

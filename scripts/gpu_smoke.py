@@ -1,6 +1,5 @@
 """Quick GPU check used during development: correctness at one shape per op, then timings
 of the fused forward against SDPA (same run, medians of triton.testing.do_bench)."""
-import sys
 import torch
 import torch.nn.functional as F
 import triton

@@ -1,5 +1,5 @@
 """Shared builders for kernel tests: random inputs, random or paper-style weights."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 import mta_kernels
 import mta_reference
 from cases import Case, make_inputs
-from conftest import DEVICE
 from tolerance import check_rule
 
 FULL = dict(pre_conv=(3, 5), pre_mix=4, post_conv=(2, 3), post_mix=4)
