@@ -74,3 +74,107 @@ def flash_fwd_kernel(
     o_ptrs = out + i_b * sob + i_h * soh + rows[:, None].to(tl.int64) * sol + dims[None, :] * sod
     tl.store(o_ptrs, b_acc.to(out.dtype.element_ty), mask=(rows[:, None] < L) & (dims[None, :] < D))
     tl.store(lse + (i_b * H + i_h) * L + rows, (b_m + tl.log2(b_l)) / LOG2E, mask=rows < L)
+
+
+@triton.jit
+def flash_bwd_preprocess_kernel(out, dout, delta, sob, soh, sol, sod, sdb, sdh, sdl, sdd, H, L, D,
+                                BM: tl.constexpr, DP: tl.constexpr):
+    """delta (B, H, L) fp32 = rowsum(dO * O). Valid only without MTA parts, where O = P V."""
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    rows = i_m * BM + tl.arange(0, BM)
+    dims = tl.arange(0, DP)
+    b_o = _load_rows(out + i_b * sob + i_h * soh, rows, dims, sol, sod, L, D).to(tl.float32)
+    b_do = _load_rows(dout + i_b * sdb + i_h * sdh, rows, dims, sdl, sdd, L, D).to(tl.float32)
+    tl.store(delta + i_bh * L + rows, tl.sum(b_o * b_do, axis=1), mask=rows < L)
+
+
+@triton.jit
+def flash_bwd_dkdv_kernel(
+    q, k, v, dout, lse, delta, dk, dv,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
+    H, HKV, L, D, scale,
+    CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
+):
+    """dk, dv (B, HKV, L, D) fp32 for BN keys of one kv head, summed over the query heads
+    that share it (a fixed order, so the result is deterministic)."""
+    i_n = tl.program_id(0)
+    i_bkv = tl.program_id(1).to(tl.int64)
+    i_b = i_bkv // HKV
+    i_kv = i_bkv % HKV
+    rep = H // HKV
+    cols = i_n * BN + tl.arange(0, BN)
+    dims = tl.arange(0, DP)
+    b_k = _load_rows(k + i_b * skb + i_kv * skh, cols, dims, skl, skd, L, D)      # [BN, DP]
+    b_v = _load_rows(v + i_b * svb + i_kv * svh, cols, dims, svl, svd, L, D)      # [BN, DP]
+    b_dk = tl.zeros([BN, DP], dtype=tl.float32)
+    b_dv = tl.zeros([BN, DP], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (i_n * BN // BM) * BM
+    for i_h in range(i_kv * rep, i_kv * rep + rep):
+        q_base = q + i_b * sqb + i_h * sqh
+        do_base = dout + i_b * sdb + i_h * sdh
+        stat = (i_b * H + i_h) * L
+        for i0 in range(lo, L, BM):
+            rows = i0 + tl.arange(0, BM)
+            b_q = _load_rows(q_base, rows, dims, sql, sqd, L, D)                  # [BM, DP]
+            b_do = _load_rows(do_base, rows, dims, sdl, sdd, L, D)                # [BM, DP]
+            b_lse = tl.load(lse + stat + rows, mask=rows < L, other=0.0)
+            b_delta = tl.load(delta + stat + rows, mask=rows < L, other=0.0)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale       # [BM, BN]
+            keep = (rows[:, None] < L) & (cols[None, :] < L)
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])
+            b_p = tl.where(keep, tl.exp(b_s - b_lse[:, None]), 0.0)
+            b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PREC)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)              # [BM, BN]
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PREC)
+    mask = (cols[:, None] < L) & (dims[None, :] < D)
+    offs = (i_bkv * L + cols[:, None].to(tl.int64)) * D + dims[None, :]
+    tl.store(dk + offs, b_dk * scale, mask=mask)
+    tl.store(dv + offs, b_dv, mask=mask)
+
+
+@triton.jit
+def flash_bwd_dq_kernel(
+    q, k, v, dout, lse, delta, dq,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
+    H, HKV_REP, L, D, scale,
+    CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq (B, H, L, D) fp32 for BM rows of one query head."""
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_kv = i_h // HKV_REP
+    rows = i_m * BM + tl.arange(0, BM)
+    dims = tl.arange(0, DP)
+    b_q = _load_rows(q + i_b * sqb + i_h * sqh, rows, dims, sql, sqd, L, D)
+    b_do = _load_rows(dout + i_b * sdb + i_h * sdh, rows, dims, sdl, sdd, L, D)
+    b_lse = tl.load(lse + i_bh * L + rows, mask=rows < L, other=0.0)
+    b_delta = tl.load(delta + i_bh * L + rows, mask=rows < L, other=0.0)
+    k_base = k + i_b * skb + i_kv * skh
+    v_base = v + i_b * svb + i_kv * svh
+    b_dq = tl.zeros([BM, DP], dtype=tl.float32)
+    hi = L
+    if CAUSAL:
+        hi = tl.minimum(L, (i_m + 1) * BM)
+    for j0 in range(0, hi, BN):
+        cols = j0 + tl.arange(0, BN)
+        b_k = _load_rows(k_base, cols, dims, skl, skd, L, D)
+        b_v = _load_rows(v_base, cols, dims, svl, svd, L, D)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
+        keep = (rows[:, None] < L) & (cols[None, :] < L)
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        b_p = tl.where(keep, tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    offs = (i_bh * L + rows[:, None].to(tl.int64)) * D + dims[None, :]
+    tl.store(dq + offs, b_dq * scale, mask=(rows[:, None] < L) & (dims[None, :] < D))

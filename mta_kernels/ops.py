@@ -1,9 +1,10 @@
 """The fused op as torch.library custom ops, so that autograd and torch.compile see it.
 
 ``mta_kernels::mta_fwd`` runs the Triton forward and returns (out, lse);
-``mta_kernels::mta_bwd`` returns the seven gradients. The backward is interim: it is
+``mta_kernels::mta_bwd`` returns the seven gradients. Without MTA parts the backward is a
+fused flash-attention backward (O(L) memory, deterministic). With MTA parts it is interim:
 ``mta_reference.mta_attention_backward`` (exact, but materialized, so O(L^2) memory) until
-the fused backward kernels land; its signature is the one they will fill. Gradients are
+the fused MTA backward kernels land; its signature is the one they will fill. Gradients are
 computed only for inputs that require them (the others come back as empty tensors), and
 the interim backward is deterministic.
 """
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 import mta_reference
+from .backward import flash_backward
 from .forward import mta_forward
 
 
@@ -40,10 +42,14 @@ def mta_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pre_conv: Optiona
     inputs = (q, k, v, pre_conv, pre_mix, post_conv, post_mix)
     if not any(need and x is not None for need, x in zip(needs_grad, inputs)):
         return [q.new_empty(0) for _ in inputs]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    grads = mta_reference.mta_attention_backward(
-        grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
-        causal=causal, pad_key=pad_key, scale=scale, compute_dtype=compute)
+    if all(w is None for w in inputs[3:]):
+        dq, dk, dv = flash_backward(grad_out, q, k, v, out, lse, causal, scale)
+        grads = (dq, dk, dv, None, None, None, None)
+    else:
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        grads = mta_reference.mta_attention_backward(
+            grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
+            causal=causal, pad_key=pad_key, scale=scale, compute_dtype=compute)
     return [g.contiguous() if need and g is not None else q.new_empty(0)
             for g, need in zip(grads, needs_grad)]
 
