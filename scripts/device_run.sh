@@ -22,6 +22,9 @@ for step in "$@"; do
     quick) timeout 400 python3 -m bench --quick --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/quick.log" | tail -30 ;;
     sweep) timeout 500 python3 -m bench --shapes sweep --lengths 1024,4096,16384,32768 --ops full,talking_heads,none \
              --modes fwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/sweep.log" | tail -30 ;;
+    flashbwd) timeout 200 python3 -m pytest tests/test_backward.py -m gpu -q -k flash 2>&1 | tee "$OUT/flashbwd.log" | tail -3
+              timeout 200 python3 -m bench --ops none --modes fwd+bwd --providers fused,naive,sdpa --shapes sweep \
+                --lengths 4096,16384 --no-plots --out "$RES" 2>&1 | tee "$OUT/flashbwd_bench.log" | grep -E "^\[|status" ;;
     tune) timeout 300 python3 scripts/tune.py 2>&1 | tee "$OUT/tune.log" ;;
     tunefull) timeout 300 python3 scripts/tune.py full 2>&1 | tee "$OUT/tune_full.log" ;;
     ncu) timeout 300 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
