@@ -1,0 +1,29 @@
+"""The benchmark's CPU default runs end to end: every case passes its correctness gate and
+lands in the CSV and the summary (a smoke test that keeps bench/ from rotting)."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import HAS_GPU
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the GPU suite is a benchmark run, not a test")
+def test_bench_cpu_smoke(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "--ops", "full,talking_heads,none", "--modes", "fwd,fwd+bwd",
+           "--providers", "fused,naive,sdpa", "--no-plots", "--out", str(tmp_path)]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "NOT performance numbers" in result.stdout
+    (csv_path,) = tmp_path.glob("*.csv")
+    rows = list(csv.DictReader(line for line in csv_path.open() if not line.startswith("#")))
+    assert rows, "no rows written"
+    assert {r["provider"] for r in rows} == {"fused", "naive", "sdpa"}
+    assert all(r["status"] == "ok" for r in rows), [(r["op"], r["provider"], r["status"]) for r in rows]
+    assert (tmp_path / (csv_path.stem + ".md")).exists()
