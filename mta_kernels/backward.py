@@ -1,9 +1,18 @@
-"""Host side of the fused backward. So far: plain attention (no MTA part)."""
+"""Host side of the fused backward: plain attention, and (experimental) head mixing
+without convs."""
+import math
+import os
+
 import torch
 import triton
 
 from .flash_kernels import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
-from .forward import _next_pow2, _precision
+from .forward import _group_size, _next_pow2, _precision, block_diagonal_mix
+from .mix_bwd_kernels import mta_mix_bwd_col_kernel, mta_mix_bwd_row_kernel
+
+# The fused talking-heads backward passes its tests under the Triton interpreter but has not
+# yet been compiled and checked on a GPU; until it has, it runs only when asked for.
+FUSED_MIX_BACKWARD = os.environ.get("MTA_KERNELS_FUSED_MIX_BACKWARD", "0") == "1"
 
 
 def flash_backward(grad_out, q, k, v, out, lse, causal, scale):
@@ -30,3 +39,57 @@ def flash_backward(grad_out, q, k, v, out, lse, causal, scale):
         q, k, v, grad_out, lse, delta, dq, *strides, H, H // Hkv, L, D, scale,
         CAUSAL=causal, BM=BM, BN=BN, DP=DP, PREC=prec, num_warps=4, num_stages=2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _unblock_mix_grad(blocks, H, ch):
+    """(H // NH, NH, NH) gradient of the block-diagonal weight -> (G, ch, ch) of the mix."""
+    NH = blocks.shape[1]
+    heads = torch.arange(H, device=blocks.device).view(H // ch, ch)
+    block, idx = heads // NH, heads % NH
+    return blocks[block[:, :, None], idx[:, :, None], idx[:, None, :]]
+
+
+def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale):
+    """Gradients of head mixing without convs from the forward's lse (B, H, L).
+    Returns (dq, dk, dv, d_pre_mix, d_post_mix); weight gradients are None for absent
+    weights. Deterministic: no atomics; partial sums are reduced in a fixed order."""
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    NH = math.lcm(_group_size(pre_mix), _group_size(post_mix))
+    NHP = max(16, _next_pow2(NH))
+    DP = max(16, _next_pow2(D))
+    BM = BN = 16
+    dev = q.device
+    dummy = torch.zeros(1, device=dev)
+    w_pre = block_diagonal_mix(pre_mix, H, NH) if pre_mix is not None else dummy
+    w_post = block_diagonal_mix(post_mix, H, NH) if post_mix is not None else dummy
+    n_blocks = H // NH
+    n_rows = triton.cdiv(L, BM)
+    delta = torch.empty(B, H, L, device=dev, dtype=torch.float32)
+    dq = torch.empty(B, H, L, D, device=dev, dtype=torch.float32)
+    dk_heads = torch.empty(B, H, L, D, device=dev, dtype=torch.float32)
+    dv_heads = torch.empty(B, H, L, D, device=dev, dtype=torch.float32)
+    dw_pre = torch.zeros(B * n_blocks * n_rows, NH, NH, device=dev, dtype=torch.float32)
+    dw_post = torch.zeros_like(dw_pre)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    common = dict(CAUSAL=causal, PRE_MIX=pre_mix is not None, POST_MIX=post_mix is not None,
+                  NH=NH, NHP=NHP, BM=BM, BN=BN, DP=DP, MIX_PREC=_precision(q), DOT_PREC=_precision(q),
+                  num_warps=8, num_stages=1)
+    mta_mix_bwd_row_kernel[(n_rows, B * n_blocks)](
+        q, k, v, grad_out, lse, delta, dq, dw_pre, dw_post, w_pre, w_post, *strides,
+        H, H // Hkv, L, D, scale, n_blocks, **common)
+    mta_mix_bwd_col_kernel[(triton.cdiv(L, BN), B * n_blocks)](
+        q, k, v, grad_out, lse, delta, dk_heads, dv_heads, w_pre, w_post, *strides,
+        H, H // Hkv, L, D, scale, n_blocks, **common)
+    rep = H // Hkv
+    dk = dk_heads.view(B, Hkv, rep, L, D).sum(2)
+    dv = dv_heads.view(B, Hkv, rep, L, D).sum(2)
+
+    def weight_grad(partial, w):
+        if w is None:
+            return None
+        blocks = partial.view(B, n_blocks, n_rows, NH, NH).sum((0, 2))
+        return _unblock_mix_grad(blocks, H, w.shape[1]).to(w.dtype)
+
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            weight_grad(dw_pre, pre_mix), weight_grad(dw_post, post_mix))

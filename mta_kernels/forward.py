@@ -15,6 +15,14 @@ from .mix_kernels import mta_mix_fwd_kernel
 MIN_REGISTER_MIX_HEADS = 8
 
 
+def uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix) -> bool:
+    """Head mixing without convs over blocks of >= MIN_REGISTER_MIX_HEADS heads: the
+    register kernels of mix_kernels.py (and mix_bwd_kernels.py)."""
+    if pre_conv is not None or post_conv is not None or (pre_mix is None and post_mix is None):
+        return False
+    return math.lcm(_group_size(pre_mix), _group_size(post_mix)) >= MIN_REGISTER_MIX_HEADS
+
+
 def _precision(q) -> str:
     """tl.dot precision for fp32 operands: tf32 beside 16-bit inputs, exact fp32 otherwise."""
     return "tf32" if q.dtype in (torch.float16, torch.bfloat16) else "ieee"
@@ -55,12 +63,11 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     dev = q.device
+    if pre_conv is None and pre_mix is None and post_conv is None and post_mix is None:
+        return flash_forward(q, k, v, causal, scale)
+    if uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix):
+        return mix_forward(q, k, v, pre_mix, post_mix, causal, scale)
     NH = math.lcm(_group_size(pre_mix), _group_size(post_mix))
-    if pre_conv is None and post_conv is None:
-        if pre_mix is None and post_mix is None:
-            return flash_forward(q, k, v, causal, scale)
-        if NH >= MIN_REGISTER_MIX_HEADS:
-            return mix_forward(q, k, v, pre_mix, post_mix, causal, scale)
     NHP = max(16, _next_pow2(NH))
 
     def conv_params(w):

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 import mta_reference
+from . import backward
 from .backward import flash_backward
-from .forward import mta_forward
+from .forward import mta_forward, uses_register_mixing
 
 
 @torch.library.custom_op("mta_kernels::mta_fwd", mutates_args=())
@@ -45,6 +46,10 @@ def mta_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pre_conv: Optiona
     if all(w is None for w in inputs[3:]):
         dq, dk, dv = flash_backward(grad_out, q, k, v, out, lse, causal, scale)
         grads = (dq, dk, dv, None, None, None, None)
+    elif backward.FUSED_MIX_BACKWARD and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix):
+        dq, dk, dv, d_pre_mix, d_post_mix = backward.mix_backward(
+            grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale)
+        grads = (dq, dk, dv, None, d_pre_mix, None, d_post_mix)
     else:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         grads = mta_reference.mta_attention_backward(

@@ -67,9 +67,50 @@ def test_gradients_match_reference(case, dtype, device):
         check_rule(f"d{name}", g, r, lo, dtype)
 
 
-def test_gradient_causality(device):
+MIX_CASES = [
+    Case(H=8, L=37, D=16, pre_mix=8, post_mix=8),
+    Case(B=2, H=16, Hkv=4, L=33, D=24, pre_mix=8, post_mix=16),
+    Case(H=8, L=40, D=16, post_mix=8, causal=False),
+    Case(H=10, L=20, D=16, pre_mix=10),
+    Case(H=16, L=20, D=16, pre_mix=8, post_mix=4),            # two head blocks, block-diagonal post mix
+    Case(H=8, L=30, D=96, layout="blhd", pre_mix=8, post_mix=8),
+]
+
+
+def _use_fused_mix_backward(monkeypatch):
+    """Turn the experimental fused talking-heads backward on and record that it ran."""
+    calls = []
+    real = mta_kernels.backward.mix_backward
+    monkeypatch.setattr(mta_kernels.backward, "FUSED_MIX_BACKWARD", True)
+    monkeypatch.setattr(mta_kernels.backward, "mix_backward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", MIX_CASES, ids=lambda c: c.id)
+def test_fused_mix_backward(case, dtype, device, monkeypatch):
+    calls = _use_fused_mix_backward(monkeypatch)
+    test_gradients_match_reference(case, dtype, device)
+    assert calls, "the fused mixing backward did not run"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [Case(H=16, L=2048, D=128, pre_mix=16, post_mix=16),
+                                  Case(B=2, H=10, L=1000, D=96, pre_mix=10, post_mix=10)], ids=lambda c: c.id)
+def test_fused_mix_backward_gpu(case, dtype, monkeypatch):
+    calls = _use_fused_mix_backward(monkeypatch)
+    test_gradients_match_reference(case, dtype, "cuda")
+    assert calls
+
+
+@pytest.mark.parametrize("case, fused_mix", [(Case(L=32, **FULL), False),
+                                             (Case(H=8, L=32, D=16, pre_mix=8, post_mix=8), True)],
+                         ids=["full-reference-bwd", "talking-heads-fused-bwd"])
+def test_gradient_causality(case, fused_mix, device, monkeypatch):
     """A loss on outputs before t gives zero gradient to q, k, v at t and after."""
-    case = Case(L=32, **FULL)
+    if fused_mix:
+        _use_fused_mix_backward(monkeypatch)
     q, k, v, *w = make_inputs(case, torch.float32, device, requires_grad=True)
     t = 19
     out = mta_kernels.mta_attention(q, k, v, *w)

@@ -1,0 +1,189 @@
+"""Backward of head mixing without convolutions ("talking heads"), heads in registers.
+
+Same tiling as mix_kernels.py: a program holds [NHP, BM, BN] tiles of all heads of a block.
+With S = scale q k^T, M = pre_mix(S), P = softmax(M), A = post_mix(P), O = A v:
+
+    dA = dO v^T          dP = post_mix^T(dA)        Delta = rowsum(P * dP)
+    dZ = P * (dP - Delta)                           dS = pre_mix^T(dZ)
+    dq = scale dS k      dk = scale dS^T q          dv = A^T dO
+    d post_mix[o, c] = sum dA[o] P[c]               d pre_mix[o, c] = sum dZ[o] S[c]
+
+Delta needs the whole row of dP (O is not P v here), so the row kernel walks the keys twice:
+once for Delta, once for dq and the weight-gradient partials. The column kernel recomputes
+the tiles key block by key block for dk and dv, so no atomics are needed and the results are
+deterministic; dk and dv come out per query head and the host sums the GQA groups.
+"""
+import triton
+import triton.language as tl
+
+from .mix_kernels import _load_block_weight, _load_heads, _mix
+
+
+@triton.jit
+def _mix_t(w, x, NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """out[c] = sum_o w[o, c] x[o]: the adjoint of _mix."""
+    return _mix(tl.trans(w), x, NHP, BM, BN, PREC)
+
+
+@triton.jit
+def _outer_heads(x, y, NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """[NHP, NHP] with [o, c] = sum over the tile of x[o] * y[c]."""
+    x2 = tl.reshape(x, [NHP, BM * BN])
+    y2 = tl.reshape(y, [NHP, BM * BN])
+    return tl.dot(x2, tl.trans(y2), input_precision=PREC)
+
+
+@triton.jit
+def _tile_grads(b_q, b_do, b_k, b_v, rows, cols, heads_ok, b_lse, w_pre, w_post, scale, L,
+                CAUSAL: tl.constexpr, PRE_MIX: tl.constexpr, POST_MIX: tl.constexpr,
+                NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Recompute one [NHP, BM, BN] tile and return (S, P, A, dA, dP): the scaled scores, the
+    probabilities, the mixed probabilities, dO v^T and the adjoint of the post mix."""
+    b_s = tl.dot(b_q, tl.permute(b_k, (0, 2, 1)), input_precision=DOT_PREC) * scale
+    b_m = b_s
+    if PRE_MIX:
+        b_m = _mix(w_pre, b_s, NHP, BM, BN, MIX_PREC)
+    keep = heads_ok[:, None, None] & (rows[None, :, None] < L) & (cols[None, None, :] < L)
+    if CAUSAL:
+        keep = keep & (cols[None, None, :] <= rows[None, :, None])
+    b_p = tl.where(keep, tl.exp(b_m - b_lse[:, :, None]), 0.0)
+    b_a = b_p
+    if POST_MIX:
+        b_a = _mix(w_post, b_p, NHP, BM, BN, MIX_PREC)
+    b_da = tl.dot(b_do, tl.permute(b_v, (0, 2, 1)), input_precision=DOT_PREC)
+    b_dp = b_da
+    if POST_MIX:
+        b_dp = _mix_t(w_post, b_da, NHP, BM, BN, MIX_PREC)
+    return b_s, b_p, b_a, b_da, b_dp
+
+
+@triton.jit
+def mta_mix_bwd_row_kernel(
+    q, k, v, dout, lse, delta, dq, dw_pre, dw_post, w_pre_mix, w_post_mix,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
+    H, HKV_REP, L, D, scale, n_head_blocks,
+    CAUSAL: tl.constexpr, PRE_MIX: tl.constexpr, POST_MIX: tl.constexpr,
+    NH: tl.constexpr, NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
+    MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """For BM rows of a head block: delta (B, H, L) fp32, dq (B, H, L, D) fp32, and this
+    program's partial weight gradients dw_pre / dw_post (n_programs, NH, NH) fp32."""
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // n_head_blocks
+    i_hb = i_bh % n_head_blocks
+    prog = i_bh * tl.num_programs(0) + i_m
+    hh = tl.arange(0, NHP)
+    head_ok = hh < NH
+    heads = i_hb * NH + hh
+    kv_heads = heads // HKV_REP
+    rows = i_m * BM + tl.arange(0, BM)
+    dims = tl.arange(0, DP)
+
+    b_q = _load_heads(q + i_b * sqb, heads, sqh, rows, dims, sql, sqd, head_ok, L, D)       # [NHP, BM, DP]
+    b_do = _load_heads(dout + i_b * sdb, heads, sdh, rows, dims, sdl, sdd, head_ok, L, D)   # [NHP, BM, DP]
+    w_pre = _load_block_weight(w_pre_mix, i_hb, hh, head_ok, NH)
+    w_post = _load_block_weight(w_post_mix, i_hb, hh, head_ok, NH)
+    stat_ptrs = (i_b * H + heads[:, None]) * L + rows[None, :]                               # [NHP, BM]
+    stat_ok = head_ok[:, None] & (rows[None, :] < L)
+    b_lse = tl.load(lse + stat_ptrs, mask=stat_ok, other=0.0)
+
+    hi = L
+    if CAUSAL:
+        hi = tl.minimum(L, (i_m + 1) * BM)
+    b_delta = tl.zeros([NHP, BM], dtype=tl.float32)
+    for j0 in range(0, hi, BN):
+        cols = j0 + tl.arange(0, BN)
+        b_k = _load_heads(k + i_b * skb, kv_heads, skh, cols, dims, skl, skd, head_ok, L, D)
+        b_v = _load_heads(v + i_b * svb, kv_heads, svh, cols, dims, svl, svd, head_ok, L, D)
+        _, b_p, _, _, b_dp = _tile_grads(b_q, b_do, b_k, b_v, rows, cols, head_ok, b_lse,
+                                         w_pre, w_post, scale, L, CAUSAL, PRE_MIX, POST_MIX,
+                                         NHP, BM, BN, MIX_PREC, DOT_PREC)
+        b_delta += tl.sum(b_p * b_dp, axis=2)
+    tl.store(delta + stat_ptrs, b_delta, mask=stat_ok)
+
+    b_dq = tl.zeros([NHP, BM, DP], dtype=tl.float32)
+    b_dw_pre = tl.zeros([NHP, NHP], dtype=tl.float32)
+    b_dw_post = tl.zeros([NHP, NHP], dtype=tl.float32)
+    for j0 in range(0, hi, BN):
+        cols = j0 + tl.arange(0, BN)
+        b_k = _load_heads(k + i_b * skb, kv_heads, skh, cols, dims, skl, skd, head_ok, L, D)
+        b_v = _load_heads(v + i_b * svb, kv_heads, svh, cols, dims, svl, svd, head_ok, L, D)
+        b_s, b_p, _, b_da, b_dp = _tile_grads(b_q, b_do, b_k, b_v, rows, cols, head_ok, b_lse,
+                                              w_pre, w_post, scale, L, CAUSAL, PRE_MIX, POST_MIX,
+                                              NHP, BM, BN, MIX_PREC, DOT_PREC)
+        b_dz = b_p * (b_dp - b_delta[:, :, None])
+        if POST_MIX:
+            b_dw_post += _outer_heads(b_da, b_p, NHP, BM, BN, MIX_PREC)
+        b_ds = b_dz
+        if PRE_MIX:
+            b_dw_pre += _outer_heads(b_dz, b_s, NHP, BM, BN, MIX_PREC)
+            b_ds = _mix_t(w_pre, b_dz, NHP, BM, BN, MIX_PREC)
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PREC)
+
+    o_ptrs = (dq + (i_b * H + heads[:, None, None]) * L * D + rows[None, :, None].to(tl.int64) * D
+              + dims[None, None, :])
+    o_mask = head_ok[:, None, None] & (rows[None, :, None] < L) & (dims[None, None, :] < D)
+    tl.store(o_ptrs, b_dq * scale, mask=o_mask)
+    w_offs = prog * (NH * NH) + hh[:, None] * NH + hh[None, :]
+    w_mask = head_ok[:, None] & head_ok[None, :]
+    if PRE_MIX:
+        tl.store(dw_pre + w_offs, b_dw_pre, mask=w_mask)
+    if POST_MIX:
+        tl.store(dw_post + w_offs, b_dw_post, mask=w_mask)
+
+
+@triton.jit
+def mta_mix_bwd_col_kernel(
+    q, k, v, dout, lse, delta, dk, dv, w_pre_mix, w_post_mix,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
+    H, HKV_REP, L, D, scale, n_head_blocks,
+    CAUSAL: tl.constexpr, PRE_MIX: tl.constexpr, POST_MIX: tl.constexpr,
+    NH: tl.constexpr, NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
+    MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """For BN keys of a head block: dk, dv (B, H, L, D) fp32 per *query* head (the host sums
+    the query heads that share a kv head)."""
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // n_head_blocks
+    i_hb = i_bh % n_head_blocks
+    hh = tl.arange(0, NHP)
+    head_ok = hh < NH
+    heads = i_hb * NH + hh
+    kv_heads = heads // HKV_REP
+    cols = i_n * BN + tl.arange(0, BN)
+    dims = tl.arange(0, DP)
+
+    b_k = _load_heads(k + i_b * skb, kv_heads, skh, cols, dims, skl, skd, head_ok, L, D)    # [NHP, BN, DP]
+    b_v = _load_heads(v + i_b * svb, kv_heads, svh, cols, dims, svl, svd, head_ok, L, D)
+    w_pre = _load_block_weight(w_pre_mix, i_hb, hh, head_ok, NH)
+    w_post = _load_block_weight(w_post_mix, i_hb, hh, head_ok, NH)
+    b_dk = tl.zeros([NHP, BN, DP], dtype=tl.float32)
+    b_dv = tl.zeros([NHP, BN, DP], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (i_n * BN // BM) * BM
+    for i0 in range(lo, L, BM):
+        rows = i0 + tl.arange(0, BM)
+        b_q = _load_heads(q + i_b * sqb, heads, sqh, rows, dims, sql, sqd, head_ok, L, D)
+        b_do = _load_heads(dout + i_b * sdb, heads, sdh, rows, dims, sdl, sdd, head_ok, L, D)
+        stat_ptrs = (i_b * H + heads[:, None]) * L + rows[None, :]
+        stat_ok = head_ok[:, None] & (rows[None, :] < L)
+        b_lse = tl.load(lse + stat_ptrs, mask=stat_ok, other=0.0)
+        b_delta = tl.load(delta + stat_ptrs, mask=stat_ok, other=0.0)
+        _, b_p, b_a, _, b_dp = _tile_grads(b_q, b_do, b_k, b_v, rows, cols, head_ok, b_lse,
+                                           w_pre, w_post, scale, L, CAUSAL, PRE_MIX, POST_MIX,
+                                           NHP, BM, BN, MIX_PREC, DOT_PREC)
+        b_ds = b_p * (b_dp - b_delta[:, :, None])
+        if PRE_MIX:
+            b_ds = _mix_t(w_pre, b_ds, NHP, BM, BN, MIX_PREC)
+        b_dk += tl.dot(tl.permute(b_ds, (0, 2, 1)).to(b_q.dtype), b_q, input_precision=DOT_PREC)
+        b_dv += tl.dot(tl.permute(b_a, (0, 2, 1)).to(b_do.dtype), b_do, input_precision=DOT_PREC)
+
+    offs = ((i_b * H + heads[:, None, None]) * L * D + cols[None, :, None].to(tl.int64) * D
+            + dims[None, None, :])
+    mask = head_ok[:, None, None] & (cols[None, :, None] < L) & (dims[None, None, :] < D)
+    tl.store(dk + offs, b_dk * scale, mask=mask)
+    tl.store(dv + offs, b_dv, mask=mask)
