@@ -92,6 +92,19 @@ def flash_bwd_preprocess_kernel(out, dout, delta, sob, soh, sol, sod, sdb, sdh, 
 
 
 @triton.jit
+def _flash_bwd_tile(b_q, b_k, b_v, b_do, b_lse, b_delta, rows, cols, scale, L,
+                    CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """Recompute P [BM, BN] from the saved lse and return (P, dS = P * (dO v^T - delta))."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
+    keep = (rows[:, None] < L) & (cols[None, :] < L)
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= rows[:, None])
+    b_p = tl.where(keep, tl.exp(b_s - b_lse[:, None]), 0.0)
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+    return b_p, b_p * (b_dp - b_delta[:, None])
+
+
+@triton.jit
 def flash_bwd_dkdv_kernel(
     q, k, v, dout, lse, delta, dk, dv,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
@@ -124,14 +137,9 @@ def flash_bwd_dkdv_kernel(
             b_do = _load_rows(do_base, rows, dims, sdl, sdd, L, D)                # [BM, DP]
             b_lse = tl.load(lse + stat + rows, mask=rows < L, other=0.0)
             b_delta = tl.load(delta + stat + rows, mask=rows < L, other=0.0)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale       # [BM, BN]
-            keep = (rows[:, None] < L) & (cols[None, :] < L)
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            b_p = tl.where(keep, tl.exp(b_s - b_lse[:, None]), 0.0)
+            b_p, b_ds = _flash_bwd_tile(b_q, b_k, b_v, b_do, b_lse, b_delta, rows, cols, scale, L,
+                                        CAUSAL, PREC)
             b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PREC)
-            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)              # [BM, BN]
-            b_ds = b_p * (b_dp - b_delta[:, None])
             b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PREC)
     mask = (cols[:, None] < L) & (dims[None, :] < D)
     offs = (i_bkv * L + cols[:, None].to(tl.int64)) * D + dims[None, :]
@@ -168,13 +176,7 @@ def flash_bwd_dq_kernel(
         cols = j0 + tl.arange(0, BN)
         b_k = _load_rows(k_base, cols, dims, skl, skd, L, D)
         b_v = _load_rows(v_base, cols, dims, svl, svd, L, D)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
-        keep = (rows[:, None] < L) & (cols[None, :] < L)
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
-        b_p = tl.where(keep, tl.exp(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-        b_ds = b_p * (b_dp - b_delta[:, None])
+        _, b_ds = _flash_bwd_tile(b_q, b_k, b_v, b_do, b_lse, b_delta, rows, cols, scale, L, CAUSAL, PREC)
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
     offs = (i_bh * L + rows[:, None].to(tl.int64)) * D + dims[None, :]
     tl.store(dq + offs, b_dq * scale, mask=(rows[:, None] < L) & (dims[None, :] < D))

@@ -16,7 +16,7 @@ deterministic; dk and dv come out per query head and the host sums the GQA group
 import triton
 import triton.language as tl
 
-from .mix_kernels import _load_block_weight, _load_heads, _mix
+from .mix_kernels import _head_block, _load_block_weight, _load_heads, _mix, _row_stats
 
 
 @triton.jit
@@ -70,14 +70,8 @@ def mta_mix_bwd_row_kernel(
     """For BM rows of a head block: delta (B, H, L) fp32, dq (B, H, L, D) fp32, and this
     program's partial weight gradients dw_pre / dw_post (n_programs, NH, NH) fp32."""
     i_m = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // n_head_blocks
-    i_hb = i_bh % n_head_blocks
+    i_bh, i_b, i_hb, hh, head_ok, heads, kv_heads = _head_block(n_head_blocks, HKV_REP, NH, NHP)
     prog = i_bh * tl.num_programs(0) + i_m
-    hh = tl.arange(0, NHP)
-    head_ok = hh < NH
-    heads = i_hb * NH + hh
-    kv_heads = heads // HKV_REP
     rows = i_m * BM + tl.arange(0, BM)
     dims = tl.arange(0, DP)
 
@@ -85,8 +79,7 @@ def mta_mix_bwd_row_kernel(
     b_do = _load_heads(dout + i_b * sdb, heads, sdh, rows, dims, sdl, sdd, head_ok, L, D)   # [NHP, BM, DP]
     w_pre = _load_block_weight(w_pre_mix, i_hb, hh, head_ok, NH)
     w_post = _load_block_weight(w_post_mix, i_hb, hh, head_ok, NH)
-    stat_ptrs = (i_b * H + heads[:, None]) * L + rows[None, :]                               # [NHP, BM]
-    stat_ok = head_ok[:, None] & (rows[None, :] < L)
+    stat_ptrs, stat_ok = _row_stats(H, L, i_b, heads, rows, head_ok)                        # [NHP, BM]
     b_lse = tl.load(lse + stat_ptrs, mask=stat_ok, other=0.0)
 
     hi = L
@@ -146,13 +139,7 @@ def mta_mix_bwd_col_kernel(
     """For BN keys of a head block: dk, dv (B, H, L, D) fp32 per *query* head (the host sums
     the query heads that share a kv head)."""
     i_n = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // n_head_blocks
-    i_hb = i_bh % n_head_blocks
-    hh = tl.arange(0, NHP)
-    head_ok = hh < NH
-    heads = i_hb * NH + hh
-    kv_heads = heads // HKV_REP
+    i_bh, i_b, i_hb, hh, head_ok, heads, kv_heads = _head_block(n_head_blocks, HKV_REP, NH, NHP)
     cols = i_n * BN + tl.arange(0, BN)
     dims = tl.arange(0, DP)
 
@@ -169,8 +156,7 @@ def mta_mix_bwd_col_kernel(
         rows = i0 + tl.arange(0, BM)
         b_q = _load_heads(q + i_b * sqb, heads, sqh, rows, dims, sql, sqd, head_ok, L, D)
         b_do = _load_heads(dout + i_b * sdb, heads, sdh, rows, dims, sdl, sdd, head_ok, L, D)
-        stat_ptrs = (i_b * H + heads[:, None]) * L + rows[None, :]
-        stat_ok = head_ok[:, None] & (rows[None, :] < L)
+        stat_ptrs, stat_ok = _row_stats(H, L, i_b, heads, rows, head_ok)
         b_lse = tl.load(lse + stat_ptrs, mask=stat_ok, other=0.0)
         b_delta = tl.load(delta + stat_ptrs, mask=stat_ok, other=0.0)
         _, b_p, b_a, _, b_dp = _tile_grads(b_q, b_do, b_k, b_v, rows, cols, head_ok, b_lse,

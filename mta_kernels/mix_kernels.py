@@ -36,6 +36,23 @@ def _load_block_weight(w_ptr, i_hb, hh, head_ok, NH: tl.constexpr):
 
 
 @triton.jit
+def _head_block(n_head_blocks, HKV_REP, NH: tl.constexpr, NHP: tl.constexpr):
+    """This program's batch and block of heads, from program_id(1):
+    (i_bh, i_b, i_hb, hh [NHP], head_ok [NHP], heads [NHP], kv_heads [NHP])."""
+    i_bh = tl.program_id(1).to(tl.int64)
+    hh = tl.arange(0, NHP)
+    i_hb = i_bh % n_head_blocks
+    heads = i_hb * NH + hh
+    return i_bh, i_bh // n_head_blocks, i_hb, hh, hh < NH, heads, heads // HKV_REP
+
+
+@triton.jit
+def _row_stats(H, L, i_b, heads, rows, head_ok):
+    """Offsets [NHP, R] of (heads, rows) in a (B, H, L) statistics tensor, and their mask."""
+    return (i_b * H + heads[:, None]) * L + rows[None, :], head_ok[:, None] & (rows[None, :] < L)
+
+
+@triton.jit
 def mta_mix_fwd_kernel(
     q, k, v, out, lse, w_pre_mix, w_post_mix,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
@@ -47,13 +64,7 @@ def mta_mix_fwd_kernel(
     """q: (B, H, L, D); k, v: (B, H // HKV_REP, L, D); out: (B, H, L, D); lse: (B, H, L) fp32
     (written in pass 1, read in pass 2). w_pre_mix / w_post_mix: (H // NH, NH, NH) fp32."""
     i_m = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // n_head_blocks
-    i_hb = i_bh % n_head_blocks
-    hh = tl.arange(0, NHP)
-    head_ok = hh < NH
-    heads = i_hb * NH + hh
-    kv_heads = heads // HKV_REP
+    i_bh, i_b, i_hb, hh, head_ok, heads, kv_heads = _head_block(n_head_blocks, HKV_REP, NH, NHP)
     rows = i_m * BM + tl.arange(0, BM)
     dims = tl.arange(0, DP)
 
@@ -64,8 +75,8 @@ def mta_mix_fwd_kernel(
         w_pre = _load_block_weight(w_pre_mix, i_hb, hh, head_ok, NH)
     if POST_MIX:
         w_post = _load_block_weight(w_post_mix, i_hb, hh, head_ok, NH)
-    stat_ptrs = lse + (i_b * H + heads[:, None]) * L + rows[None, :]                     # [NHP, BM]
-    stat_ok = head_ok[:, None] & (rows[None, :] < L)
+    stat, stat_ok = _row_stats(H, L, i_b, heads, rows, head_ok)                           # [NHP, BM]
+    stat_ptrs = lse + stat
 
     if IS_STATS:
         b_m = tl.full([NHP, BM], float("-inf"), dtype=tl.float32)
