@@ -7,7 +7,7 @@ import torch
 import triton
 
 from .flash_kernels import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
-from .forward import _group_size, _next_pow2, _precision, block_diagonal_mix
+from .forward import _group_size, _next_pow2, _precision, acc_dtype, block_diagonal_mix
 from .mix_bwd_kernels import mta_mix_bwd_col_kernel, mta_mix_bwd_row_kernel
 
 # The fused talking-heads backward passes its tests under the Triton interpreter but has not
@@ -25,12 +25,13 @@ def flash_backward(grad_out, q, k, v, out, lse, causal, scale):
     BM = BN = 64 if L > 32 else max(16, _next_pow2(L))
     prec = _precision(q)
     dev = q.device
-    delta = torch.empty(B, H, L, device=dev, dtype=torch.float32)
+    acc = acc_dtype(q)
+    delta = torch.empty(B, H, L, device=dev, dtype=acc)
     flash_bwd_preprocess_kernel[(triton.cdiv(L, 64), B * H)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, L, D, BM=64, DP=DP)
-    dq = torch.empty(B, H, L, D, device=dev, dtype=torch.float32)
-    dk = torch.empty(B, Hkv, L, D, device=dev, dtype=torch.float32)
-    dv = torch.empty(B, Hkv, L, D, device=dev, dtype=torch.float32)
+    dq = torch.empty(B, H, L, D, device=dev, dtype=acc)
+    dk = torch.empty(B, Hkv, L, D, device=dev, dtype=acc)
+    dv = torch.empty(B, Hkv, L, D, device=dev, dtype=acc)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     flash_bwd_dkdv_kernel[(triton.cdiv(L, BN), B * Hkv)](
         q, k, v, grad_out, lse, delta, dk, dv, *strides, H, Hkv, L, D, scale,
@@ -61,15 +62,16 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale):
     BM = BN = 16
     dev = q.device
     dummy = torch.zeros(1, device=dev)
-    w_pre = block_diagonal_mix(pre_mix, H, NH) if pre_mix is not None else dummy
-    w_post = block_diagonal_mix(post_mix, H, NH) if post_mix is not None else dummy
+    acc = acc_dtype(q)
+    w_pre = block_diagonal_mix(pre_mix, H, NH, acc) if pre_mix is not None else dummy
+    w_post = block_diagonal_mix(post_mix, H, NH, acc) if post_mix is not None else dummy
     n_blocks = H // NH
     n_rows = triton.cdiv(L, BM)
-    delta = torch.empty(B, H, L, device=dev, dtype=torch.float32)
-    dq = torch.empty(B, H, L, D, device=dev, dtype=torch.float32)
-    dk_heads = torch.empty(B, H, L, D, device=dev, dtype=torch.float32)
-    dv_heads = torch.empty(B, H, L, D, device=dev, dtype=torch.float32)
-    dw_pre = torch.zeros(B * n_blocks * n_rows, NH, NH, device=dev, dtype=torch.float32)
+    delta = torch.empty(B, H, L, device=dev, dtype=acc)
+    dq = torch.empty(B, H, L, D, device=dev, dtype=acc)
+    dk_heads = torch.empty(B, H, L, D, device=dev, dtype=acc)
+    dv_heads = torch.empty(B, H, L, D, device=dev, dtype=acc)
+    dw_pre = torch.zeros(B * n_blocks * n_rows, NH, NH, device=dev, dtype=acc)
     dw_post = torch.zeros_like(dw_pre)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     common = dict(CAUSAL=causal, PRE_MIX=pre_mix is not None, POST_MIX=post_mix is not None,

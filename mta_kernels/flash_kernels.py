@@ -8,25 +8,24 @@ import triton.language as tl
 
 from .forward_kernels import _load_rows
 
-LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
 def _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, rows, dims, j0, b_m, b_l, b_acc,
-                qk_scale, L, D, CAUSAL_MASK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """Online-softmax update of (max, sum, acc) with the key tile at j0 (logits in log2 units)."""
+                scale, L, D, CAUSAL_MASK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Online-softmax update of (max, sum, acc) with the key tile at j0."""
     cols = j0 + tl.arange(0, BN)
     b_k = _load_rows(k_base, cols, dims, skl, skd, L, D)                   # [BN, DP]
     b_v = _load_rows(v_base, cols, dims, svl, svd, L, D)                   # [BN, DP]
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale     # [BM, BN]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale         # [BM, BN]
     keep = cols[None, :] < L
     if CAUSAL_MASK:
         keep = keep & (cols[None, :] <= rows[:, None])
     b_s = tl.where(keep, b_s, float("-inf"))
     m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing seen yet
-    b_p = tl.exp2(b_s - m_safe[:, None])
-    alpha = tl.exp2(b_m - m_safe)
+    b_p = tl.exp(b_s - m_safe[:, None])
+    alpha = tl.exp(b_m - m_safe)
     b_l = b_l * alpha + tl.sum(b_p, axis=1)
     b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
     return m_new, b_l, b_acc
@@ -52,28 +51,28 @@ def flash_fwd_kernel(
     b_q = _load_rows(q + i_b * sqb + i_h * sqh, rows, dims, sql, sqd, L, D)   # [BM, DP]
     k_base = k + i_b * skb + i_kv * skh
     v_base = v + i_b * svb + i_kv * svh
-    qk_scale = scale * LOG2E
 
-    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BM], dtype=tl.float32)
-    b_acc = tl.zeros([BM, DP], dtype=tl.float32)
+    acc_t = lse.dtype.element_ty   # fp32, or fp64 for fp64 inputs
+    b_m = tl.full([BM], float("-inf"), dtype=acc_t)
+    b_l = tl.zeros([BM], dtype=acc_t)
+    b_acc = tl.zeros([BM, DP], dtype=acc_t)
     if CAUSAL:
         # Key tiles left of the diagonal block need no mask; BM is a multiple of BN.
         diag = i_m * BM
         for j0 in range(0, diag, BN):
             b_m, b_l, b_acc = _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, rows, dims, j0,
-                                          b_m, b_l, b_acc, qk_scale, L, D, False, BN, PREC)
+                                          b_m, b_l, b_acc, scale, L, D, False, BN, PREC)
         for j0 in range(diag, tl.minimum(L, diag + BM), BN):
             b_m, b_l, b_acc = _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, rows, dims, j0,
-                                          b_m, b_l, b_acc, qk_scale, L, D, True, BN, PREC)
+                                          b_m, b_l, b_acc, scale, L, D, True, BN, PREC)
     else:
         for j0 in range(0, L, BN):
             b_m, b_l, b_acc = _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, rows, dims, j0,
-                                          b_m, b_l, b_acc, qk_scale, L, D, False, BN, PREC)
+                                          b_m, b_l, b_acc, scale, L, D, False, BN, PREC)
     b_acc = b_acc / b_l[:, None]
     o_ptrs = out + i_b * sob + i_h * soh + rows[:, None].to(tl.int64) * sol + dims[None, :] * sod
     tl.store(o_ptrs, b_acc.to(out.dtype.element_ty), mask=(rows[:, None] < L) & (dims[None, :] < D))
-    tl.store(lse + (i_b * H + i_h) * L + rows, (b_m + tl.log2(b_l)) / LOG2E, mask=rows < L)
+    tl.store(lse + (i_b * H + i_h) * L + rows, b_m + tl.log(b_l), mask=rows < L)
 
 
 @triton.jit
@@ -86,8 +85,8 @@ def flash_bwd_preprocess_kernel(out, dout, delta, sob, soh, sol, sod, sdb, sdh, 
     i_h = i_bh % H
     rows = i_m * BM + tl.arange(0, BM)
     dims = tl.arange(0, DP)
-    b_o = _load_rows(out + i_b * sob + i_h * soh, rows, dims, sol, sod, L, D).to(tl.float32)
-    b_do = _load_rows(dout + i_b * sdb + i_h * sdh, rows, dims, sdl, sdd, L, D).to(tl.float32)
+    b_o = _load_rows(out + i_b * sob + i_h * soh, rows, dims, sol, sod, L, D).to(delta.dtype.element_ty)
+    b_do = _load_rows(dout + i_b * sdb + i_h * sdh, rows, dims, sdl, sdd, L, D).to(delta.dtype.element_ty)
     tl.store(delta + i_bh * L + rows, tl.sum(b_o * b_do, axis=1), mask=rows < L)
 
 
@@ -122,8 +121,8 @@ def flash_bwd_dkdv_kernel(
     dims = tl.arange(0, DP)
     b_k = _load_rows(k + i_b * skb + i_kv * skh, cols, dims, skl, skd, L, D)      # [BN, DP]
     b_v = _load_rows(v + i_b * svb + i_kv * svh, cols, dims, svl, svd, L, D)      # [BN, DP]
-    b_dk = tl.zeros([BN, DP], dtype=tl.float32)
-    b_dv = tl.zeros([BN, DP], dtype=tl.float32)
+    b_dk = tl.zeros([BN, DP], dtype=dk.dtype.element_ty)
+    b_dv = tl.zeros([BN, DP], dtype=dk.dtype.element_ty)
     lo = 0
     if CAUSAL:
         lo = (i_n * BN // BM) * BM
@@ -168,7 +167,7 @@ def flash_bwd_dq_kernel(
     b_delta = tl.load(delta + i_bh * L + rows, mask=rows < L, other=0.0)
     k_base = k + i_b * skb + i_kv * skh
     v_base = v + i_b * svb + i_kv * svh
-    b_dq = tl.zeros([BM, DP], dtype=tl.float32)
+    b_dq = tl.zeros([BM, DP], dtype=dq.dtype.element_ty)
     hi = L
     if CAUSAL:
         hi = tl.minimum(L, (i_m + 1) * BM)

@@ -28,6 +28,12 @@ def _precision(q) -> str:
     return "tf32" if q.dtype in (torch.float16, torch.bfloat16) else "ieee"
 
 
+def acc_dtype(q) -> torch.dtype:
+    """Accumulators, statistics and weights inside the kernels: fp32, or fp64 for fp64 inputs
+    (which exist for gradchecks under the interpreter)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -36,14 +42,14 @@ def _group_size(w) -> int:
     return 1 if w is None else w.shape[1]
 
 
-def block_diagonal_mix(w: torch.Tensor, H: int, NH: int) -> torch.Tensor:
-    """(G, ch, ch) mixing weight -> (H // NH, NH, NH) fp32: the mixing matrix restricted to
-    each block of NH heads (NH a multiple of ch), zero across groups."""
+def block_diagonal_mix(w: torch.Tensor, H: int, NH: int, dtype=torch.float32) -> torch.Tensor:
+    """(G, ch, ch) mixing weight -> (H // NH, NH, NH) in ``dtype``: the mixing matrix
+    restricted to each block of NH heads (NH a multiple of ch), zero across groups."""
     ch = w.shape[1]
     heads = torch.arange(H, device=w.device).view(H // NH, NH)
     g, o = heads // ch, heads % ch
     same_group = g[:, :, None] == g[:, None, :]
-    block = w.float()[g[:, :, None], o[:, :, None], o[:, None, :]]
+    block = w.to(dtype)[g[:, :, None], o[:, :, None], o[:, None, :]]
     return torch.where(same_group, block, torch.zeros((), device=w.device)).contiguous()
 
 
@@ -56,7 +62,7 @@ def _frame(length: int, halo: int, cap: int) -> int:
 
 def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale, config=None):
     """Fused MTA forward. q: (B, H, L, D); k, v: (B, Hkv, L, D). Returns (out, lse):
-    out (B, H, L, D) in q's dtype and lse (B, H, L) fp32, the log-sum-exp of each row of
+    out (B, H, L, D) in q's dtype and lse (B, H, L) in acc_dtype(q), the log-sum-exp of each row of
     masked (pre-conv, pre-mix) logits. The backward needs lse to rebuild P = exp(M - lse)
     tile by tile without another statistics pass. config: optional dict overriding the
     general kernel's RF, W and num_warps (for tuning)."""
@@ -69,16 +75,17 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
         return mix_forward(q, k, v, pre_mix, post_mix, causal, scale)
     NH = math.lcm(_group_size(pre_mix), _group_size(post_mix))
     NHP = max(16, _next_pow2(NH))
+    acc = acc_dtype(q)
 
     def conv_params(w):
         if w is None:
             return torch.zeros(1, device=dev), 1, 1, 0
-        return w.float().contiguous(), w.shape[1], w.shape[2], left_pad(w.shape[2], pad_key)
+        return w.to(acc).contiguous(), w.shape[1], w.shape[2], left_pad(w.shape[2], pad_key)
 
     w_pre, cq_pre, ck_pre, pl_pre = conv_params(pre_conv)
     w_post, cq_post, ck_post, pl_post = conv_params(post_conv)
-    mix_pre = block_diagonal_mix(pre_mix, H, NH) if pre_mix is not None else torch.zeros(1, device=dev)
-    mix_post = block_diagonal_mix(post_mix, H, NH) if post_mix is not None else torch.zeros(1, device=dev)
+    mix_pre = block_diagonal_mix(pre_mix, H, NH, acc) if pre_mix is not None else torch.zeros(1, device=dev)
+    mix_post = block_diagonal_mix(post_mix, H, NH, acc) if post_mix is not None else torch.zeros(1, device=dev)
 
     halo_rows = (cq_pre - 1) + (cq_post - 1)
     halo_cols = (ck_pre - 1) + (ck_post - 1)
@@ -95,11 +102,11 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     DV = min(DP, 64)
     conv_prec = _precision(q)
 
-    lse = torch.empty(B, H, L, device=dev, dtype=torch.float32)
-    m_run = torch.full((B, H, L), float("-inf"), device=dev, dtype=torch.float32)
-    l_run = torch.zeros(B, H, L, device=dev, dtype=torch.float32)
-    o_acc = torch.zeros(B, H, L, D, device=dev, dtype=torch.float32) if NH > 1 else \
-        torch.empty(B, H, L, D, device=dev, dtype=torch.float32)
+    lse = torch.empty(B, H, L, device=dev, dtype=acc)
+    m_run = torch.full((B, H, L), float("-inf"), device=dev, dtype=acc)
+    l_run = torch.zeros(B, H, L, device=dev, dtype=acc)
+    o_acc = torch.zeros(B, H, L, D, device=dev, dtype=acc) if NH > 1 else \
+        torch.empty(B, H, L, D, device=dev, dtype=acc)
     n_head_blocks = H // NH
 
     common = dict(
@@ -112,7 +119,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     for is_stats in (True, False):
         rows_per_prog = RF - (cq_pre - 1) - (0 if is_stats else cq_post - 1)
         grid = (triton.cdiv(L, rows_per_prog), B * n_head_blocks)
-        scratch = torch.empty(grid[0] * grid[1] * (2 * NH + 2) * RF * W, device=dev, dtype=torch.float32)
+        scratch = torch.empty(grid[0] * grid[1] * (2 * NH + 2) * RF * W, device=dev, dtype=acc)
         mta_fwd_kernel[grid](
             q, k, v, lse, m_run, l_run, o_acc, scratch, w_pre, mix_pre, w_post, mix_post,
             *q.stride(), *k.stride(), *v.stride(),
@@ -126,7 +133,7 @@ def flash_forward(q, k, v, causal, scale, config=None):
     config: optional dict overriding BM, BN, num_warps, num_stages (for tuning)."""
     B, H, L, D = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, H, L, device=q.device, dtype=acc_dtype(q))
     DP = max(16, _next_pow2(D))
     # H200, L=4096, D=128, bf16 (scripts/tune.py): 64x64 with 4 warps 0.242 ms, 128x128 with
     # 8 warps 0.243, 128x64 with 8 warps 0.244, 128x64 with 4 warps 0.334.
@@ -150,10 +157,11 @@ def mix_forward(q, k, v, pre_mix, post_mix, causal, scale, config=None):
     NHP = max(16, _next_pow2(NH))
     dev = q.device
     dummy = torch.zeros(1, device=dev)
-    mix_pre = block_diagonal_mix(pre_mix, H, NH) if pre_mix is not None else dummy
-    mix_post = block_diagonal_mix(post_mix, H, NH) if post_mix is not None else dummy
+    acc = acc_dtype(q)
+    mix_pre = block_diagonal_mix(pre_mix, H, NH, acc) if pre_mix is not None else dummy
+    mix_post = block_diagonal_mix(post_mix, H, NH, acc) if post_mix is not None else dummy
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(B, H, L, device=dev, dtype=torch.float32)
+    lse = torch.empty(B, H, L, device=dev, dtype=acc)
     DP = max(16, _next_pow2(D))
     # H200, L=4096, H=16, D=128, bf16 (scripts/tune.py): 16x16 with 8 warps and 2 stages
     # 2.14 ms; 1 stage 2.69; 16x32 3.03; 32x16 3.62; 4 warps 5.92; 32x32 and 16x64 exceed

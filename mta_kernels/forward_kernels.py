@@ -53,7 +53,7 @@ def _conv_frame(x, slot, w_head, CQ: tl.constexpr, CK: tl.constexpr,
     tl.debug_barrier()  # earlier readers of slot are done
     tl.store(slot + f[:, None] * W + m[None, :], x)
     tl.debug_barrier()
-    out = tl.zeros([RF, W], dtype=tl.float32)
+    out = tl.zeros([RF, W], dtype=slot.dtype.element_ty)
     for a in range(CQ):
         src = f - (CQ - 1 - a)
         xa = tl.load(slot + src[:, None] * W + m[None, :], mask=src[:, None] >= 0, other=0.0)
@@ -150,7 +150,7 @@ def mta_fwd_kernel(
     # With one head per program the output stays in registers; with more, the head loop
     # sits inside the key loop, so each head's rows accumulate in o_acc.
     dims = tl.arange(0, DP)
-    acc = tl.zeros([RF, DP], dtype=tl.float32)
+    acc = tl.zeros([RF, DP], dtype=o_acc.dtype.element_ty)
 
     # one past the last key column any output row can see
     col_end = L

@@ -85,7 +85,8 @@ def mta_mix_bwd_row_kernel(
     hi = L
     if CAUSAL:
         hi = tl.minimum(L, (i_m + 1) * BM)
-    b_delta = tl.zeros([NHP, BM], dtype=tl.float32)
+    acc_t = dq.dtype.element_ty   # fp32, or fp64 for fp64 inputs
+    b_delta = tl.zeros([NHP, BM], dtype=acc_t)
     for j0 in range(0, hi, BN):
         cols = j0 + tl.arange(0, BN)
         b_k = _load_heads(k + i_b * skb, kv_heads, skh, cols, dims, skl, skd, head_ok, L, D)
@@ -96,9 +97,9 @@ def mta_mix_bwd_row_kernel(
         b_delta += tl.sum(b_p * b_dp, axis=2)
     tl.store(delta + stat_ptrs, b_delta, mask=stat_ok)
 
-    b_dq = tl.zeros([NHP, BM, DP], dtype=tl.float32)
-    b_dw_pre = tl.zeros([NHP, NHP], dtype=tl.float32)
-    b_dw_post = tl.zeros([NHP, NHP], dtype=tl.float32)
+    b_dq = tl.zeros([NHP, BM, DP], dtype=acc_t)
+    b_dw_pre = tl.zeros([NHP, NHP], dtype=acc_t)
+    b_dw_post = tl.zeros([NHP, NHP], dtype=acc_t)
     for j0 in range(0, hi, BN):
         cols = j0 + tl.arange(0, BN)
         b_k = _load_heads(k + i_b * skb, kv_heads, skh, cols, dims, skl, skd, head_ok, L, D)
@@ -147,8 +148,8 @@ def mta_mix_bwd_col_kernel(
     b_v = _load_heads(v + i_b * svb, kv_heads, svh, cols, dims, svl, svd, head_ok, L, D)
     w_pre = _load_block_weight(w_pre_mix, i_hb, hh, head_ok, NH)
     w_post = _load_block_weight(w_post_mix, i_hb, hh, head_ok, NH)
-    b_dk = tl.zeros([NHP, BN, DP], dtype=tl.float32)
-    b_dv = tl.zeros([NHP, BN, DP], dtype=tl.float32)
+    b_dk = tl.zeros([NHP, BN, DP], dtype=dk.dtype.element_ty)
+    b_dv = tl.zeros([NHP, BN, DP], dtype=dk.dtype.element_ty)
     lo = 0
     if CAUSAL:
         lo = (i_n * BN // BM) * BM

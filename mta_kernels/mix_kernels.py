@@ -79,11 +79,11 @@ def mta_mix_fwd_kernel(
     stat_ptrs = lse + stat
 
     if IS_STATS:
-        b_m = tl.full([NHP, BM], float("-inf"), dtype=tl.float32)
-        b_l = tl.zeros([NHP, BM], dtype=tl.float32)
+        b_m = tl.full([NHP, BM], float("-inf"), dtype=lse.dtype.element_ty)
+        b_l = tl.zeros([NHP, BM], dtype=lse.dtype.element_ty)
     else:
         b_lse = tl.load(stat_ptrs, mask=stat_ok, other=0.0)
-        b_acc = tl.zeros([NHP, BM, DP], dtype=tl.float32)
+        b_acc = tl.zeros([NHP, BM, DP], dtype=lse.dtype.element_ty)
 
     hi = L
     if CAUSAL:

@@ -16,21 +16,31 @@ from torch import Tensor
 import mta_reference
 from . import backward
 from .backward import flash_backward
-from .forward import mta_forward, uses_register_mixing
+from .forward import acc_dtype, mta_forward, uses_register_mixing
+
+
+def _kernel_scale(q: Tensor, scale: float):
+    """(q, scale) as the kernels should see them. Triton passes float arguments as fp32, so
+    for fp64 inputs (gradchecks) the scale is folded into q instead; the caller multiplies
+    dq by ``scale / kernel_scale`` to undo it."""
+    if q.dtype == torch.float64 and scale != 1.0:
+        return q * scale, 1.0
+    return q, scale
 
 
 @torch.library.custom_op("mta_kernels::mta_fwd", mutates_args=())
 def mta_fwd(q: Tensor, k: Tensor, v: Tensor, pre_conv: Optional[Tensor], pre_mix: Optional[Tensor],
             post_conv: Optional[Tensor], post_mix: Optional[Tensor], causal: bool, pad_key: str,
             scale: float) -> Tuple[Tensor, Tensor]:
-    """(out (B, H, L, D) in q's dtype, lse (B, H, L) fp32)."""
+    """(out (B, H, L, D) in q's dtype, lse (B, H, L) fp32; fp64 for fp64 inputs)."""
+    q, scale = _kernel_scale(q, scale)
     return mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
 
 
 @mta_fwd.register_fake
 def _(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale):
     B, H, L, D = q.shape
-    return q.new_empty(B, H, L, D), q.new_empty(B, H, L, dtype=torch.float32)
+    return q.new_empty(B, H, L, D), q.new_empty(B, H, L, dtype=acc_dtype(q))
 
 
 @torch.library.custom_op("mta_kernels::mta_bwd", mutates_args=())
@@ -43,18 +53,18 @@ def mta_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pre_conv: Optiona
     inputs = (q, k, v, pre_conv, pre_mix, post_conv, post_mix)
     if not any(need and x is not None for need, x in zip(needs_grad, inputs)):
         return [q.new_empty(0) for _ in inputs]
+    q_k, scale_k = _kernel_scale(q, scale)
     if all(w is None for w in inputs[3:]):
-        dq, dk, dv = flash_backward(grad_out, q, k, v, out, lse, causal, scale)
-        grads = (dq, dk, dv, None, None, None, None)
+        dq, dk, dv = flash_backward(grad_out, q_k, k, v, out, lse, causal, scale_k)
+        grads = (dq * (scale / scale_k), dk, dv, None, None, None, None)
     elif backward.FUSED_MIX_BACKWARD and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix):
         dq, dk, dv, d_pre_mix, d_post_mix = backward.mix_backward(
-            grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale)
-        grads = (dq, dk, dv, None, d_pre_mix, None, d_post_mix)
+            grad_out, q_k, k, v, pre_mix, post_mix, lse, causal, scale_k)
+        grads = (dq * (scale / scale_k), dk, dv, None, d_pre_mix, None, d_post_mix)
     else:
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         grads = mta_reference.mta_attention_backward(
             grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
-            causal=causal, pad_key=pad_key, scale=scale, compute_dtype=compute)
+            causal=causal, pad_key=pad_key, scale=scale, compute_dtype=acc_dtype(q))
     return [g.contiguous() if need and g is not None else q.new_empty(0)
             for g, need in zip(grads, needs_grad)]
 

@@ -198,3 +198,36 @@ def test_flash_backward_is_deterministic():
     for _ in range(50):
         again = torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+GRADCHECK_CASES = [
+    pytest.param(Case(H=2, L=6, D=4), False, id="none-flash-bwd"),
+    pytest.param(Case(H=2, L=6, D=4, causal=False, Hkv=1), False, id="none-noncausal-mqa"),
+    pytest.param(Case(H=2, L=6, D=4, pre_conv=(2, 3)), False, id="pre_conv"),
+    pytest.param(Case(H=2, L=6, D=4, pre_mix=2), False, id="pre_mix"),
+    pytest.param(Case(H=2, L=6, D=4, post_conv=(2, 3), pad_key="left"), False, id="post_conv-left"),
+    pytest.param(Case(H=2, L=6, D=4, post_mix=2), False, id="post_mix"),
+    pytest.param(Case(H=2, L=6, D=4, pre_conv=(2, 3), pre_mix=2, post_conv=(3, 3), post_mix=2), False, id="full"),
+    pytest.param(Case(H=8, Hkv=4, L=5, D=4, pre_mix=8, post_mix=8), True, id="talking-heads-fused-bwd"),
+]
+
+
+@pytest.mark.parametrize("case, fused_mix", GRADCHECK_CASES)
+def test_gradcheck_fused_op(case, fused_mix, device, monkeypatch):
+    """fp64 gradcheck through the fused op: the Triton forward (fp64 accumulators for fp64
+    inputs) against the backward the op registers."""
+    if fused_mix:
+        calls = _use_fused_mix_backward(monkeypatch)
+    inputs = [x.detach().double().requires_grad_() if x is not None else None
+              for x in make_inputs(case, torch.float64, device)]
+    present = [i for i, x in enumerate(inputs) if x is not None]
+
+    def fn(*xs):
+        args = list(inputs)
+        for i, x in zip(present, xs):
+            args[i] = x
+        return mta_kernels.mta_attention(*args, causal=case.causal, pad_key=case.pad_key)
+
+    assert torch.autograd.gradcheck(fn, [inputs[i] for i in present], fast_mode=True, atol=1e-7, rtol=1e-5)
+    if fused_mix:
+        assert calls
