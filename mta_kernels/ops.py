@@ -2,20 +2,27 @@
 
 ``mta_kernels::mta_fwd`` runs the Triton forward and returns (out, lse);
 ``mta_kernels::mta_bwd`` returns the seven gradients. Without MTA parts the backward is a
-fused flash-attention backward (O(L) memory, deterministic). With MTA parts it is interim:
-``mta_reference.mta_attention_backward`` (exact, but materialized, so O(L^2) memory) until
-the fused MTA backward kernels land; its signature is the one they will fill. Gradients are
-computed only for inputs that require them (the others come back as empty tensors), and
-the interim backward is deterministic.
+fused flash-attention backward (O(L) memory, deterministic). With MTA parts it is interim
+until fused MTA backward kernels land: ``chunked_backward``, the reference backward in
+PyTorch one block of query rows at a time (exact; O(rows x L) memory, not O(L^2); as slow
+as the materialized path). Talking heads can use the fused mixing backward
+(``backward.FUSED_MIX_BACKWARD``). Gradients are computed only for inputs that require
+them (the others come back as empty tensors).
+
+Determinism: the fused backward kernels use no atomics, and their partial sums are reduced
+in a fixed order, so they are bitwise reproducible by default (50 repeated runs checked on
+the H200 for plain attention). The interim chunked backward uses PyTorch's convolution
+gradients, which are deterministic on CUDA only under
+``torch.use_deterministic_algorithms(True)``.
 """
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-import mta_reference
 from . import backward
 from .backward import flash_backward
+from .chunked_backward import chunked_backward
 from .forward import acc_dtype, mta_forward, uses_register_mixing
 
 
@@ -62,9 +69,8 @@ def mta_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pre_conv: Optiona
             grad_out, q_k, k, v, pre_mix, post_mix, lse, causal, scale_k)
         grads = (dq * (scale / scale_k), dk, dv, None, d_pre_mix, None, d_post_mix)
     else:
-        grads = mta_reference.mta_attention_backward(
-            grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
-            causal=causal, pad_key=pad_key, scale=scale, compute_dtype=acc_dtype(q))
+        grads = chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
+                                 causal=causal, pad_key=pad_key, scale=scale, compute_dtype=acc_dtype(q))
     return [g.contiguous() if need and g is not None else q.new_empty(0)
             for g, need in zip(grads, needs_grad)]
 

@@ -13,17 +13,32 @@ from .mta import forward_intermediates
 from .validate import left_pad
 
 
-def key_query_conv_backward(grad, x, w, pad_key):
-    """Gradients of ``key_query_conv(x, w, pad_key)``: (dx (B, H, L, L), dw (H, cq, ck))."""
+def _conv_layout(w, pad_key):
+    """(pads for F.pad, the conv2d weight (H, 1, cq, ck)) of ``key_query_conv``."""
     H, cq, ck = w.shape
     pL = left_pad(ck, pad_key)
-    pads = (pL, ck - 1 - pL, cq - 1, 0)
-    padded = F.pad(x, pads)
-    w4 = w[:, None].to(x.dtype)
-    dpadded = torch.nn.grad.conv2d_input(padded.shape, w4, grad, groups=H)
-    dw = torch.nn.grad.conv2d_weight(padded, w4.shape, grad, groups=H)[:, 0]
-    L_q, L_k = x.shape[-2:]
-    return dpadded[..., cq - 1:cq - 1 + L_q, pL:pL + L_k], dw
+    return (pL, ck - 1 - pL, cq - 1, 0), w[:, None]
+
+
+def key_query_conv_input_grad(grad, w, pad_key):
+    """Gradient of ``key_query_conv(x, w, pad_key)`` w.r.t. x (B, H, L, L): the transposed
+    conv, which reads rows below and keys on the other side."""
+    pads, w4 = _conv_layout(w, pad_key)
+    B, H, Lq, Lk = grad.shape
+    padded_shape = (B, H, Lq + pads[2], Lk + pads[0] + pads[1])
+    dpadded = torch.nn.grad.conv2d_input(padded_shape, w4.to(grad.dtype), grad, groups=H)
+    return dpadded[..., pads[2]:pads[2] + Lq, pads[0]:pads[0] + Lk]
+
+
+def key_query_conv_weight_grad(grad, x, w, pad_key):
+    """Gradient of ``key_query_conv(x, w, pad_key)`` w.r.t. w (H, cq, ck)."""
+    pads, w4 = _conv_layout(w, pad_key)
+    return torch.nn.grad.conv2d_weight(F.pad(x, pads), w4.shape, grad, groups=w.shape[0])[:, 0]
+
+
+def key_query_conv_backward(grad, x, w, pad_key):
+    """Gradients of ``key_query_conv(x, w, pad_key)``: (dx (B, H, L, L), dw (H, cq, ck))."""
+    return key_query_conv_input_grad(grad, w, pad_key), key_query_conv_weight_grad(grad, x, w, pad_key)
 
 
 def mix_heads_backward(grad, x, w):

@@ -1,0 +1,107 @@
+"""Exact MTA backward in PyTorch, one block of query rows at a time: O(rows x L) memory.
+
+The stop-gap backward for calls with convolutions until fused kernels exist. It follows
+``mta_reference.mta_attention_backward`` (spec section 3) but materializes only a slab of
+rows [lo, hi) of every (B, H, L, L) tensor. For the output rows [r0, r1) of a chunk:
+
+  - the convs read rows above (pre: cq-1, post: cq'-1), so the forward intermediates are
+    valid from lo + HQ + HP on, with lo = r0 - HQ - HP;
+  - the transposed convs read rows below, so the backward ones are valid up to
+    hi - HP - HQ, with hi = r1 + HQ + HP;
+  - Delta = rowsum(P * dP) needs whole rows, which every slab has.
+
+Each chunk adds its rows' share to dq, dk, dv and the weight gradients, so the sums run
+over the chunks in a fixed order (deterministic up to PyTorch's own kernels).
+"""
+import torch
+
+from mta_reference.backward import key_query_conv_input_grad, key_query_conv_weight_grad, mix_heads_backward
+from mta_reference.mta import key_query_conv, mix_heads
+
+# Working set per chunk: about this many bytes of (B, H, rows, L) tensors.
+CHUNK_BYTES = 1 << 30
+LIVE_TENSORS = 14
+
+
+def rows_per_chunk(B, H, L, itemsize, budget=CHUNK_BYTES):
+    """Rows per chunk so that LIVE_TENSORS slabs of (B, H, rows, L) fit in ``budget`` bytes."""
+    return max(16, budget // (LIVE_TENSORS * B * H * L * itemsize))
+
+
+def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,
+                     scale, compute_dtype=torch.float32, rows=None):
+    """Gradients (dq, dk, dv, d_pre_conv, d_pre_mix, d_post_conv, d_post_mix) of MTA, each in its
+    input's dtype (None for absent weights). Shapes as ``mta_reference.mta_attention``;
+    ``rows`` overrides the chunk height (for tests)."""
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    cd = compute_dtype
+    rep = H // Hkv
+    qc = q.to(cd)
+    kc = k.to(cd).repeat_interleave(rep, dim=1)
+    vc = v.to(cd).repeat_interleave(rep, dim=1)
+    dout = grad_out.to(cd)
+    HQ = pre_conv.shape[1] - 1 if pre_conv is not None else 0
+    HP = post_conv.shape[1] - 1 if post_conv is not None else 0
+    R = rows or rows_per_chunk(B, H, L, torch.finfo(cd).bits // 8)
+    cols = torch.arange(L, device=q.device)
+    softmax_dtype = torch.float64 if cd == torch.float64 else torch.float32
+
+    dq = torch.zeros_like(qc)
+    dk = torch.zeros_like(kc)
+    dv = torch.zeros_like(vc)
+    dw = [None if w is None else torch.zeros(w.shape, device=q.device, dtype=cd)
+          for w in (pre_conv, pre_mix, post_conv, post_mix)]
+
+    for r0 in range(0, L, R):
+        r1 = min(L, r0 + R)
+        lo, hi = max(0, r0 - HQ - HP), min(L, r1 + HQ + HP)
+        slab_rows = torch.arange(lo, hi, device=q.device)
+        future = (cols[None, :] > slab_rows[:, None]) if causal else torch.zeros(
+            hi - lo, L, dtype=torch.bool, device=q.device)
+        own = ((slab_rows >= r0) & (slab_rows < r1))[:, None]      # this chunk's rows
+        mine = slice(r0 - lo, r1 - lo)
+
+        # forward on the slab
+        s0 = torch.matmul(qc[:, :, lo:hi], kc.transpose(-1, -2)) * scale
+        if pre_conv is not None:
+            s0 = s0.masked_fill(future, 0.0)
+        c = key_query_conv(s0, pre_conv.to(cd), pad_key) if pre_conv is not None else s0
+        m = mix_heads(c, pre_mix.to(cd)) if pre_mix is not None else c
+        probs = torch.softmax(m.masked_fill(future, float("-inf")).to(softmax_dtype), dim=-1).to(cd)
+        a1 = probs
+        if post_conv is not None:
+            a1 = key_query_conv(probs, post_conv.to(cd), pad_key).masked_fill(future, 0.0)
+        a = mix_heads(a1, post_mix.to(cd)) if post_mix is not None else a1
+
+        # backward on the slab
+        do_slab = dout[:, :, lo:hi]
+        dv += torch.matmul(a[:, :, mine].transpose(-1, -2), do_slab[:, :, mine])
+        da = torch.matmul(do_slab, vc.transpose(-1, -2))
+        if post_mix is not None:
+            dw[3] += mix_heads_backward(da[:, :, mine], a1[:, :, mine], post_mix)[1]
+            da = mix_heads_backward(da, a1, post_mix)[0]
+        dp = da
+        if post_conv is not None:
+            da1m = da.masked_fill(future, 0.0)
+            dw[2] += key_query_conv_weight_grad(da1m.masked_fill(~own, 0.0), probs, post_conv, pad_key)
+            dp = key_query_conv_input_grad(da1m, post_conv, pad_key).masked_fill(future, 0.0)
+        delta = (probs * dp).sum(-1, keepdim=True)
+        dz = probs * (dp - delta)
+        dc = dz
+        if pre_mix is not None:
+            dw[1] += mix_heads_backward(dz[:, :, mine], c[:, :, mine], pre_mix)[1]
+            dc = mix_heads_backward(dz, c, pre_mix)[0]
+        ds = dc
+        if pre_conv is not None:
+            dw[0] += key_query_conv_weight_grad(dc.masked_fill(~own, 0.0), s0, pre_conv, pad_key)
+            ds = key_query_conv_input_grad(dc, pre_conv, pad_key).masked_fill(future, 0.0)
+        ds = ds[:, :, mine]
+        dq[:, :, r0:r1] = torch.matmul(ds, kc) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), qc[:, :, r0:r1]) * scale
+
+    dk = dk.view(B, Hkv, rep, L, D).sum(2)
+    dv = dv.view(B, Hkv, rep, L, D).sum(2)
+    weights = (pre_conv, pre_mix, post_conv, post_mix)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            *[None if w is None else g.to(w.dtype) for g, w in zip(dw, weights)])
