@@ -26,12 +26,13 @@ CPU_WARNING = ("CPU run under the Triton interpreter: these timings are NOT perf
 class CsvLog:
     """One CSV per run: '#' comment lines, the header, then one flushed row per case."""
 
-    def __init__(self, path: Path, comments, append: bool = False):
+    def __init__(self, path: Path, comments, append: bool = False, columns=COLUMNS):
         """append: add rows to an existing run's CSV (its comments and header stay)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.columns = columns
         self._file = open(path, "a" if append else "w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        self._writer = csv.DictWriter(self._file, fieldnames=columns)
         if not append:
             for line in comments:
                 self._file.write(f"# {line}\n")
@@ -39,7 +40,7 @@ class CsvLog:
             self._file.flush()
 
     def write(self, row: dict):
-        self._writer.writerow({c: _fmt_csv(row.get(c)) for c in COLUMNS})
+        self._writer.writerow({c: _fmt_csv(row.get(c)) for c in self.columns})
         self._file.flush()
 
     def close(self):
@@ -54,7 +55,7 @@ def _fmt_csv(x):
     return x
 
 
-def read_csv(path: Path):
+def read_csv(path: Path, int_columns=INT_COLUMNS, float_columns=FLOAT_COLUMNS):
     """(comment lines without '# ', rows as dicts with numbers parsed; '' -> None)."""
     comments, lines = [], []
     with open(path, newline="") as f:
@@ -65,10 +66,10 @@ def read_csv(path: Path):
                 lines.append(line)
     rows = []
     for row in csv.DictReader(lines):
-        for c in INT_COLUMNS:
-            row[c] = int(row[c])
-        for c in FLOAT_COLUMNS:
-            row[c] = float(row[c]) if row[c] else None
+        for c in int_columns:
+            row[c] = int(row[c]) if row.get(c) else None
+        for c in float_columns:
+            row[c] = float(row[c]) if row.get(c) else None
         rows.append(row)
     return comments, rows
 

@@ -32,7 +32,6 @@ if not ON_GPU:
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import csv  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -43,7 +42,7 @@ from pathlib import Path  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-from . import env  # noqa: E402
+from . import env, report  # noqa: E402
 from .timing import free_memory, is_oom  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -262,52 +261,14 @@ def csv_path_for(out: Path, info: dict) -> Path:
     return out / f"{stamp}_{gpu}_train.csv"
 
 
-def _fmt_csv(x):
-    if x is None:
-        return ""
-    if isinstance(x, float):
-        return "" if math.isnan(x) else f"{x:.5g}"
-    return x
-
-
-class CsvLog:
-    """One CSV per run: '#' comment lines, the header, then one flushed row per provider."""
-
-    def __init__(self, path: Path, comments):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._file = open(path, "w", newline="")
-        for line in comments:
-            self._file.write(f"# {line}\n")
-        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
-        self._writer.writeheader()
-        self._file.flush()
-
-    def write(self, row: dict):
-        self._writer.writerow({c: _fmt_csv(row.get(c)) for c in COLUMNS})
-        self._file.flush()
-
-    def close(self):
-        self._file.close()
+def csv_log(path: Path, comments) -> report.CsvLog:
+    """The run's CSV, in the kernel benchmark's format with this benchmark's columns."""
+    return report.CsvLog(path, comments, columns=COLUMNS)
 
 
 def read_csv(path: Path):
-    """(comment lines without '# ', rows as dicts with numbers parsed; '' -> None)."""
-    comments, lines = [], []
-    with open(path, newline="") as f:
-        for line in f:
-            if line.startswith("#"):
-                comments.append(line[1:].strip())
-            else:
-                lines.append(line)
-    rows = []
-    for row in csv.DictReader(lines):
-        for c in INT_COLUMNS:
-            row[c] = int(row[c]) if row.get(c) else None
-        for c in FLOAT_COLUMNS:
-            row[c] = float(row[c]) if row.get(c) else None
-        rows.append(row)
-    return comments, rows
+    """(comment lines, rows with numbers parsed) of a training-benchmark CSV."""
+    return report.read_csv(path, INT_COLUMNS, FLOAT_COLUMNS)
 
 
 # ---------------------------------------------------------------- markdown summary
@@ -504,7 +465,7 @@ def run(args, argv) -> Path:
     print(f"{describe_model(args)}; seq {args.seq}, batch {args.batch}, {args.steps} steps after "
           f"{args.warmup} warm-up, {args.dtype} ({DTYPE_NOTES[args.dtype]}); {info['gpu']}, torch "
           f"{info['torch']}, triton {info['triton']}, commit {info['commit']} -> {csv_path}", flush=True)
-    log = CsvLog(csv_path, header_comments(args, argv))
+    log = csv_log(csv_path, header_comments(args, argv))
     fixed = dict(info, model=args.model, layers=args.layers, seq=args.seq, batch=args.batch,
                  steps=args.steps, warmup=args.warmup, vocab=args.vocab, dtype=args.dtype)
     try:
