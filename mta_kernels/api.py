@@ -13,6 +13,21 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_HEAD_DIM = 256
 
 
+# The convs' halos must leave room for outputs in a kernel frame (forward.py's _frame).
+MAX_ROW_HALO = 32   # (cq - 1) + (cq' - 1)
+MAX_KEY_HALO = 64   # (ck - 1) + (ck' - 1)
+
+
+def _check_conv_sizes(pre_conv, post_conv):
+    convs = [w for w in (pre_conv, post_conv) if w is not None]
+    row_halo = sum(w.shape[1] - 1 for w in convs)
+    key_halo = sum(w.shape[2] - 1 for w in convs)
+    if row_halo > MAX_ROW_HALO or key_halo > MAX_KEY_HALO:
+        raise ValueError(
+            f"pre_conv/post_conv sizes {[tuple(w.shape[1:]) for w in convs]} are too large for the fused "
+            f"kernels: they support (cq-1)+(cq'-1) <= {MAX_ROW_HALO} and (ck-1)+(ck'-1) <= {MAX_KEY_HALO}")
+
+
 def _check_backend(q: torch.Tensor, D: int):
     if q.device.type == "cpu" and not INTERPRETER:
         raise RuntimeError(
@@ -38,5 +53,6 @@ def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix
     """
     p = validate(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
     _check_backend(q, p.D)
+    _check_conv_sizes(pre_conv, post_conv)
     out, _ = mta_fwd(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, p.scale)
     return out

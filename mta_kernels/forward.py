@@ -53,10 +53,10 @@ def block_diagonal_mix(w: torch.Tensor, H: int, NH: int, dtype=torch.float32) ->
     return torch.where(same_group, block, torch.zeros((), device=w.device)).contiguous()
 
 
-def _frame(length: int, halo: int, cap: int) -> int:
-    """Smallest power-of-two frame >= 16 that holds the halo plus min(length, cap - halo) outputs."""
-    size = cap if halo > cap // 2 - 8 else cap // 2 if cap > 64 else cap
-    size = max(size, _next_pow2(halo + 1) * 2)
+def _frame(length: int, halo: int) -> int:
+    """Frame size along one axis: 64, or 128 when the convs' halo would take more than half
+    of 64; never more than the sequence needs, never less than 16 (the smallest tl.dot)."""
+    size = 64 if halo <= 32 else 128
     return max(16, min(size, _next_pow2(length + halo)))
 
 
@@ -89,12 +89,12 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
 
     halo_rows = (cq_pre - 1) + (cq_post - 1)
     halo_cols = (ck_pre - 1) + (ck_post - 1)
-    RF = _frame(L, halo_rows, 64)
+    RF = _frame(L, halo_rows)
     # Mixing puts all heads of a block in one program: use shorter row blocks so that the
     # grid still fills the GPU.
     while NH > 1 and RF > 16 and RF // 2 > 2 * halo_rows and triton.cdiv(L, RF - halo_rows) * B * (H // NH) < 264:
         RF //= 2
-    W = _frame(L, halo_cols, 64 if halo_cols <= 24 else 128)
+    W = _frame(L, halo_cols)
     num_warps = 4
     if config:
         RF, W, num_warps = config.get("RF", RF), config.get("W", W), config.get("num_warps", num_warps)

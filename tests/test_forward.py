@@ -62,6 +62,20 @@ def test_forward_matches_reference(case, dtype, device):
     _run_and_check(case, dtype, device)
 
 
+def test_conv_sizes_beyond_the_kernels_limits_are_refused(device):
+    case = Case(L=20, D=16)
+    q, k, v, *_ = make_inputs(case, torch.float32, device)
+    with pytest.raises(ValueError, match="pre_conv/post_conv"):
+        mta_kernels.mta_attention(q, k, v, pre_conv=torch.zeros(4, 18, 3), post_conv=torch.zeros(4, 17, 3))
+    with pytest.raises(ValueError, match="pre_conv/post_conv"):
+        mta_kernels.mta_attention(q, k, v, pre_conv=torch.zeros(4, 2, 41), post_conv=torch.zeros(4, 2, 27))
+    # exactly at the limits: still the reference's answer
+    w = dict(pre_conv=torch.randn(4, 17, 3, device=device) * 0.2, post_conv=torch.randn(4, 17, 33, device=device) * 0.2)
+    out = mta_kernels.mta_attention(q, k, v, **w)
+    ref = mta_reference.mta_attention(q, k, v, **w, compute_dtype=torch.float64)
+    check_rule("out", out, ref, mta_reference.mta_attention(q, k, v, **w), torch.float32)
+
+
 def test_custom_scale(device):
     _run_and_check(Case(L=40, **FULL), torch.float32, device, scale=0.37)
 
