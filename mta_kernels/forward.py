@@ -65,13 +65,14 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     out (B, H, L, D) in q's dtype and lse (B, H, L) in acc_dtype(q), the log-sum-exp of each row of
     masked (pre-conv, pre-mix) logits. The backward needs lse to rebuild P = exp(M - lse)
     tile by tile without another statistics pass. config: optional dict overriding the
-    general kernel's RF, W and num_warps (for tuning)."""
+    general kernel's RF, W and num_warps, or forcing it with general=True (for tuning)."""
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     dev = q.device
-    if pre_conv is None and pre_mix is None and post_conv is None and post_mix is None:
+    general = bool(config and config.get("general"))
+    if not general and pre_conv is None and pre_mix is None and post_conv is None and post_mix is None:
         return flash_forward(q, k, v, causal, scale)
-    if uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix):
+    if not general and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix):
         return mix_forward(q, k, v, pre_mix, post_mix, causal, scale)
     NH = math.lcm(_group_size(pre_mix), _group_size(post_mix))
     NHP = max(16, _next_pow2(NH))
