@@ -16,7 +16,7 @@ over the chunks in a fixed order (deterministic up to PyTorch's own kernels).
 import torch
 
 from mta_reference.backward import key_query_conv_input_grad, key_query_conv_weight_grad, mix_heads_backward
-from mta_reference.mta import key_query_conv, mix_heads
+from mta_reference.mta import forward_intermediates
 
 # Working set per chunk: about this many bytes of (B, H, rows, L) tensors.
 CHUNK_BYTES = 1 << 30
@@ -37,42 +37,26 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
     Hkv = k.shape[1]
     cd = compute_dtype
     rep = H // Hkv
-    qc = q.to(cd)
-    kc = k.to(cd).repeat_interleave(rep, dim=1)
-    vc = v.to(cd).repeat_interleave(rep, dim=1)
     dout = grad_out.to(cd)
     HQ = pre_conv.shape[1] - 1 if pre_conv is not None else 0
     HP = post_conv.shape[1] - 1 if post_conv is not None else 0
     R = rows or rows_per_chunk(B, H, L, torch.finfo(cd).bits // 8)
-    cols = torch.arange(L, device=q.device)
-    softmax_dtype = torch.float64 if cd == torch.float64 else torch.float32
 
-    dq = torch.zeros_like(qc)
-    dk = torch.zeros_like(kc)
-    dv = torch.zeros_like(vc)
+    dq = torch.zeros(B, H, L, D, device=q.device, dtype=cd)
+    dk = torch.zeros_like(dq)
+    dv = torch.zeros_like(dq)
     dw = [None if w is None else torch.zeros(w.shape, device=q.device, dtype=cd)
           for w in (pre_conv, pre_mix, post_conv, post_mix)]
 
     for r0 in range(0, L, R):
         r1 = min(L, r0 + R)
         lo, hi = max(0, r0 - HQ - HP), min(L, r1 + HQ + HP)
+        t = forward_intermediates(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
+                                  pad_key=pad_key, scale=scale, compute_dtype=cd, row_range=(lo, hi))
+        future, s0, c, probs, a1, a, kc, vc = t.future, t.s0, t.c, t.probs, t.a1, t.a, t.k, t.v
         slab_rows = torch.arange(lo, hi, device=q.device)
-        future = (cols[None, :] > slab_rows[:, None]) if causal else torch.zeros(
-            hi - lo, L, dtype=torch.bool, device=q.device)
         own = ((slab_rows >= r0) & (slab_rows < r1))[:, None]      # this chunk's rows
         mine = slice(r0 - lo, r1 - lo)
-
-        # forward on the slab
-        s0 = torch.matmul(qc[:, :, lo:hi], kc.transpose(-1, -2)) * scale
-        if pre_conv is not None:
-            s0 = s0.masked_fill(future, 0.0)
-        c = key_query_conv(s0, pre_conv.to(cd), pad_key) if pre_conv is not None else s0
-        m = mix_heads(c, pre_mix.to(cd)) if pre_mix is not None else c
-        probs = torch.softmax(m.masked_fill(future, float("-inf")).to(softmax_dtype), dim=-1).to(cd)
-        a1 = probs
-        if post_conv is not None:
-            a1 = key_query_conv(probs, post_conv.to(cd), pad_key).masked_fill(future, 0.0)
-        a = mix_heads(a1, post_mix.to(cd)) if post_mix is not None else a1
 
         # backward on the slab
         do_slab = dout[:, :, lo:hi]
@@ -98,7 +82,7 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
             ds = key_query_conv_input_grad(dc, pre_conv, pad_key).masked_fill(future, 0.0)
         ds = ds[:, :, mine]
         dq[:, :, r0:r1] = torch.matmul(ds, kc) * scale
-        dk += torch.matmul(ds.transpose(-1, -2), qc[:, :, r0:r1]) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), t.q[:, :, mine]) * scale
 
     dk = dk.view(B, Hkv, rep, L, D).sum(2)
     dv = dv.view(B, Hkv, rep, L, D).sum(2)

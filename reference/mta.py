@@ -44,13 +44,14 @@ def mix_heads(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class Intermediates(NamedTuple):
-    """Every materialized tensor of the forward, (B, H, L, L) unless noted, in compute dtype."""
+    """Every materialized tensor of the forward, (B, H, R, L) for the R = hi - lo query rows
+    computed (all L unless a row range was asked for), in compute dtype."""
 
     problem: Problem
-    q: torch.Tensor        # (B, H, L, D)
+    q: torch.Tensor        # (B, H, R, D): the computed rows of q
     k: torch.Tensor        # (B, H, L, D): kv heads repeated for GQA
     v: torch.Tensor        # (B, H, L, D)
-    future: torch.Tensor   # (L, L) bool; all False when not causal
+    future: torch.Tensor   # (R, L) bool; all False when not causal
     s0: torch.Tensor       # scaled scores, zeroed on the future when pre_conv is given
     c: torch.Tensor        # after the pre-softmax conv (s0 without it)
     m: torch.Tensor        # after the pre-softmax mixing (c without it)
@@ -60,16 +61,24 @@ class Intermediates(NamedTuple):
 
 
 def forward_intermediates(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix=None, *,
-                          causal=True, pad_key="both", scale=None,
-                          compute_dtype=torch.float32) -> Intermediates:
-    """The forward of spec section 2, step by step; see ``mta_attention`` for the arguments."""
+                          causal=True, pad_key="both", scale=None, compute_dtype=torch.float32,
+                          row_range=None) -> Intermediates:
+    """The forward of spec section 2, step by step; see ``mta_attention`` for the arguments.
+
+    row_range=(lo, hi) computes only query rows lo..hi-1 of every tensor. The convs then
+    read zeros above row lo, so a result row i is exact only from lo + (cq-1) (pre conv) or
+    lo + (cq-1) + (cq'-1) (post conv) on, unless lo = 0: callers ask for that halo."""
     p = validate(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
+    lo, hi = row_range or (0, p.L)
     cd = compute_dtype
     rep = p.H // p.Hkv
-    qc = q.to(cd)
+    qc = q[:, :, lo:hi].to(cd)
     kc = k.to(cd).repeat_interleave(rep, dim=1)
     vc = v.to(cd).repeat_interleave(rep, dim=1)
-    future = future_mask(p.L, q.device) if causal else torch.zeros(p.L, p.L, dtype=torch.bool, device=q.device)
+    rows = torch.arange(lo, hi, device=q.device)
+    future = rows[:, None] < torch.arange(p.L, device=q.device)[None, :]
+    if not causal:
+        future = torch.zeros_like(future)
 
     s0 = torch.matmul(qc, kc.transpose(-1, -2)) * p.scale
     if pre_conv is not None:

@@ -166,3 +166,24 @@ def test_long_sequence_runs():
     extra = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
     assert torch.isfinite(out).all()
     assert extra < 2 * 2**30, f"{extra / 2**30:.2f} GiB beyond inputs and output"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("parts", [{}, dict(pre_mix=16, post_mix=16), PAPER], ids=["none", "talking-heads", "full"])
+def test_longest_sequence_last_rows(parts):
+    """L = 65536 (offsets past int32 range in the scores' index space): the last 64 rows
+    against the reference computed on those rows only (with the convs' halo above them)."""
+    from mta_reference.mta import forward_intermediates
+
+    case = Case(H=16, L=65536, D=128, **parts)
+    q, k, v, *w = make_inputs(case, torch.bfloat16, "cuda")
+    out = mta_kernels.mta_attention(q, k, v, *w)
+    L, rows = case.L, 64
+    lo = L - rows - 10 * ("pre_conv" in parts)
+
+    def reference_rows(dtype):
+        t = forward_intermediates(q, k, v, *w, compute_dtype=dtype, row_range=(lo, L))
+        return torch.matmul(t.a, t.v)[:, :, -rows:]
+
+    check_rule("out[-64:]", out[:, :, -rows:], reference_rows(torch.float32), reference_rows(torch.bfloat16),
+               torch.bfloat16)
