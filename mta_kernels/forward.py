@@ -60,12 +60,24 @@ def _frame(length: int, halo: int) -> int:
     return max(16, min(size, _next_pow2(length + halo)))
 
 
+def keys_convolved(k, w, H, pad_key, dtype):
+    """K~ (B, H, cq, L, D) in ``dtype``: K~[b, h, a, j] = sum_t w[h, a, t] k[b, kv(h), j + t - pL],
+    zero outside [0, L). Off the causal band the pre conv of the scores is
+    sum_a q[i - (cq-1-a)] . K~[a, j] (design note: pre-softmax conv as one matmul)."""
+    H_, cq, ck = w.shape
+    pL = left_pad(ck, pad_key)
+    keys = k.repeat_interleave(H // k.shape[1], dim=1).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    windows = torch.nn.functional.pad(keys, (0, 0, pL, ck - 1 - pL)).unfold(2, ck, 1)   # (B, H, L, D, ck)
+    return torch.einsum("bhldt,hat->bhald", windows, w.to(keys.dtype)).to(dtype).contiguous()
+
+
 def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale, config=None):
     """Fused MTA forward. q: (B, H, L, D); k, v: (B, Hkv, L, D). Returns (out, lse):
     out (B, H, L, D) in q's dtype and lse (B, H, L) in acc_dtype(q), the log-sum-exp of each row of
     masked (pre-conv, pre-mix) logits. The backward needs lse to rebuild P = exp(M - lse)
     tile by tile without another statistics pass. config: optional dict overriding the
-    general kernel's RF, W and num_warps, or forcing it with general=True (for tuning)."""
+    general kernel's RF, W and num_warps, forcing it with general=True, or ktilde=True for
+    the matmul form of the pre conv off the causal band (experimental; for tuning)."""
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     dev = q.device
@@ -102,6 +114,8 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     DP = max(16, _next_pow2(D))
     DV = min(DP, 64)
     conv_prec = _precision(q)
+    use_ktilde = bool(config and config.get("ktilde")) and pre_conv is not None
+    ktilde = keys_convolved(k, pre_conv, H, pad_key, q.dtype) if use_ktilde else torch.zeros(1, device=dev)
 
     lse = torch.empty(B, H, L, device=dev, dtype=acc)
     m_run = torch.full((B, H, L), float("-inf"), device=dev, dtype=acc)
@@ -111,7 +125,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     n_head_blocks = H // NH
 
     common = dict(
-        CAUSAL=causal, PRE_CONV=pre_conv is not None, PRE_MIX=pre_mix is not None,
+        CAUSAL=causal, USE_KTILDE=use_ktilde, PRE_CONV=pre_conv is not None, PRE_MIX=pre_mix is not None,
         POST_CONV=post_conv is not None, POST_MIX=post_mix is not None,
         CQ_PRE=cq_pre, CK_PRE=ck_pre, PL_PRE=pl_pre, CQ_POST=cq_post, CK_POST=ck_post, PL_POST=pl_post,
         NH=NH, NHP=NHP, RF=RF, W=W, DP=DP, DV=DV, MIX_CHUNK=min(RF * W, 1024),
@@ -122,7 +136,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
         grid = (triton.cdiv(L, rows_per_prog), B * n_head_blocks)
         scratch = torch.empty(grid[0] * grid[1] * (2 * NH + 2) * RF * W, device=dev, dtype=acc)
         mta_fwd_kernel[grid](
-            q, k, v, lse, m_run, l_run, o_acc, scratch, w_pre, mix_pre, w_post, mix_post,
+            q, k, v, lse, m_run, l_run, o_acc, scratch, ktilde, w_pre, mix_pre, w_post, mix_post,
             *q.stride(), *k.stride(), *v.stride(),
             H, H // Hkv, L, D, scale, rows_per_prog, n_head_blocks,
             IS_STATS=is_stats, **common)

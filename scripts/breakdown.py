@@ -22,11 +22,14 @@ variants = {
     "pre_mix": dict(pre_mix=mix), "post_mix": dict(post_mix=mix), "both mixes": dict(pre_mix=mix, post_mix=mix),
     "both convs": dict(pre_conv=conv, post_conv=conv), "full": dict(pre_conv=conv, pre_mix=mix, post_conv=conv, post_mix=mix),
 }
-for name, parts in variants.items():
+runs = [(name, parts, {"general": True}) for name, parts in variants.items()]
+# the experimental matmul form of the pre conv (K~), off the causal band
+runs += [(name + " K~", variants[name], {"general": True, "ktilde": True}) for name in ("pre_conv", "both convs", "full")]
+for name, parts, cfg in runs:
     w = [parts.get(n) for n in ("pre_conv", "pre_mix", "post_conv", "post_mix")]
     short = [x[:, :, :512] for x in (q, k, v)]
-    out, _ = mta_forward(*short, *w, True, "both", scale, {"general": True})
+    out, _ = mta_forward(*short, *w, True, "both", scale, cfg)
     err = (out.float() - R.mta_attention(*short, *w).float()).abs().max().item()
-    t = triton.testing.do_bench(lambda: mta_forward(q, k, v, *w, True, "both", scale, {"general": True}),
+    t = triton.testing.do_bench(lambda: mta_forward(q, k, v, *w, True, "both", scale, cfg),
                                 warmup=25, rep=200, return_mode="median")
-    print(f"general kernel, {name:10s}: {t:8.3f} ms = {t / t_sdpa:6.1f}x sdpa (max err at L=512 {err:.1e})", flush=True)
+    print(f"general kernel, {name:13s}: {t:8.3f} ms = {t / t_sdpa:6.1f}x sdpa (max err at L=512 {err:.1e})", flush=True)

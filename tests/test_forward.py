@@ -187,3 +187,30 @@ def test_longest_sequence_last_rows(parts):
 
     check_rule("out[-64:]", out[:, :, -rows:], reference_rows(torch.float32), reference_rows(torch.bfloat16),
                torch.bfloat16)
+
+
+KTILDE_CASES = [
+    Case(L=150, D=16, pre_conv=(3, 5), post_conv=(2, 3)),
+    Case(B=2, H=4, Hkv=2, L=150, D=24, pre_conv=(3, 4), pre_mix=2, pad_key="left"),
+    Case(L=100, D=16, pre_conv=(2, 4), causal=False, pad_key="right"),
+    Case(L=200, D=16, pre_conv=(6, 11), pre_mix=4, post_conv=(6, 11), post_mix=4),
+]
+
+
+@pytest.mark.parametrize("case", KTILDE_CASES, ids=lambda c: c.id)
+def test_ktilde_pre_conv_path(case, device, monkeypatch):
+    """The experimental matmul form of the pre conv (config ktilde=True) gives the reference's
+    answer, and the tiles off the causal band really take it (a wrong K~ changes the result)."""
+    from mta_kernels import forward
+
+    q, k, v, *w = make_inputs(case, torch.float32, device)
+    opts = dict(causal=case.causal, pad_key=case.pad_key)
+    out, _ = forward.mta_forward(q, k, v, *w, case.causal, case.pad_key, case.D ** -0.5, {"ktilde": True})
+    ref = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float64, **opts)
+    low = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float32, **opts)
+    check_rule("out", out, ref, low, torch.float32)
+
+    monkeypatch.setattr(forward, "keys_convolved", lambda k, *a: torch.zeros(
+        k.shape[0], case.H, case.pre_conv[0], case.L, case.D, device=k.device))
+    broken, _ = forward.mta_forward(q, k, v, *w, case.causal, case.pad_key, case.D ** -0.5, {"ktilde": True})
+    assert not torch.allclose(broken, out)
