@@ -76,8 +76,9 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     out (B, H, L, D) in q's dtype and lse (B, H, L) in acc_dtype(q), the log-sum-exp of each row of
     masked (pre-conv, pre-mix) logits. The backward needs lse to rebuild P = exp(M - lse)
     tile by tile without another statistics pass. config: optional dict overriding the
-    general kernel's RF, W and num_warps, forcing it with general=True, or ktilde=True for
-    the matmul form of the pre conv off the causal band (experimental; for tuning)."""
+    general kernel's RF, W and num_warps, forcing it with general=True, ktilde=True for the
+    matmul form of the pre conv off the causal band, or shift_dot=True for row shifts as
+    dots instead of scratch round trips (both experimental; for tuning)."""
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     dev = q.device
@@ -125,7 +126,8 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     n_head_blocks = H // NH
 
     common = dict(
-        CAUSAL=causal, USE_KTILDE=use_ktilde, PRE_CONV=pre_conv is not None, PRE_MIX=pre_mix is not None,
+        CAUSAL=causal, USE_KTILDE=use_ktilde, SHIFT_DOT=bool(config and config.get("shift_dot")),
+        PRE_CONV=pre_conv is not None, PRE_MIX=pre_mix is not None,
         POST_CONV=post_conv is not None, POST_MIX=post_mix is not None,
         CQ_PRE=cq_pre, CK_PRE=ck_pre, PL_PRE=pl_pre, CQ_POST=cq_post, CK_POST=ck_post, PL_POST=pl_post,
         NH=NH, NHP=NHP, RF=RF, W=W, DP=DP, DV=DV, MIX_CHUNK=min(RF * W, 1024),

@@ -44,20 +44,28 @@ def _toeplitz(w_head, a, CK: tl.constexpr, W: tl.constexpr):
 
 @triton.jit
 def _conv_frame(x, slot, w_head, CQ: tl.constexpr, CK: tl.constexpr,
-                RF: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr):
+                RF: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr, SHIFT_DOT: tl.constexpr):
     """Key-query conv of one head's [RF, W] frame x; returns out[f, m] =
     sum_{a,t} w[a,t] x[f + a - (CQ-1), m + t] (frame rows above 0 read as zero).
-    The row shift goes through the scratch ``slot`` of RF*W floats."""
+    The row shift goes through the scratch ``slot`` of RF*W floats, or with SHIFT_DOT
+    (experimental) through a dot with a 0/1 shift matrix, which needs no scratch and no
+    barrier."""
     f = tl.arange(0, RF)
     m = tl.arange(0, W)
-    tl.debug_barrier()  # earlier readers of slot are done
-    tl.store(slot + f[:, None] * W + m[None, :], x)
-    tl.debug_barrier()
     out = tl.zeros([RF, W], dtype=slot.dtype.element_ty)
-    for a in range(CQ):
-        src = f - (CQ - 1 - a)
-        xa = tl.load(slot + src[:, None] * W + m[None, :], mask=src[:, None] >= 0, other=0.0)
-        out += tl.dot(xa, _toeplitz(w_head, a, CK, W), input_precision=PREC)
+    if SHIFT_DOT:
+        for a in range(CQ):
+            shift = (f[:, None] - (CQ - 1 - a) == f[None, :]).to(x.dtype)   # [RF, RF]: row f reads row f-s
+            xa = tl.dot(shift, x, input_precision=PREC)
+            out += tl.dot(xa, _toeplitz(w_head, a, CK, W), input_precision=PREC)
+    else:
+        tl.debug_barrier()  # earlier readers of slot are done
+        tl.store(slot + f[:, None] * W + m[None, :], x)
+        tl.debug_barrier()
+        for a in range(CQ):
+            src = f - (CQ - 1 - a)
+            xa = tl.load(slot + src[:, None] * W + m[None, :], mask=src[:, None] >= 0, other=0.0)
+            out += tl.dot(xa, _toeplitz(w_head, a, CK, W), input_precision=PREC)
     return out
 
 
@@ -82,7 +90,7 @@ def _mix_frames(src, dst, w_block, NH: tl.constexpr, NHP: tl.constexpr,
 def _scores_conv(q_base, k_base, sql, sqd, skl, skd, w_pre_head, slot_pre, rows, cols_s, L, D, scale,
                  CAUSAL: tl.constexpr, PRE_CONV: tl.constexpr, CQ_PRE: tl.constexpr,
                  CK_PRE: tl.constexpr, RF: tl.constexpr, W: tl.constexpr, DP: tl.constexpr,
-                 QK_PREC: tl.constexpr, CONV_PREC: tl.constexpr):
+                 QK_PREC: tl.constexpr, CONV_PREC: tl.constexpr, SHIFT_DOT: tl.constexpr):
     """The scores S on the frame, and with pre_conv their conv after zeroing the future."""
     dims = tl.arange(0, DP)
     q = _load_rows(q_base, rows, dims, sql, sqd, L, D)      # [RF, DP]
@@ -91,7 +99,7 @@ def _scores_conv(q_base, k_base, sql, sqd, skl, skd, w_pre_head, slot_pre, rows,
     if PRE_CONV:
         if CAUSAL:
             s = tl.where(cols_s[None, :] > rows[:, None], 0.0, s)
-        s = _conv_frame(s, slot_pre, w_pre_head, CQ_PRE, CK_PRE, RF, W, CONV_PREC)
+        s = _conv_frame(s, slot_pre, w_pre_head, CQ_PRE, CK_PRE, RF, W, CONV_PREC, SHIFT_DOT)
     return s
 
 
@@ -117,7 +125,7 @@ def _pre_logits(q_base, k_base, kt_base, sql, sqd, skl, skd, w_pre_head, slot_pr
                 CAUSAL: tl.constexpr, PRE_CONV: tl.constexpr, USE_KTILDE: tl.constexpr,
                 CQ_PRE: tl.constexpr, CK_PRE: tl.constexpr, PL_PRE: tl.constexpr,
                 RF: tl.constexpr, W: tl.constexpr, DP: tl.constexpr,
-                QK_PREC: tl.constexpr, CONV_PREC: tl.constexpr):
+                QK_PREC: tl.constexpr, CONV_PREC: tl.constexpr, SHIFT_DOT: tl.constexpr):
     """One head's pre-softmax logits on the frame, before head mixing: the C frame
     (conv of the future-zeroed scores) or, without pre_conv, the scores S.
 
@@ -133,10 +141,10 @@ def _pre_logits(q_base, k_base, kt_base, sql, sqd, skl, skd, w_pre_head, slot_pr
             s = _ktilde_conv(q_base, kt_base, sql, sqd, rows, cols_c, L, D, scale, CQ_PRE, RF, W, DP, QK_PREC)
         else:
             s = _scores_conv(q_base, k_base, sql, sqd, skl, skd, w_pre_head, slot_pre, rows, cols_s, L, D,
-                             scale, CAUSAL, PRE_CONV, CQ_PRE, CK_PRE, RF, W, DP, QK_PREC, CONV_PREC)
+                             scale, CAUSAL, PRE_CONV, CQ_PRE, CK_PRE, RF, W, DP, QK_PREC, CONV_PREC, SHIFT_DOT)
     else:
         s = _scores_conv(q_base, k_base, sql, sqd, skl, skd, w_pre_head, slot_pre, rows, cols_s, L, D,
-                         scale, CAUSAL, PRE_CONV, CQ_PRE, CK_PRE, RF, W, DP, QK_PREC, CONV_PREC)
+                         scale, CAUSAL, PRE_CONV, CQ_PRE, CK_PRE, RF, W, DP, QK_PREC, CONV_PREC, SHIFT_DOT)
     return s
 
 
@@ -146,7 +154,7 @@ def mta_fwd_kernel(
     w_pre_conv, w_pre_mix, w_post_conv, w_post_mix,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
     H, HKV_REP, L, D, scale, rows_per_prog, n_head_blocks,
-    IS_STATS: tl.constexpr, CAUSAL: tl.constexpr, USE_KTILDE: tl.constexpr,
+    IS_STATS: tl.constexpr, CAUSAL: tl.constexpr, USE_KTILDE: tl.constexpr, SHIFT_DOT: tl.constexpr,
     PRE_CONV: tl.constexpr, PRE_MIX: tl.constexpr, POST_CONV: tl.constexpr, POST_MIX: tl.constexpr,
     CQ_PRE: tl.constexpr, CK_PRE: tl.constexpr, PL_PRE: tl.constexpr,
     CQ_POST: tl.constexpr, CK_POST: tl.constexpr, PL_POST: tl.constexpr,
@@ -213,7 +221,7 @@ def mta_fwd_kernel(
                                 ktilde + (i_b * H + h) * (CQ_PRE * L * D),
                                 sql, sqd, skl, skd, w_pre_conv + h * (CQ_PRE * CK_PRE), slot_pre,
                                 rows, cols_s, L, D, scale, CAUSAL, PRE_CONV, USE_KTILDE, CQ_PRE, CK_PRE,
-                                PL_PRE, RF, W, DP, QK_PREC, CONV_PREC)
+                                PL_PRE, RF, W, DP, QK_PREC, CONV_PREC, SHIFT_DOT)
                 tl.store(slot_x + c * FRAME + f[:, None] * W + m[None, :], x)
             _mix_frames(slot_x, slot_y, w_pre_mix + i_hb * (NH * NH), NH, NHP, FRAME, MIX_CHUNK, CONV_PREC)
         for c in range(NH):
@@ -225,7 +233,7 @@ def mta_fwd_kernel(
                                      ktilde + (i_b * H + h) * (CQ_PRE * L * D),
                                      sql, sqd, skl, skd, w_pre_conv + h * (CQ_PRE * CK_PRE), slot_pre,
                                      rows, cols_s, L, D, scale, CAUSAL, PRE_CONV, USE_KTILDE, CQ_PRE, CK_PRE,
-                                     PL_PRE, RF, W, DP, QK_PREC, CONV_PREC)
+                                     PL_PRE, RF, W, DP, QK_PREC, CONV_PREC, SHIFT_DOT)
             keep = (cols_c[None, :] >= 0) & (cols_c[None, :] < L) & (m[None, :] < W_C)
             keep = keep & (rows[:, None] >= 0) & (rows[:, None] < L) & (f[:, None] >= HQ)
             if CAUSAL:
@@ -245,7 +253,7 @@ def mta_fwd_kernel(
                 p = tl.where(keep, tl.exp(logits - row_lse[:, None]), 0.0)
                 if POST_CONV:
                     p = _conv_frame(p, slot_post, w_post_conv + h * (CQ_POST * CK_POST),
-                                    CQ_POST, CK_POST, RF, W, CONV_PREC)
+                                    CQ_POST, CK_POST, RF, W, CONV_PREC, SHIFT_DOT)
                     if CAUSAL:
                         p = tl.where(cols_o[None, :] > rows[:, None], 0.0, p)
                 p = tl.where((m[None, :] < W_OUT) & (cols_o[None, :] < L), p, 0.0)

@@ -25,6 +25,9 @@ variants = {
 runs = [(name, parts, {"general": True}) for name, parts in variants.items()]
 # the experimental matmul form of the pre conv (K~), off the causal band
 runs += [(name + " K~", variants[name], {"general": True, "ktilde": True}) for name in ("pre_conv", "both convs", "full")]
+# ... and row shifts as 0/1 dots instead of scratch round trips
+runs += [(name + " shift", variants[name], {"general": True, "shift_dot": True}) for name in ("post_conv", "full")]
+runs += [("full K~+shift", variants["full"], {"general": True, "ktilde": True, "shift_dot": True})]
 for name, parts, cfg in runs:
     w = [parts.get(n) for n in ("pre_conv", "pre_mix", "post_conv", "post_mix")]
     short = [x[:, :, :512] for x in (q, k, v)]
@@ -32,4 +35,4 @@ for name, parts, cfg in runs:
     err = (out.float() - R.mta_attention(*short, *w).float()).abs().max().item()
     t = triton.testing.do_bench(lambda: mta_forward(q, k, v, *w, True, "both", scale, cfg),
                                 warmup=25, rep=200, return_mode="median")
-    print(f"general kernel, {name:13s}: {t:8.3f} ms = {t / t_sdpa:6.1f}x sdpa (max err at L=512 {err:.1e})", flush=True)
+    print(f"general kernel, {name:16s}: {t:8.3f} ms = {t / t_sdpa:6.1f}x sdpa (max err at L=512 {err:.1e})", flush=True)

@@ -198,6 +198,20 @@ KTILDE_CASES = [
 
 
 @pytest.mark.parametrize("case", KTILDE_CASES, ids=lambda c: c.id)
+def test_shift_dot_conv_path(case, device):
+    """The experimental row shift by 0/1 dots (config shift_dot=True) gives the reference's answer."""
+    from mta_kernels import forward
+
+    q, k, v, *w = make_inputs(case, torch.float32, device)
+    opts = dict(causal=case.causal, pad_key=case.pad_key)
+    for cfg in ({"shift_dot": True}, {"shift_dot": True, "ktilde": True}):
+        out, _ = forward.mta_forward(q, k, v, *w, case.causal, case.pad_key, case.D ** -0.5, cfg)
+        ref = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float64, **opts)
+        low = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float32, **opts)
+        check_rule(f"out {cfg}", out, ref, low, torch.float32)
+
+
+@pytest.mark.parametrize("case", KTILDE_CASES, ids=lambda c: c.id)
 def test_ktilde_pre_conv_path(case, device, monkeypatch):
     """The experimental matmul form of the pre conv (config ktilde=True) gives the reference's
     answer, and the tiles off the causal band really take it (a wrong K~ changes the result)."""
@@ -214,3 +228,18 @@ def test_ktilde_pre_conv_path(case, device, monkeypatch):
         k.shape[0], case.H, case.pre_conv[0], case.L, case.D, device=k.device))
     broken, _ = forward.mta_forward(q, k, v, *w, case.causal, case.pad_key, case.D ** -0.5, {"ktilde": True})
     assert not torch.allclose(broken, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [{"ktilde": True}, {"shift_dot": True}, {"ktilde": True, "shift_dot": True}],
+                         ids=["ktilde", "shift_dot", "both"])
+def test_experimental_general_paths_gpu(cfg):
+    """The tuning options of the general kernel compile on the GPU and keep the reference's answer."""
+    from mta_kernels import forward
+
+    case = Case(H=16, L=2048, D=128, **PAPER)
+    q, k, v, *w = make_inputs(case, torch.bfloat16, "cuda")
+    out, _ = forward.mta_forward(q, k, v, *w, True, "both", case.D ** -0.5, cfg)
+    ref = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float32)
+    low = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.bfloat16)
+    check_rule("out", out, ref, low, torch.bfloat16)
