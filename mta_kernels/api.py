@@ -50,6 +50,8 @@ def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix
     pre_mix, post_mix: (G, ch, ch) head mixing, W[g, out, in], H = G * ch.
     Each part is optional; with none this is plain softmax attention.
     Returns (B, H, L, D) in q's dtype. See shared spec section 2 for the index-by-index math.
+    Differentiable in q, k, v and every weight; mta_kernels/ops.py says which backward runs
+    for which parts. fp64 inputs are accepted too (fp64 accumulators; for gradchecks).
     """
     p = validate(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
     _check_backend(q, p.D)
