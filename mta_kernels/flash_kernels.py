@@ -40,7 +40,7 @@ def flash_fwd_kernel(
     PREC: tl.constexpr,
 ):
     """q: (B, H, L, D); k, v: (B, H // HKV_REP, L, D); out: (B, H, L, D) in q's dtype;
-    lse: (B, H, L) fp32, natural-log log-sum-exp of each row's scaled logits."""
+    lse: (B, H, L) fp32 (fp64 for fp64 inputs), natural-log log-sum-exp of each row's scaled logits."""
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
