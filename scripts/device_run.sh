@@ -12,8 +12,8 @@ export PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
 RES=/tmp/results
-# The tree arrives without .git: scripts/device_commit (git-ignored, so name it in the
-# device call's carry list) holds the commit it was sent from.
+# The tree arrives without .git: before the call, `git rev-parse --short HEAD >
+# scripts/device_commit` (git-ignored, so name it in the device call's carry list).
 export MTA_BENCH_COMMIT=$(cat scripts/device_commit 2>/dev/null || echo unknown)
 mkdir -p "$RES"
 for step in "$@"; do
