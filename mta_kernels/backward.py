@@ -80,9 +80,10 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale):
     mta_mix_bwd_row_kernel[(n_rows, B * n_blocks)](
         q, k, v, grad_out, lse, delta, dq, dw_pre, dw_post, w_pre, w_post, *strides,
         H, H // Hkv, L, D, scale, n_blocks, **common)
-    mta_mix_bwd_col_kernel[(triton.cdiv(L, BN), B * n_blocks)](
-        q, k, v, grad_out, lse, delta, dk_heads, dv_heads, w_pre, w_post, *strides,
-        H, H // Hkv, L, D, scale, n_blocks, **common)
+    for grad_k, dkv in ((True, dk_heads), (False, dv_heads)):
+        mta_mix_bwd_col_kernel[(triton.cdiv(L, BN), B * n_blocks)](
+            q, k, v, grad_out, lse, delta, dkv, w_pre, w_post, *strides,
+            H, H // Hkv, L, D, scale, n_blocks, GRAD_K=grad_k, **common)
     rep = H // Hkv
     dk = dk_heads.view(B, Hkv, rep, L, D).sum(2)
     dv = dv_heads.view(B, Hkv, rep, L, D).sum(2)

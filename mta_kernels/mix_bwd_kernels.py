@@ -10,7 +10,8 @@ With S = scale q k^T, M = pre_mix(S), P = softmax(M), A = post_mix(P), O = A v:
 
 Delta needs the whole row of dP (O is not P v here), so the row kernel walks the keys twice:
 once for Delta, once for dq and the weight-gradient partials. The column kernel recomputes
-the tiles key block by key block for dk and dv, so no atomics are needed and the results are
+the tiles key block by key block, launched once for dk and once for dv (two [16, BN, D]
+fp32 accumulators would not fit in registers), so no atomics are needed and the results are
 deterministic; dk and dv come out per query head and the host sums the GQA groups.
 """
 import triton
@@ -37,9 +38,10 @@ def _outer_heads(x, y, NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PR
 def _tile_grads(b_q, b_do, b_k, b_v, rows, cols, heads_ok, b_lse, w_pre, w_post, scale, L,
                 CAUSAL: tl.constexpr, PRE_MIX: tl.constexpr, POST_MIX: tl.constexpr,
                 NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr):
+                MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr, WANT_DP: tl.constexpr = True):
     """Recompute one [NHP, BM, BN] tile and return (S, P, A, dA, dP): the scaled scores, the
-    probabilities, the mixed probabilities, dO v^T and the adjoint of the post mix."""
+    probabilities, the mixed probabilities, dO v^T and the adjoint of the post mix
+    (dA and dP are zeros unless WANT_DP)."""
     b_s = tl.dot(b_q, tl.permute(b_k, (0, 2, 1)), input_precision=DOT_PREC) * scale
     b_m = b_s
     if PRE_MIX:
@@ -51,10 +53,13 @@ def _tile_grads(b_q, b_do, b_k, b_v, rows, cols, heads_ok, b_lse, w_pre, w_post,
     b_a = b_p
     if POST_MIX:
         b_a = _mix(w_post, b_p, NHP, BM, BN, MIX_PREC)
-    b_da = tl.dot(b_do, tl.permute(b_v, (0, 2, 1)), input_precision=DOT_PREC)
+    b_da = tl.zeros_like(b_s)
     b_dp = b_da
-    if POST_MIX:
-        b_dp = _mix_t(w_post, b_da, NHP, BM, BN, MIX_PREC)
+    if WANT_DP:
+        b_da = tl.dot(b_do, tl.permute(b_v, (0, 2, 1)), input_precision=DOT_PREC)
+        b_dp = b_da
+        if POST_MIX:
+            b_dp = _mix_t(w_post, b_da, NHP, BM, BN, MIX_PREC)
     return b_s, b_p, b_a, b_da, b_dp
 
 
@@ -130,15 +135,16 @@ def mta_mix_bwd_row_kernel(
 
 @triton.jit
 def mta_mix_bwd_col_kernel(
-    q, k, v, dout, lse, delta, dk, dv, w_pre_mix, w_post_mix,
+    q, k, v, dout, lse, delta, dkv, w_pre_mix, w_post_mix,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
     H, HKV_REP, L, D, scale, n_head_blocks,
-    CAUSAL: tl.constexpr, PRE_MIX: tl.constexpr, POST_MIX: tl.constexpr,
+    GRAD_K: tl.constexpr, CAUSAL: tl.constexpr, PRE_MIX: tl.constexpr, POST_MIX: tl.constexpr,
     NH: tl.constexpr, NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """For BN keys of a head block: dk, dv (B, H, L, D) fp32 per *query* head (the host sums
-    the query heads that share a kv head)."""
+    """For BN keys of a head block: dk (GRAD_K) or dv, (B, H, L, D) fp32 per *query* head
+    (the host sums the query heads that share a kv head). One gradient per launch keeps a
+    single [NHP, BN, DP] accumulator in registers."""
     i_n = tl.program_id(0)
     i_bh, i_b, i_hb, hh, head_ok, heads, kv_heads = _head_block(n_head_blocks, HKV_REP, NH, NHP)
     cols = i_n * BN + tl.arange(0, BN)
@@ -148,8 +154,7 @@ def mta_mix_bwd_col_kernel(
     b_v = _load_heads(v + i_b * svb, kv_heads, svh, cols, dims, svl, svd, head_ok, L, D)
     w_pre = _load_block_weight(w_pre_mix, i_hb, hh, head_ok, NH)
     w_post = _load_block_weight(w_post_mix, i_hb, hh, head_ok, NH)
-    b_dk = tl.zeros([NHP, BN, DP], dtype=dk.dtype.element_ty)
-    b_dv = tl.zeros([NHP, BN, DP], dtype=dk.dtype.element_ty)
+    b_acc = tl.zeros([NHP, BN, DP], dtype=dkv.dtype.element_ty)
     lo = 0
     if CAUSAL:
         lo = (i_n * BN // BM) * BM
@@ -159,18 +164,21 @@ def mta_mix_bwd_col_kernel(
         b_do = _load_heads(dout + i_b * sdb, heads, sdh, rows, dims, sdl, sdd, head_ok, L, D)
         stat_ptrs, stat_ok = _row_stats(H, L, i_b, heads, rows, head_ok)
         b_lse = tl.load(lse + stat_ptrs, mask=stat_ok, other=0.0)
-        b_delta = tl.load(delta + stat_ptrs, mask=stat_ok, other=0.0)
         _, b_p, b_a, _, b_dp = _tile_grads(b_q, b_do, b_k, b_v, rows, cols, head_ok, b_lse,
                                            w_pre, w_post, scale, L, CAUSAL, PRE_MIX, POST_MIX,
-                                           NHP, BM, BN, MIX_PREC, DOT_PREC)
-        b_ds = b_p * (b_dp - b_delta[:, :, None])
-        if PRE_MIX:
-            b_ds = _mix_t(w_pre, b_ds, NHP, BM, BN, MIX_PREC)
-        b_dk += tl.dot(tl.permute(b_ds, (0, 2, 1)).to(b_q.dtype), b_q, input_precision=DOT_PREC)
-        b_dv += tl.dot(tl.permute(b_a, (0, 2, 1)).to(b_do.dtype), b_do, input_precision=DOT_PREC)
+                                           NHP, BM, BN, MIX_PREC, DOT_PREC, GRAD_K)
+        if GRAD_K:
+            b_delta = tl.load(delta + stat_ptrs, mask=stat_ok, other=0.0)
+            b_ds = b_p * (b_dp - b_delta[:, :, None])
+            if PRE_MIX:
+                b_ds = _mix_t(w_pre, b_ds, NHP, BM, BN, MIX_PREC)
+            b_acc += tl.dot(tl.permute(b_ds, (0, 2, 1)).to(b_q.dtype), b_q, input_precision=DOT_PREC)
+        else:
+            b_acc += tl.dot(tl.permute(b_a, (0, 2, 1)).to(b_do.dtype), b_do, input_precision=DOT_PREC)
 
     offs = ((i_b * H + heads[:, None, None]) * L * D + cols[None, :, None].to(tl.int64) * D
             + dims[None, None, :])
     mask = head_ok[:, None, None] & (cols[None, :, None] < L) & (dims[None, None, :] < D)
-    tl.store(dk + offs, b_dk * scale, mask=mask)
-    tl.store(dv + offs, b_dv, mask=mask)
+    if GRAD_K:
+        b_acc = b_acc * scale
+    tl.store(dkv + offs, b_acc, mask=mask)
