@@ -15,6 +15,7 @@ the H200 for plain attention). The interim chunked backward uses PyTorch's convo
 gradients, which are deterministic on CUDA only under
 ``torch.use_deterministic_algorithms(True)``.
 """
+import contextlib
 from typing import List, Optional, Tuple
 
 import torch
@@ -35,13 +36,19 @@ def _kernel_scale(q: Tensor, scale: float):
     return q, scale
 
 
+def _on_device(x: Tensor):
+    """Triton launches on the current CUDA device: make it x's (a no-op on the CPU)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("mta_kernels::mta_fwd", mutates_args=())
 def mta_fwd(q: Tensor, k: Tensor, v: Tensor, pre_conv: Optional[Tensor], pre_mix: Optional[Tensor],
             post_conv: Optional[Tensor], post_mix: Optional[Tensor], causal: bool, pad_key: str,
             scale: float) -> Tuple[Tensor, Tensor]:
     """(out (B, H, L, D) in q's dtype, lse (B, H, L) fp32; fp64 for fp64 inputs)."""
     q, scale = _kernel_scale(q, scale)
-    return mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
+    with _on_device(q):
+        return mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
 
 
 @mta_fwd.register_fake
@@ -60,19 +67,26 @@ def mta_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pre_conv: Optiona
     inputs = (q, k, v, pre_conv, pre_mix, post_conv, post_mix)
     if not any(need and x is not None for need, x in zip(needs_grad, inputs)):
         return [q.new_empty(0) for _ in inputs]
+    with _on_device(q):
+        grads = _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse,
+                                causal, pad_key, scale)
+    return [g.contiguous() if need and g is not None else q.new_empty(0)
+            for g, need in zip(grads, needs_grad)]
+
+
+def _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse, causal, pad_key, scale):
+    """The seven gradients (None for absent weights) from the fastest exact path available."""
+    inputs = (q, k, v, pre_conv, pre_mix, post_conv, post_mix)
     q_k, scale_k = _kernel_scale(q, scale)
     if all(w is None for w in inputs[3:]):
         dq, dk, dv = flash_backward(grad_out, q_k, k, v, out, lse, causal, scale_k)
-        grads = (dq * (scale / scale_k), dk, dv, None, None, None, None)
-    elif backward.FUSED_MIX_BACKWARD and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix):
+        return dq * (scale / scale_k), dk, dv, None, None, None, None
+    if backward.FUSED_MIX_BACKWARD and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix):
         dq, dk, dv, d_pre_mix, d_post_mix = backward.mix_backward(
             grad_out, q_k, k, v, pre_mix, post_mix, lse, causal, scale_k)
-        grads = (dq * (scale / scale_k), dk, dv, None, d_pre_mix, None, d_post_mix)
-    else:
-        grads = chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
-                                 causal=causal, pad_key=pad_key, scale=scale, compute_dtype=acc_dtype(q))
-    return [g.contiguous() if need and g is not None else q.new_empty(0)
-            for g, need in zip(grads, needs_grad)]
+        return dq * (scale / scale_k), dk, dv, None, d_pre_mix, None, d_post_mix
+    return chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
+                            causal=causal, pad_key=pad_key, scale=scale, compute_dtype=acc_dtype(q))
 
 
 @mta_bwd.register_fake
