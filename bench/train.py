@@ -372,24 +372,21 @@ def _providers(text):
     return items
 
 
-def _positive(text):
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
-    return n
+def _int_at_least(lowest, what):
+    """argparse type: an integer >= lowest, described as ``what`` in the error."""
+    def parse(text):
+        try:
+            n = int(text)
+        except ValueError:
+            n = lowest - 1
+        if n < lowest:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}")
+        return n
+    return parse
 
 
-def _non_negative(text):
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative integer")
-    return n
+_positive = _int_at_least(1, "a positive integer")
+_non_negative = _int_at_least(0, "a non-negative integer")
 
 
 def parse_args(argv):

@@ -1,13 +1,12 @@
 """Host side of the fused backward: plain attention, and (experimental) head mixing
 without convs."""
-import math
 import os
 
 import torch
 import triton
 
 from .flash_kernels import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
-from .forward import _group_size, _next_pow2, _precision, acc_dtype, block_diagonal_mix
+from .forward import _next_pow2, _precision, acc_dtype, block_mix_weights, heads_per_program
 from .mix_bwd_kernels import mta_mix_bwd_col_kernel, mta_mix_bwd_row_kernel
 
 # The fused talking-heads backward passes its tests under the Triton interpreter but has not
@@ -56,15 +55,13 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale):
     weights. Deterministic: no atomics; partial sums are reduced in a fixed order."""
     B, H, L, D = q.shape
     Hkv = k.shape[1]
-    NH = math.lcm(_group_size(pre_mix), _group_size(post_mix))
+    NH = heads_per_program(pre_mix, post_mix)
     NHP = max(16, _next_pow2(NH))
     DP = max(16, _next_pow2(D))
     BM = BN = 16
     dev = q.device
-    dummy = torch.zeros(1, device=dev)
     acc = acc_dtype(q)
-    w_pre = block_diagonal_mix(pre_mix, H, NH, acc) if pre_mix is not None else dummy
-    w_post = block_diagonal_mix(post_mix, H, NH, acc) if post_mix is not None else dummy
+    w_pre, w_post = block_mix_weights(pre_mix, post_mix, H, NH, acc, dev)
     n_blocks = H // NH
     n_rows = triton.cdiv(L, BM)
     delta = torch.empty(B, H, L, device=dev, dtype=acc)

@@ -20,7 +20,7 @@ def uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix) -> bool:
     register kernels of mix_kernels.py (and mix_bwd_kernels.py)."""
     if pre_conv is not None or post_conv is not None or (pre_mix is None and post_mix is None):
         return False
-    return math.lcm(_group_size(pre_mix), _group_size(post_mix)) >= MIN_REGISTER_MIX_HEADS
+    return heads_per_program(pre_mix, post_mix) >= MIN_REGISTER_MIX_HEADS
 
 
 def _precision(q) -> str:
@@ -40,6 +40,18 @@ def _next_pow2(x: int) -> int:
 
 def _group_size(w) -> int:
     return 1 if w is None else w.shape[1]
+
+
+def heads_per_program(pre_mix, post_mix) -> int:
+    """NH: a program holds whole mixing groups of both mixes, so the lcm of their sizes."""
+    return math.lcm(_group_size(pre_mix), _group_size(post_mix))
+
+
+def block_mix_weights(pre_mix, post_mix, H, NH, dtype, device):
+    """(pre, post) as (H // NH, NH, NH) block-diagonal weights; a placeholder where absent."""
+    def block(w):
+        return block_diagonal_mix(w, H, NH, dtype) if w is not None else torch.zeros(1, device=device)
+    return block(pre_mix), block(post_mix)
 
 
 def block_diagonal_mix(w: torch.Tensor, H: int, NH: int, dtype=torch.float32) -> torch.Tensor:
@@ -87,7 +99,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
         return flash_forward(q, k, v, causal, scale)
     if not general and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix):
         return mix_forward(q, k, v, pre_mix, post_mix, causal, scale)
-    NH = math.lcm(_group_size(pre_mix), _group_size(post_mix))
+    NH = heads_per_program(pre_mix, post_mix)
     NHP = max(16, _next_pow2(NH))
     acc = acc_dtype(q)
 
@@ -98,8 +110,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
 
     w_pre, cq_pre, ck_pre, pl_pre = conv_params(pre_conv)
     w_post, cq_post, ck_post, pl_post = conv_params(post_conv)
-    mix_pre = block_diagonal_mix(pre_mix, H, NH, acc) if pre_mix is not None else torch.zeros(1, device=dev)
-    mix_post = block_diagonal_mix(post_mix, H, NH, acc) if post_mix is not None else torch.zeros(1, device=dev)
+    mix_pre, mix_post = block_mix_weights(pre_mix, post_mix, H, NH, acc, dev)
 
     halo_rows = (cq_pre - 1) + (cq_post - 1)
     halo_cols = (ck_pre - 1) + (ck_post - 1)
@@ -170,13 +181,11 @@ def mix_forward(q, k, v, pre_mix, post_mix, causal, scale, config=None):
     """Head mixing without convs, all heads of a block in registers. Returns (out, lse).
     config: optional dict overriding BM, BN, num_warps, num_stages (for tuning)."""
     B, H, L, D = q.shape
-    NH = math.lcm(_group_size(pre_mix), _group_size(post_mix))
+    NH = heads_per_program(pre_mix, post_mix)
     NHP = max(16, _next_pow2(NH))
     dev = q.device
-    dummy = torch.zeros(1, device=dev)
     acc = acc_dtype(q)
-    mix_pre = block_diagonal_mix(pre_mix, H, NH, acc) if pre_mix is not None else dummy
-    mix_post = block_diagonal_mix(post_mix, H, NH, acc) if post_mix is not None else dummy
+    mix_pre, mix_post = block_mix_weights(pre_mix, post_mix, H, NH, acc, dev)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, L, device=dev, dtype=acc)
     DP = max(16, _next_pow2(D))
