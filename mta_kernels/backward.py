@@ -13,6 +13,10 @@ from .mix_bwd_kernels import mta_mix_bwd_col_kernel, mta_mix_bwd_row_kernel
 # yet been compiled and checked on a GPU; until it has, it runs only when asked for.
 FUSED_MIX_BACKWARD = os.environ.get("MTA_KERNELS_FUSED_MIX_BACKWARD", "0") == "1"
 
+# Launch configurations of the plain-attention backward (L > 32; shorter runs use one block).
+FLASH_DKDV_CONFIG = dict(BM=64, BN=64, num_warps=4, num_stages=2)
+FLASH_DQ_CONFIG = dict(BM=64, BN=64, num_warps=4, num_stages=2)
+
 
 def flash_backward(grad_out, q, k, v, out, lse, causal, scale):
     """Gradients of plain attention from the forward's out and lse (B, H, L) (natural log).
@@ -21,7 +25,9 @@ def flash_backward(grad_out, q, k, v, out, lse, causal, scale):
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     DP = max(16, _next_pow2(D))
-    BM = BN = 64 if L > 32 else max(16, _next_pow2(L))
+    small = max(16, _next_pow2(L))
+    dkdv_cfg = FLASH_DKDV_CONFIG if L > 32 else dict(FLASH_DKDV_CONFIG, BM=small, BN=small)
+    dq_cfg = FLASH_DQ_CONFIG if L > 32 else dict(FLASH_DQ_CONFIG, BM=small, BN=small)
     prec = _precision(q)
     dev = q.device
     acc = acc_dtype(q)
@@ -32,12 +38,12 @@ def flash_backward(grad_out, q, k, v, out, lse, causal, scale):
     dk = torch.empty(B, Hkv, L, D, device=dev, dtype=acc)
     dv = torch.empty(B, Hkv, L, D, device=dev, dtype=acc)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    flash_bwd_dkdv_kernel[(triton.cdiv(L, BN), B * Hkv)](
+    flash_bwd_dkdv_kernel[(triton.cdiv(L, dkdv_cfg["BN"]), B * Hkv)](
         q, k, v, grad_out, lse, delta, dk, dv, *strides, H, Hkv, L, D, scale,
-        CAUSAL=causal, BM=BM, BN=BN, DP=DP, PREC=prec, num_warps=4, num_stages=2)
-    flash_bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](
+        CAUSAL=causal, DP=DP, PREC=prec, **dkdv_cfg)
+    flash_bwd_dq_kernel[(triton.cdiv(L, dq_cfg["BM"]), B * H)](
         q, k, v, grad_out, lse, delta, dq, *strides, H, H // Hkv, L, D, scale,
-        CAUSAL=causal, BM=BM, BN=BN, DP=DP, PREC=prec, num_warps=4, num_stages=2)
+        CAUSAL=causal, DP=DP, PREC=prec, **dq_cfg)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

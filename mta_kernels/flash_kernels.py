@@ -136,10 +136,16 @@ def flash_bwd_dkdv_kernel(
             b_do = _load_rows(do_base, rows, dims, sdl, sdd, L, D)                # [BM, DP]
             b_lse = tl.load(lse + stat + rows, mask=rows < L, other=0.0)
             b_delta = tl.load(delta + stat + rows, mask=rows < L, other=0.0)
-            b_p, b_ds = _flash_bwd_tile(b_q, b_k, b_v, b_do, b_lse, b_delta, rows, cols, scale, L,
-                                        CAUSAL, PREC)
-            b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PREC)
-            b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PREC)
+            # transposed tile [BN, BM]: the key rows stay the dots' M dimension
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale
+            keep = (cols[:, None] < L) & (rows[None, :] < L)
+            if CAUSAL:
+                keep = keep & (cols[:, None] <= rows[None, :])
+            b_pt = tl.where(keep, tl.exp(b_st - b_lse[None, :]), 0.0)
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
     mask = (cols[:, None] < L) & (dims[None, :] < D)
     offs = (i_bkv * L + cols[:, None].to(tl.int64)) * D + dims[None, :]
     tl.store(dk + offs, b_dk * scale, mask=mask)

@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [mix] [full]   (all three without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mix] [full]   (all without arguments)"""
 import sys
 
 import torch
@@ -17,7 +17,7 @@ scale = D ** -0.5
 t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), return_mode="median")
 print(f"sdpa {t_sdpa:.3f} ms", flush=True)
 expect = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-which = set(sys.argv[1:]) or {"flash", "mix", "full"}
+which = set(sys.argv[1:]) or {"flash", "flashbwd", "mix", "full"}
 for cfg in [] if "flash" not in which else [dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3),
             dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=3),
             dict(BM=128, BN=64, num_warps=8, num_stages=2), dict(BM=128, BN=32, num_warps=4, num_stages=4)]:
@@ -28,6 +28,43 @@ for cfg in [] if "flash" not in which else [dict(BM=128, BN=64, num_warps=8, num
         print(f"flash {cfg}: {t:.3f} ms = {t / t_sdpa:.2f}x sdpa, max err vs sdpa {err:.2e}", flush=True)
     except Exception as e:  # a config may not fit (shared memory, registers)
         print(f"flash {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
+
+if "flashbwd" in which:
+    from mta_kernels import backward
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
+    o_sdpa = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+    t_sdpa_bwd = triton.testing.do_bench(lambda: torch.autograd.grad(o_sdpa, (qg, kg, vg), do, retain_graph=True),
+                                         return_mode="median")
+    ref_grads = torch.autograd.grad(o_sdpa, (qg, kg, vg), do)
+    out, lse = flash_forward(q, k, v, True, scale)
+    print(f"sdpa backward {t_sdpa_bwd:.3f} ms", flush=True)
+    # candidates without register spills on sm_90a (scripts/sm90_compile.py flash_bwd_sweep)
+    dkdv_cfgs = [dict(BM=32, BN=128, num_warps=8, num_stages=2), dict(BM=64, BN=64, num_warps=8, num_stages=2),
+                 dict(BM=32, BN=64, num_warps=4, num_stages=2), dict(BM=64, BN=32, num_warps=4, num_stages=2),
+                 dict(BM=128, BN=32, num_warps=8, num_stages=2), dict(BM=64, BN=64, num_warps=4, num_stages=2)]
+    dq_cfgs = [dict(BM=64, BN=64, num_warps=8, num_stages=2), dict(BM=128, BN=32, num_warps=8, num_stages=2),
+               dict(BM=32, BN=64, num_warps=4, num_stages=2), dict(BM=64, BN=32, num_warps=4, num_stages=2),
+               dict(BM=128, BN=64, num_warps=8, num_stages=2), dict(BM=64, BN=64, num_warps=4, num_stages=2)]
+    for name, cfgs in (("dkdv", dkdv_cfgs), ("dq", dq_cfgs)):
+        best = (float("inf"), None)
+        for cfg in cfgs:
+            if name == "dkdv":
+                backward.FLASH_DKDV_CONFIG = cfg
+            else:
+                backward.FLASH_DQ_CONFIG = cfg
+            try:
+                grads = backward.flash_backward(do, q, k, v, out, lse, True, scale)
+                err = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, ref_grads))
+                t = triton.testing.do_bench(lambda: backward.flash_backward(do, q, k, v, out, lse, True, scale),
+                                            return_mode="median")
+                best = min(best, (t, cfg), key=lambda x: x[0])
+                print(f"flash bwd {name} {cfg} (dkdv {backward.FLASH_DKDV_CONFIG}, dq {backward.FLASH_DQ_CONFIG}): "
+                      f"{t:.3f} ms = {t / t_sdpa_bwd:.2f}x sdpa bwd, max err vs sdpa {err:.2e}", flush=True)
+            except Exception as e:
+                print(f"flash bwd {name} {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
+        if name == "dkdv" and best[1] is not None:
+            backward.FLASH_DKDV_CONFIG = best[1]
 
 w_pre = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
 w_post = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")

@@ -1,0 +1,90 @@
+"""Compile the kernels a host function launches for the H200 (sm_90a) on a machine without
+a GPU, and print each one's shared memory, registers and spills, so resource limits show up
+before device time is spent. Kernel launches are intercepted: nothing runs.
+
+    python scripts/sm90_compile.py mix_bwd      # the talking-heads backward
+    python scripts/sm90_compile.py fwd_full     # the general forward kernel, paper shapes
+
+Must run without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted).
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+assert not os.environ.get("TRITON_INTERPRET"), "unset TRITON_INTERPRET"
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def compile_sm90(fn, args, kwargs):
+    """Compile one launch (JITFunction fn, its args and kwargs) for sm_90a, with the same
+    argument specialization (ints equal to 1, 16-byte divisibility) as a real launch; return
+    a dict with name, shared bytes, registers and spill bytes (from ptxas -v)."""
+    backend = CUDABackend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
+                              options=options.__dict__)
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    info = subprocess.run([PTXAS, "--gpu-name", "sm_90a", "-v", f.name, "-o", os.devnull],
+                          capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    spill = re.search(r"(\d+) bytes spill stores", info)
+    return dict(name=fn.__name__, shared=compiled.metadata.shared,
+                regs=int(regs.group(1)) if regs else None, spill=int(spill.group(1)) if spill else None,
+                options=options)
+
+
+def intercept():
+    """Make every JIT launch compile for sm_90a and print its resources instead of running."""
+    def run(self, *args, grid, warmup, **kwargs):
+        r = compile_sm90(self, list(args), dict(kwargs))
+        ok = "OK" if r["shared"] <= 232448 else "TOO MUCH SHARED MEMORY"
+        print(f"{r['name']:32s} grid={grid} shared={r['shared']:7d} B regs={r['regs']} "
+              f"spill={r['spill']} B {r['options']} {ok}", flush=True)
+    JITFunction.run = run
+
+
+def main(which):
+    intercept()
+    from mta_kernels import backward, forward
+    import mta_reference as R
+    B, H, L, D = 1, 16, 256, 128
+    q, k, v, do = (torch.randn(B, H, L, D, dtype=torch.bfloat16) for _ in range(4))
+    lse = torch.zeros(B, H, L)
+    mix = R.identity_mix(H, H)
+    conv = R.identity_conv(H, 6, 11)
+    scale = D ** -0.5
+    if which == "mix_bwd":
+        backward.mix_backward(do, q, k, v, mix, mix, lse, True, scale)
+    elif which == "mix_fwd":
+        forward.mta_forward(q, k, v, None, mix, None, mix, True, "both", scale)
+    elif which == "fwd_full":
+        forward.mta_forward(q, k, v, conv, mix, conv, mix, True, "both", scale)
+    elif which == "flash_bwd":
+        backward.flash_backward(do, q, k, v, q, lse, True, scale)
+    elif which == "flash_bwd_sweep":
+        for bm, bn, w, s in [(64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 1),
+                             (32, 64, 4, 2), (64, 32, 4, 2), (32, 128, 8, 2), (128, 32, 8, 2)]:
+            cfg = dict(BM=bm, BN=bn, num_warps=w, num_stages=s)
+            print(cfg)
+            backward.FLASH_DKDV_CONFIG = backward.FLASH_DQ_CONFIG = cfg
+            backward.flash_backward(do, q, k, v, q, lse, True, scale)
+    else:
+        raise SystemExit(f"unknown: {which}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "mix_bwd")
