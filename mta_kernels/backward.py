@@ -13,6 +13,10 @@ from .mix_bwd_kernels import mta_mix_bwd_col_kernel, mta_mix_bwd_row_kernel
 # yet been compiled and checked on a GPU; until it has, it runs only when asked for.
 FUSED_MIX_BACKWARD = os.environ.get("MTA_KERNELS_FUSED_MIX_BACKWARD", "0") == "1"
 
+# The talking-heads backward reads q, k, v, dO this many dims at a time for its scores, so
+# that the dot operands of 16 heads fit the H200's shared memory (D <= 128, as the forward).
+MIX_BWD_DIM_CHUNK = 64
+
 # Launch configurations of the plain-attention backward (L > 32; shorter runs use one block).
 FLASH_DKDV_CONFIG = dict(BM=64, BN=64, num_warps=4, num_stages=2)
 FLASH_DQ_CONFIG = dict(BM=64, BN=64, num_warps=4, num_stages=2)
@@ -78,7 +82,7 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale):
     dw_post = torch.zeros_like(dw_pre)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     common = dict(CAUSAL=causal, PRE_MIX=pre_mix is not None, POST_MIX=post_mix is not None,
-                  NH=NH, NHP=NHP, BM=BM, BN=BN, DP=DP, MIX_PREC=_precision(q), DOT_PREC=_precision(q),
+                  NH=NH, NHP=NHP, BM=BM, BN=BN, DP=DP, DC=min(DP, MIX_BWD_DIM_CHUNK), MIX_PREC=_precision(q), DOT_PREC=_precision(q),
                   num_warps=8, num_stages=1)
     mta_mix_bwd_row_kernel[(n_rows, B * n_blocks)](
         q, k, v, grad_out, lse, delta, dq, dw_pre, dw_post, w_pre, w_post, *strides,

@@ -13,14 +13,17 @@ from .mix_kernels import mta_mix_fwd_kernel
 # Mixing groups at least this large go to the register kernel (heads are padded to 16 there,
 # so smaller groups would waste most of its work).
 MIN_REGISTER_MIX_HEADS = 8
+# [16, BM, D] tiles of every head must fit the H200's shared memory (checked for sm_90a with
+# scripts/sm90_compile.py and tests/test_sm90_resources.py); wider heads take the general kernel.
+MAX_REGISTER_MIX_DIM = 128
 
 
-def uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix) -> bool:
-    """Head mixing without convs over blocks of >= MIN_REGISTER_MIX_HEADS heads: the
-    register kernels of mix_kernels.py (and mix_bwd_kernels.py)."""
+def uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, head_dim) -> bool:
+    """Head mixing without convs over blocks of >= MIN_REGISTER_MIX_HEADS heads of at most
+    MAX_REGISTER_MIX_DIM dims: the register kernels of mix_kernels.py and mix_bwd_kernels.py."""
     if pre_conv is not None or post_conv is not None or (pre_mix is None and post_mix is None):
         return False
-    return heads_per_program(pre_mix, post_mix) >= MIN_REGISTER_MIX_HEADS
+    return heads_per_program(pre_mix, post_mix) >= MIN_REGISTER_MIX_HEADS and head_dim <= MAX_REGISTER_MIX_DIM
 
 
 def _precision(q) -> str:
@@ -97,7 +100,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     general = bool(config and config.get("general"))
     if not general and pre_conv is None and pre_mix is None and post_conv is None and post_mix is None:
         return flash_forward(q, k, v, causal, scale)
-    if not general and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix):
+    if not general and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, q.shape[-1]):
         return mix_forward(q, k, v, pre_mix, post_mix, causal, scale)
     NH = heads_per_program(pre_mix, post_mix)
     NHP = max(16, _next_pow2(NH))

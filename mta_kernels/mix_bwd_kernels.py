@@ -35,14 +35,36 @@ def _outer_heads(x, y, NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PR
 
 
 @triton.jit
-def _tile_grads(b_q, b_do, b_k, b_v, rows, cols, heads_ok, b_lse, w_pre, w_post, scale, L,
+def _head_products(a_base, a_heads, sah, sal, sad, rows, b_base, b_heads, sbh, sbl, sbd, cols,
+                   head_ok, L, D, NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   DC: tl.constexpr, NC: tl.constexpr, PREC: tl.constexpr):
+    """[NHP, BM, BN] with [h, i, j] = sum_d a[h, rows_i, d] b[h, cols_j, d], read DC dims
+    at a time (NC chunks) so that the dot operands stay small in shared memory."""
+    dims = tl.arange(0, DC)
+    b_a = _load_heads(a_base, a_heads, sah, rows, dims, sal, sad, head_ok, L, D)
+    b_b = _load_heads(b_base, b_heads, sbh, cols, dims, sbl, sbd, head_ok, L, D)
+    acc = tl.dot(b_a, tl.permute(b_b, (0, 2, 1)), input_precision=PREC)
+    for c in tl.static_range(1, NC):
+        dims = c * DC + tl.arange(0, DC)
+        b_a = _load_heads(a_base, a_heads, sah, rows, dims, sal, sad, head_ok, L, D)
+        b_b = _load_heads(b_base, b_heads, sbh, cols, dims, sbl, sbd, head_ok, L, D)
+        acc += tl.dot(b_a, tl.permute(b_b, (0, 2, 1)), input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _tile_grads(ptrs, strides, heads, kv_heads, rows, cols, heads_ok, b_lse, w_pre, w_post, scale, L, D,
                 CAUSAL: tl.constexpr, PRE_MIX: tl.constexpr, POST_MIX: tl.constexpr,
-                NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DC: tl.constexpr, NC: tl.constexpr,
                 MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr, WANT_DP: tl.constexpr = True):
     """Recompute one [NHP, BM, BN] tile and return (S, P, A, dA, dP): the scaled scores, the
     probabilities, the mixed probabilities, dO v^T and the adjoint of the post mix
-    (dA and dP are zeros unless WANT_DP)."""
-    b_s = tl.dot(b_q, tl.permute(b_k, (0, 2, 1)), input_precision=DOT_PREC) * scale
+    (dA and dP are zeros unless WANT_DP). ptrs = (q, k, v, dout) at this batch, strides =
+    their (head, row, dim) strides."""
+    q, k, v, dout = ptrs
+    sqh, sql, sqd, skh, skl, skd, svh, svl, svd, sdh, sdl, sdd = strides
+    b_s = _head_products(q, heads, sqh, sql, sqd, rows, k, kv_heads, skh, skl, skd, cols, heads_ok, L, D,
+                         NHP, BM, BN, DC, NC, DOT_PREC) * scale
     b_m = b_s
     if PRE_MIX:
         b_m = _mix(w_pre, b_s, NHP, BM, BN, MIX_PREC)
@@ -56,7 +78,8 @@ def _tile_grads(b_q, b_do, b_k, b_v, rows, cols, heads_ok, b_lse, w_pre, w_post,
     b_da = tl.zeros_like(b_s)
     b_dp = b_da
     if WANT_DP:
-        b_da = tl.dot(b_do, tl.permute(b_v, (0, 2, 1)), input_precision=DOT_PREC)
+        b_da = _head_products(dout, heads, sdh, sdl, sdd, rows, v, kv_heads, svh, svl, svd, cols, heads_ok,
+                              L, D, NHP, BM, BN, DC, NC, DOT_PREC)
         b_dp = b_da
         if POST_MIX:
             b_dp = _mix_t(w_post, b_da, NHP, BM, BN, MIX_PREC)
@@ -70,7 +93,7 @@ def mta_mix_bwd_row_kernel(
     H, HKV_REP, L, D, scale, n_head_blocks,
     CAUSAL: tl.constexpr, PRE_MIX: tl.constexpr, POST_MIX: tl.constexpr,
     NH: tl.constexpr, NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
-    MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
+    DC: tl.constexpr, MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """For BM rows of a head block: delta (B, H, L) fp32, dq (B, H, L, D) fp32, and this
     program's partial weight gradients dw_pre / dw_post (n_programs, NH, NH) fp32."""
@@ -79,9 +102,10 @@ def mta_mix_bwd_row_kernel(
     prog = i_bh * tl.num_programs(0) + i_m
     rows = i_m * BM + tl.arange(0, BM)
     dims = tl.arange(0, DP)
+    ptrs = (q + i_b * sqb, k + i_b * skb, v + i_b * svb, dout + i_b * sdb)
+    strides = (sqh, sql, sqd, skh, skl, skd, svh, svl, svd, sdh, sdl, sdd)
+    NC: tl.constexpr = DP // DC
 
-    b_q = _load_heads(q + i_b * sqb, heads, sqh, rows, dims, sql, sqd, head_ok, L, D)       # [NHP, BM, DP]
-    b_do = _load_heads(dout + i_b * sdb, heads, sdh, rows, dims, sdl, sdd, head_ok, L, D)   # [NHP, BM, DP]
     w_pre = _load_block_weight(w_pre_mix, i_hb, hh, head_ok, NH)
     w_post = _load_block_weight(w_post_mix, i_hb, hh, head_ok, NH)
     stat_ptrs, stat_ok = _row_stats(H, L, i_b, heads, rows, head_ok)                        # [NHP, BM]
@@ -94,11 +118,9 @@ def mta_mix_bwd_row_kernel(
     b_delta = tl.zeros([NHP, BM], dtype=acc_t)
     for j0 in range(0, hi, BN):
         cols = j0 + tl.arange(0, BN)
-        b_k = _load_heads(k + i_b * skb, kv_heads, skh, cols, dims, skl, skd, head_ok, L, D)
-        b_v = _load_heads(v + i_b * svb, kv_heads, svh, cols, dims, svl, svd, head_ok, L, D)
-        _, b_p, _, _, b_dp = _tile_grads(b_q, b_do, b_k, b_v, rows, cols, head_ok, b_lse,
-                                         w_pre, w_post, scale, L, CAUSAL, PRE_MIX, POST_MIX,
-                                         NHP, BM, BN, MIX_PREC, DOT_PREC)
+        _, b_p, _, _, b_dp = _tile_grads(ptrs, strides, heads, kv_heads, rows, cols, head_ok, b_lse,
+                                         w_pre, w_post, scale, L, D, CAUSAL, PRE_MIX, POST_MIX,
+                                         NHP, BM, BN, DC, NC, MIX_PREC, DOT_PREC)
         b_delta += tl.sum(b_p * b_dp, axis=2)
     tl.store(delta + stat_ptrs, b_delta, mask=stat_ok)
 
@@ -107,11 +129,9 @@ def mta_mix_bwd_row_kernel(
     b_dw_post = tl.zeros([NHP, NHP], dtype=acc_t)
     for j0 in range(0, hi, BN):
         cols = j0 + tl.arange(0, BN)
-        b_k = _load_heads(k + i_b * skb, kv_heads, skh, cols, dims, skl, skd, head_ok, L, D)
-        b_v = _load_heads(v + i_b * svb, kv_heads, svh, cols, dims, svl, svd, head_ok, L, D)
-        b_s, b_p, _, b_da, b_dp = _tile_grads(b_q, b_do, b_k, b_v, rows, cols, head_ok, b_lse,
-                                              w_pre, w_post, scale, L, CAUSAL, PRE_MIX, POST_MIX,
-                                              NHP, BM, BN, MIX_PREC, DOT_PREC)
+        b_s, b_p, _, b_da, b_dp = _tile_grads(ptrs, strides, heads, kv_heads, rows, cols, head_ok, b_lse,
+                                              w_pre, w_post, scale, L, D, CAUSAL, PRE_MIX, POST_MIX,
+                                              NHP, BM, BN, DC, NC, MIX_PREC, DOT_PREC)
         b_dz = b_p * (b_dp - b_delta[:, :, None])
         if POST_MIX:
             b_dw_post += _outer_heads(b_da, b_p, NHP, BM, BN, MIX_PREC)
@@ -119,6 +139,7 @@ def mta_mix_bwd_row_kernel(
         if PRE_MIX:
             b_dw_pre += _outer_heads(b_dz, b_s, NHP, BM, BN, MIX_PREC)
             b_ds = _mix_t(w_pre, b_dz, NHP, BM, BN, MIX_PREC)
+        b_k = _load_heads(k + i_b * skb, kv_heads, skh, cols, dims, skl, skd, head_ok, L, D)
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PREC)
 
     o_ptrs = (dq + (i_b * H + heads[:, None, None]) * L * D + rows[None, :, None].to(tl.int64) * D
@@ -140,7 +161,7 @@ def mta_mix_bwd_col_kernel(
     H, HKV_REP, L, D, scale, n_head_blocks,
     GRAD_K: tl.constexpr, CAUSAL: tl.constexpr, PRE_MIX: tl.constexpr, POST_MIX: tl.constexpr,
     NH: tl.constexpr, NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
-    MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
+    DC: tl.constexpr, MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """For BN keys of a head block: dk (GRAD_K) or dv, (B, H, L, D) fp32 per *query* head
     (the host sums the query heads that share a kv head). One gradient per launch keeps a
@@ -149,9 +170,10 @@ def mta_mix_bwd_col_kernel(
     i_bh, i_b, i_hb, hh, head_ok, heads, kv_heads = _head_block(n_head_blocks, HKV_REP, NH, NHP)
     cols = i_n * BN + tl.arange(0, BN)
     dims = tl.arange(0, DP)
+    ptrs = (q + i_b * sqb, k + i_b * skb, v + i_b * svb, dout + i_b * sdb)
+    strides = (sqh, sql, sqd, skh, skl, skd, svh, svl, svd, sdh, sdl, sdd)
+    NC: tl.constexpr = DP // DC
 
-    b_k = _load_heads(k + i_b * skb, kv_heads, skh, cols, dims, skl, skd, head_ok, L, D)    # [NHP, BN, DP]
-    b_v = _load_heads(v + i_b * svb, kv_heads, svh, cols, dims, svl, svd, head_ok, L, D)
     w_pre = _load_block_weight(w_pre_mix, i_hb, hh, head_ok, NH)
     w_post = _load_block_weight(w_post_mix, i_hb, hh, head_ok, NH)
     b_acc = tl.zeros([NHP, BN, DP], dtype=dkv.dtype.element_ty)
@@ -160,20 +182,20 @@ def mta_mix_bwd_col_kernel(
         lo = (i_n * BN // BM) * BM
     for i0 in range(lo, L, BM):
         rows = i0 + tl.arange(0, BM)
-        b_q = _load_heads(q + i_b * sqb, heads, sqh, rows, dims, sql, sqd, head_ok, L, D)
-        b_do = _load_heads(dout + i_b * sdb, heads, sdh, rows, dims, sdl, sdd, head_ok, L, D)
         stat_ptrs, stat_ok = _row_stats(H, L, i_b, heads, rows, head_ok)
         b_lse = tl.load(lse + stat_ptrs, mask=stat_ok, other=0.0)
-        _, b_p, b_a, _, b_dp = _tile_grads(b_q, b_do, b_k, b_v, rows, cols, head_ok, b_lse,
-                                           w_pre, w_post, scale, L, CAUSAL, PRE_MIX, POST_MIX,
-                                           NHP, BM, BN, MIX_PREC, DOT_PREC, GRAD_K)
+        _, b_p, b_a, _, b_dp = _tile_grads(ptrs, strides, heads, kv_heads, rows, cols, head_ok, b_lse,
+                                           w_pre, w_post, scale, L, D, CAUSAL, PRE_MIX, POST_MIX,
+                                           NHP, BM, BN, DC, NC, MIX_PREC, DOT_PREC, GRAD_K)
         if GRAD_K:
             b_delta = tl.load(delta + stat_ptrs, mask=stat_ok, other=0.0)
             b_ds = b_p * (b_dp - b_delta[:, :, None])
             if PRE_MIX:
                 b_ds = _mix_t(w_pre, b_ds, NHP, BM, BN, MIX_PREC)
+            b_q = _load_heads(q + i_b * sqb, heads, sqh, rows, dims, sql, sqd, head_ok, L, D)
             b_acc += tl.dot(tl.permute(b_ds, (0, 2, 1)).to(b_q.dtype), b_q, input_precision=DOT_PREC)
         else:
+            b_do = _load_heads(dout + i_b * sdb, heads, sdh, rows, dims, sdl, sdd, head_ok, L, D)
             b_acc += tl.dot(tl.permute(b_a, (0, 2, 1)).to(b_do.dtype), b_do, input_precision=DOT_PREC)
 
     offs = ((i_b * H + heads[:, None, None]) * L * D + cols[None, :, None].to(tl.int64) * D

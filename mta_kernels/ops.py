@@ -81,7 +81,7 @@ def _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, o
     if all(w is None for w in inputs[3:]):
         dq, dk, dv = flash_backward(grad_out, q_k, k, v, out, lse, causal, scale_k)
         return dq * (scale / scale_k), dk, dv, None, None, None, None
-    if backward.FUSED_MIX_BACKWARD and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix):
+    if backward.FUSED_MIX_BACKWARD and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, q.shape[-1]):
         dq, dk, dv, d_pre_mix, d_post_mix = backward.mix_backward(
             grad_out, q_k, k, v, pre_mix, post_mix, lse, causal, scale_k)
         return dq * (scale / scale_k), dk, dv, None, d_pre_mix, None, d_post_mix
