@@ -2,8 +2,7 @@
 a GPU, and print each one's shared memory, registers and spills, so resource limits show up
 before device time is spent. Kernel launches are intercepted: nothing runs.
 
-    python scripts/sm90_compile.py mix_bwd      # the talking-heads backward
-    python scripts/sm90_compile.py fwd_full     # the general forward kernel, paper shapes
+    python scripts/sm90_compile.py mix_bwd full_fwd:256   # OP[:D], bf16, H=16, paper weights
 
 Must run without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted).
 """
@@ -47,44 +46,59 @@ def compile_sm90(fn, args, kwargs):
                 options=options)
 
 
-def intercept():
-    """Make every JIT launch compile for sm_90a and print its resources instead of running."""
+H200_SHARED_BYTES = 232448   # per block, opt-in maximum on sm_90
+
+
+def intercept(found):
+    """Make every JIT launch compile for sm_90a, print its resources and append them to
+    ``found`` instead of running."""
     def run(self, *args, grid, warmup, **kwargs):
         r = compile_sm90(self, list(args), dict(kwargs))
-        ok = "OK" if r["shared"] <= 232448 else "TOO MUCH SHARED MEMORY"
+        r["fits"] = r["shared"] <= H200_SHARED_BYTES
+        found.append(r)
         print(f"{r['name']:32s} grid={grid} shared={r['shared']:7d} B regs={r['regs']} "
-              f"spill={r['spill']} B {r['options']} {ok}", flush=True)
+              f"spill={r['spill']} B {r['options']} {'OK' if r['fits'] else 'TOO MUCH SHARED MEMORY'}", flush=True)
     JITFunction.run = run
 
 
-def main(which):
-    intercept()
+def launch(op, D, H=16, L=256):
+    """Launch one path of the dispatcher (op: flash_fwd, mix_fwd, full_fwd, flash_bwd,
+    mix_bwd) with bf16 inputs of head size D, paper-sized MTA weights."""
     from mta_kernels import backward, forward
     import mta_reference as R
-    B, H, L, D = 1, 16, 256, 128
-    q, k, v, do = (torch.randn(B, H, L, D, dtype=torch.bfloat16) for _ in range(4))
-    lse = torch.zeros(B, H, L)
-    mix = R.identity_mix(H, H)
-    conv = R.identity_conv(H, 6, 11)
+    q, k, v, do = (torch.randn(1, H, L, D, dtype=torch.bfloat16) for _ in range(4))
+    lse = torch.zeros(1, H, L)
+    mix, conv = R.identity_mix(H, H), R.identity_conv(H, 6, 11)
     scale = D ** -0.5
-    if which == "mix_bwd":
-        backward.mix_backward(do, q, k, v, mix, mix, lse, True, scale)
-    elif which == "mix_fwd":
+    if op == "flash_fwd":
+        forward.mta_forward(q, k, v, None, None, None, None, True, "both", scale)
+    elif op == "mix_fwd":
         forward.mta_forward(q, k, v, None, mix, None, mix, True, "both", scale)
-    elif which == "fwd_full":
+    elif op == "full_fwd":
         forward.mta_forward(q, k, v, conv, mix, conv, mix, True, "both", scale)
-    elif which == "flash_bwd":
+    elif op == "flash_bwd":
         backward.flash_backward(do, q, k, v, q, lse, True, scale)
-    elif which == "flash_bwd_sweep":
-        for bm, bn, w, s in [(64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 1),
-                             (32, 64, 4, 2), (64, 32, 4, 2), (32, 128, 8, 2), (128, 32, 8, 2)]:
-            cfg = dict(BM=bm, BN=bn, num_warps=w, num_stages=s)
-            print(cfg)
-            backward.FLASH_DKDV_CONFIG = backward.FLASH_DQ_CONFIG = cfg
+    elif op == "mix_bwd":
+        backward.mix_backward(do, q, k, v, mix, mix, lse, True, scale)
+    elif op == "flash_bwd_sweep":
+        for bm, bn, w, st in [(64, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]:
+            print(dict(BM=bm, BN=bn, num_warps=w, num_stages=st))
+            backward.FLASH_DKDV_CONFIG = backward.FLASH_DQ_CONFIG = dict(BM=bm, BN=bn, num_warps=w, num_stages=st)
             backward.flash_backward(do, q, k, v, q, lse, True, scale)
     else:
-        raise SystemExit(f"unknown: {which}")
+        raise SystemExit(f"unknown op: {op}")
+
+
+def main(argv):
+    """argv: OP[:D] ... (D defaults to 128). Exit status 1 if a launch does not fit."""
+    found = []
+    intercept(found)
+    for item in argv or ["mix_bwd"]:
+        op, _, d = item.partition(":")
+        print(f"== {op} D={d or 128}", flush=True)
+        launch(op, int(d or 128))
+    return 0 if all(r["fits"] for r in found) else 1
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "mix_bwd")
+    sys.exit(main(sys.argv[1:]))

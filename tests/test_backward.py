@@ -62,6 +62,8 @@ GRAD_CASES = [
     Case(B=2, H=4, Hkv=2, L=25, **FULL),
     Case(H=8, L=20, D=16, pre_mix=8, post_mix=8),
     Case(L=20, D=96, layout="blhd", **FULL),
+    Case(L=20, D=256),
+    Case(H=8, L=16, D=256, pre_mix=8, post_mix=8),
 ]
 
 
@@ -200,7 +202,8 @@ def test_gradients_gpu(case, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", [Case(H=16, L=4096, D=128), Case(B=2, H=16, Hkv=4, L=1000, D=96, causal=False)],
+@pytest.mark.parametrize("case", [Case(H=16, L=4096, D=128), Case(B=2, H=16, Hkv=4, L=1000, D=96, causal=False),
+                                  Case(H=16, L=1024, D=256)],
                          ids=lambda c: c.id)
 def test_flash_gradients_gpu(case, dtype):
     test_gradients_match_reference(case, dtype, "cuda")

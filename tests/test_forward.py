@@ -43,6 +43,8 @@ CPU_CASES = [
     Case(D=20, L=33, pre_conv=(2, 3)),
     Case(L=60, layout="blhd", **FULL),                           # non-contiguous q, k, v
     Case(L=90, pre_conv=(8, 15), post_conv=(8, 15)),             # the largest kernels we promise
+    Case(L=24, D=256),                                           # the widest heads we promise
+    Case(H=8, L=24, D=256, pre_mix=8, post_mix=8),               # (talking heads take the general kernel)
 ]
 
 
@@ -144,6 +146,8 @@ GPU_CASES = [
     Case(H=10, L=2048, D=128, pre_mix=10, post_mix=10),
     Case(B=2, H=16, Hkv=4, L=1000, D=96, pre_mix=16),
     Case(H=16, L=2048, D=64, causal=False, **PAPER),
+    Case(H=16, L=1024, D=256),
+    Case(H=16, L=1024, D=256, pre_mix=16, post_mix=16),
 ]
 
 
