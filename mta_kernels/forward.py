@@ -91,7 +91,8 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     out (B, H, L, D) in q's dtype and lse (B, H, L) in acc_dtype(q), the log-sum-exp of each row of
     masked (pre-conv, pre-mix) logits. The backward needs lse to rebuild P = exp(M - lse)
     tile by tile without another statistics pass. config: optional dict overriding the
-    general kernel's RF, W and num_warps, forcing it with general=True, ktilde=True for the
+    general kernel's RF, W, num_warps and splits (key ranges per row block, see
+    key_splits), forcing it with general=True, ktilde=True for the
     matmul form of the pre conv off the causal band, or shift_dot=True for row shifts as
     dots instead of scratch round trips (both experimental; for tuning)."""
     B, H, L, D = q.shape
@@ -132,12 +133,15 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     use_ktilde = bool(config and config.get("ktilde")) and pre_conv is not None
     ktilde = keys_convolved(k, pre_conv, H, pad_key, q.dtype) if use_ktilde else torch.zeros(1, device=dev)
 
-    lse = torch.empty(B, H, L, device=dev, dtype=acc)
-    m_run = torch.full((B, H, L), float("-inf"), device=dev, dtype=acc)
-    l_run = torch.zeros(B, H, L, device=dev, dtype=acc)
-    o_acc = torch.zeros(B, H, L, D, device=dev, dtype=acc) if NH > 1 else \
-        torch.empty(B, H, L, D, device=dev, dtype=acc)
     n_head_blocks = H // NH
+    grid_rows = triton.cdiv(L, RF - (cq_pre - 1) - (cq_post - 1)) * B * n_head_blocks
+    n_splits = config.get("splits", None) if config else None
+    if n_splits is None:
+        n_splits = key_splits(grid_rows, triton.cdiv(L, W - halo_cols))
+    m_run = torch.full((n_splits, B, H, L), float("-inf"), device=dev, dtype=acc)
+    l_run = torch.zeros(n_splits, B, H, L, device=dev, dtype=acc)
+    o_acc = torch.zeros(n_splits, B, H, L, D, device=dev, dtype=acc) if NH > 1 else \
+        torch.empty(n_splits, B, H, L, D, device=dev, dtype=acc)
 
     common = dict(
         CAUSAL=causal, USE_KTILDE=use_ktilde, SHIFT_DOT=bool(config and config.get("shift_dot")),
@@ -147,16 +151,41 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
         NH=NH, NHP=NHP, RF=RF, W=W, DP=DP, DV=DV, MIX_CHUNK=min(RF * W, 1024),
         QK_PREC=conv_prec, CONV_PREC=conv_prec, PV_PREC=conv_prec, num_warps=num_warps, num_stages=1,
     )
+    lse = torch.empty(B, H, L, device=dev, dtype=acc)
     for is_stats in (True, False):
         rows_per_prog = RF - (cq_pre - 1) - (0 if is_stats else cq_post - 1)
-        grid = (triton.cdiv(L, rows_per_prog), B * n_head_blocks)
-        scratch = torch.empty(grid[0] * grid[1] * (2 * NH + 2) * RF * W, device=dev, dtype=acc)
+        grid = (triton.cdiv(L, rows_per_prog), B * n_head_blocks, n_splits)
+        scratch = torch.empty(grid[0] * grid[1] * grid[2] * (2 * NH + 2) * RF * W, device=dev, dtype=acc)
         mta_fwd_kernel[grid](
             q, k, v, lse, m_run, l_run, o_acc, scratch, ktilde, w_pre, mix_pre, w_post, mix_post,
             *q.stride(), *k.stride(), *v.stride(),
-            H, H // Hkv, L, D, scale, rows_per_prog, n_head_blocks,
+            H, H // Hkv, L, D, scale, rows_per_prog, n_head_blocks, n_splits,
             IS_STATS=is_stats, **common)
-    return o_acc.to(q.dtype), lse
+        if is_stats:
+            lse.copy_(_combine_lse(m_run, l_run))
+    out = o_acc[0] if n_splits == 1 else o_acc.sum(0)
+    return out.to(q.dtype), lse
+
+
+# Programs the general kernel should have in flight: a few per SM of an H200 (132 SMs).
+TARGET_PROGRAMS = 4 * 132
+MAX_KEY_SPLITS = 8
+
+
+def key_splits(row_programs: int, key_tiles: int) -> int:
+    """How many ranges to split each row block's keys into so that about TARGET_PROGRAMS
+    programs run; 1 when the row blocks alone fill the GPU. Each split costs one fp32
+    (B, H, L, D) output slab, so the count is capped at MAX_KEY_SPLITS (and at the number
+    of key tiles)."""
+    want = triton.cdiv(TARGET_PROGRAMS, max(1, row_programs))
+    return max(1, min(want, MAX_KEY_SPLITS, key_tiles))
+
+
+def _combine_lse(m_run, l_run):
+    """lse (B, H, L) from per-split running max and sum (n_splits, B, H, L)."""
+    m = m_run.amax(0)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    return m_safe + torch.log((l_run * torch.exp(m_run - m_safe)).sum(0))
 
 
 def flash_forward(q, k, v, causal, scale, config=None):

@@ -153,7 +153,7 @@ def mta_fwd_kernel(
     q, k, v, lse, m_run, l_run, o_acc, scratch, ktilde,
     w_pre_conv, w_pre_mix, w_post_conv, w_post_mix,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
-    H, HKV_REP, L, D, scale, rows_per_prog, n_head_blocks,
+    H, HKV_REP, L, D, scale, rows_per_prog, n_head_blocks, n_splits,
     IS_STATS: tl.constexpr, CAUSAL: tl.constexpr, USE_KTILDE: tl.constexpr, SHIFT_DOT: tl.constexpr,
     PRE_CONV: tl.constexpr, PRE_MIX: tl.constexpr, POST_CONV: tl.constexpr, POST_MIX: tl.constexpr,
     CQ_PRE: tl.constexpr, CK_PRE: tl.constexpr, PL_PRE: tl.constexpr,
@@ -165,20 +165,29 @@ def mta_fwd_kernel(
     """Both passes of the forward for one (row block, batch, head block) program.
 
     q: (B, H, L, D); k, v: (B, H // HKV_REP, L, D), any strides.
-    lse, m_run, l_run: (B, H, L) fp32. IS_STATS: accumulate the running max m_run and sum
-    l_run of the masked logits and finish with lse = m + log(l). Otherwise read lse and add
-    this block's output rows into o_acc (B, H, L, D) fp32, contiguous (written once when
-    NH == 1, accumulated per key tile otherwise).
+    The key tiles a row block sees are split into n_splits contiguous ranges, one per
+    program_id(2), so that short grids still fill the GPU; each split has its own statistics
+    and output slabs, which the host combines.
+    lse: (B, H, L) fp32; m_run, l_run: (n_splits, B, H, L) fp32. IS_STATS: accumulate the
+    running max m_run and sum l_run of the masked logits over this split's keys (the host
+    forms lse). Otherwise read lse and add this block's output rows into o_acc
+    (n_splits, B, H, L, D) fp32, contiguous (written once when NH == 1, accumulated per key
+    tile otherwise).
     ktilde: (B, H, CQ_PRE, L, D) keys convolved along the sequence (USE_KTILDE only).
     w_pre_conv / w_post_conv: (H, CQ, CK) fp32; w_pre_mix / w_post_mix: (H // NH, NH, NH)
     fp32 block-diagonal mixing per head block. scratch: per program (2*NH + 2) * RF * W fp32.
     """
     i_r = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
+    i_split = tl.program_id(2)
     i_b = i_bh // n_head_blocks
     i_hb = i_bh % n_head_blocks
     h0 = i_hb * NH
-    prog = i_bh * tl.num_programs(0) + i_r
+    prog = (i_split * tl.num_programs(1) + i_bh) * tl.num_programs(0) + i_r
+    split_rows = i_split.to(tl.int64) * (tl.num_programs(1) // n_head_blocks) * H * L   # B * H * L per split
+    m_run += split_rows
+    l_run += split_rows
+    o_acc += split_rows * D
 
     HQ: tl.constexpr = CQ_PRE - 1
     HP: tl.constexpr = 0 if IS_STATS else CQ_POST - 1
@@ -209,7 +218,8 @@ def mta_fwd_kernel(
     if CAUSAL:
         col_end = tl.minimum(L, r0 + rows_per_prog)
 
-    for j0 in range(0, col_end, W_OUT):
+    n_tiles = tl.cdiv(col_end, W_OUT)
+    for j0 in range((i_split * n_tiles // n_splits) * W_OUT, ((i_split + 1) * n_tiles // n_splits) * W_OUT, W_OUT):
         cols_s = j0 - PL_OUT + m              # absolute key columns of the S frame
         cols_c = cols_s + PL_PRE               # ... of the C / M / P frame
         cols_o = j0 + m                        # ... of the A1 / A frame
@@ -279,12 +289,6 @@ def mta_fwd_kernel(
     if (not IS_STATS) and NH == 1:
         ptrs = o_acc + (i_b * H + h0) * L * D + rows[:, None].to(tl.int64) * D + dims[None, :]
         tl.store(ptrs, acc, mask=out_row[:, None] & (dims[None, :] < D))
-    if IS_STATS:
-        for c in range(NH):
-            stat = i_b * H * L + (h0 + c) * L + rows
-            m_fin = tl.load(m_run + stat, mask=out_row, other=0.0)
-            l_fin = tl.load(l_run + stat, mask=out_row, other=1.0)
-            tl.store(lse + stat, m_fin + tl.log(l_fin), mask=out_row)
 
 
 @triton.jit

@@ -23,11 +23,11 @@ variants = {
     "both convs": dict(pre_conv=conv, post_conv=conv), "full": dict(pre_conv=conv, pre_mix=mix, post_conv=conv, post_mix=mix),
 }
 runs = [(name, parts, {"general": True}) for name, parts in variants.items()]
-# the experimental matmul form of the pre conv (K~), off the causal band
-runs += [(name + " K~", variants[name], {"general": True, "ktilde": True}) for name in ("pre_conv", "both convs", "full")]
-# ... and row shifts as 0/1 dots instead of scratch round trips
-runs += [(name + " shift", variants[name], {"general": True, "shift_dot": True}) for name in ("post_conv", "full")]
-runs += [("full K~+shift", variants["full"], {"general": True, "ktilde": True, "shift_dot": True})]
+# key splits (1 = the row blocks alone) and row-frame heights for the full op
+runs += [(f"full RF={rf} splits={sp}", variants["full"], {"general": True, "RF": rf, "splits": sp})
+         for rf in (32, 64) for sp in (1, 2, 4, 8)]
+runs += [(f"full RF=64 splits=4 8 warps", variants["full"], {"general": True, "RF": 64, "splits": 4, "num_warps": 8})]
+runs += [(f"both convs splits={sp}", variants["both convs"], {"general": True, "splits": sp}) for sp in (1, 2)]
 for name, parts, cfg in runs:
     w = [parts.get(n) for n in ("pre_conv", "pre_mix", "post_conv", "post_mix")]
     short = [x[:, :, :512] for x in (q, k, v)]
@@ -35,4 +35,4 @@ for name, parts, cfg in runs:
     err = (out.float() - R.mta_attention(*short, *w).float()).abs().max().item()
     t = triton.testing.do_bench(lambda: mta_forward(q, k, v, *w, True, "both", scale, cfg),
                                 warmup=25, rep=200, return_mode="median")
-    print(f"general kernel, {name:16s}: {t:8.3f} ms = {t / t_sdpa:6.1f}x sdpa (max err at L=512 {err:.1e})", flush=True)
+    print(f"general kernel, {name:28s}: {t:8.3f} ms = {t / t_sdpa:6.1f}x sdpa (max err at L=512 {err:.1e})", flush=True)

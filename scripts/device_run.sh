@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
-# train, breakdown, tune, tunefull, ncu.
+# train, breakdown, tune, tunebwd, tunefull, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -29,6 +29,7 @@ for step in "$@"; do
     train) timeout 540 python3 -m bench.train --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -20 ;;
     breakdown) timeout 300 python3 scripts/breakdown.py 2>&1 | tee "$OUT/breakdown.log" ;;
     tune) timeout 300 python3 scripts/tune.py 2>&1 | tee "$OUT/tune.log" ;;
+    tunebwd) timeout 300 python3 scripts/tune.py flashbwd mixbwd 2>&1 | tee "$OUT/tune_bwd.log" ;;
     tunefull) timeout 300 python3 scripts/tune.py full 2>&1 | tee "$OUT/tune_full.log" ;;
     ncu) timeout 300 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
              -k regex:mta_ python3 scripts/profile_one.py talking > "$OUT/ncu.txt" 2>&1; tail -60 "$OUT/ncu.txt" ;;

@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [flashbwd] [mix] [full]   (all without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [full]   (all without arguments)"""
 import sys
 
 import torch
@@ -17,7 +17,7 @@ scale = D ** -0.5
 t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), return_mode="median")
 print(f"sdpa {t_sdpa:.3f} ms", flush=True)
 expect = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-which = set(sys.argv[1:]) or {"flash", "flashbwd", "mix", "full"}
+which = set(sys.argv[1:]) or {"flash", "flashbwd", "mixbwd", "mix", "full"}
 for cfg in [] if "flash" not in which else [dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3),
             dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=3),
             dict(BM=128, BN=64, num_warps=8, num_stages=2), dict(BM=128, BN=32, num_warps=4, num_stages=4)]:
@@ -65,6 +65,31 @@ if "flashbwd" in which:
                 print(f"flash bwd {name} {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
         if name == "dkdv" and best[1] is not None:
             backward.FLASH_DKDV_CONFIG = best[1]
+
+if "mixbwd" in which:
+    # talking heads forward+backward through the op: fused backward vs the row-chunked one
+    import mta_kernels
+    from mta_kernels import backward
+    wm = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
+    qg, kg, vg, wg1, wg2 = (x.clone().requires_grad_() for x in (q, k, v, wm, wm))
+    do = torch.randn_like(q)
+
+    def step():
+        o = mta_kernels.mta_attention(qg, kg, vg, pre_mix=wg1, post_mix=wg2)
+        return torch.autograd.grad(o, (qg, kg, vg, wg1, wg2), do)
+
+    def sdpa_step():
+        o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+        return torch.autograd.grad(o, (qg, kg, vg), do)
+
+    t_ref = triton.testing.do_bench(sdpa_step, return_mode="median")
+    for fused in (True, False):
+        backward.FUSED_MIX_BACKWARD = fused
+        torch.cuda.reset_peak_memory_stats()
+        t = triton.testing.do_bench(step, warmup=5, rep=50, return_mode="median")
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"talking heads fwd+bwd, fused backward={fused}: {t:.3f} ms = {t / t_ref:.1f}x sdpa fwd+bwd "
+              f"({t_ref:.3f} ms), peak {peak:.2f} GiB", flush=True)
 
 w_pre = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
 w_post = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")

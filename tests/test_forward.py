@@ -234,6 +234,35 @@ def test_ktilde_pre_conv_path(case, device, monkeypatch):
     assert not torch.allclose(broken, out)
 
 
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("case", [Case(L=70, **FULL), Case(L=70, pre_conv=(3, 5), post_conv=(2, 5)),
+                                  Case(B=2, H=4, Hkv=2, L=45, causal=False, pad_key="left", **FULL),
+                                  Case(H=8, L=60, D=16, pre_mix=8, post_mix=8)], ids=lambda c: c.id)
+def test_key_splits(case, splits, device):
+    """Each row block's keys split into ranges (separate programs, combined on the host):
+    still the reference's answer, and the lse of one split."""
+    from mta_kernels import forward
+
+    q, k, v, *w = make_inputs(case, torch.float32, device)
+    opts = dict(causal=case.causal, pad_key=case.pad_key)
+    cfg = dict(general=True, W=32)   # several key tiles per row block at these lengths
+    out, lse = forward.mta_forward(q, k, v, *w, case.causal, case.pad_key, case.D ** -0.5, dict(cfg, splits=splits))
+    one, lse_one = forward.mta_forward(q, k, v, *w, case.causal, case.pad_key, case.D ** -0.5, dict(cfg, splits=1))
+    ref = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float64, **opts)
+    low = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float32, **opts)
+    check_rule("out", out, ref, low, torch.float32)
+    assert (lse - lse_one).abs().max().item() < 1e-4
+
+
+def test_key_split_count():
+    from mta_kernels.forward import MAX_KEY_SPLITS, TARGET_PROGRAMS, key_splits
+
+    assert key_splits(TARGET_PROGRAMS, 100) == 1            # the row blocks fill the GPU
+    assert key_splits(TARGET_PROGRAMS // 4, 100) == 4
+    assert key_splits(1, 100) == MAX_KEY_SPLITS
+    assert key_splits(1, 3) == 3                             # never more ranges than key tiles
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", [{"ktilde": True}, {"shift_dot": True}, {"ktilde": True, "shift_dot": True}],
                          ids=["ktilde", "shift_dot", "both"])
