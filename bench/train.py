@@ -427,7 +427,8 @@ def describe_model(args) -> str:
 
 def header_comments(args, argv) -> list:
     """The '#' lines of the CSV: command, what ran, how it was measured."""
-    mix_bwd = os.environ.get("MTA_KERNELS_FUSED_MIX_BACKWARD", "unset")
+    from mta_kernels import backward
+    mix_bwd = int(backward.FUSED_MIX_BACKWARD)
     lines = ["MTA training benchmark: python -m bench.train " + " ".join(argv),
              "model " + describe_model(args)]
     lines += [f"{p}: {PROVIDER_NOTES[p]}" for p in args.providers]

@@ -1,5 +1,4 @@
-"""Host side of the fused backward: plain attention, and (experimental) head mixing
-without convs."""
+"""Host side of the fused backward: plain attention, and head mixing without convs."""
 import os
 
 import torch
@@ -9,15 +8,17 @@ from .flash_kernels import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd
 from .forward import _next_pow2, _precision, acc_dtype, block_mix_weights, heads_per_program
 from .mix_bwd_kernels import mta_mix_bwd_col_kernel, mta_mix_bwd_row_kernel
 
-# The fused talking-heads backward passes its tests under the Triton interpreter but has not
-# yet been compiled and checked on a GPU; until it has, it runs only when asked for.
-FUSED_MIX_BACKWARD = os.environ.get("MTA_KERNELS_FUSED_MIX_BACKWARD", "0") == "1"
+# The fused talking-heads backward (default) or, with MTA_KERNELS_FUSED_MIX_BACKWARD=0, the
+# row-chunked PyTorch one. H200, B=1, H=16, L=4096, D=128, bf16, fwd+bwd: 11.0 ms vs 42.7 ms.
+FUSED_MIX_BACKWARD = os.environ.get("MTA_KERNELS_FUSED_MIX_BACKWARD", "1") == "1"
 
 # The talking-heads backward reads q, k, v, dO this many dims at a time for its scores, so
 # that the dot operands of 16 heads fit the H200's shared memory (D <= 128, as the forward).
 MIX_BWD_DIM_CHUNK = 64
 
 # Launch configurations of the plain-attention backward (L > 32; shorter runs use one block).
+# H200, L=4096, H=16, D=128, bf16 (scripts/tune.py flashbwd): 64x64 with 4 warps for both
+# 0.667 ms (SDPA's backward 0.434); 32x128/8 warps for dk/dv 0.773, 64x32 for dq 0.703.
 FLASH_DKDV_CONFIG = dict(BM=64, BN=64, num_warps=4, num_stages=2)
 FLASH_DQ_CONFIG = dict(BM=64, BN=64, num_warps=4, num_stages=2)
 

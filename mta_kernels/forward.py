@@ -75,26 +75,13 @@ def _frame(length: int, halo: int) -> int:
     return max(16, min(size, _next_pow2(length + halo)))
 
 
-def keys_convolved(k, w, H, pad_key, dtype):
-    """K~ (B, H, cq, L, D) in ``dtype``: K~[b, h, a, j] = sum_t w[h, a, t] k[b, kv(h), j + t - pL],
-    zero outside [0, L). Off the causal band the pre conv of the scores is
-    sum_a q[i - (cq-1-a)] . K~[a, j] (design note: pre-softmax conv as one matmul)."""
-    H_, cq, ck = w.shape
-    pL = left_pad(ck, pad_key)
-    keys = k.repeat_interleave(H // k.shape[1], dim=1).to(torch.float64 if dtype == torch.float64 else torch.float32)
-    windows = torch.nn.functional.pad(keys, (0, 0, pL, ck - 1 - pL)).unfold(2, ck, 1)   # (B, H, L, D, ck)
-    return torch.einsum("bhldt,hat->bhald", windows, w.to(keys.dtype)).to(dtype).contiguous()
-
-
 def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale, config=None):
     """Fused MTA forward. q: (B, H, L, D); k, v: (B, Hkv, L, D). Returns (out, lse):
     out (B, H, L, D) in q's dtype and lse (B, H, L) in acc_dtype(q), the log-sum-exp of each row of
     masked (pre-conv, pre-mix) logits. The backward needs lse to rebuild P = exp(M - lse)
     tile by tile without another statistics pass. config: optional dict overriding the
     general kernel's RF, W, num_warps and splits (key ranges per row block, see
-    key_splits), forcing it with general=True, ktilde=True for the
-    matmul form of the pre conv off the causal band, or shift_dot=True for row shifts as
-    dots instead of scratch round trips (both experimental; for tuning)."""
+    key_splits), or forcing it with general=True (for tuning)."""
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     dev = q.device
@@ -118,11 +105,11 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
 
     halo_rows = (cq_pre - 1) + (cq_post - 1)
     halo_cols = (ck_pre - 1) + (ck_post - 1)
+    # Short grids (mixing puts all heads of a block in one program) get parallelism from key
+    # splits, not from shorter row frames, whose halos would waste more of each tile.
+    # H200, full MTA, L=4096 (scripts/breakdown.py): RF=64 with 8 splits 14.4 ms, 4 splits
+    # 16.7, 1 split 42.2; RF=32 with 8 splits 18.0.
     RF = _frame(L, halo_rows)
-    # Mixing puts all heads of a block in one program: use shorter row blocks so that the
-    # grid still fills the GPU.
-    while NH > 1 and RF > 16 and RF // 2 > 2 * halo_rows and triton.cdiv(L, RF - halo_rows) * B * (H // NH) < 264:
-        RF //= 2
     W = _frame(L, halo_cols)
     num_warps = 4
     if config:
@@ -130,8 +117,6 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     DP = max(16, _next_pow2(D))
     DV = min(DP, 64)
     conv_prec = _precision(q)
-    use_ktilde = bool(config and config.get("ktilde")) and pre_conv is not None
-    ktilde = keys_convolved(k, pre_conv, H, pad_key, q.dtype) if use_ktilde else torch.zeros(1, device=dev)
 
     n_head_blocks = H // NH
     grid_rows = triton.cdiv(L, RF - (cq_pre - 1) - (cq_post - 1)) * B * n_head_blocks
@@ -144,7 +129,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
         torch.empty(n_splits, B, H, L, D, device=dev, dtype=acc)
 
     common = dict(
-        CAUSAL=causal, USE_KTILDE=use_ktilde, SHIFT_DOT=bool(config and config.get("shift_dot")),
+        CAUSAL=causal,
         PRE_CONV=pre_conv is not None, PRE_MIX=pre_mix is not None,
         POST_CONV=post_conv is not None, POST_MIX=post_mix is not None,
         CQ_PRE=cq_pre, CK_PRE=ck_pre, PL_PRE=pl_pre, CQ_POST=cq_post, CK_POST=ck_post, PL_POST=pl_post,
@@ -157,7 +142,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
         grid = (triton.cdiv(L, rows_per_prog), B * n_head_blocks, n_splits)
         scratch = torch.empty(grid[0] * grid[1] * grid[2] * (2 * NH + 2) * RF * W, device=dev, dtype=acc)
         mta_fwd_kernel[grid](
-            q, k, v, lse, m_run, l_run, o_acc, scratch, ktilde, w_pre, mix_pre, w_post, mix_post,
+            q, k, v, lse, m_run, l_run, o_acc, scratch, w_pre, mix_pre, w_post, mix_post,
             *q.stride(), *k.stride(), *v.stride(),
             H, H // Hkv, L, D, scale, rows_per_prog, n_head_blocks, n_splits,
             IS_STATS=is_stats, **common)
@@ -167,8 +152,8 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     return out.to(q.dtype), lse
 
 
-# Programs the general kernel should have in flight: a few per SM of an H200 (132 SMs).
-TARGET_PROGRAMS = 4 * 132
+# Programs the general kernel should have in flight: several per SM of an H200 (132 SMs).
+TARGET_PROGRAMS = 8 * 132
 MAX_KEY_SPLITS = 8
 
 

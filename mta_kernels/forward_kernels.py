@@ -44,28 +44,21 @@ def _toeplitz(w_head, a, CK: tl.constexpr, W: tl.constexpr):
 
 @triton.jit
 def _conv_frame(x, slot, w_head, CQ: tl.constexpr, CK: tl.constexpr,
-                RF: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr, SHIFT_DOT: tl.constexpr):
+                RF: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr):
     """Key-query conv of one head's [RF, W] frame x; returns out[f, m] =
     sum_{a,t} w[a,t] x[f + a - (CQ-1), m + t] (frame rows above 0 read as zero).
-    The row shift goes through the scratch ``slot`` of RF*W floats, or with SHIFT_DOT
-    (experimental) through a dot with a 0/1 shift matrix, which needs no scratch and no
-    barrier."""
+    The row shift goes through the scratch ``slot`` of RF*W floats; the key direction is
+    a dot with a Toeplitz matrix of the weights."""
     f = tl.arange(0, RF)
     m = tl.arange(0, W)
     out = tl.zeros([RF, W], dtype=slot.dtype.element_ty)
-    if SHIFT_DOT:
-        for a in range(CQ):
-            shift = (f[:, None] - (CQ - 1 - a) == f[None, :]).to(x.dtype)   # [RF, RF]: row f reads row f-s
-            xa = tl.dot(shift, x, input_precision=PREC)
-            out += tl.dot(xa, _toeplitz(w_head, a, CK, W), input_precision=PREC)
-    else:
-        tl.debug_barrier()  # earlier readers of slot are done
-        tl.store(slot + f[:, None] * W + m[None, :], x)
-        tl.debug_barrier()
-        for a in range(CQ):
-            src = f - (CQ - 1 - a)
-            xa = tl.load(slot + src[:, None] * W + m[None, :], mask=src[:, None] >= 0, other=0.0)
-            out += tl.dot(xa, _toeplitz(w_head, a, CK, W), input_precision=PREC)
+    tl.debug_barrier()  # earlier readers of slot are done
+    tl.store(slot + f[:, None] * W + m[None, :], x)
+    tl.debug_barrier()
+    for a in range(CQ):
+        src = f - (CQ - 1 - a)
+        xa = tl.load(slot + src[:, None] * W + m[None, :], mask=src[:, None] >= 0, other=0.0)
+        out += tl.dot(xa, _toeplitz(w_head, a, CK, W), input_precision=PREC)
     return out
 
 
@@ -87,11 +80,12 @@ def _mix_frames(src, dst, w_block, NH: tl.constexpr, NHP: tl.constexpr,
 
 
 @triton.jit
-def _scores_conv(q_base, k_base, sql, sqd, skl, skd, w_pre_head, slot_pre, rows, cols_s, L, D, scale,
-                 CAUSAL: tl.constexpr, PRE_CONV: tl.constexpr, CQ_PRE: tl.constexpr,
-                 CK_PRE: tl.constexpr, RF: tl.constexpr, W: tl.constexpr, DP: tl.constexpr,
-                 QK_PREC: tl.constexpr, CONV_PREC: tl.constexpr, SHIFT_DOT: tl.constexpr):
-    """The scores S on the frame, and with pre_conv their conv after zeroing the future."""
+def _pre_logits(q_base, k_base, sql, sqd, skl, skd, w_pre_head, slot_pre, rows, cols_s, L, D, scale,
+                CAUSAL: tl.constexpr, PRE_CONV: tl.constexpr, CQ_PRE: tl.constexpr,
+                CK_PRE: tl.constexpr, RF: tl.constexpr, W: tl.constexpr, DP: tl.constexpr,
+                QK_PREC: tl.constexpr, CONV_PREC: tl.constexpr):
+    """One head's pre-softmax logits on the frame, before head mixing: the scores S, and
+    with pre_conv their conv after zeroing the future (the C frame)."""
     dims = tl.arange(0, DP)
     q = _load_rows(q_base, rows, dims, sql, sqd, L, D)      # [RF, DP]
     k = _load_rows(k_base, cols_s, dims, skl, skd, L, D)    # [W, DP]
@@ -99,62 +93,17 @@ def _scores_conv(q_base, k_base, sql, sqd, skl, skd, w_pre_head, slot_pre, rows,
     if PRE_CONV:
         if CAUSAL:
             s = tl.where(cols_s[None, :] > rows[:, None], 0.0, s)
-        s = _conv_frame(s, slot_pre, w_pre_head, CQ_PRE, CK_PRE, RF, W, CONV_PREC, SHIFT_DOT)
-    return s
-
-
-@triton.jit
-def _ktilde_conv(q_base, kt_base, sql, sqd, rows, cols_c, L, D, scale,
-                 CQ_PRE: tl.constexpr, RF: tl.constexpr, W: tl.constexpr, DP: tl.constexpr,
-                 QK_PREC: tl.constexpr):
-    """The pre conv of the *unmasked* scores on the C frame, as sum_a q[rows-(CQ-1-a)] K~_a^T
-    with K~_a[j] = sum_t w[a, t] k[j + t - pL] (kt_base: (CQ, L, D) contiguous)."""
-    dims = tl.arange(0, DP)
-    q0 = _load_rows(q_base, rows - (CQ_PRE - 1), dims, sql, sqd, L, D)          # [RF, DP]
-    c = tl.dot(q0, tl.trans(_load_rows(kt_base, cols_c, dims, D, 1, L, D)), input_precision=QK_PREC)
-    for a in range(1, CQ_PRE):
-        qa = _load_rows(q_base, rows - (CQ_PRE - 1 - a), dims, sql, sqd, L, D)   # [RF, DP]
-        kt = _load_rows(kt_base + a * L * D, cols_c, dims, D, 1, L, D)          # [W, DP]
-        c += tl.dot(qa, tl.trans(kt), input_precision=QK_PREC)
-    return c * scale
-
-
-@triton.jit
-def _pre_logits(q_base, k_base, kt_base, sql, sqd, skl, skd, w_pre_head, slot_pre,
-                rows, cols_s, L, D, scale,
-                CAUSAL: tl.constexpr, PRE_CONV: tl.constexpr, USE_KTILDE: tl.constexpr,
-                CQ_PRE: tl.constexpr, CK_PRE: tl.constexpr, PL_PRE: tl.constexpr,
-                RF: tl.constexpr, W: tl.constexpr, DP: tl.constexpr,
-                QK_PREC: tl.constexpr, CONV_PREC: tl.constexpr, SHIFT_DOT: tl.constexpr):
-    """One head's pre-softmax logits on the frame, before head mixing: the C frame
-    (conv of the future-zeroed scores) or, without pre_conv, the scores S.
-
-    USE_KTILDE (with pre_conv): where no conv window of the tile touches a future score
-    (always, when not causal), zeroing the future changes nothing and the conv is
-    _ktilde_conv's dot; tiles on the causal band keep the exact masked form."""
-    if USE_KTILDE:
-        cols_c = cols_s + PL_PRE
-        off_band = True
-        if CAUSAL:
-            off_band = tl.max(cols_c) + (CK_PRE - 1 - PL_PRE) <= tl.min(rows) - (CQ_PRE - 1)
-        if off_band:
-            s = _ktilde_conv(q_base, kt_base, sql, sqd, rows, cols_c, L, D, scale, CQ_PRE, RF, W, DP, QK_PREC)
-        else:
-            s = _scores_conv(q_base, k_base, sql, sqd, skl, skd, w_pre_head, slot_pre, rows, cols_s, L, D,
-                             scale, CAUSAL, PRE_CONV, CQ_PRE, CK_PRE, RF, W, DP, QK_PREC, CONV_PREC, SHIFT_DOT)
-    else:
-        s = _scores_conv(q_base, k_base, sql, sqd, skl, skd, w_pre_head, slot_pre, rows, cols_s, L, D,
-                         scale, CAUSAL, PRE_CONV, CQ_PRE, CK_PRE, RF, W, DP, QK_PREC, CONV_PREC, SHIFT_DOT)
+        s = _conv_frame(s, slot_pre, w_pre_head, CQ_PRE, CK_PRE, RF, W, CONV_PREC)
     return s
 
 
 @triton.jit
 def mta_fwd_kernel(
-    q, k, v, lse, m_run, l_run, o_acc, scratch, ktilde,
+    q, k, v, lse, m_run, l_run, o_acc, scratch,
     w_pre_conv, w_pre_mix, w_post_conv, w_post_mix,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
     H, HKV_REP, L, D, scale, rows_per_prog, n_head_blocks, n_splits,
-    IS_STATS: tl.constexpr, CAUSAL: tl.constexpr, USE_KTILDE: tl.constexpr, SHIFT_DOT: tl.constexpr,
+    IS_STATS: tl.constexpr, CAUSAL: tl.constexpr,
     PRE_CONV: tl.constexpr, PRE_MIX: tl.constexpr, POST_CONV: tl.constexpr, POST_MIX: tl.constexpr,
     CQ_PRE: tl.constexpr, CK_PRE: tl.constexpr, PL_PRE: tl.constexpr,
     CQ_POST: tl.constexpr, CK_POST: tl.constexpr, PL_POST: tl.constexpr,
@@ -173,7 +122,6 @@ def mta_fwd_kernel(
     forms lse). Otherwise read lse and add this block's output rows into o_acc
     (n_splits, B, H, L, D) fp32, contiguous (written once when NH == 1, accumulated per key
     tile otherwise).
-    ktilde: (B, H, CQ_PRE, L, D) keys convolved along the sequence (USE_KTILDE only).
     w_pre_conv / w_post_conv: (H, CQ, CK) fp32; w_pre_mix / w_post_mix: (H // NH, NH, NH)
     fp32 block-diagonal mixing per head block. scratch: per program (2*NH + 2) * RF * W fp32.
     """
@@ -228,10 +176,9 @@ def mta_fwd_kernel(
             for c in range(NH):
                 h = h0 + c
                 x = _pre_logits(q + i_b * sqb + h * sqh, k + i_b * skb + (h // HKV_REP) * skh,
-                                ktilde + (i_b * H + h) * (CQ_PRE * L * D),
                                 sql, sqd, skl, skd, w_pre_conv + h * (CQ_PRE * CK_PRE), slot_pre,
-                                rows, cols_s, L, D, scale, CAUSAL, PRE_CONV, USE_KTILDE, CQ_PRE, CK_PRE,
-                                PL_PRE, RF, W, DP, QK_PREC, CONV_PREC, SHIFT_DOT)
+                                rows, cols_s, L, D, scale, CAUSAL, PRE_CONV, CQ_PRE, CK_PRE,
+                                RF, W, DP, QK_PREC, CONV_PREC)
                 tl.store(slot_x + c * FRAME + f[:, None] * W + m[None, :], x)
             _mix_frames(slot_x, slot_y, w_pre_mix + i_hb * (NH * NH), NH, NHP, FRAME, MIX_CHUNK, CONV_PREC)
         for c in range(NH):
@@ -240,10 +187,9 @@ def mta_fwd_kernel(
                 logits = tl.load(slot_y + c * FRAME + f[:, None] * W + m[None, :])
             else:
                 logits = _pre_logits(q + i_b * sqb + h * sqh, k + i_b * skb + (h // HKV_REP) * skh,
-                                     ktilde + (i_b * H + h) * (CQ_PRE * L * D),
                                      sql, sqd, skl, skd, w_pre_conv + h * (CQ_PRE * CK_PRE), slot_pre,
-                                     rows, cols_s, L, D, scale, CAUSAL, PRE_CONV, USE_KTILDE, CQ_PRE, CK_PRE,
-                                     PL_PRE, RF, W, DP, QK_PREC, CONV_PREC, SHIFT_DOT)
+                                     rows, cols_s, L, D, scale, CAUSAL, PRE_CONV, CQ_PRE, CK_PRE,
+                                     RF, W, DP, QK_PREC, CONV_PREC)
             keep = (cols_c[None, :] >= 0) & (cols_c[None, :] < L) & (m[None, :] < W_C)
             keep = keep & (rows[:, None] >= 0) & (rows[:, None] < L) & (f[:, None] >= HQ)
             if CAUSAL:
@@ -263,7 +209,7 @@ def mta_fwd_kernel(
                 p = tl.where(keep, tl.exp(logits - row_lse[:, None]), 0.0)
                 if POST_CONV:
                     p = _conv_frame(p, slot_post, w_post_conv + h * (CQ_POST * CK_POST),
-                                    CQ_POST, CK_POST, RF, W, CONV_PREC, SHIFT_DOT)
+                                    CQ_POST, CK_POST, RF, W, CONV_PREC)
                     if CAUSAL:
                         p = tl.where(cols_o[None, :] > rows[:, None], 0.0, p)
                 p = tl.where((m[None, :] < W_OUT) & (cols_o[None, :] < L), p, 0.0)

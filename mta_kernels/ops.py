@@ -2,16 +2,16 @@
 
 ``mta_kernels::mta_fwd`` runs the Triton forward and returns (out, lse);
 ``mta_kernels::mta_bwd`` returns the seven gradients. Without MTA parts the backward is a
-fused flash-attention backward (O(L) memory, deterministic). With MTA parts it is interim
-until fused MTA backward kernels land: ``chunked_backward``, the reference backward in
-PyTorch one block of query rows at a time (exact; O(rows x L) memory, not O(L^2); as slow
-as the materialized path). Talking heads can use the fused mixing backward
-(``backward.FUSED_MIX_BACKWARD``). Gradients are computed only for inputs that require
-them (the others come back as empty tensors).
+fused flash-attention backward (O(L) memory, deterministic); with head mixing alone
+(talking heads, D <= 128) a fused mixing backward (``backward.FUSED_MIX_BACKWARD``, on by
+default). With convs it is interim until fused conv backward kernels land:
+``chunked_backward``, the reference backward in PyTorch one block of query rows at a time
+(exact; O(rows x L) memory, not O(L^2); as slow as the materialized path). Gradients are
+computed only for inputs that require them (the others come back as empty tensors).
 
 Determinism: the fused backward kernels use no atomics, and their partial sums are reduced
 in a fixed order, so they are bitwise reproducible by default (50 repeated runs checked on
-the H200 for plain attention). The interim chunked backward uses PyTorch's convolution
+the H200 for plain attention and talking heads). The interim chunked backward uses PyTorch's convolution
 gradients, which are deterministic on CUDA only under
 ``torch.use_deterministic_algorithms(True)``.
 """

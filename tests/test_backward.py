@@ -99,7 +99,7 @@ MIX_CASES = [
 
 
 def _use_fused_mix_backward(monkeypatch):
-    """Turn the experimental fused talking-heads backward on and record that it ran."""
+    """Make sure the fused talking-heads backward is on and record that it ran."""
     calls = []
     real = mta_kernels.backward.mix_backward
     monkeypatch.setattr(mta_kernels.backward, "FUSED_MIX_BACKWARD", True)
@@ -210,15 +210,18 @@ def test_flash_gradients_gpu(case, dtype):
 
 
 @pytest.mark.gpu
-def test_flash_backward_is_deterministic():
-    """50 backward passes give bitwise-identical gradients (no atomics in the fused path)."""
-    case = Case(B=2, H=16, Hkv=4, L=2048, D=128)
-    q, k, v, *_ = make_inputs(case, torch.bfloat16, "cuda", requires_grad=True)
-    out = mta_kernels.mta_attention(q, k, v)
+@pytest.mark.parametrize("case", [Case(B=2, H=16, Hkv=4, L=2048, D=128),
+                                  Case(B=2, H=16, Hkv=4, L=1024, D=128, pre_mix=16, post_mix=16)],
+                         ids=["flash", "talking-heads"])
+def test_fused_backward_is_deterministic(case):
+    """50 backward passes give bitwise-identical gradients (no atomics in the fused paths)."""
+    q, k, v, *w = make_inputs(case, torch.bfloat16, "cuda", requires_grad=True)
+    inputs = [x for x in (q, k, v, *w) if x is not None]
+    out = mta_kernels.mta_attention(q, k, v, *w)
     grad = torch.randn_like(out)
-    first = torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+    first = torch.autograd.grad(out, inputs, grad, retain_graph=True)
     for _ in range(50):
-        again = torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+        again = torch.autograd.grad(out, inputs, grad, retain_graph=True)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
