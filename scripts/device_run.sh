@@ -28,7 +28,7 @@ for step in "$@"; do
                 --lengths 4096,16384 --no-plots --out "$RES" 2>&1 | tee "$OUT/flashbwd_bench.log" | grep -E "^\[|status" ;;
     train) timeout 540 python3 -m bench.train --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -20 ;;
     target) timeout 400 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
-             --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|status|x " | tail -40 ;;
+             --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | tail -45 ;;
     breakdown) timeout 300 python3 scripts/breakdown.py 2>&1 | tee "$OUT/breakdown.log" ;;
     tune) timeout 300 python3 scripts/tune.py 2>&1 | tee "$OUT/tune.log" ;;
     tunebwd) timeout 300 python3 scripts/tune.py flashbwd mixbwd 2>&1 | tee "$OUT/tune_bwd.log" ;;
