@@ -8,12 +8,16 @@ import triton.language as tl
 
 from .forward_kernels import _load_rows
 
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
 def _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, rows, dims, j0, b_m, b_l, b_acc,
-                scale, L, D, CAUSAL_MASK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """Online-softmax update of (max, sum, acc) with the key tile at j0."""
+                scale, L, D, CAUSAL_MASK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+                EXP2: tl.constexpr):
+    """Online-softmax update of (max, sum, acc) with the key tile at j0. With EXP2 the
+    scale carries log2(e), so the logits are in log2 units and exp2 saves a multiply."""
     cols = j0 + tl.arange(0, BN)
     b_k = _load_rows(k_base, cols, dims, skl, skd, L, D)                   # [BN, DP]
     b_v = _load_rows(v_base, cols, dims, svl, svd, L, D)                   # [BN, DP]
@@ -24,8 +28,12 @@ def _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, rows, dims, j0, b_m, b_
     b_s = tl.where(keep, b_s, float("-inf"))
     m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing seen yet
-    b_p = tl.exp(b_s - m_safe[:, None])
-    alpha = tl.exp(b_m - m_safe)
+    if EXP2:
+        b_p = tl.exp2(b_s - m_safe[:, None])
+        alpha = tl.exp2(b_m - m_safe)
+    else:
+        b_p = tl.exp(b_s - m_safe[:, None])
+        alpha = tl.exp(b_m - m_safe)
     b_l = b_l * alpha + tl.sum(b_p, axis=1)
     b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
     return m_new, b_l, b_acc
@@ -53,6 +61,9 @@ def flash_fwd_kernel(
     v_base = v + i_b * svb + i_kv * svh
 
     acc_t = lse.dtype.element_ty   # fp32, or fp64 for fp64 inputs
+    # exp2 with a folded fp32 log2(e) is faster, but would limit fp64 inputs to ~1e-8
+    EXP2: tl.constexpr = acc_t != tl.float64
+    qk_scale = scale * LOG2E if EXP2 else scale
     b_m = tl.full([BM], float("-inf"), dtype=acc_t)
     b_l = tl.zeros([BM], dtype=acc_t)
     b_acc = tl.zeros([BM, DP], dtype=acc_t)
@@ -61,18 +72,22 @@ def flash_fwd_kernel(
         diag = i_m * BM
         for j0 in range(0, diag, BN):
             b_m, b_l, b_acc = _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, rows, dims, j0,
-                                          b_m, b_l, b_acc, scale, L, D, False, BN, PREC)
+                                          b_m, b_l, b_acc, qk_scale, L, D, False, BN, PREC, EXP2)
         for j0 in range(diag, tl.minimum(L, diag + BM), BN):
             b_m, b_l, b_acc = _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, rows, dims, j0,
-                                          b_m, b_l, b_acc, scale, L, D, True, BN, PREC)
+                                          b_m, b_l, b_acc, qk_scale, L, D, True, BN, PREC, EXP2)
     else:
         for j0 in range(0, L, BN):
             b_m, b_l, b_acc = _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, rows, dims, j0,
-                                          b_m, b_l, b_acc, scale, L, D, False, BN, PREC)
+                                          b_m, b_l, b_acc, qk_scale, L, D, False, BN, PREC, EXP2)
     b_acc = b_acc / b_l[:, None]
     o_ptrs = out + i_b * sob + i_h * soh + rows[:, None].to(tl.int64) * sol + dims[None, :] * sod
     tl.store(o_ptrs, b_acc.to(out.dtype.element_ty), mask=(rows[:, None] < L) & (dims[None, :] < D))
-    tl.store(lse + (i_b * H + i_h) * L + rows, b_m + tl.log(b_l), mask=rows < L)
+    if EXP2:
+        row_lse = (b_m + tl.log2(b_l)) * LN2
+    else:
+        row_lse = b_m + tl.log(b_l)
+    tl.store(lse + (i_b * H + i_h) * L + rows, row_lse, mask=rows < L)
 
 
 @triton.jit

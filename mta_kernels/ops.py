@@ -29,11 +29,16 @@ from .forward import acc_dtype, mta_forward, uses_register_mixing
 
 def _kernel_scale(q: Tensor, scale: float):
     """(q, scale) as the kernels should see them. Triton passes float arguments as fp32, so
-    for fp64 inputs (gradchecks) the scale is folded into q instead; the caller multiplies
-    dq by ``scale / kernel_scale`` to undo it."""
+    for fp64 inputs (gradchecks) the scale is folded into q instead; the caller undoes it
+    in dq with _unfold_scale."""
     if q.dtype == torch.float64 and scale != 1.0:
         return q * scale, 1.0
     return q, scale
+
+
+def _unfold_scale(dq: Tensor, scale: float, kernel_scale: float) -> Tensor:
+    """dq with respect to q from dq with respect to the kernels' q (see _kernel_scale)."""
+    return dq if kernel_scale == scale else dq * (scale / kernel_scale)
 
 
 def _on_device(x: Tensor):
@@ -80,11 +85,11 @@ def _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, o
     q_k, scale_k = _kernel_scale(q, scale)
     if all(w is None for w in inputs[3:]):
         dq, dk, dv = flash_backward(grad_out, q_k, k, v, out, lse, causal, scale_k)
-        return dq * (scale / scale_k), dk, dv, None, None, None, None
+        return _unfold_scale(dq, scale, scale_k), dk, dv, None, None, None, None
     if backward.FUSED_MIX_BACKWARD and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, q.shape[-1]):
         dq, dk, dv, d_pre_mix, d_post_mix = backward.mix_backward(
             grad_out, q_k, k, v, pre_mix, post_mix, lse, causal, scale_k)
-        return dq * (scale / scale_k), dk, dv, None, d_pre_mix, None, d_post_mix
+        return _unfold_scale(dq, scale, scale_k), dk, dv, None, d_pre_mix, None, d_post_mix
     return chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
                             causal=causal, pad_key=pad_key, scale=scale, compute_dtype=acc_dtype(q))
 
