@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
-# train, target, breakdown, tune, tunebwd, tunefull, ncu.
+# train, target, chunked, breakdown, tune, tunebwd, tunefull, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -29,6 +29,7 @@ for step in "$@"; do
     train) timeout 540 python3 -m bench.train --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -20 ;;
     target) timeout 400 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
              --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | tail -45 ;;
+    chunked) timeout 300 python3 scripts/profile_chunked.py 2>&1 | tee "$OUT/chunked.log" | tail -30 ;;
     breakdown) timeout 300 python3 scripts/breakdown.py 2>&1 | tee "$OUT/breakdown.log" ;;
     tune) timeout 300 python3 scripts/tune.py 2>&1 | tee "$OUT/tune.log" ;;
     tunebwd) timeout 300 python3 scripts/tune.py flashbwd mixbwd 2>&1 | tee "$OUT/tune_bwd.log" ;;
