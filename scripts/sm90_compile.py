@@ -63,7 +63,7 @@ def intercept(found):
 
 def launch(op, D, H=16, L=256):
     """Launch one path of the dispatcher (op: flash_fwd, mix_fwd, full_fwd, flash_bwd,
-    mix_bwd) with bf16 inputs of head size D, paper-sized MTA weights."""
+    mix_bwd, slab_conv) with bf16 inputs of head size D, paper-sized MTA weights."""
     from mta_kernels import backward, forward
     import mta_reference as R
     q, k, v, do = (torch.randn(1, H, L, D, dtype=torch.bfloat16) for _ in range(4))
@@ -80,6 +80,12 @@ def launch(op, D, H=16, L=256):
         backward.flash_backward(do, q, k, v, q, lse, True, scale)
     elif op == "mix_bwd":
         backward.mix_backward(do, q, k, v, mix, mix, lse, True, scale)
+    elif op == "slab_conv":
+        from mta_kernels import slab_conv
+        x = torch.randn(1, H, 64, L)
+        slab_conv.key_query_conv(x, conv, "both")
+        slab_conv.key_query_conv_input_grad(x, conv, "both")
+        slab_conv.key_query_conv_weight_grad(x, x, conv, "both")
     elif op == "flash_bwd_sweep":
         for bm, bn, w, st in [(64, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]:
             print(dict(BM=bm, BN=bn, num_warps=w, num_stages=st))

@@ -31,13 +31,14 @@ def test_reference_backward_matches_autograd(causal, pad_key):
         assert torch.allclose(e, g, atol=1e-11, rtol=1e-9), name
 
 
-@pytest.mark.parametrize("rows", [1, 4, 7, 64])
-@pytest.mark.parametrize("causal, pad_key", [(True, "both"), (False, "left"), (True, "right")])
-def test_chunked_backward_matches_reference(rows, causal, pad_key):
+@pytest.mark.parametrize("rows, L, causal, pad_key", [
+    (1, 12, True, "both"), (4, 23, True, "both"), (4, 23, False, "left"), (7, 23, True, "right"),
+    (7, 23, False, "left"), (64, 23, True, "right")])
+def test_chunked_backward_matches_reference(rows, L, causal, pad_key):
     """Row chunks with halos give exactly the materialized backward, whatever the chunk
     height (1 row, heights that do not divide L, one chunk for everything)."""
     ck = 5 if pad_key == "both" else 4
-    case = Case(B=2, H=4, Hkv=2, L=23, D=6, pre_conv=(3, ck), pre_mix=2, post_conv=(4, ck), post_mix=4,
+    case = Case(B=2, H=4, Hkv=2, L=L, D=6, pre_conv=(3, ck), pre_mix=2, post_conv=(4, ck), post_mix=4,
                 causal=causal, pad_key=pad_key)
     inputs = [x.double() for x in make_inputs(case, torch.float64, "cpu")]
     grad = torch.randn(inputs[0].shape, dtype=torch.float64)
@@ -276,3 +277,25 @@ def test_long_sequence_fwd_bwd_memory():
     print(f"L=32768 full MTA fwd+bwd: peak {extra / 2**30:.2f} GiB beyond inputs, grads and output")
     assert all(torch.isfinite(x.grad).all() for x in inputs)
     assert extra < 4 * 2**30, f"{extra / 2**30:.2f} GiB"
+
+
+@pytest.mark.parametrize("shape, cq, ck, pad_key", [((1, 2, 7, 13), 3, 5, "both"), ((2, 3, 20, 70), 6, 11, "both"),
+                                                    ((1, 2, 5, 9), 2, 4, "left"), ((1, 1, 33, 40), 4, 3, "right")])
+def test_slab_convs_match_reference(shape, cq, ck, pad_key):
+    """The Triton stencils of the chunked backward against the reference's conv2d versions:
+    the conv, its input gradient and its weight gradient (fp64, non-contiguous input)."""
+    from mta_kernels import slab_conv
+    from mta_reference import backward as ref_bwd
+    from mta_reference.mta import key_query_conv
+
+    g = torch.Generator().manual_seed(0)
+    x, grad = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
+    w = torch.randn(shape[1], cq, ck, generator=g, dtype=torch.float64)
+    x_strided = x.transpose(2, 3).contiguous().transpose(2, 3)
+    pairs = [(slab_conv.key_query_conv(x_strided, w, pad_key), key_query_conv(x, w, pad_key)),
+             (slab_conv.key_query_conv_input_grad(grad, w, pad_key), ref_bwd.key_query_conv_input_grad(grad, w, pad_key)),
+             (slab_conv.key_query_conv_weight_grad(grad, x_strided, w, pad_key),
+              ref_bwd.key_query_conv_weight_grad(grad, x, w, pad_key))]
+    for got, expected in pairs:
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, atol=1e-12, rtol=1e-10)
