@@ -51,7 +51,9 @@ def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix
     Each part is optional; with none this is plain softmax attention.
     Returns (B, H, L, D) in q's dtype. See shared spec section 2 for the index-by-index math.
     Differentiable in q, k, v and every weight; mta_kernels/ops.py says which backward runs
-    for which parts. fp64 inputs are accepted too (fp64 accumulators; for gradchecks).
+    for which parts. Forward and backward are deterministic (bitwise identical run to run)
+    by default; there is no non-deterministic mode. fp64 inputs are accepted too (fp64
+    accumulators; for gradchecks).
     """
     p = validate(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
     _check_backend(q, p.D)

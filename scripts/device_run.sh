@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
-# train, target, chunked, breakdown, tune, tunebwd, tunefull, ncu.
+# train, target, final, chunked, breakdown, tune, tunebwd, tunefull, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -30,6 +30,10 @@ for step in "$@"; do
     target) timeout 400 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
              --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | tail -45 ;;
     chunked) timeout 300 python3 scripts/profile_chunked.py 2>&1 | tee "$OUT/chunked.log" | tail -30 ;;
+    final) timeout 150 python3 -m pytest tests/test_backward.py -q -rA -k "opcheck or compiled or determin" 2>&1 \
+             | tee "$OUT/final_tests.log" | grep -E "PASS|FAIL|passed|failed"
+           timeout 150 python3 -m bench --shapes paper --ops full,talking_heads,none --modes fwd \
+             --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/paper.log" | grep -E "^\[|wrote" ;;
     breakdown) timeout 300 python3 scripts/breakdown.py 2>&1 | tee "$OUT/breakdown.log" ;;
     tune) timeout 300 python3 scripts/tune.py 2>&1 | tee "$OUT/tune.log" ;;
     tunebwd) timeout 300 python3 scripts/tune.py flashbwd mixbwd 2>&1 | tee "$OUT/tune_bwd.log" ;;
