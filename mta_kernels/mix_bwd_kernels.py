@@ -87,6 +87,21 @@ def _tile_grads(ptrs, strides, heads, kv_heads, rows, cols, heads_ok, b_lse, w_p
 
 
 @triton.jit
+def _block_inputs(q, k, v, dout, w_pre_mix, w_post_mix,
+                  sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
+                  HKV_REP, n_head_blocks, NH: tl.constexpr, NHP: tl.constexpr):
+    """This program's head block (as _head_block), the (q, k, v, dO) pointers at its batch
+    and their strides as _tile_grads takes them, and the block's two mixing weights:
+    (i_bh, i_b, hh, head_ok, heads, kv_heads, ptrs, strides, w_pre, w_post)."""
+    i_bh, i_b, i_hb, hh, head_ok, heads, kv_heads = _head_block(n_head_blocks, HKV_REP, NH, NHP)
+    ptrs = (q + i_b * sqb, k + i_b * skb, v + i_b * svb, dout + i_b * sdb)
+    strides = (sqh, sql, sqd, skh, skl, skd, svh, svl, svd, sdh, sdl, sdd)
+    w_pre = _load_block_weight(w_pre_mix, i_hb, hh, head_ok, NH)
+    w_post = _load_block_weight(w_post_mix, i_hb, hh, head_ok, NH)
+    return i_bh, i_b, hh, head_ok, heads, kv_heads, ptrs, strides, w_pre, w_post
+
+
+@triton.jit
 def mta_mix_bwd_row_kernel(
     q, k, v, dout, lse, delta, dq, dw_pre, dw_post, w_pre_mix, w_post_mix,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
@@ -98,16 +113,13 @@ def mta_mix_bwd_row_kernel(
     """For BM rows of a head block: delta (B, H, L) fp32, dq (B, H, L, D) fp32, and this
     program's partial weight gradients dw_pre / dw_post (n_programs, NH, NH) fp32."""
     i_m = tl.program_id(0)
-    i_bh, i_b, i_hb, hh, head_ok, heads, kv_heads = _head_block(n_head_blocks, HKV_REP, NH, NHP)
+    i_bh, i_b, hh, head_ok, heads, kv_heads, ptrs, strides, w_pre, w_post = _block_inputs(
+        q, k, v, dout, w_pre_mix, w_post_mix, sqb, sqh, sql, sqd, skb, skh, skl, skd,
+        svb, svh, svl, svd, sdb, sdh, sdl, sdd, HKV_REP, n_head_blocks, NH, NHP)
     prog = i_bh * tl.num_programs(0) + i_m
     rows = i_m * BM + tl.arange(0, BM)
     dims = tl.arange(0, DP)
-    ptrs = (q + i_b * sqb, k + i_b * skb, v + i_b * svb, dout + i_b * sdb)
-    strides = (sqh, sql, sqd, skh, skl, skd, svh, svl, svd, sdh, sdl, sdd)
     NC: tl.constexpr = DP // DC
-
-    w_pre = _load_block_weight(w_pre_mix, i_hb, hh, head_ok, NH)
-    w_post = _load_block_weight(w_post_mix, i_hb, hh, head_ok, NH)
     stat_ptrs, stat_ok = _row_stats(H, L, i_b, heads, rows, head_ok)                        # [NHP, BM]
     b_lse = tl.load(lse + stat_ptrs, mask=stat_ok, other=0.0)
 
@@ -167,15 +179,12 @@ def mta_mix_bwd_col_kernel(
     (the host sums the query heads that share a kv head). One gradient per launch keeps a
     single [NHP, BN, DP] accumulator in registers."""
     i_n = tl.program_id(0)
-    i_bh, i_b, i_hb, hh, head_ok, heads, kv_heads = _head_block(n_head_blocks, HKV_REP, NH, NHP)
+    _, i_b, hh, head_ok, heads, kv_heads, ptrs, strides, w_pre, w_post = _block_inputs(
+        q, k, v, dout, w_pre_mix, w_post_mix, sqb, sqh, sql, sqd, skb, skh, skl, skd,
+        svb, svh, svl, svd, sdb, sdh, sdl, sdd, HKV_REP, n_head_blocks, NH, NHP)
     cols = i_n * BN + tl.arange(0, BN)
     dims = tl.arange(0, DP)
-    ptrs = (q + i_b * sqb, k + i_b * skb, v + i_b * svb, dout + i_b * sdb)
-    strides = (sqh, sql, sqd, skh, skl, skd, svh, svl, svd, sdh, sdl, sdd)
     NC: tl.constexpr = DP // DC
-
-    w_pre = _load_block_weight(w_pre_mix, i_hb, hh, head_ok, NH)
-    w_post = _load_block_weight(w_post_mix, i_hb, hh, head_ok, NH)
     b_acc = tl.zeros([NHP, BN, DP], dtype=dkv.dtype.element_ty)
     lo = 0
     if CAUSAL:
