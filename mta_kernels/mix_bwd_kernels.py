@@ -179,7 +179,7 @@ def mta_mix_bwd_col_kernel(
     (the host sums the query heads that share a kv head). One gradient per launch keeps a
     single [NHP, BN, DP] accumulator in registers."""
     i_n = tl.program_id(0)
-    _, i_b, hh, head_ok, heads, kv_heads, ptrs, strides, w_pre, w_post = _block_inputs(
+    i_bh, i_b, hh, head_ok, heads, kv_heads, ptrs, strides, w_pre, w_post = _block_inputs(
         q, k, v, dout, w_pre_mix, w_post_mix, sqb, sqh, sql, sqd, skb, skh, skl, skd,
         svb, svh, svl, svd, sdb, sdh, sdl, sdd, HKV_REP, n_head_blocks, NH, NHP)
     cols = i_n * BN + tl.arange(0, BN)

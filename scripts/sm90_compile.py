@@ -13,6 +13,8 @@ import sys
 import tempfile
 
 assert not os.environ.get("TRITON_INTERPRET"), "unset TRITON_INTERPRET"
+# this checkout's kernels, not whatever copy of the package is installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
