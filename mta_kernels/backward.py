@@ -39,9 +39,10 @@ def flash_backward(grad_out, q, k, v, out, lse, causal, scale):
     delta = torch.empty(B, H, L, device=dev, dtype=acc)
     flash_bwd_preprocess_kernel[(triton.cdiv(L, 64), B * H)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, L, D, BM=64, DP=DP)
-    dq = torch.empty(B, H, L, D, device=dev, dtype=acc)
-    dk = torch.empty(B, Hkv, L, D, device=dev, dtype=acc)
-    dv = torch.empty(B, Hkv, L, D, device=dev, dtype=acc)
+    # written in the inputs' dtypes straight from the fp32 (fp64) accumulators
+    dq = torch.empty(B, H, L, D, device=dev, dtype=q.dtype)
+    dk = torch.empty(B, Hkv, L, D, device=dev, dtype=k.dtype)
+    dv = torch.empty(B, Hkv, L, D, device=dev, dtype=v.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     flash_bwd_dkdv_kernel[(triton.cdiv(L, dkdv_cfg["BN"]), B * Hkv)](
         q, k, v, grad_out, lse, delta, dk, dv, *strides, H, Hkv, L, D, scale,
@@ -49,7 +50,7 @@ def flash_backward(grad_out, q, k, v, out, lse, causal, scale):
     flash_bwd_dq_kernel[(triton.cdiv(L, dq_cfg["BM"]), B * H)](
         q, k, v, grad_out, lse, delta, dq, *strides, H, H // Hkv, L, D, scale,
         CAUSAL=causal, DP=DP, PREC=prec, **dq_cfg)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
 
 
 def _unblock_mix_grad(blocks, H, ch):

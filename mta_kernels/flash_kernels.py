@@ -125,8 +125,9 @@ def flash_bwd_dkdv_kernel(
     H, HKV, L, D, scale,
     CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dk, dv (B, HKV, L, D) fp32 for BN keys of one kv head, summed over the query heads
-    that share it (a fixed order, so the result is deterministic)."""
+    """dk, dv (B, HKV, L, D) in their own dtype (accumulated in delta's, fp32 or fp64) for BN
+    keys of one kv head, summed over the query heads that share it (a fixed order, so the
+    result is deterministic)."""
     i_n = tl.program_id(0)
     i_bkv = tl.program_id(1).to(tl.int64)
     i_b = i_bkv // HKV
@@ -136,8 +137,9 @@ def flash_bwd_dkdv_kernel(
     dims = tl.arange(0, DP)
     b_k = _load_rows(k + i_b * skb + i_kv * skh, cols, dims, skl, skd, L, D)      # [BN, DP]
     b_v = _load_rows(v + i_b * svb + i_kv * svh, cols, dims, svl, svd, L, D)      # [BN, DP]
-    b_dk = tl.zeros([BN, DP], dtype=dk.dtype.element_ty)
-    b_dv = tl.zeros([BN, DP], dtype=dk.dtype.element_ty)
+    acc_t = delta.dtype.element_ty   # fp32, or fp64 for fp64 inputs
+    b_dk = tl.zeros([BN, DP], dtype=acc_t)
+    b_dv = tl.zeros([BN, DP], dtype=acc_t)
     lo = 0
     if CAUSAL:
         lo = (i_n * BN // BM) * BM
@@ -163,8 +165,8 @@ def flash_bwd_dkdv_kernel(
             b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
     mask = (cols[:, None] < L) & (dims[None, :] < D)
     offs = (i_bkv * L + cols[:, None].to(tl.int64)) * D + dims[None, :]
-    tl.store(dk + offs, b_dk * scale, mask=mask)
-    tl.store(dv + offs, b_dv, mask=mask)
+    tl.store(dk + offs, (b_dk * scale).to(dk.dtype.element_ty), mask=mask)
+    tl.store(dv + offs, b_dv.to(dv.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -174,7 +176,7 @@ def flash_bwd_dq_kernel(
     H, HKV_REP, L, D, scale,
     CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dq (B, H, L, D) fp32 for BM rows of one query head."""
+    """dq (B, H, L, D) in its own dtype (accumulated in delta's) for BM rows of one query head."""
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
@@ -188,7 +190,7 @@ def flash_bwd_dq_kernel(
     b_delta = tl.load(delta + i_bh * L + rows, mask=rows < L, other=0.0)
     k_base = k + i_b * skb + i_kv * skh
     v_base = v + i_b * svb + i_kv * svh
-    b_dq = tl.zeros([BM, DP], dtype=dq.dtype.element_ty)
+    b_dq = tl.zeros([BM, DP], dtype=delta.dtype.element_ty)
     hi = L
     if CAUSAL:
         hi = tl.minimum(L, (i_m + 1) * BM)
@@ -199,4 +201,4 @@ def flash_bwd_dq_kernel(
         _, b_ds = _flash_bwd_tile(b_q, b_k, b_v, b_do, b_lse, b_delta, rows, cols, scale, L, CAUSAL, PREC)
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
     offs = (i_bh * L + rows[:, None].to(tl.int64)) * D + dims[None, :]
-    tl.store(dq + offs, b_dq * scale, mask=(rows[:, None] < L) & (dims[None, :] < D))
+    tl.store(dq + offs, (b_dq * scale).to(dq.dtype.element_ty), mask=(rows[:, None] < L) & (dims[None, :] < D))
