@@ -15,6 +15,8 @@ The convs and their gradients on the slabs are the Triton stencils of conv_kerne
 chunk adds its rows' share to dq, dk, dv and the weight gradients, so the sums run over the
 chunks in a fixed order, and nothing uses atomics: the result is deterministic.
 """
+import functools
+
 import torch
 
 from mta_reference.backward import mix_heads_backward
@@ -55,9 +57,11 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
     for r0 in range(0, L, R):
         r1 = min(L, r0 + R)
         lo, hi = max(0, r0 - HQ - HP), min(L, r1 + HQ + HP)
+        # causal: every conv input and gradient of the slab is zero in the future (j > lo + i)
+        zero_above = lo if causal else None
         t = forward_intermediates(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
                                   pad_key=pad_key, scale=scale, compute_dtype=cd, row_range=(lo, hi),
-                                  conv=key_query_conv)
+                                  conv=functools.partial(key_query_conv, zero_above=zero_above))
         future, s0, c, probs, a1, a, kc, vc = t.future, t.s0, t.c, t.probs, t.a1, t.a, t.k, t.v
         slab_rows = torch.arange(lo, hi, device=q.device)
         own = ((slab_rows >= r0) & (slab_rows < r1))[:, None]      # this chunk's rows
@@ -73,8 +77,8 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
         dp = da
         if post_conv is not None:
             da1m = da.masked_fill(future, 0.0)
-            dw[2] += key_query_conv_weight_grad(da1m.masked_fill(~own, 0.0), probs, post_conv, pad_key)
-            dp = key_query_conv_input_grad(da1m, post_conv, pad_key).masked_fill(future, 0.0)
+            dw[2] += key_query_conv_weight_grad(da1m.masked_fill(~own, 0.0), probs, post_conv, pad_key, zero_above)
+            dp = key_query_conv_input_grad(da1m, post_conv, pad_key, zero_above).masked_fill(future, 0.0)
         delta = (probs * dp).sum(-1, keepdim=True)
         dz = probs * (dp - delta)
         dc = dz
@@ -83,8 +87,8 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
             dc = mix_heads_backward(dz, c, pre_mix)[0]
         ds = dc
         if pre_conv is not None:
-            dw[0] += key_query_conv_weight_grad(dc.masked_fill(~own, 0.0), s0, pre_conv, pad_key)
-            ds = key_query_conv_input_grad(dc, pre_conv, pad_key).masked_fill(future, 0.0)
+            dw[0] += key_query_conv_weight_grad(dc.masked_fill(~own, 0.0), s0, pre_conv, pad_key, zero_above)
+            ds = key_query_conv_input_grad(dc, pre_conv, pad_key, zero_above).masked_fill(future, 0.0)
         ds = ds[:, :, mine]
         dq[:, :, r0:r1] = torch.matmul(ds, kc) * scale
         dk += torch.matmul(ds.transpose(-1, -2), t.q[:, :, mine]) * scale

@@ -12,6 +12,10 @@ With pL the kernel's left padding, for x (R, L) of one (batch, head):
     weight grad:  dw[a, t]  = sum_{i,j} g[i, j] x[i + a - (CQ-1), j + t - pL]
 
 Reads outside [0, R) x [0, L) are zero, as in mta_reference.key_query_conv.
+
+Causal slabs are zero above a diagonal: x[i, j] = 0 whenever j - i > ZERO_ABOVE. A tile
+whose every tap reads only there is skipped (zeros written): REACH is how far above the
+diagonal a tap can read, so about half the tiles of a causal slab cost nothing.
 """
 import triton
 import triton.language as tl
@@ -31,7 +35,15 @@ def _shifted(base, rows, cols, si, sj, R, LC):
 
 
 @triton.jit
-def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC,
+def _above_diagonal(ZERO_ABOVE, REACH, BR: tl.constexpr, BC: tl.constexpr):
+    """Whether this program's tile (program_id 1 and 2) reads only where the input is zero."""
+    first_col = tl.program_id(2) * BC
+    last_row = tl.program_id(1) * BR + BR - 1
+    return first_col - last_row > ZERO_ABOVE + REACH
+
+
+@triton.jit
+def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH,
                    CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, TRANSPOSE: tl.constexpr,
                    BR: tl.constexpr, BC: tl.constexpr):
     """out (B, H, R, LC) contiguous: the conv of x (B, H, R, LC) (any strides) with
@@ -43,23 +55,27 @@ def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC,
     base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj)
     w_head = w + (i_bh % H) * (CQ * CK)
     acc = tl.zeros([BR, BC], dtype=out.dtype.element_ty)
-    for a in range(CQ):
-        for t in range(CK):
-            if TRANSPOSE:
-                src_r, src_c = rows + (CQ - 1 - a), cols + (PL - t)
-            else:
-                src_r, src_c = rows + (a - (CQ - 1)), cols + (t - PL)
-            acc += tl.load(w_head + a * CK + t) * _shifted(base, src_r, src_c, sxi, sxj, R, LC)
+    if not _above_diagonal(ZERO_ABOVE, REACH, BR, BC):
+        for a in range(CQ):
+            for t in range(CK):
+                if TRANSPOSE:
+                    src_r, src_c = rows + (CQ - 1 - a), cols + (PL - t)
+                else:
+                    src_r, src_c = rows + (a - (CQ - 1)), cols + (t - PL)
+                acc += tl.load(w_head + a * CK + t) * _shifted(base, src_r, src_c, sxi, sxj, R, LC)
     ok = (rows[:, None] < R) & (cols[None, :] < LC)
     tl.store(out + (i_bh * R + rows[:, None]) * LC + cols[None, :], acc, mask=ok)
 
 
 @triton.jit
-def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi, sxj, H, R, LC,
+def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE,
                                CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
                                BR: tl.constexpr, BC: tl.constexpr):
-    """partial (B * H, n_row_tiles * n_col_tiles, CQ * CK): this tile's share of
-    dw[a, t] = sum g[i, j] x[i + a - (CQ-1), j + t - PL]; the host sums it in a fixed order."""
+    """partial (B * H, n_row_tiles * n_col_tiles, CQ * CK), zero-filled: this tile's share of
+    dw[a, t] = sum g[i, j] x[i + a - (CQ-1), j + t - PL]; the host sums it in a fixed order.
+    ZERO_ABOVE describes g (tiles where g is zero are skipped)."""
+    if _above_diagonal(ZERO_ABOVE, 0, BR, BC):
+        return
     i_bh = tl.program_id(0).to(tl.int64)
     i_tile = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
     rows = tl.program_id(1) * BR + tl.arange(0, BR)

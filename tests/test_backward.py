@@ -281,23 +281,70 @@ def test_long_sequence_fwd_bwd_memory():
     assert extra < 4 * 2**30, f"{extra / 2**30:.2f} GiB"
 
 
+@pytest.mark.parametrize("zero_above", [None, 0, 37])
 @pytest.mark.parametrize("shape, cq, ck, pad_key", [((1, 2, 7, 13), 3, 5, "both"), ((2, 3, 20, 70), 6, 11, "both"),
-                                                    ((1, 2, 5, 9), 2, 4, "left"), ((1, 1, 33, 40), 4, 3, "right")])
-def test_slab_convs_match_reference(shape, cq, ck, pad_key):
+                                                    ((1, 2, 5, 9), 2, 4, "left"), ((1, 1, 33, 40), 4, 3, "right"),
+                                                    ((1, 2, 20, 200), 6, 11, "both"), ((1, 1, 9, 200), 3, 4, "left")])
+def test_slab_convs_match_reference(shape, cq, ck, pad_key, zero_above):
     """The Triton stencils of the chunked backward against the reference's conv2d versions:
-    the conv, its input gradient and its weight gradient (fp64, non-contiguous input)."""
+    the conv, its input gradient and its weight gradient (fp64, non-contiguous input); with
+    zero_above, inputs zero above that diagonal (as in causal slabs) and tiles skipped."""
     from mta_kernels import slab_conv
     from mta_reference import backward as ref_bwd
     from mta_reference.mta import key_query_conv
 
     g = torch.Generator().manual_seed(0)
     x, grad = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
+    if zero_above is not None:
+        rows, cols = torch.arange(shape[2])[:, None], torch.arange(shape[3])[None, :]
+        x, grad = (t.masked_fill(cols - rows > zero_above, 0.0) for t in (x, grad))
     w = torch.randn(shape[1], cq, ck, generator=g, dtype=torch.float64)
     x_strided = x.transpose(2, 3).contiguous().transpose(2, 3)
-    pairs = [(slab_conv.key_query_conv(x_strided, w, pad_key), key_query_conv(x, w, pad_key)),
-             (slab_conv.key_query_conv_input_grad(grad, w, pad_key), ref_bwd.key_query_conv_input_grad(grad, w, pad_key)),
-             (slab_conv.key_query_conv_weight_grad(grad, x_strided, w, pad_key),
+    z = dict(zero_above=zero_above)
+    pairs = [(slab_conv.key_query_conv(x_strided, w, pad_key, **z), key_query_conv(x, w, pad_key)),
+             (slab_conv.key_query_conv_input_grad(grad, w, pad_key, **z),
+              ref_bwd.key_query_conv_input_grad(grad, w, pad_key)),
+             (slab_conv.key_query_conv_weight_grad(grad, x_strided, w, pad_key, **z),
               ref_bwd.key_query_conv_weight_grad(grad, x, w, pad_key))]
     for got, expected in pairs:
         assert got.shape == expected.shape
         assert torch.allclose(got, expected, atol=1e-12, rtol=1e-10)
+
+
+def test_chunked_backward_long_causal_slabs():
+    """Slabs several column tiles wide, so the stencils skip the tiles above the diagonal."""
+    case = Case(B=1, H=2, L=150, D=8, pre_conv=(3, 5), post_conv=(2, 5), post_mix=2)
+    inputs = make_inputs(case, torch.float64, "cpu")
+    grad = torch.randn(inputs[0].shape, dtype=torch.float64)
+    expected = mta_reference.mta_attention_backward(grad, *inputs, compute_dtype=torch.float64)
+    got = chunked_backward(grad, *inputs, causal=True, pad_key="both", scale=8 ** -0.5,
+                           compute_dtype=torch.float64, rows=40)
+    for name, e, g in zip(NAMES, expected, got):
+        if e is not None:
+            assert g is not None
+            assert torch.allclose(e, g, atol=1e-12, rtol=1e-10), name
+
+
+@pytest.mark.parametrize("pad_key, ck", [("both", 5), ("left", 4), ("right", 4)])
+def test_slab_convs_skip_exactly_the_zero_tiles(pad_key, ck):
+    """Tiles at the diagonal bound: for every Z near a tile corner's column-minus-row (65
+    here: rows 0..63 by columns 128..191), a tap that reads the last nonzero entry must not
+    be skipped. An under-estimate of how far taps reach by one fails here."""
+    from mta_kernels import slab_conv
+    from mta_reference import backward as ref_bwd
+    from mta_reference.mta import key_query_conv
+
+    g = torch.Generator().manual_seed(1)
+    shape = (1, 1, 100, 256)
+    rows, cols = torch.arange(shape[2])[:, None], torch.arange(shape[3])[None, :]
+    w = torch.randn(1, 3, ck, generator=g, dtype=torch.float64)
+    for z in range(57, 67):
+        x, grad = (torch.randn(shape, generator=g, dtype=torch.float64).masked_fill(cols - rows > z, 0.0)
+                   for _ in range(2))
+        pairs = [(slab_conv.key_query_conv(x, w, pad_key, z), key_query_conv(x, w, pad_key)),
+                 (slab_conv.key_query_conv_input_grad(grad, w, pad_key, z),
+                  ref_bwd.key_query_conv_input_grad(grad, w, pad_key)),
+                 (slab_conv.key_query_conv_weight_grad(grad, x, w, pad_key, z),
+                  ref_bwd.key_query_conv_weight_grad(grad, x, w, pad_key))]
+        for i, (got, expected) in enumerate(pairs):
+            assert torch.allclose(got, expected, atol=1e-12, rtol=1e-10), (z, i)
