@@ -119,7 +119,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     conv_prec = _precision(q)
 
     n_head_blocks = H // NH
-    grid_rows = triton.cdiv(L, RF - (cq_pre - 1) - (cq_post - 1)) * B * n_head_blocks
+    grid_rows = triton.cdiv(L, RF - halo_rows) * B * n_head_blocks   # programs per split in pass 2
     n_splits = config.get("splits", None) if config else None
     if n_splits is None:
         n_splits = key_splits(grid_rows, triton.cdiv(L, W - halo_cols))
