@@ -40,6 +40,23 @@ def _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, rows, dims, j0, b_m, b_
 
 
 @triton.jit
+def _query_block(q, k, v, sqb, sqh, sql, sqd, skb, skh, svb, svh, H, HKV_REP, L, D,
+                 BM: tl.constexpr, DP: tl.constexpr):
+    """This program's BM query rows of one head (program_id 0: row block, 1: batch * H + head):
+    (i_bh, i_b, i_h, i_m, rows, dims, b_q [BM, DP], k_base, v_base) with k, v at the head's
+    kv head."""
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_kv = i_h // HKV_REP
+    rows = i_m * BM + tl.arange(0, BM)
+    dims = tl.arange(0, DP)
+    b_q = _load_rows(q + i_b * sqb + i_h * sqh, rows, dims, sql, sqd, L, D)
+    return i_bh, i_b, i_h, i_m, rows, dims, b_q, k + i_b * skb + i_kv * skh, v + i_b * svb + i_kv * svh
+
+
+@triton.jit
 def flash_fwd_kernel(
     q, k, v, out, lse,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
@@ -49,16 +66,8 @@ def flash_fwd_kernel(
 ):
     """q: (B, H, L, D); k, v: (B, H // HKV_REP, L, D); out: (B, H, L, D) in q's dtype;
     lse: (B, H, L) fp32 (fp64 for fp64 inputs), natural-log log-sum-exp of each row's scaled logits."""
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_kv = i_h // HKV_REP
-    rows = i_m * BM + tl.arange(0, BM)
-    dims = tl.arange(0, DP)
-    b_q = _load_rows(q + i_b * sqb + i_h * sqh, rows, dims, sql, sqd, L, D)   # [BM, DP]
-    k_base = k + i_b * skb + i_kv * skh
-    v_base = v + i_b * svb + i_kv * svh
+    i_bh, i_b, i_h, i_m, rows, dims, b_q, k_base, v_base = _query_block(
+        q, k, v, sqb, sqh, sql, sqd, skb, skh, svb, svh, H, HKV_REP, L, D, BM, DP)
 
     acc_t = lse.dtype.element_ty   # fp32, or fp64 for fp64 inputs
     # exp2 with a folded fp32 log2(e) is faster, but would limit fp64 inputs to ~1e-8
@@ -177,19 +186,11 @@ def flash_bwd_dq_kernel(
     CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
 ):
     """dq (B, H, L, D) in its own dtype (accumulated in delta's) for BM rows of one query head."""
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_kv = i_h // HKV_REP
-    rows = i_m * BM + tl.arange(0, BM)
-    dims = tl.arange(0, DP)
-    b_q = _load_rows(q + i_b * sqb + i_h * sqh, rows, dims, sql, sqd, L, D)
+    i_bh, i_b, i_h, i_m, rows, dims, b_q, k_base, v_base = _query_block(
+        q, k, v, sqb, sqh, sql, sqd, skb, skh, svb, svh, H, HKV_REP, L, D, BM, DP)
     b_do = _load_rows(dout + i_b * sdb + i_h * sdh, rows, dims, sdl, sdd, L, D)
     b_lse = tl.load(lse + i_bh * L + rows, mask=rows < L, other=0.0)
     b_delta = tl.load(delta + i_bh * L + rows, mask=rows < L, other=0.0)
-    k_base = k + i_b * skb + i_kv * skh
-    v_base = v + i_b * svb + i_kv * svh
     b_dq = tl.zeros([BM, DP], dtype=delta.dtype.element_ty)
     hi = L
     if CAUSAL:
