@@ -15,7 +15,9 @@ The convs and their gradients on the slabs are the Triton stencils of conv_kerne
 chunk adds its rows' share to dq, dk, dv and the weight gradients, so the sums run over the
 chunks in a fixed order, and nothing uses atomics: the result is deterministic.
 """
+import contextlib
 import functools
+import os
 
 import torch
 
@@ -28,6 +30,26 @@ from .slab_conv import key_query_conv, key_query_conv_input_grad, key_query_conv
 CHUNK_BYTES = 1 << 30
 LIVE_TENSORS = 14
 
+# Run the fp32 matmuls of this backward (QK^T, dO V^T, dS K, dS^T Q, A^T dO, the head mixes)
+# on TF32 tensor cores when q, k, v are 16-bit: their products are exact in TF32 (8-bit
+# mantissas fit its 10), while A and dS are rounded to ~1e-3 relative, well inside the
+# spec's 2x-the-bf16-reference rule. MTA_KERNELS_CHUNKED_TF32=0 keeps full fp32.
+TF32_MATMULS = os.environ.get("MTA_KERNELS_CHUNKED_TF32", "1") == "1"
+
+
+@contextlib.contextmanager
+def _matmul_precision(q):
+    """TF32 for CUDA fp32 matmuls inside the block when TF32_MATMULS and q is 16-bit."""
+    use = TF32_MATMULS and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    matmul = torch.backends.cuda.matmul
+    old = matmul.fp32_precision
+    if use:
+        matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = old
+
 
 def rows_per_chunk(B, H, L, itemsize, budget=CHUNK_BYTES):
     """Rows per chunk so that LIVE_TENSORS slabs of (B, H, rows, L) fit in ``budget`` bytes."""
@@ -39,6 +61,13 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
     """Gradients (dq, dk, dv, d_pre_conv, d_pre_mix, d_post_conv, d_post_mix) of MTA, each in its
     input's dtype (None for absent weights). Shapes as ``mta_reference.mta_attention``;
     ``rows`` overrides the chunk height (for tests)."""
+    with _matmul_precision(q):
+        return _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
+                                 pad_key=pad_key, scale=scale, compute_dtype=compute_dtype, rows=rows)
+
+
+def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,
+                      scale, compute_dtype, rows):
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     cd = compute_dtype

@@ -5,6 +5,7 @@ import torch
 import triton
 
 import mta_reference as R
+from mta_kernels import chunked_backward as chunked
 from mta_kernels.chunked_backward import chunked_backward
 from mta_reference.mta import forward_intermediates
 
@@ -21,7 +22,10 @@ def run():
     return chunked_backward(do, q, k, v, *w, causal=True, pad_key="both", scale=scale)
 
 
-t = triton.testing.do_bench(run, warmup=2, rep=20, return_mode="median")
+for tf32 in (False, True):
+    chunked.TF32_MATMULS = tf32
+    t = triton.testing.do_bench(run, warmup=2, rep=20, return_mode="median")
+    print(f"chunked backward, TF32 matmuls {tf32}: {t:.1f} ms", flush=True)
 rows = 256
 t_fwd = triton.testing.do_bench(lambda: forward_intermediates(q, k, v, *w, causal=True, pad_key="both", scale=scale,
                                                               compute_dtype=torch.float32, row_range=(0, rows)),
