@@ -24,6 +24,7 @@ import torch
 from mta_reference.backward import mix_heads_backward
 from mta_reference.mta import forward_intermediates
 
+from .forward import _precision
 from .slab_conv import key_query_conv, key_query_conv_input_grad, key_query_conv_weight_grad
 
 # Working set per chunk: about this many bytes of (B, H, rows, L) tensors.
@@ -83,18 +84,19 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
     dw = [None if w is None else torch.zeros(w.shape, device=q.device, dtype=cd)
           for w in (pre_conv, pre_mix, post_conv, post_mix)]
 
+    prec = _precision(q)
     for r0 in range(0, L, R):
         r1 = min(L, r0 + R)
         lo, hi = max(0, r0 - HQ - HP), min(L, r1 + HQ + HP)
-        # causal: every conv input and gradient of the slab is zero in the future (j > lo + i)
+        # causal: every conv input and gradient of the slab is zero in the future (j > lo + i);
+        # the conv kernels read them so (no masking pass) and skip the tiles there
         zero_above = lo if causal else None
+        slab = dict(zero_above=zero_above, precision=prec)
         t = forward_intermediates(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
                                   pad_key=pad_key, scale=scale, compute_dtype=cd, row_range=(lo, hi),
-                                  conv=functools.partial(key_query_conv, zero_above=zero_above))
-        future, s0, c, probs, a1, a, kc, vc = t.future, t.s0, t.c, t.probs, t.a1, t.a, t.k, t.v
-        slab_rows = torch.arange(lo, hi, device=q.device)
-        own = ((slab_rows >= r0) & (slab_rows < r1))[:, None]      # this chunk's rows
-        mine = slice(r0 - lo, r1 - lo)
+                                  conv=functools.partial(key_query_conv, **slab))
+        s0, c, probs, a1, a, kc, vc = t.s0, t.c, t.probs, t.a1, t.a, t.k, t.v
+        mine = slice(r0 - lo, r1 - lo)     # this chunk's rows of the slab
 
         # backward on the slab
         do_slab = dout[:, :, lo:hi]
@@ -105,9 +107,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
             da = mix_heads_backward(da, a1, post_mix)[0]
         dp = da
         if post_conv is not None:
-            da1m = da.masked_fill(future, 0.0)
-            dw[2] += key_query_conv_weight_grad(da1m.masked_fill(~own, 0.0), probs, post_conv, pad_key, zero_above)
-            dp = key_query_conv_input_grad(da1m, post_conv, pad_key, zero_above).masked_fill(future, 0.0)
+            dw[2] += key_query_conv_weight_grad(da, probs, post_conv, pad_key, rows=(mine.start, mine.stop), **slab)
+            dp = key_query_conv_input_grad(da, post_conv, pad_key, mask_output=True, **slab)
         delta = (probs * dp).sum(-1, keepdim=True)
         dz = probs * (dp - delta)
         dc = dz
@@ -116,8 +117,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
             dc = mix_heads_backward(dz, c, pre_mix)[0]
         ds = dc
         if pre_conv is not None:
-            dw[0] += key_query_conv_weight_grad(dc.masked_fill(~own, 0.0), s0, pre_conv, pad_key, zero_above)
-            ds = key_query_conv_input_grad(dc, pre_conv, pad_key, zero_above).masked_fill(future, 0.0)
+            dw[0] += key_query_conv_weight_grad(dc, s0, pre_conv, pad_key, rows=(mine.start, mine.stop), **slab)
+            ds = key_query_conv_input_grad(dc, pre_conv, pad_key, mask_output=True, **slab)
         ds = ds[:, :, mine]
         dq[:, :, r0:r1] = torch.matmul(ds, kc) * scale
         dk += torch.matmul(ds.transpose(-1, -2), t.q[:, :, mine]) * scale

@@ -1,11 +1,9 @@
-"""The key-query convolution on materialized slabs of scores, and its two gradients.
+"""The key-query convolution on materialized slabs of scores, and its two gradients, on
+tensor cores.
 
 Used by the row-chunked backward (chunked_backward.py), which holds (B, H, R, L) slabs of
-the forward's intermediates. PyTorch's depthwise conv kernels spend most of that backward's
-time (its weight gradient alone took 60% of it on the H200); these are plain stencils:
-each program owns a [BR, BC] tile and reads the input at the CQ * CK offsets of the kernel.
-
-With pL the kernel's left padding, for x (R, L) of one (batch, head):
+the forward's intermediates. With pL the kernel's left padding, for x (R, L) of one
+(batch, head):
 
     conv:         out[i, j] = sum_{a,t} w[a, t] x[i + a - (CQ-1), j + t - pL]
     input grad:   out[i, j] = sum_{a,t} w[a, t] g[i - a + (CQ-1), j - t + pL]     (TRANSPOSE)
@@ -13,9 +11,16 @@ With pL the kernel's left padding, for x (R, L) of one (batch, head):
 
 Reads outside [0, R) x [0, L) are zero, as in mta_reference.key_query_conv.
 
-Causal slabs are zero above a diagonal: x[i, j] = 0 whenever j - i > ZERO_ABOVE. A tile
-whose every tap reads only there is skipped (zeros written): REACH is how far above the
-diagonal a tap can read, so about half the tiles of a causal slab cost nothing.
+For each query offset a, the key direction is a product with a Toeplitz matrix of w[a]: a
+program owns a [BR, BC] output tile and reads the row-shifted input at its own BC columns
+and at HALO columns on either side (HALO >= how far a tap reaches), three tl.dot calls per
+offset instead of CQ * CK multiply-adds per score. The weight gradient is the transposed
+product M = G^T X_a (M[j, u] pairs gradient column j with input column u), summed over
+the tiles of a row and then along its diagonals u - j = t - pL.
+
+Causal slabs are zero above a diagonal: x[i, j] is read as zero whenever j - i > ZERO_ABOVE
+(a slab of rows lo.. has ZERO_ABOVE = lo), and a tile whose every tap reads only there is
+skipped: REACH is how far above the diagonal a tap can read.
 """
 import triton
 import triton.language as tl
@@ -28,10 +33,22 @@ def _tile(i_bh, H, sb, sh, si, sj):
 
 
 @triton.jit
-def _shifted(base, rows, cols, si, sj, R, LC):
-    """[BR, BC] block of a (R, LC) plane at the given (possibly out-of-range) rows and cols."""
+def _shifted(base, rows, cols, si, sj, R, LC, ZERO_ABOVE):
+    """Block of a (R, LC) plane at the given (possibly out-of-range) rows and cols, zero
+    outside the plane and where col - row > ZERO_ABOVE."""
     ok = (rows[:, None] >= 0) & (rows[:, None] < R) & (cols[None, :] >= 0) & (cols[None, :] < LC)
+    ok = ok & (cols[None, :] - rows[:, None] <= ZERO_ABOVE)
     return tl.load(base + rows[:, None].to(tl.int64) * si + cols[None, :] * sj, mask=ok, other=0.0)
+
+
+@triton.jit
+def _toeplitz(w_a, first, SIGN: tl.constexpr, CK: tl.constexpr, KU: tl.constexpr, BC: tl.constexpr):
+    """[KU, BC] matrix T[u, m] = w_a[first + SIGN * (u - m)], zero where that tap index
+    leaves [0, CK): input column u of a chunk times T gives output column m."""
+    u = tl.arange(0, KU)
+    m = tl.arange(0, BC)
+    t = first + SIGN * (u[:, None] - m[None, :])
+    return tl.load(w_a + t, mask=(t >= 0) & (t < CK), other=0.0)
 
 
 @triton.jit
@@ -45,45 +62,90 @@ def _above_diagonal(ZERO_ABOVE, REACH, BR: tl.constexpr, BC: tl.constexpr):
 @triton.jit
 def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH,
                    CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, TRANSPOSE: tl.constexpr,
-                   BR: tl.constexpr, BC: tl.constexpr):
+                   MASK_OUT: tl.constexpr, HALO: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                   PREC: tl.constexpr):
     """out (B, H, R, LC) contiguous: the conv of x (B, H, R, LC) (any strides) with
-    w (H, CQ, CK), or with TRANSPOSE its adjoint (the input gradient). Accumulates in
-    out's dtype."""
+    w (H, CQ, CK), or with TRANSPOSE its adjoint (the input gradient); with MASK_OUT, out is
+    zero where col - row > ZERO_ABOVE. HALO >= max(PL, CK - 1 - PL), a power of two >= 16."""
     i_bh = tl.program_id(0).to(tl.int64)
+    c0 = tl.program_id(2) * BC
     rows = tl.program_id(1) * BR + tl.arange(0, BR)
-    cols = tl.program_id(2) * BC + tl.arange(0, BC)
+    cols = c0 + tl.arange(0, BC)
+    halo = tl.arange(0, HALO)
     base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj)
     w_head = w + (i_bh % H) * (CQ * CK)
+    SIGN: tl.constexpr = -1 if TRANSPOSE else 1
     acc = tl.zeros([BR, BC], dtype=out.dtype.element_ty)
     if not _above_diagonal(ZERO_ABOVE, REACH, BR, BC):
         for a in range(CQ):
-            for t in range(CK):
-                if TRANSPOSE:
-                    src_r, src_c = rows + (CQ - 1 - a), cols + (PL - t)
-                else:
-                    src_r, src_c = rows + (a - (CQ - 1)), cols + (t - PL)
-                acc += tl.load(w_head + a * CK + t) * _shifted(base, src_r, src_c, sxi, sxj, R, LC)
+            if TRANSPOSE:
+                src = rows + (CQ - 1 - a)
+            else:
+                src = rows + (a - (CQ - 1))
+            w_a = w_head + a * CK
+            # three column chunks of the input, starting at c0 + off for off = -HALO, 0, BC;
+            # the tap of input column c0 + off + u for output column c0 + m is
+            # PL + off + u - m (conv) or PL - off - (u - m) (transpose)
+            x_left = _shifted(base, src, c0 - HALO + halo, sxi, sxj, R, LC, ZERO_ABOVE)
+            x_main = _shifted(base, src, cols, sxi, sxj, R, LC, ZERO_ABOVE)
+            x_right = _shifted(base, src, c0 + BC + halo, sxi, sxj, R, LC, ZERO_ABOVE)
+            acc += tl.dot(x_left, _toeplitz(w_a, PL + SIGN * -HALO, SIGN, CK, HALO, BC), input_precision=PREC)
+            acc += tl.dot(x_main, _toeplitz(w_a, PL, SIGN, CK, BC, BC), input_precision=PREC)
+            acc += tl.dot(x_right, _toeplitz(w_a, PL + SIGN * BC, SIGN, CK, HALO, BC), input_precision=PREC)
+    if MASK_OUT:
+        acc = tl.where(cols[None, :] - rows[:, None] > ZERO_ABOVE, 0.0, acc)
     ok = (rows[:, None] < R) & (cols[None, :] < LC)
     tl.store(out + (i_bh * R + rows[:, None]) * LC + cols[None, :], acc, mask=ok)
 
 
 @triton.jit
-def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE,
+def _diagonal_sum(m_block, first, KU: tl.constexpr, BC: tl.constexpr):
+    """Sum of the [BC, KU] block's entries with u - j == first (rows j, cols u)."""
+    j = tl.arange(0, BC)
+    u = tl.arange(0, KU)
+    on = (u[None, :] - j[:, None]) == first
+    return tl.sum(tl.sum(tl.where(on, m_block, 0.0), axis=1), axis=0)
+
+
+@triton.jit
+def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi, sxj, H, R, LC,
+                               ZERO_ABOVE, G_LO, G_HI,
                                CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
-                               BR: tl.constexpr, BC: tl.constexpr):
-    """partial (B * H, n_row_tiles * n_col_tiles, CQ * CK), zero-filled: this tile's share of
-    dw[a, t] = sum g[i, j] x[i + a - (CQ-1), j + t - PL]; the host sums it in a fixed order.
-    ZERO_ABOVE describes g (tiles where g is zero are skipped)."""
-    if _above_diagonal(ZERO_ABOVE, 0, BR, BC):
-        return
+                               HALO: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                               PREC: tl.constexpr):
+    """partial (B * H, CQ, n_row_tiles, CK), zero-filled: program (i_bh, a, row tile) writes
+    its rows' share of dw[a, t] = sum g[i, j] x[i + a - (CQ-1), j + t - PL]; the host sums it
+    in a fixed order. Only rows G_LO <= i < G_HI of g count, and g is read as zero where
+    j - i > ZERO_ABOVE (tiles there are skipped)."""
     i_bh = tl.program_id(0).to(tl.int64)
-    i_tile = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
-    rows = tl.program_id(1) * BR + tl.arange(0, BR)
-    cols = tl.program_id(2) * BC + tl.arange(0, BC)
-    b_g = _shifted(g + _tile(i_bh, H, sgb, sgh, sgi, sgj), rows, cols, sgi, sgj, R, LC)
-    base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj)
-    dst = partial + (i_bh * (tl.num_programs(1) * tl.num_programs(2)) + i_tile) * (CQ * CK)
-    for a in range(CQ):
-        for t in range(CK):
-            b_x = _shifted(base, rows + (a - (CQ - 1)), cols + (t - PL), sxi, sxj, R, LC)
-            tl.store(dst + a * CK + t, tl.sum(tl.sum(b_g * b_x, axis=1), axis=0))
+    a = tl.program_id(1)
+    r0 = tl.program_id(2) * BR
+    dst = partial + ((i_bh * CQ + a) * tl.num_programs(2) + tl.program_id(2)) * CK
+    if (r0 + BR <= G_LO) | (r0 >= G_HI):
+        return
+    rows = r0 + tl.arange(0, BR)
+    g_rows = tl.where((rows >= G_LO) & (rows < G_HI), rows, -1)   # -1 reads as zero
+    src = rows + (a - (CQ - 1))
+    halo = tl.arange(0, HALO)
+    g_base = g + _tile(i_bh, H, sgb, sgh, sgi, sgj)
+    x_base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj)
+    no_zeros = 2 ** 30
+    # M[j, u] = sum_i g[i, c0 + j] x[src_i, c0 + off + u] for the chunks off = -HALO, 0, BC,
+    # summed over this row's column tiles (the same relative geometry in every tile)
+    m_left = tl.zeros([BC, HALO], dtype=partial.dtype.element_ty)
+    m_main = tl.zeros([BC, BC], dtype=m_left.dtype)
+    m_right = tl.zeros([BC, HALO], dtype=m_left.dtype)
+    n_tiles = tl.minimum(tl.cdiv(LC, BC), (r0 + BR - 1 + ZERO_ABOVE) // BC + 1)
+    for i_c in range(n_tiles):
+        c0 = i_c * BC
+        cols = c0 + tl.arange(0, BC)
+        g_t = tl.trans(_shifted(g_base, g_rows, cols, sgi, sgj, R, LC, ZERO_ABOVE))
+        m_left += tl.dot(g_t, _shifted(x_base, src, c0 - HALO + halo, sxi, sxj, R, LC, no_zeros), input_precision=PREC)
+        m_main += tl.dot(g_t, _shifted(x_base, src, cols, sxi, sxj, R, LC, no_zeros), input_precision=PREC)
+        m_right += tl.dot(g_t, _shifted(x_base, src, c0 + BC + halo, sxi, sxj, R, LC, no_zeros), input_precision=PREC)
+    # input column c0 + off + u pairs with gradient column c0 + j through tap t = off + u - j + PL
+    for t in tl.static_range(CK):
+        d = t - PL
+        total = _diagonal_sum(m_left, d + HALO, HALO, BC) + _diagonal_sum(m_main, d, BC, BC) \
+            + _diagonal_sum(m_right, d - BC, HALO, BC)
+        tl.store(dst + t, total)

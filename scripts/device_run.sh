@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
-# train, target, final, chunked, breakdown, tune, tunebwd, tunefull, ncu.
+# train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -38,6 +38,9 @@ for step in "$@"; do
     tune) timeout 300 python3 scripts/tune.py 2>&1 | tee "$OUT/tune.log" ;;
     tunebwd) timeout 300 python3 scripts/tune.py flashbwd mixbwd 2>&1 | tee "$OUT/tune_bwd.log" ;;
     tunefull) timeout 300 python3 scripts/tune.py full 2>&1 | tee "$OUT/tune_full.log" ;;
+    slabconv) timeout 200 python3 scripts/tune.py slabconv 2>&1 | tee "$OUT/tune_slabconv.log" ;;
+    bwdtests) timeout 300 python3 -m pytest tests/test_backward.py -m gpu -q -rA 2>&1 | tee "$OUT/bwdtests.log" \
+                | grep -E "PASS|FAIL|ERROR|passed|failed" ;;
     ncu) timeout 300 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
              -k regex:mta_ python3 scripts/profile_one.py talking > "$OUT/ncu.txt" 2>&1; tail -60 "$OUT/ncu.txt" ;;
   esac

@@ -63,6 +63,12 @@ def intercept(found):
     JITFunction.run = run
 
 
+# candidates for scripts/tune.py slabconv
+SLAB_CONV_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=st)
+                     for BR, BC, w, st in [(64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2),
+                                           (64, 32, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2)]]
+
+
 def launch(op, D, H=16, L=256):
     """Launch one path of the dispatcher (op: flash_fwd, mix_fwd, full_fwd, flash_bwd,
     mix_bwd, slab_conv) with bf16 inputs of head size D, paper-sized MTA weights."""
@@ -85,9 +91,18 @@ def launch(op, D, H=16, L=256):
     elif op == "slab_conv":
         from mta_kernels import slab_conv
         x = torch.randn(1, H, 64, L)
-        slab_conv.key_query_conv(x, conv, "both")
-        slab_conv.key_query_conv_input_grad(x, conv, "both")
-        slab_conv.key_query_conv_weight_grad(x, x, conv, "both")
+        slab = dict(zero_above=0, precision="tf32")
+        slab_conv.key_query_conv(x, conv, "both", **slab)
+        slab_conv.key_query_conv_input_grad(x, conv, "both", mask_output=True, **slab)
+        slab_conv.key_query_conv_weight_grad(x, x, conv, "both", rows=(5, 60), **slab)
+    elif op == "slab_conv_sweep":
+        from mta_kernels import slab_conv
+        x = torch.randn(1, H, 64, L)
+        for cfg in SLAB_CONV_CONFIGS:
+            print(cfg)
+            slab_conv.CONV_CONFIG = slab_conv.WEIGHT_GRAD_CONFIG = cfg
+            slab_conv.key_query_conv(x, conv, "both", zero_above=0, precision="tf32")
+            slab_conv.key_query_conv_weight_grad(x, x, conv, "both", zero_above=0, precision="tf32")
     elif op == "flash_bwd_sweep":
         for bm, bn, w, st in [(64, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]:
             print(dict(BM=bm, BN=bn, num_warps=w, num_stages=st))

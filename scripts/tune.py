@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [full]   (all without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [full] [slabconv]   (all without arguments)"""
 import sys
 
 import torch
@@ -17,7 +17,35 @@ scale = D ** -0.5
 t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), return_mode="median")
 print(f"sdpa {t_sdpa:.3f} ms", flush=True)
 expect = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-which = set(sys.argv[1:]) or {"flash", "flashbwd", "mixbwd", "mix", "full"}
+which = set(sys.argv[1:]) or {"flash", "flashbwd", "mixbwd", "mix", "full", "slabconv"}
+
+if "slabconv" in which:
+    # one middle slab of the chunked backward at this shape: rows lo..lo+R of (B, H, R, L) fp32
+    from mta_kernels import slab_conv
+    from mta_reference import backward as ref_bwd
+    from sm90_compile import SLAB_CONV_CONFIGS
+    rows, lo = 302, 2000
+    future = torch.arange(L, device="cuda")[None, :] - torch.arange(rows, device="cuda")[:, None] > lo
+    x, g = (torch.randn(B, H, rows, L, device="cuda").masked_fill(future, 0.0) for _ in range(2))
+    w = R.identity_conv(H, 6, 11, device="cuda") + 0.01 * torch.randn(H, 6, 11, device="cuda")
+    expect = [R.key_query_conv(x, w, "both"), ref_bwd.key_query_conv_input_grad(g, w, "both"),
+              ref_bwd.key_query_conv_weight_grad(g, x, w, "both")]
+    calls = {"conv": lambda: slab_conv.key_query_conv(x, w, "both", zero_above=lo, precision="tf32"),
+             "input_grad": lambda: slab_conv.key_query_conv_input_grad(g, w, "both", zero_above=lo,
+                                                                       mask_output=True, precision="tf32"),
+             "weight_grad": lambda: slab_conv.key_query_conv_weight_grad(g, x, w, "both", zero_above=lo,
+                                                                         precision="tf32")}
+    for cfg in SLAB_CONV_CONFIGS:
+        slab_conv.CONV_CONFIG = slab_conv.WEIGHT_GRAD_CONFIG = cfg
+        line = []
+        for (name, fn), ref in zip(calls.items(), expect):
+            try:
+                err = ((fn() - ref).abs().max() / ref.abs().max()).item()
+                t = triton.testing.do_bench(fn, return_mode="median")
+                line.append(f"{name} {t:.3f} ms (rel err {err:.1e})")
+            except Exception as e:  # a config may not fit
+                line.append(f"{name} failed {type(e).__name__}: {str(e)[:80]}")
+        print(f"slab conv {cfg}: " + "; ".join(line), flush=True)
 for cfg in [] if "flash" not in which else [dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3),
             dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=3),
             dict(BM=128, BN=64, num_warps=8, num_stages=2), dict(BM=128, BN=32, num_warps=4, num_stages=4)]:

@@ -284,31 +284,59 @@ def test_long_sequence_fwd_bwd_memory():
 @pytest.mark.parametrize("zero_above", [None, 0, 37])
 @pytest.mark.parametrize("shape, cq, ck, pad_key", [((1, 2, 7, 13), 3, 5, "both"), ((2, 3, 20, 70), 6, 11, "both"),
                                                     ((1, 2, 5, 9), 2, 4, "left"), ((1, 1, 33, 40), 4, 3, "right"),
-                                                    ((1, 2, 20, 200), 6, 11, "both"), ((1, 1, 9, 200), 3, 4, "left")])
+                                                    ((1, 2, 20, 200), 6, 11, "both"), ((1, 1, 9, 200), 3, 4, "left"),
+                                                    ((1, 1, 20, 90), 2, 35, "both"), ((1, 1, 17, 80), 3, 20, "left")])
 def test_slab_convs_match_reference(shape, cq, ck, pad_key, zero_above):
-    """The Triton stencils of the chunked backward against the reference's conv2d versions:
-    the conv, its input gradient and its weight gradient (fp64, non-contiguous input); with
-    zero_above, inputs zero above that diagonal (as in causal slabs) and tiles skipped."""
+    """The Triton slab convs of the chunked backward against the reference's conv2d versions:
+    the conv, its input gradient and its weight gradient (fp64, non-contiguous input; kernels
+    wider than 33 taps need 32-column halos). With zero_above, the kernels get inputs that are
+    *not* zero above that diagonal and must read them as zero (the reference gets them zeroed)."""
     from mta_kernels import slab_conv
     from mta_reference import backward as ref_bwd
     from mta_reference.mta import key_query_conv
 
     g = torch.Generator().manual_seed(0)
-    x, grad = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
+    x_raw, grad_raw = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
+    x, grad = x_raw, grad_raw
     if zero_above is not None:
         rows, cols = torch.arange(shape[2])[:, None], torch.arange(shape[3])[None, :]
-        x, grad = (t.masked_fill(cols - rows > zero_above, 0.0) for t in (x, grad))
+        x, grad = (t.masked_fill(cols - rows > zero_above, 0.0) for t in (x_raw, grad_raw))
     w = torch.randn(shape[1], cq, ck, generator=g, dtype=torch.float64)
-    x_strided = x.transpose(2, 3).contiguous().transpose(2, 3)
+    x_strided = x_raw.transpose(2, 3).contiguous().transpose(2, 3)
     z = dict(zero_above=zero_above)
     pairs = [(slab_conv.key_query_conv(x_strided, w, pad_key, **z), key_query_conv(x, w, pad_key)),
-             (slab_conv.key_query_conv_input_grad(grad, w, pad_key, **z),
+             (slab_conv.key_query_conv_input_grad(grad_raw, w, pad_key, **z),
               ref_bwd.key_query_conv_input_grad(grad, w, pad_key)),
-             (slab_conv.key_query_conv_weight_grad(grad, x_strided, w, pad_key, **z),
+             (slab_conv.key_query_conv_weight_grad(grad_raw, x.transpose(2, 3).contiguous().transpose(2, 3), w,
+                                                   pad_key, **z),
               ref_bwd.key_query_conv_weight_grad(grad, x, w, pad_key))]
     for got, expected in pairs:
         assert got.shape == expected.shape
         assert torch.allclose(got, expected, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_slab_conv_masked_output_and_weight_grad_rows(transpose):
+    """mask_output zeroes the result above the diagonal (and nothing else); the weight gradient
+    with rows=(lo, hi) counts only those rows of the gradient."""
+    from mta_kernels import slab_conv
+    from mta_reference import backward as ref_bwd
+
+    g = torch.Generator().manual_seed(2)
+    shape, z = (2, 2, 70, 100), 5
+    rows, cols = torch.arange(shape[2])[:, None], torch.arange(shape[3])[None, :]
+    future = cols - rows > z
+    x, grad = (torch.randn(shape, generator=g, dtype=torch.float64).masked_fill(future, 0.0) for _ in range(2))
+    w = torch.randn(2, 4, 7, generator=g, dtype=torch.float64)
+    conv = slab_conv.key_query_conv_input_grad if transpose else slab_conv.key_query_conv
+    plain = conv(x, w, "both", zero_above=z)
+    masked = conv(x, w, "both", zero_above=z, mask_output=True)
+    assert plain.masked_fill(~future, 0.0).abs().max() > 0.1     # the mask has work to do
+    assert torch.equal(masked, plain.masked_fill(future, 0.0))
+    own = (rows >= 20) & (rows < 53)
+    expected = ref_bwd.key_query_conv_weight_grad(grad.masked_fill(~own, 0.0), x, w, "both")
+    got = slab_conv.key_query_conv_weight_grad(grad, x, w, "both", zero_above=z, rows=(20, 53))
+    assert torch.allclose(got, expected, atol=1e-12, rtol=1e-10)
 
 
 def test_chunked_backward_long_causal_slabs():
