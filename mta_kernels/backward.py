@@ -44,10 +44,10 @@ def flash_backward(grad_out, q, k, v, out, lse, causal, scale):
     dk = torch.empty(B, Hkv, L, D, device=dev, dtype=k.dtype)
     dv = torch.empty(B, Hkv, L, D, device=dev, dtype=v.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    flash_bwd_dkdv_kernel[(triton.cdiv(L, dkdv_cfg["BN"]), B * Hkv)](
+    flash_bwd_dkdv_kernel[(B * Hkv, triton.cdiv(L, dkdv_cfg["BN"]))](
         q, k, v, grad_out, lse, delta, dk, dv, *strides, H, Hkv, L, D, scale,
         CAUSAL=causal, DP=DP, PREC=prec, **dkdv_cfg)
-    flash_bwd_dq_kernel[(triton.cdiv(L, dq_cfg["BM"]), B * H)](
+    flash_bwd_dq_kernel[(B * H, triton.cdiv(L, dq_cfg["BM"]))](
         q, k, v, grad_out, lse, delta, dq, *strides, H, H // Hkv, L, D, scale,
         CAUSAL=causal, DP=DP, PREC=prec, **dq_cfg)
     return dq, dk, dv

@@ -109,17 +109,19 @@ def _diagonal_sum(m_block, first, KU: tl.constexpr, BC: tl.constexpr):
 
 @triton.jit
 def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi, sxj, H, R, LC,
-                               ZERO_ABOVE, G_LO, G_HI,
+                               ZERO_ABOVE, G_LO, G_HI, n_col_groups,
                                CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
                                HALO: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                               PREC: tl.constexpr):
-    """partial (B * H, CQ, n_row_tiles, CK), zero-filled: program (i_bh, a, row tile) writes
-    its rows' share of dw[a, t] = sum g[i, j] x[i + a - (CQ-1), j + t - PL]; the host sums it
-    in a fixed order. Only rows G_LO <= i < G_HI of g count, and g is read as zero where
-    j - i > ZERO_ABOVE (tiles there are skipped)."""
+                               TILES: tl.constexpr, PREC: tl.constexpr):
+    """partial (B * H, CQ, n_row_tiles * n_col_groups, CK), zero-filled: program
+    (i_bh, a, row tile * n_col_groups + group) writes the share of dw[a, t] =
+    sum g[i, j] x[i + a - (CQ-1), j + t - PL] of its rows and TILES column tiles; the host
+    sums it in a fixed order. Only rows G_LO <= i < G_HI of g count, and g is read as zero
+    where j - i > ZERO_ABOVE (tiles there are skipped)."""
     i_bh = tl.program_id(0).to(tl.int64)
     a = tl.program_id(1)
-    r0 = tl.program_id(2) * BR
+    r0 = (tl.program_id(2) // n_col_groups) * BR
+    first_tile = (tl.program_id(2) % n_col_groups) * TILES
     dst = partial + ((i_bh * CQ + a) * tl.num_programs(2) + tl.program_id(2)) * CK
     if (r0 + BR <= G_LO) | (r0 >= G_HI):
         return
@@ -131,12 +133,14 @@ def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi,
     x_base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj)
     no_zeros = 2 ** 30
     # M[j, u] = sum_i g[i, c0 + j] x[src_i, c0 + off + u] for the chunks off = -HALO, 0, BC,
-    # summed over this row's column tiles (the same relative geometry in every tile)
+    # summed over this program's column tiles (the same relative geometry in every tile)
     m_left = tl.zeros([BC, HALO], dtype=partial.dtype.element_ty)
     m_main = tl.zeros([BC, BC], dtype=m_left.dtype)
     m_right = tl.zeros([BC, HALO], dtype=m_left.dtype)
-    n_tiles = tl.minimum(tl.cdiv(LC, BC), (r0 + BR - 1 + ZERO_ABOVE) // BC + 1)
-    for i_c in range(n_tiles):
+    end_tile = tl.minimum(tl.minimum(tl.cdiv(LC, BC), (r0 + BR - 1 + ZERO_ABOVE) // BC + 1), first_tile + TILES)
+    if first_tile >= end_tile:
+        return
+    for i_c in range(first_tile, end_tile):
         c0 = i_c * BC
         cols = c0 + tl.arange(0, BC)
         g_t = tl.trans(_shifted(g_base, g_rows, cols, sgi, sgj, R, LC, ZERO_ABOVE))

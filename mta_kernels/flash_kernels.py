@@ -42,11 +42,12 @@ def _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, rows, dims, j0, b_m, b_
 @triton.jit
 def _query_block(q, k, v, sqb, sqh, sql, sqd, skb, skh, svb, svh, H, HKV_REP, L, D,
                  BM: tl.constexpr, DP: tl.constexpr):
-    """This program's BM query rows of one head (program_id 0: row block, 1: batch * H + head):
+    """This program's BM query rows of one head (program_id 0: batch * H + head, 1: row blocks
+    from the last, so that a causal grid starts its longest rows first, over every head):
     (i_bh, i_b, i_h, i_m, rows, dims, b_q [BM, DP], k_base, v_base) with k, v at the head's
     kv head."""
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    i_bh = tl.program_id(0).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
     i_kv = i_h // HKV_REP
@@ -137,8 +138,8 @@ def flash_bwd_dkdv_kernel(
     """dk, dv (B, HKV, L, D) in their own dtype (accumulated in delta's, fp32 or fp64) for BN
     keys of one kv head, summed over the query heads that share it (a fixed order, so the
     result is deterministic)."""
-    i_n = tl.program_id(0)
-    i_bkv = tl.program_id(1).to(tl.int64)
+    i_n = tl.program_id(1)     # causal: the first key blocks have the most rows; they start first
+    i_bkv = tl.program_id(0).to(tl.int64)
     i_b = i_bkv // HKV
     i_kv = i_bkv % HKV
     rep = H // HKV

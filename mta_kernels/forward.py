@@ -187,7 +187,7 @@ def flash_forward(q, k, v, causal, scale, config=None):
         BM = BN = max(16, _next_pow2(L))
     cfg = dict(BM=BM, BN=BN, num_warps=4, num_stages=3)
     cfg.update(config or {})
-    grid = (triton.cdiv(L, cfg["BM"]), B * H)
+    grid = (B * H, triton.cdiv(L, cfg["BM"]))
     flash_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, H // k.shape[1], L, D, scale, CAUSAL=causal, DP=DP, PREC=_precision(q), **cfg)

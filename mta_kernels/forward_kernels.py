@@ -125,7 +125,7 @@ def mta_fwd_kernel(
     w_pre_conv / w_post_conv: (H, CQ, CK) fp32; w_pre_mix / w_post_mix: (H // NH, NH, NH)
     fp32 block-diagonal mixing per head block. scratch: per program (2*NH + 2) * RF * W fp32.
     """
-    i_r = tl.program_id(0).to(tl.int64)
+    i_r = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)   # longest causal rows first
     i_bh = tl.program_id(1).to(tl.int64)
     i_split = tl.program_id(2)
     i_b = i_bh // n_head_blocks

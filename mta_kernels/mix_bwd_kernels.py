@@ -112,7 +112,7 @@ def mta_mix_bwd_row_kernel(
 ):
     """For BM rows of a head block: delta (B, H, L) fp32, dq (B, H, L, D) fp32, and this
     program's partial weight gradients dw_pre / dw_post (n_programs, NH, NH) fp32."""
-    i_m = tl.program_id(0)
+    i_m = tl.num_programs(0) - 1 - tl.program_id(0)   # longest causal rows first
     i_bh, i_b, hh, head_ok, heads, kv_heads, ptrs, strides, w_pre, w_post = _block_inputs(
         q, k, v, dout, w_pre_mix, w_post_mix, sqb, sqh, sql, sqd, skb, skh, skl, skd,
         svb, svh, svl, svd, sdb, sdh, sdl, sdd, HKV_REP, n_head_blocks, NH, NHP)

@@ -63,7 +63,7 @@ def mta_mix_fwd_kernel(
 ):
     """q: (B, H, L, D); k, v: (B, H // HKV_REP, L, D); out: (B, H, L, D); lse: (B, H, L) fp32
     (written in pass 1, read in pass 2). w_pre_mix / w_post_mix: (H // NH, NH, NH) fp32."""
-    i_m = tl.program_id(0)
+    i_m = tl.num_programs(0) - 1 - tl.program_id(0)   # longest causal rows first
     i_bh, i_b, i_hb, hh, head_ok, heads, kv_heads = _head_block(n_head_blocks, HKV_REP, NH, NHP)
     rows = i_m * BM + tl.arange(0, BM)
     dims = tl.arange(0, DP)

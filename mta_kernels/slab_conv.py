@@ -18,9 +18,13 @@ from .forward import _next_pow2
 # zero_above=None: no zero structure (any value beyond every column offset would do)
 _NO_ZEROS = 2 ** 30
 
-# Launch configurations: the largest tile [BR, BC] and Triton's options.
-CONV_CONFIG = dict(BR=64, BC=64, num_warps=4, num_stages=2)
-WEIGHT_GRAD_CONFIG = dict(BR=64, BC=64, num_warps=4, num_stages=2)
+# Launch configurations: the largest tile [BR, BC] and Triton's options. H200, one causal
+# slab of 302 x 4096 rows, 16 heads, fp32 (scripts/tune.py slabconv): conv 0.195 ms at
+# 64x64 with 4 warps and 1 stage (2 stages 0.236, 8 warps 0.375, 32x64 0.350); weight
+# gradient 0.372 ms at 64x32 (64x64 0.382-0.449) before its column tiles were split over
+# programs (TILES column tiles each; it had 480 programs that walked up to 64 tiles).
+CONV_CONFIG = dict(BR=64, BC=64, num_warps=4, num_stages=1)
+WEIGHT_GRAD_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=2, TILES=8)
 
 
 def _blocks(R, LC, config):
@@ -83,11 +87,14 @@ def key_query_conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, w: torch.Ten
     if x.numel() == 0:
         return torch.zeros(H, cq, ck, device=x.device, dtype=grad.dtype)
     pl = left_pad(ck, pad_key)
-    BR, BC, n_r, _, options = _blocks(R, LC, WEIGHT_GRAD_CONFIG)
+    BR, BC, n_r, n_c, options = _blocks(R, LC, WEIGHT_GRAD_CONFIG)
+    tiles = WEIGHT_GRAD_CONFIG["TILES"]
+    n_groups = triton.cdiv(n_c, tiles)
     g_lo, g_hi = rows or (0, R)
-    partial = torch.zeros(B * H, cq, n_r, ck, device=x.device, dtype=grad.dtype)
-    kq_conv_weight_grad_kernel[(B * H, cq, n_r)](
+    partial = torch.zeros(B * H, cq, n_r * n_groups, ck, device=x.device, dtype=grad.dtype)
+    kq_conv_weight_grad_kernel[(B * H, cq, n_r * n_groups)](
         grad, x, partial, *grad.stride(), *x.stride(), H, R, LC,
-        _NO_ZEROS if zero_above is None else zero_above, g_lo, g_hi,
-        CQ=cq, CK=ck, PL=pl, HALO=_halo(ck, pl), BR=BR, BC=BC, PREC=_prec(grad, precision), **options)
-    return partial.view(B, H, cq, n_r, ck).sum((0, 3))
+        _NO_ZEROS if zero_above is None else zero_above, g_lo, g_hi, n_groups,
+        CQ=cq, CK=ck, PL=pl, HALO=_halo(ck, pl), BR=BR, BC=BC, TILES=tiles, PREC=_prec(grad, precision),
+        **options)
+    return partial.view(B, H, cq, n_r * n_groups, ck).sum((0, 3))

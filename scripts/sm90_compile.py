@@ -64,9 +64,9 @@ def intercept(found):
 
 
 # candidates for scripts/tune.py slabconv
-SLAB_CONV_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=st)
-                     for BR, BC, w, st in [(64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2),
-                                           (64, 32, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2)]]
+SLAB_CONV_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=st, TILES=tiles)
+                     for BR, BC, w, st, tiles in [(64, 64, 4, 1, 8), (64, 32, 4, 2, 8), (64, 32, 4, 1, 4),
+                                                  (64, 64, 4, 2, 4), (32, 64, 4, 1, 8), (64, 32, 4, 2, 16)]]
 
 
 def launch(op, D, H=16, L=256):

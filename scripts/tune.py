@@ -28,7 +28,7 @@ if "slabconv" in which:
     future = torch.arange(L, device="cuda")[None, :] - torch.arange(rows, device="cuda")[:, None] > lo
     x, g = (torch.randn(B, H, rows, L, device="cuda").masked_fill(future, 0.0) for _ in range(2))
     w = R.identity_conv(H, 6, 11, device="cuda") + 0.01 * torch.randn(H, 6, 11, device="cuda")
-    expect = [R.key_query_conv(x, w, "both"), ref_bwd.key_query_conv_input_grad(g, w, "both"),
+    expect = [R.key_query_conv(x, w, "both"), ref_bwd.key_query_conv_input_grad(g, w, "both").masked_fill(future, 0),
               ref_bwd.key_query_conv_weight_grad(g, x, w, "both")]
     calls = {"conv": lambda: slab_conv.key_query_conv(x, w, "both", zero_above=lo, precision="tf32"),
              "input_grad": lambda: slab_conv.key_query_conv_input_grad(g, w, "both", zero_above=lo,
