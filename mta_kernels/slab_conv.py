@@ -18,13 +18,14 @@ from .forward import _next_pow2
 # zero_above=None: no zero structure (any value beyond every column offset would do)
 _NO_ZEROS = 2 ** 30
 
-# Launch configurations: the largest tile [BR, BC] and Triton's options. H200, one causal
-# slab of 302 x 4096 rows, 16 heads, fp32 (scripts/tune.py slabconv): conv 0.195 ms at
-# 64x64 with 4 warps and 1 stage (2 stages 0.236, 8 warps 0.375, 32x64 0.350); weight
-# gradient 0.372 ms at 64x32 (64x64 0.382-0.449) before its column tiles were split over
-# programs (TILES column tiles each; it had 480 programs that walked up to 64 tiles).
+# Launch configurations: the largest tile [BR, BC], column tiles per weight-gradient program,
+# and Triton's options. H200, one causal slab of 302 x 4096, 16 heads, fp32 (scripts/tune.py
+# slabconv at f1ac69b): conv 0.197 ms and its input gradient 0.212 at 64x64 with 4 warps and
+# 1 stage (2 stages 0.238, 8 warps 0.375, 32x64 0.274); weight gradient 0.379 ms at 64x32
+# with 16 tiles per program (4 tiles 0.391, 8 tiles 0.420; one program per row, walking up to
+# 64 tiles, 0.372-0.382). The 66-tap stencils these replaced took 0.36 and 0.50 ms.
 CONV_CONFIG = dict(BR=64, BC=64, num_warps=4, num_stages=1)
-WEIGHT_GRAD_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=2, TILES=8)
+WEIGHT_GRAD_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=2, TILES=16)
 
 
 def _blocks(R, LC, config):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
-# train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, ncu.
+# train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
+# paperbwd, compiled, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -11,7 +12,8 @@ mkdir -p /tmp/site && ln -sfn "$PWD/reference" /tmp/site/mta_reference
 export PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
-RES=/tmp/results
+# results straight under $OUT, so that a call killed at its time limit still returns them
+RES="$OUT/results"
 # The tree arrives without .git: before the call, `git rev-parse --short HEAD >
 # scripts/device_commit` (git-ignored, so name it in the device call's carry list).
 export MTA_BENCH_COMMIT=$(cat scripts/device_commit 2>/dev/null || echo unknown)
@@ -26,7 +28,7 @@ for step in "$@"; do
     flashbwd) timeout 200 python3 -m pytest tests/test_backward.py -m gpu -q -k flash 2>&1 | tee "$OUT/flashbwd.log" | tail -3
               timeout 200 python3 -m bench --ops none --modes fwd+bwd --providers fused,naive,sdpa --shapes sweep \
                 --lengths 4096,16384 --no-plots --out "$RES" 2>&1 | tee "$OUT/flashbwd_bench.log" | grep -E "^\[|status" ;;
-    train) timeout 540 python3 -m bench.train --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -20 ;;
+    train) timeout ${TRAIN_TIMEOUT:-540} python3 -m bench.train --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -20 ;;
     target) timeout 400 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
              --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | tail -45 ;;
     chunked) timeout 300 python3 scripts/profile_chunked.py 2>&1 | tee "$OUT/chunked.log" | tail -30 ;;
@@ -38,6 +40,12 @@ for step in "$@"; do
     tune) timeout 300 python3 scripts/tune.py 2>&1 | tee "$OUT/tune.log" ;;
     tunebwd) timeout 300 python3 scripts/tune.py flashbwd mixbwd 2>&1 | tee "$OUT/tune_bwd.log" ;;
     tunefull) timeout 300 python3 scripts/tune.py full 2>&1 | tee "$OUT/tune_full.log" ;;
+    suite4096) timeout 230 python3 -m bench --shapes sweep --lengths 4096 --ops all --modes all \
+             --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/suite4096.log" | grep -E "^\[|wrote|status" ;;
+    paperbwd) timeout 130 python3 -m bench --shapes paper --ops full,talking_heads,none --modes fwd+bwd \
+             --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/paperbwd.log" | grep -E "^\[|wrote|status" ;;
+    compiled) timeout 100 python3 -m bench --shapes sweep --lengths 4096 --ops full,none --modes fwd,fwd+bwd \
+             --providers naive-compiled --no-plots --out "$RES" 2>&1 | tee "$OUT/compiled.log" | grep -E "^\[|wrote|status" ;;
     slabconv) timeout 200 python3 scripts/tune.py slabconv 2>&1 | tee "$OUT/tune_slabconv.log" ;;
     bwdtests) timeout 300 python3 -m pytest tests/test_backward.py -m gpu -q -rA 2>&1 | tee "$OUT/bwdtests.log" \
                 | grep -E "PASS|FAIL|ERROR|passed|failed" ;;
@@ -45,4 +53,3 @@ for step in "$@"; do
              -k regex:mta_ python3 scripts/profile_one.py talking > "$OUT/ncu.txt" 2>&1; tail -60 "$OUT/ncu.txt" ;;
   esac
 done
-tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
