@@ -27,3 +27,25 @@ def test_bench_cpu_smoke(tmp_path):
     assert {r["provider"] for r in rows} == {"fused", "naive", "sdpa"}
     assert all(r["status"] == "ok" for r in rows), [(r["op"], r["provider"], r["status"]) for r in rows]
     assert (tmp_path / (csv_path.stem + ".md")).exists()
+
+
+def test_wall_clock_timing_of_slow_calls():
+    """The timer used for calls too slow for do_bench (and on CPU): exactly the asked number
+    of calls, gradients reset and the device synchronized around each, quantiles ordered."""
+    sys.path.insert(0, str(ROOT))
+    from bench.timing import _wall_quantiles
+
+    class Leaf:
+        grad = "stale"
+
+    events, leaf = [], Leaf()
+
+    def fn():
+        assert leaf.grad is None
+        leaf.grad = "accumulated"
+        events.append("call")
+
+    median, p20, p80 = _wall_quantiles(fn, [leaf], min_runs=3, max_runs=3, budget_s=0.0,
+                                       sync=lambda: events.append("sync"))
+    assert events == ["sync", "call", "sync"] * 3
+    assert 0 <= p20 <= median <= p80
