@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -12,8 +12,9 @@ mkdir -p /tmp/site && ln -sfn "$PWD/reference" /tmp/site/mta_reference
 export PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
-# results straight under $OUT, so that a call killed at its time limit still returns them
-RES="$OUT/results"
+# results go to $OUT/results.tgz after every step, so that a call killed at its time limit
+# still returns them (a call returns at most 8 files: keep $OUT to logs and the archive)
+RES=/tmp/results
 # The tree arrives without .git: before the call, `git rev-parse --short HEAD >
 # scripts/device_commit` (git-ignored, so name it in the device call's carry list).
 export MTA_BENCH_COMMIT=$(cat scripts/device_commit 2>/dev/null || echo unknown)
@@ -32,6 +33,8 @@ for step in "$@"; do
     target) timeout 400 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
              --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | tail -45 ;;
     chunked) timeout 300 python3 scripts/profile_chunked.py 2>&1 | tee "$OUT/chunked.log" | tail -30 ;;
+    chunkedB8) timeout 200 python3 scripts/profile_chunked.py 8 2048 128 2>&1 | tee "$OUT/chunked_b8.log" | tail -30 ;;
+    proftrain) timeout 200 python3 scripts/profile_train.py 2>&1 | tee "$OUT/profile_train.log" | tail -40 ;;
     final) timeout 150 python3 -m pytest tests/test_backward.py -q -rA -k "opcheck or compiled or determin" 2>&1 \
              | tee "$OUT/final_tests.log" | grep -E "PASS|FAIL|passed|failed"
            timeout 150 python3 -m bench --shapes paper --ops full,talking_heads,none --modes fwd \
@@ -52,4 +55,5 @@ for step in "$@"; do
     ncu) timeout 300 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
              -k regex:mta_ python3 scripts/profile_one.py talking > "$OUT/ncu.txt" 2>&1; tail -60 "$OUT/ncu.txt" ;;
   esac
+  tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
 done

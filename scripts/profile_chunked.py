@@ -1,6 +1,8 @@
 """Where the row-chunked backward (the path for calls with convs) spends its time on the GPU:
-torch.profiler over one call at B=1, H=16, L=4096, D=128, bf16, paper weights; prints the
-top CUDA kernels and the wall time of each stage."""
+torch.profiler over one call at B=1, H=16, L=4096, D=128 (or `python scripts/profile_chunked.py
+B L D`), bf16, paper weights; prints the top CUDA kernels and the wall time of each stage."""
+import sys
+
 import torch
 import triton
 
@@ -10,7 +12,9 @@ from mta_kernels.chunked_backward import chunked_backward
 from mta_reference.mta import forward_intermediates
 
 torch.manual_seed(0)
-B, H, L, D = 1, 16, 4096, 128
+B, L, D = (int(x) for x in sys.argv[1:4]) if len(sys.argv) > 3 else (1, 4096, 128)
+H = 16
+print(f"B={B} H={H} L={L} D={D}")
 q, k, v, do = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
 conv = R.identity_conv(H, 6, 11, device="cuda") + 0.01 * torch.randn(H, 6, 11, device="cuda")
 mix = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
