@@ -21,7 +21,6 @@ import os
 
 import torch
 
-from mta_reference.backward import mix_heads_backward
 from mta_reference.mta import forward_intermediates
 
 from .forward import _precision
@@ -52,6 +51,24 @@ def _matmul_precision(q):
         matmul.fp32_precision = old
 
 
+def mix_slab(x, w):
+    """``mta_reference.mix_heads`` as one batched matmul over (batch, group): x (B, H, R, L),
+    w (G, ch, ch). The reference's einsum copies x into another layout when B > 1, and in
+    the H200 profiles its products ran on SIMT sgemm kernels."""
+    B, H, R, L = x.shape
+    G, ch, _ = w.shape
+    return torch.matmul(w.to(x.dtype), x.reshape(B, G, ch, R * L)).view(B, H, R, L)
+
+
+def mix_slab_weight_grad(grad, x, groups):
+    """Gradient of ``mix_slab(x, w)`` with respect to w (G, ch, ch) for G = ``groups``, summed
+    over the batch: grad, x (B, H, R, L). (The gradient for x is ``mix_slab(grad, w^T)``.)"""
+    B, H, R, L = x.shape
+    ch = H // groups
+    g = grad.reshape(B, groups, ch, R * L)
+    return torch.matmul(g, x.reshape(B, groups, ch, R * L).transpose(-1, -2)).sum(0)
+
+
 def rows_per_chunk(B, H, L, itemsize, budget=CHUNK_BYTES):
     """Rows per chunk so that LIVE_TENSORS slabs of (B, H, rows, L) fit in ``budget`` bytes."""
     return max(16, budget // (LIVE_TENSORS * B * H * L * itemsize))
@@ -74,6 +91,10 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
     cd = compute_dtype
     rep = H // Hkv
     dout = grad_out.to(cd)
+    # k, v in the compute dtype with the kv heads repeated, once for every chunk
+    kc, vc = k.to(cd), v.to(cd)
+    if rep > 1:
+        kc, vc = kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1)
     HQ = pre_conv.shape[1] - 1 if pre_conv is not None else 0
     HP = post_conv.shape[1] - 1 if post_conv is not None else 0
     R = rows or rows_per_chunk(B, H, L, torch.finfo(cd).bits // 8)
@@ -92,10 +113,10 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         # the conv kernels read them so (no masking pass) and skip the tiles there
         zero_above = lo if causal else None
         slab = dict(zero_above=zero_above, precision=prec)
-        t = forward_intermediates(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
+        t = forward_intermediates(q, kc, vc, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
                                   pad_key=pad_key, scale=scale, compute_dtype=cd, row_range=(lo, hi),
-                                  conv=functools.partial(key_query_conv, **slab))
-        s0, c, probs, a1, a, kc, vc = t.s0, t.c, t.probs, t.a1, t.a, t.k, t.v
+                                  conv=functools.partial(key_query_conv, **slab), mix=mix_slab)
+        s0, c, probs, a1, a = t.s0, t.c, t.probs, t.a1, t.a
         mine = slice(r0 - lo, r1 - lo)     # this chunk's rows of the slab
 
         # backward on the slab
@@ -103,8 +124,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         dv += torch.matmul(a[:, :, mine].transpose(-1, -2), do_slab[:, :, mine])
         da = torch.matmul(do_slab, vc.transpose(-1, -2))
         if post_mix is not None:
-            dw[3] += mix_heads_backward(da[:, :, mine], a1[:, :, mine], post_mix)[1]
-            da = mix_heads_backward(da, a1, post_mix)[0]
+            dw[3] += mix_slab_weight_grad(da[:, :, mine], a1[:, :, mine], post_mix.shape[0])
+            da = mix_slab(da, post_mix.transpose(-1, -2))
         dp = da
         if post_conv is not None:
             dw[2] += key_query_conv_weight_grad(da, probs, post_conv, pad_key, rows=(mine.start, mine.stop), **slab)
@@ -113,8 +134,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         dz = probs * (dp - delta)
         dc = dz
         if pre_mix is not None:
-            dw[1] += mix_heads_backward(dz[:, :, mine], c[:, :, mine], pre_mix)[1]
-            dc = mix_heads_backward(dz, c, pre_mix)[0]
+            dw[1] += mix_slab_weight_grad(dz[:, :, mine], c[:, :, mine], pre_mix.shape[0])
+            dc = mix_slab(dz, pre_mix.transpose(-1, -2))
         ds = dc
         if pre_conv is not None:
             dw[0] += key_query_conv_weight_grad(dc, s0, pre_conv, pad_key, rows=(mine.start, mine.stop), **slab)

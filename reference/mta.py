@@ -62,21 +62,24 @@ class Intermediates(NamedTuple):
 
 def forward_intermediates(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix=None, *,
                           causal=True, pad_key="both", scale=None, compute_dtype=torch.float32,
-                          row_range=None, conv=None) -> Intermediates:
+                          row_range=None, conv=None, mix=None) -> Intermediates:
     """The forward of spec section 2, step by step; see ``mta_attention`` for the arguments.
 
     row_range=(lo, hi) computes only query rows lo..hi-1 of every tensor. The convs then
     read zeros above row lo, so a result row i is exact only from lo + (cq-1) (pre conv) or
     lo + (cq-1) + (cq'-1) (post conv) on, unless lo = 0: callers ask for that halo.
-    conv: another implementation of ``key_query_conv`` (same signature) to use instead."""
+    conv, mix: other implementations of ``key_query_conv`` and ``mix_heads`` (same
+    signatures) to use instead."""
     conv = conv or key_query_conv
+    mix = mix or mix_heads
     p = validate(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
     lo, hi = row_range or (0, p.L)
     cd = compute_dtype
     rep = p.H // p.Hkv
     qc = q[:, :, lo:hi].to(cd)
-    kc = k.to(cd).repeat_interleave(rep, dim=1)
-    vc = v.to(cd).repeat_interleave(rep, dim=1)
+    kc, vc = k.to(cd), v.to(cd)
+    if rep > 1:
+        kc, vc = kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1)
     rows = torch.arange(lo, hi, device=q.device)
     future = rows[:, None] < torch.arange(p.L, device=q.device)[None, :]
     if not causal:
@@ -86,13 +89,13 @@ def forward_intermediates(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, 
     if pre_conv is not None:
         s0 = s0.masked_fill(future, 0.0)
     c = conv(s0, pre_conv, pad_key) if pre_conv is not None else s0
-    m = mix_heads(c, pre_mix) if pre_mix is not None else c
+    m = mix(c, pre_mix) if pre_mix is not None else c
     softmax_dtype = torch.float64 if cd == torch.float64 else torch.float32
     probs = torch.softmax(m.masked_fill(future, float("-inf")).to(softmax_dtype), dim=-1).to(cd)
     a1 = probs
     if post_conv is not None:
         a1 = conv(probs, post_conv, pad_key).masked_fill(future, 0.0)
-    a = mix_heads(a1, post_mix) if post_mix is not None else a1
+    a = mix(a1, post_mix) if post_mix is not None else a1
     return Intermediates(p, qc, kc, vc, future, s0, c, m, probs, a1, a)
 
 

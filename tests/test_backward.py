@@ -50,6 +50,22 @@ def test_chunked_backward_matches_reference(rows, L, causal, pad_key):
         assert torch.allclose(e, g, atol=1e-12, rtol=1e-10), name
 
 
+def test_slab_mixing_matches_reference():
+    """The chunked backward's batched-matmul head mixing and its weight gradient against the
+    reference's einsums: B=2, two groups, a row slice of a slab as input (a strided view)."""
+    from mta_kernels.chunked_backward import mix_slab, mix_slab_weight_grad
+    from mta_reference.backward import mix_heads_backward
+
+    g = torch.Generator().manual_seed(3)
+    x_full, grad_full = (torch.randn(2, 6, 9, 11, generator=g, dtype=torch.float64) for _ in range(2))
+    x, grad = x_full[:, :, 2:7], grad_full[:, :, 2:7]
+    w = torch.randn(2, 3, 3, generator=g, dtype=torch.float64)
+    dx, dw = mix_heads_backward(grad, x, w)
+    assert torch.allclose(mix_slab(x, w), mta_reference.mix_heads(x, w), atol=1e-12, rtol=1e-10)
+    assert torch.allclose(mix_slab(grad, w.transpose(-1, -2)), dx, atol=1e-12, rtol=1e-10)
+    assert torch.allclose(mix_slab_weight_grad(grad, x, 2), dw, atol=1e-12, rtol=1e-10)
+
+
 GRAD_CASES = [
     # no MTA part: the fused flash-attention backward
     Case(L=30),
