@@ -91,8 +91,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
     cd = compute_dtype
     rep = H // Hkv
     dout = grad_out.to(cd)
-    # k, v in the compute dtype with the kv heads repeated, once for every chunk
-    kc, vc = k.to(cd), v.to(cd)
+    # q, k, v in the compute dtype and the kv heads repeated, once for every chunk
+    qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
     if rep > 1:
         kc, vc = kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1)
     HQ = pre_conv.shape[1] - 1 if pre_conv is not None else 0
@@ -113,7 +113,7 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         # the conv kernels read them so (no masking pass) and skip the tiles there
         zero_above = lo if causal else None
         slab = dict(zero_above=zero_above, precision=prec)
-        t = forward_intermediates(q, kc, vc, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
+        t = forward_intermediates(qc, kc, vc, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
                                   pad_key=pad_key, scale=scale, compute_dtype=cd, row_range=(lo, hi),
                                   conv=functools.partial(key_query_conv, **slab), mix=mix_slab)
         s0, c, probs, a1, a = t.s0, t.c, t.probs, t.a1, t.a
