@@ -10,8 +10,9 @@ rows [lo, hi) of every (B, H, L, L) tensor. For the output rows [r0, r1) of a ch
     hi - HP - HQ, with hi = r1 + HQ + HP;
   - Delta = rowsum(P * dP) needs whole rows, which every slab has.
 
-The convs and their gradients on the slabs are the Triton stencils of conv_kernels.py
-(PyTorch's depthwise conv kernels were 80% of this backward's time on the H200). Each
+The convs and their gradients on the slabs are the Triton tensor-core kernels of
+conv_kernels.py (PyTorch's depthwise conv kernels were 80% of this backward's time on the
+H200), the head mixes batched matmuls, and for 16-bit inputs the matmuls run in TF32. Each
 chunk adds its rows' share to dq, dk, dv and the weight gradients, so the sums run over the
 chunks in a fixed order, and nothing uses atomics: the result is deterministic.
 """
