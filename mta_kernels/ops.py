@@ -6,8 +6,8 @@ fused flash-attention backward (O(L) memory, deterministic); with head mixing al
 (talking heads, D <= 128) a fused mixing backward (``backward.FUSED_MIX_BACKWARD``, on by
 default). With convs it is interim until fused conv backward kernels land:
 ``chunked_backward``, the reference backward one block of query rows at a time, with Triton
-stencils for the convs (exact; O(rows x L) memory, not O(L^2); 1.6x faster than the
-materialized path at L=4096 on the H200, far from fused speed). Gradients are
+tensor-core kernels for the convs (exact; O(rows x L) memory, not O(L^2); 4x faster than
+the materialized path at L=4096 on the H200, far from fused speed). Gradients are
 computed only for inputs that require them (the others come back as empty tensors).
 
 Determinism: the backward is bitwise reproducible by default on every path, so it needs no

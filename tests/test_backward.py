@@ -356,7 +356,7 @@ def test_slab_conv_masked_output_and_weight_grad_rows(transpose):
 
 
 def test_chunked_backward_long_causal_slabs():
-    """Slabs several column tiles wide, so the stencils skip the tiles above the diagonal."""
+    """Slabs several column tiles wide, so the slab convs skip the tiles above the diagonal."""
     case = Case(B=1, H=2, L=150, D=8, pre_conv=(3, 5), post_conv=(2, 5), post_mix=2)
     inputs = make_inputs(case, torch.float64, "cpu")
     grad = torch.randn(inputs[0].shape, dtype=torch.float64)
