@@ -212,11 +212,14 @@ def mix_forward(q, k, v, pre_mix, post_mix, causal, scale, config=None):
     cfg = dict(BM=16, BN=16, num_warps=8, num_stages=2)
     cfg.update(config or {})
     grid = (triton.cdiv(L, cfg["BM"]), B * (H // NH))
-    for is_stats in (True, False):
+    # post-softmax mixing needs each row's lse first (pass 1); without it one pass does all
+    passes = (True, False) if post_mix is not None else (False,)
+    for is_stats in passes:
         mta_mix_fwd_kernel[grid](
             q, k, v, out, lse, mix_pre, mix_post,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             H, H // k.shape[1], L, D, scale, H // NH,
-            IS_STATS=is_stats, CAUSAL=causal, PRE_MIX=pre_mix is not None, POST_MIX=post_mix is not None,
+            IS_STATS=is_stats, ONE_PASS=post_mix is None, CAUSAL=causal,
+            PRE_MIX=pre_mix is not None, POST_MIX=post_mix is not None,
             NH=NH, NHP=NHP, DP=DP, MIX_PREC=_precision(q), DOT_PREC=_precision(q), **cfg)
     return out, lse

@@ -57,12 +57,15 @@ def mta_mix_fwd_kernel(
     q, k, v, out, lse, w_pre_mix, w_post_mix,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
     H, HKV_REP, L, D, scale, n_head_blocks,
-    IS_STATS: tl.constexpr, CAUSAL: tl.constexpr, PRE_MIX: tl.constexpr, POST_MIX: tl.constexpr,
+    IS_STATS: tl.constexpr, ONE_PASS: tl.constexpr, CAUSAL: tl.constexpr,
+    PRE_MIX: tl.constexpr, POST_MIX: tl.constexpr,
     NH: tl.constexpr, NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """q: (B, H, L, D); k, v: (B, H // HKV_REP, L, D); out: (B, H, L, D); lse: (B, H, L) fp32
-    (written in pass 1, read in pass 2). w_pre_mix / w_post_mix: (H // NH, NH, NH) fp32."""
+    (written in pass 1, read in pass 2). w_pre_mix / w_post_mix: (H // NH, NH, NH) fp32.
+    ONE_PASS (no post_mix): out and lse in a single pass with an online softmax per head, as
+    in flash attention: only post-softmax mixing needs the normalised P up front."""
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)   # longest causal rows first
     i_bh, i_b, i_hb, hh, head_ok, heads, kv_heads = _head_block(n_head_blocks, HKV_REP, NH, NHP)
     rows = i_m * BM + tl.arange(0, BM)
@@ -78,12 +81,13 @@ def mta_mix_fwd_kernel(
     stat, stat_ok = _row_stats(H, L, i_b, heads, rows, head_ok)                           # [NHP, BM]
     stat_ptrs = lse + stat
 
-    if IS_STATS:
+    if IS_STATS or ONE_PASS:
         b_m = tl.full([NHP, BM], float("-inf"), dtype=lse.dtype.element_ty)
         b_l = tl.zeros([NHP, BM], dtype=lse.dtype.element_ty)
-    else:
-        b_lse = tl.load(stat_ptrs, mask=stat_ok, other=0.0)
+    if not IS_STATS:
         b_acc = tl.zeros([NHP, BM, DP], dtype=lse.dtype.element_ty)
+    if not (IS_STATS or ONE_PASS):
+        b_lse = tl.load(stat_ptrs, mask=stat_ok, other=0.0)
 
     hi = L
     if CAUSAL:
@@ -97,12 +101,17 @@ def mta_mix_fwd_kernel(
         keep = cols[None, None, :] < L
         if CAUSAL:
             keep = keep & (cols[None, None, :] <= rows[None, :, None])
-        if IS_STATS:
+        if IS_STATS or ONE_PASS:
             b_z = tl.where(keep, b_s, float("-inf"))
             m_new = tl.maximum(b_m, tl.max(b_z, axis=2))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            b_l = b_l * tl.exp(b_m - m_safe) + tl.sum(tl.exp(b_z - m_safe[:, :, None]), axis=2)
+            alpha = tl.exp(b_m - m_safe)
+            b_e = tl.exp(b_z - m_safe[:, :, None])
+            b_l = b_l * alpha + tl.sum(b_e, axis=2)
             b_m = m_new
+            if ONE_PASS:
+                b_v = _load_heads(v_base, kv_heads, svh, cols, dims, svl, svd, head_ok, L, D)  # [NHP, BN, DP]
+                b_acc = b_acc * alpha[:, :, None] + tl.dot(b_e.to(b_v.dtype), b_v, input_precision=DOT_PREC)
         else:
             b_p = tl.where(keep, tl.exp(b_s - b_lse[:, :, None]), 0.0)
             if POST_MIX:
@@ -110,9 +119,11 @@ def mta_mix_fwd_kernel(
             b_v = _load_heads(v_base, kv_heads, svh, cols, dims, svl, svd, head_ok, L, D)  # [NHP, BN, DP]
             b_acc += tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
 
-    if IS_STATS:
+    if IS_STATS or ONE_PASS:
         tl.store(stat_ptrs, b_m + tl.log(b_l), mask=stat_ok)
-    else:
+    if ONE_PASS:
+        b_acc = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, :, None]
+    if not IS_STATS:
         o_ptrs = (out + i_b * sob + heads[:, None, None].to(tl.int64) * soh
                   + rows[None, :, None].to(tl.int64) * sol + dims[None, None, :] * sod)
         o_mask = head_ok[:, None, None] & (rows[None, :, None] < L) & (dims[None, None, :] < D)

@@ -70,7 +70,7 @@ SLAB_CONV_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=st, TILES=tiles)
 
 
 def launch(op, D, H=16, L=256):
-    """Launch one path of the dispatcher (op: flash_fwd, mix_fwd, full_fwd, flash_bwd,
+    """Launch one path of the dispatcher (op: flash_fwd, mix_fwd, premix_fwd, full_fwd, flash_bwd,
     mix_bwd, slab_conv) with bf16 inputs of head size D, paper-sized MTA weights."""
     from mta_kernels import backward, forward
     import mta_reference as R
@@ -82,6 +82,8 @@ def launch(op, D, H=16, L=256):
         forward.mta_forward(q, k, v, None, None, None, None, True, "both", scale)
     elif op == "mix_fwd":
         forward.mta_forward(q, k, v, None, mix, None, mix, True, "both", scale)
+    elif op == "premix_fwd":
+        forward.mta_forward(q, k, v, None, mix, None, None, True, "both", scale)
     elif op == "full_fwd":
         forward.mta_forward(q, k, v, conv, mix, conv, mix, True, "both", scale)
     elif op == "flash_bwd":

@@ -34,7 +34,9 @@ CPU_CASES = [
     Case(H=10, L=40, D=16, pre_conv=(2, 3), pre_mix=10, post_conv=(2, 3), post_mix=5),
     Case(H=6, L=40, D=16, pre_mix=2, post_mix=3),                # different group sizes (lcm 6)
     # mixing without convs, groups of >= 8 heads: the register kernel (mix_kernels.py)
-    Case(H=8, L=45, D=24, pre_mix=8),
+    Case(H=8, L=45, D=24, pre_mix=8),                            # pre_mix alone: one online-softmax pass
+    Case(B=2, H=16, Hkv=4, L=33, D=16, pre_mix=16, causal=False, layout="blhd"),
+    Case(H=8, L=1, D=16, pre_mix=8),
     Case(H=8, L=45, D=24, post_mix=8, causal=False),
     Case(B=2, H=16, Hkv=4, L=33, D=16, pre_mix=8, post_mix=16),
     Case(H=16, L=20, D=16, pre_mix=8, post_mix=4),                # two head blocks, block-diagonal post mix
