@@ -16,6 +16,20 @@ FUSED_MIX_BACKWARD = os.environ.get("MTA_KERNELS_FUSED_MIX_BACKWARD", "1") == "1
 # that the dot operands of 16 heads fit the H200's shared memory (D <= 128, as the forward).
 MIX_BWD_DIM_CHUNK = 64
 
+# Its programs take most of an SM's shared memory (one program per SM), so a grid of fewer
+# than this many row (key) blocks splits each one's keys (rows) into up to MIX_BWD_MAX_SPLITS
+# ranges: the H200's 132 SMs, a few programs each to balance the causal rows' lengths.
+MIX_BWD_TARGET_PROGRAMS = 4 * 132
+MIX_BWD_MAX_SPLITS = 8
+
+
+def mix_backward_splits(programs: int, tiles: int) -> int:
+    """Key (row) ranges per row (key) block of the talking-heads backward: enough for about
+    MIX_BWD_TARGET_PROGRAMS programs, at most MIX_BWD_MAX_SPLITS and the number of tiles."""
+    want = triton.cdiv(MIX_BWD_TARGET_PROGRAMS, max(1, programs))
+    return max(1, min(want, MIX_BWD_MAX_SPLITS, tiles))
+
+
 # Launch configurations of the plain-attention backward (L > 32; shorter runs use one block).
 # H200, L=4096, H=16, D=128, bf16 (scripts/tune.py flashbwd): 64x64 with 4 warps for both
 # 0.667 ms (SDPA's backward 0.434); 32x128/8 warps for dk/dv 0.773, 64x32 for dq 0.703.
@@ -76,31 +90,36 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale):
     w_pre, w_post = block_mix_weights(pre_mix, post_mix, H, NH, acc, dev)
     n_blocks = H // NH
     n_rows = triton.cdiv(L, BM)
-    delta = torch.empty(B, H, L, device=dev, dtype=acc)
-    dq = torch.empty(B, H, L, D, device=dev, dtype=acc)
-    dk_heads = torch.empty(B, H, L, D, device=dev, dtype=acc)
-    dv_heads = torch.empty(B, H, L, D, device=dev, dtype=acc)
-    dw_pre = torch.zeros(B * n_blocks * n_rows, NH, NH, device=dev, dtype=acc)
+    n_splits = mix_backward_splits(n_rows * B * n_blocks, n_rows)
+    # per split: partial Delta, dq, dk, dv and weight gradients, summed below in a fixed order
+    delta = torch.empty(n_splits, B, H, L, device=dev, dtype=acc)
+    dq = torch.empty(n_splits, B, H, L, D, device=dev, dtype=acc)
+    dkv_heads = torch.empty(n_splits, B, H, L, D, device=dev, dtype=acc)
+    dw_pre = torch.zeros(n_splits * B * n_blocks * n_rows, NH, NH, device=dev, dtype=acc)
     dw_post = torch.zeros_like(dw_pre)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     common = dict(CAUSAL=causal, PRE_MIX=pre_mix is not None, POST_MIX=post_mix is not None,
                   NH=NH, NHP=NHP, BM=BM, BN=BN, DP=DP, DC=min(DP, MIX_BWD_DIM_CHUNK), MIX_PREC=_precision(q), DOT_PREC=_precision(q),
                   num_warps=8, num_stages=1)
-    mta_mix_bwd_row_kernel[(n_rows, B * n_blocks)](
-        q, k, v, grad_out, lse, delta, dq, dw_pre, dw_post, w_pre, w_post, *strides,
-        H, H // Hkv, L, D, scale, n_blocks, **common)
-    for grad_k, dkv in ((True, dk_heads), (False, dv_heads)):
-        mta_mix_bwd_col_kernel[(triton.cdiv(L, BN), B * n_blocks)](
-            q, k, v, grad_out, lse, delta, dkv, w_pre, w_post, *strides,
-            H, H // Hkv, L, D, scale, n_blocks, GRAD_K=grad_k, **common)
+    grid = (n_rows, B * n_blocks, n_splits)
+    args = (q, k, v, grad_out, lse)
+    tail = (*strides, H, H // Hkv, L, D, scale, n_blocks)
+    mta_mix_bwd_row_kernel[grid](*args, delta, dq, dw_pre, dw_post, w_pre, w_post, *tail, DELTA=True, **common)
+    delta = delta.sum(0)
+    mta_mix_bwd_row_kernel[grid](*args, delta, dq, dw_pre, dw_post, w_pre, w_post, *tail, DELTA=False, **common)
+    dq = dq.sum(0)
     rep = H // Hkv
-    dk = dk_heads.view(B, Hkv, rep, L, D).sum(2)
-    dv = dv_heads.view(B, Hkv, rep, L, D).sum(2)
+    dk_dv = []
+    for grad_k in (True, False):
+        mta_mix_bwd_col_kernel[(triton.cdiv(L, BN), B * n_blocks, n_splits)](
+            *args, delta, dkv_heads, w_pre, w_post, *tail, GRAD_K=grad_k, **common)
+        dk_dv.append(dkv_heads.sum(0).view(B, Hkv, rep, L, D).sum(2))
+    dk, dv = dk_dv
 
     def weight_grad(partial, w):
         if w is None:
             return None
-        blocks = partial.view(B, n_blocks, n_rows, NH, NH).sum((0, 2))
+        blocks = partial.view(n_splits, B, n_blocks, n_rows, NH, NH).sum((0, 1, 3))
         return _unblock_mix_grad(blocks, H, w.shape[1]).to(w.dtype)
 
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),

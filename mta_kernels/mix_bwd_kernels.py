@@ -13,6 +13,13 @@ once for Delta, once for dq and the weight-gradient partials. The column kernel 
 the tiles key block by key block, launched once for dk and once for dv (two [16, BN, D]
 fp32 accumulators would not fit in registers), so no atomics are needed and the results are
 deterministic; dk and dv come out per query head and the host sums the GQA groups.
+
+A program holds all heads of a block, so short grids (B * H / NH small) leave SMs idle and
+wait on the longest causal rows. Then the keys of each row block (rows of each key block)
+are split into program_id(2) contiguous ranges: each split writes its own partial Delta,
+dq, dk, dv and weight gradients, which the host sums in a fixed order. The row kernel runs
+as two launches (DELTA: partial Delta; then dq and weight partials from the summed Delta):
+one program doing both sweeps spilled more (832 B against 0 and 484 on sm_90a).
 """
 import triton
 import triton.language as tl
@@ -87,6 +94,15 @@ def _tile_grads(ptrs, strides, heads, kv_heads, rows, cols, heads_ok, b_lse, w_p
 
 
 @triton.jit
+def _split_range(start, end, STEP: tl.constexpr):
+    """This program's share [lo, hi) of [start, end), in whole STEP-sized tiles: split
+    program_id(2) of num_programs(2) contiguous ranges (empty for splits past the end)."""
+    per = tl.cdiv(tl.cdiv(end - start, STEP), tl.num_programs(2)) * STEP
+    lo = start + tl.program_id(2) * per
+    return lo, tl.minimum(end, lo + per)
+
+
+@triton.jit
 def _block_inputs(q, k, v, dout, w_pre_mix, w_post_mix,
                   sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
                   HKV_REP, n_head_blocks, NH: tl.constexpr, NHP: tl.constexpr):
@@ -106,17 +122,20 @@ def mta_mix_bwd_row_kernel(
     q, k, v, dout, lse, delta, dq, dw_pre, dw_post, w_pre_mix, w_post_mix,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
     H, HKV_REP, L, D, scale, n_head_blocks,
-    CAUSAL: tl.constexpr, PRE_MIX: tl.constexpr, POST_MIX: tl.constexpr,
+    DELTA: tl.constexpr, CAUSAL: tl.constexpr, PRE_MIX: tl.constexpr, POST_MIX: tl.constexpr,
     NH: tl.constexpr, NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     DC: tl.constexpr, MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """For BM rows of a head block: delta (B, H, L) fp32, dq (B, H, L, D) fp32, and this
+    """For BM rows of a head block and the keys of split program_id(2). DELTA: write the
+    split's partial delta (n_splits, B, H, L) fp32. Otherwise read the summed delta
+    (B, H, L) and write the split's partial dq (n_splits, B, H, L, D) fp32 and this
     program's partial weight gradients dw_pre / dw_post (n_programs, NH, NH) fp32."""
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)   # longest causal rows first
     i_bh, i_b, hh, head_ok, heads, kv_heads, ptrs, strides, w_pre, w_post = _block_inputs(
         q, k, v, dout, w_pre_mix, w_post_mix, sqb, sqh, sql, sqd, skb, skh, skl, skd,
         svb, svh, svl, svd, sdb, sdh, sdl, sdd, HKV_REP, n_head_blocks, NH, NHP)
-    prog = i_bh * tl.num_programs(0) + i_m
+    prog = (tl.program_id(2) * tl.num_programs(1) + i_bh) * tl.num_programs(0) + i_m
+    split = tl.program_id(2).to(tl.int64) * tl.num_programs(1) * NH * L   # B * H * L per split
     rows = i_m * BM + tl.arange(0, BM)
     dims = tl.arange(0, DP)
     NC: tl.constexpr = DP // DC
@@ -126,21 +145,25 @@ def mta_mix_bwd_row_kernel(
     hi = L
     if CAUSAL:
         hi = tl.minimum(L, (i_m + 1) * BM)
+    k_lo, k_hi = _split_range(0, hi, BN)
     acc_t = dq.dtype.element_ty   # fp32, or fp64 for fp64 inputs
-    b_delta = tl.zeros([NHP, BM], dtype=acc_t)
-    for j0 in range(0, hi, BN):
-        cols = j0 + tl.arange(0, BN)
-        _, b_p, _, _, b_dp = _tile_grads(ptrs, strides, heads, kv_heads, rows, cols, head_ok, b_lse,
-                                         w_pre, w_post, scale, L, D, CAUSAL, PRE_MIX, POST_MIX,
-                                         NHP, BM, BN, DC, NC, MIX_PREC, DOT_PREC)
-        b_delta += tl.sum(b_p * b_dp, axis=2)
-    tl.store(delta + stat_ptrs, b_delta, mask=stat_ok)
+    if DELTA:
+        b_delta = tl.zeros([NHP, BM], dtype=acc_t)
+        for t in range(0, (k_hi - k_lo + BN - 1) // BN):
+            cols = k_lo + t * BN + tl.arange(0, BN)
+            _, b_p, _, _, b_dp = _tile_grads(ptrs, strides, heads, kv_heads, rows, cols, head_ok, b_lse,
+                                             w_pre, w_post, scale, L, D, CAUSAL, PRE_MIX, POST_MIX,
+                                             NHP, BM, BN, DC, NC, MIX_PREC, DOT_PREC)
+            b_delta += tl.sum(b_p * b_dp, axis=2)
+        tl.store(delta + split + stat_ptrs, b_delta, mask=stat_ok)
+        return
+    b_delta = tl.load(delta + stat_ptrs, mask=stat_ok, other=0.0)
 
     b_dq = tl.zeros([NHP, BM, DP], dtype=acc_t)
     b_dw_pre = tl.zeros([NHP, NHP], dtype=acc_t)
     b_dw_post = tl.zeros([NHP, NHP], dtype=acc_t)
-    for j0 in range(0, hi, BN):
-        cols = j0 + tl.arange(0, BN)
+    for t in range(0, (k_hi - k_lo + BN - 1) // BN):
+        cols = k_lo + t * BN + tl.arange(0, BN)
         b_s, b_p, _, b_da, b_dp = _tile_grads(ptrs, strides, heads, kv_heads, rows, cols, head_ok, b_lse,
                                               w_pre, w_post, scale, L, D, CAUSAL, PRE_MIX, POST_MIX,
                                               NHP, BM, BN, DC, NC, MIX_PREC, DOT_PREC)
@@ -154,7 +177,7 @@ def mta_mix_bwd_row_kernel(
         b_k = _load_heads(k + i_b * skb, kv_heads, skh, cols, dims, skl, skd, head_ok, L, D)
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PREC)
 
-    o_ptrs = (dq + (i_b * H + heads[:, None, None]) * L * D + rows[None, :, None].to(tl.int64) * D
+    o_ptrs = (dq + split * D + (i_b * H + heads[:, None, None]) * L * D + rows[None, :, None].to(tl.int64) * D
               + dims[None, None, :])
     o_mask = head_ok[:, None, None] & (rows[None, :, None] < L) & (dims[None, None, :] < D)
     tl.store(o_ptrs, b_dq * scale, mask=o_mask)
@@ -175,9 +198,10 @@ def mta_mix_bwd_col_kernel(
     NH: tl.constexpr, NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     DC: tl.constexpr, MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """For BN keys of a head block: dk (GRAD_K) or dv, (B, H, L, D) fp32 per *query* head
-    (the host sums the query heads that share a kv head). One gradient per launch keeps a
-    single [NHP, BN, DP] accumulator in registers."""
+    """For BN keys of a head block and the rows of split program_id(2): dk (GRAD_K) or dv,
+    (n_splits, B, H, L, D) fp32 per *query* head (the host sums the splits and the query
+    heads that share a kv head). One gradient per launch keeps a single [NHP, BN, DP]
+    accumulator in registers."""
     i_n = tl.program_id(0)
     i_bh, i_b, hh, head_ok, heads, kv_heads, ptrs, strides, w_pre, w_post = _block_inputs(
         q, k, v, dout, w_pre_mix, w_post_mix, sqb, sqh, sql, sqd, skb, skh, skl, skd,
@@ -189,8 +213,9 @@ def mta_mix_bwd_col_kernel(
     lo = 0
     if CAUSAL:
         lo = (i_n * BN // BM) * BM
-    for i0 in range(lo, L, BM):
-        rows = i0 + tl.arange(0, BM)
+    r_lo, r_hi = _split_range(lo, L, BM)
+    for t in range(0, (r_hi - r_lo + BM - 1) // BM):
+        rows = r_lo + t * BM + tl.arange(0, BM)
         stat_ptrs, stat_ok = _row_stats(H, L, i_b, heads, rows, head_ok)
         b_lse = tl.load(lse + stat_ptrs, mask=stat_ok, other=0.0)
         _, b_p, b_a, _, b_dp = _tile_grads(ptrs, strides, heads, kv_heads, rows, cols, head_ok, b_lse,
@@ -212,4 +237,5 @@ def mta_mix_bwd_col_kernel(
     mask = head_ok[:, None, None] & (cols[None, :, None] < L) & (dims[None, None, :] < D)
     if GRAD_K:
         b_acc = b_acc * scale
-    tl.store(dkv + offs, b_acc, mask=mask)
+    split = tl.program_id(2).to(tl.int64) * tl.num_programs(1) * NH * L * D   # B * H * L * D per split
+    tl.store(dkv + split + offs, b_acc, mask=mask)

@@ -89,7 +89,10 @@ def launch(op, D, H=16, L=256):
     elif op == "flash_bwd":
         backward.flash_backward(do, q, k, v, q, lse, True, scale)
     elif op == "mix_bwd":
+        backward.mix_backward(do, q, k, v, mix, mix, lse, True, scale)   # short grid: key splits
+        splits, backward.MIX_BWD_MAX_SPLITS = backward.MIX_BWD_MAX_SPLITS, 1   # a full grid: no splits
         backward.mix_backward(do, q, k, v, mix, mix, lse, True, scale)
+        backward.MIX_BWD_MAX_SPLITS = splits
     elif op == "slab_conv":
         from mta_kernels import slab_conv
         x = torch.randn(1, H, 64, L)

@@ -132,6 +132,24 @@ def test_fused_mix_backward(case, dtype, device, monkeypatch):
     assert calls, "the fused mixing backward did not run"
 
 
+@pytest.mark.parametrize("splits", [1, 2, 8])
+def test_fused_mix_backward_splits_agree(splits, device, monkeypatch):
+    """The talking-heads backward with 1, 2 and 8 ranges (splits longer and shorter than the
+    rows, empty ones) of keys per row block and rows per key block: the same gradients up to
+    summation order."""
+    case = Case(B=2, H=8, Hkv=2, L=70, D=16, pre_mix=8, post_mix=4)
+    q, k, v, *w = make_inputs(case, torch.float32, device)
+    lse = mta_kernels.forward.mta_forward(q, k, v, *w, True, "both", case.D ** -0.5)[1]
+    grad = torch.randn_like(q)
+    run = lambda: mta_kernels.backward.mix_backward(grad, q, k, v, w[1], w[3], lse, True, case.D ** -0.5)
+    monkeypatch.setattr(mta_kernels.backward, "MIX_BWD_MAX_SPLITS", 1)
+    expected = run()
+    monkeypatch.setattr(mta_kernels.backward, "MIX_BWD_MAX_SPLITS", splits)
+    assert mta_kernels.backward.mix_backward_splits(5 * 2, 5) == min(splits, 5)
+    for e, g in zip(expected, run()):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", [Case(H=16, L=2048, D=128, pre_mix=16, post_mix=16),
