@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -49,6 +49,11 @@ for step in "$@"; do
              --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/paperbwd.log" | grep -E "^\[|wrote|status" ;;
     compiled) timeout 100 python3 -m bench --shapes sweep --lengths 4096 --ops full,none --modes fwd,fwd+bwd \
              --providers naive-compiled --no-plots --out "$RES" 2>&1 | tee "$OUT/compiled.log" | grep -E "^\[|wrote|status" ;;
+    unmeasured) # what landed after session 3's device time: pre_mix in one pass, talking-heads backward key splits
+             timeout 200 python3 -m pytest tests -m gpu -q -rA -k "mix or deterministic" 2>&1 | tee "$OUT/unmeasured_tests.log" \
+               | grep -E "FAIL|ERROR|passed|failed"
+             timeout 200 python3 -m bench --shapes sweep --lengths 2048,4096 --ops talking_heads,pre_mix,post_mix,none \
+               --modes fwd,bwd,fwd+bwd --providers fused,sdpa --out "$RES" 2>&1 | tee "$OUT/unmeasured.log" | grep -E "^\[|status" ;;
     slabconv) timeout 200 python3 scripts/tune.py slabconv 2>&1 | tee "$OUT/tune_slabconv.log" ;;
     bwdtests) timeout 300 python3 -m pytest tests/test_backward.py -m gpu -q -rA 2>&1 | tee "$OUT/bwdtests.log" \
                 | grep -E "PASS|FAIL|ERROR|passed|failed" ;;
