@@ -5,7 +5,7 @@ import torch
 import triton
 
 from .flash_kernels import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
-from .forward import _next_pow2, _precision, acc_dtype, block_mix_weights, heads_per_program
+from .forward import _next_pow2, _precision, acc_dtype, block_mix_weights, heads_per_program, split_count
 from .mix_bwd_kernels import mta_mix_bwd_col_kernel, mta_mix_bwd_row_kernel
 
 # The fused talking-heads backward (default) or, with MTA_KERNELS_FUSED_MIX_BACKWARD=0, the
@@ -26,8 +26,7 @@ MIX_BWD_MAX_SPLITS = 8
 def mix_backward_splits(programs: int, tiles: int) -> int:
     """Key (row) ranges per row (key) block of the talking-heads backward: enough for about
     MIX_BWD_TARGET_PROGRAMS programs, at most MIX_BWD_MAX_SPLITS and the number of tiles."""
-    want = triton.cdiv(MIX_BWD_TARGET_PROGRAMS, max(1, programs))
-    return max(1, min(want, MIX_BWD_MAX_SPLITS, tiles))
+    return split_count(programs, tiles, MIX_BWD_TARGET_PROGRAMS, MIX_BWD_MAX_SPLITS)
 
 
 # Launch configurations of the plain-attention backward (L > 32; shorter runs use one block).

@@ -162,8 +162,7 @@ def key_splits(row_programs: int, key_tiles: int) -> int:
     programs run; 1 when the row blocks alone fill the GPU. Each split costs one fp32
     (B, H, L, D) output slab, so the count is capped at MAX_KEY_SPLITS (and at the number
     of key tiles)."""
-    want = triton.cdiv(TARGET_PROGRAMS, max(1, row_programs))
-    return max(1, min(want, MAX_KEY_SPLITS, key_tiles))
+    return split_count(row_programs, key_tiles, TARGET_PROGRAMS, MAX_KEY_SPLITS)
 
 
 def _combine_lse(m_run, l_run):
@@ -196,30 +195,68 @@ def flash_forward(q, k, v, causal, scale, config=None):
 
 def mix_forward(q, k, v, pre_mix, post_mix, causal, scale, config=None):
     """Head mixing without convs, all heads of a block in registers. Returns (out, lse).
-    config: optional dict overriding BM, BN, num_warps, num_stages (for tuning)."""
+    config: optional dict overriding BM, BN, num_warps, num_stages and splits (key ranges
+    per row block; by default enough to fill the GPU, see mix_forward_splits)."""
     B, H, L, D = q.shape
     NH = heads_per_program(pre_mix, post_mix)
     NHP = max(16, _next_pow2(NH))
     dev = q.device
     acc = acc_dtype(q)
     mix_pre, mix_post = block_mix_weights(pre_mix, post_mix, H, NH, acc, dev)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(B, H, L, device=dev, dtype=acc)
     DP = max(16, _next_pow2(D))
     # H200, L=4096, H=16, D=128, bf16 (scripts/tune.py): 16x16 with 8 warps and 2 stages
     # 2.14 ms; 1 stage 2.69; 16x32 3.03; 32x16 3.62; 4 warps 5.92; 32x32 and 16x64 exceed
     # shared memory.
     cfg = dict(BM=16, BN=16, num_warps=8, num_stages=2)
     cfg.update(config or {})
-    grid = (triton.cdiv(L, cfg["BM"]), B * (H // NH))
+    n_splits = cfg.pop("splits", None)
+    n_rows = triton.cdiv(L, cfg["BM"])
+    if n_splits is None:
+        n_splits = mix_forward_splits(n_rows * B * (H // NH), triton.cdiv(L, cfg["BN"]))
+    grid = (n_rows, B * (H // NH), n_splits)
+    lse = torch.empty(B, H, L, device=dev, dtype=acc)
+    if n_splits == 1:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        out_split, lse_split = out.unsqueeze(0), lse.unsqueeze(0)
+    else:
+        out_split = torch.empty(n_splits, B, H, L, D, device=dev, dtype=acc)
+        lse_split = torch.empty(n_splits, B, H, L, device=dev, dtype=acc)
+    one_pass = post_mix is None
     # post-softmax mixing needs each row's lse first (pass 1); without it one pass does all
-    passes = (True, False) if post_mix is not None else (False,)
-    for is_stats in passes:
+    for is_stats in ((False,) if one_pass else (True, False)):
         mta_mix_fwd_kernel[grid](
-            q, k, v, out, lse, mix_pre, mix_post,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            q, k, v, out_split, lse, lse_split, mix_pre, mix_post,
+            *q.stride(), *k.stride(), *v.stride(), *out_split.stride(),
             H, H // k.shape[1], L, D, scale, H // NH,
-            IS_STATS=is_stats, ONE_PASS=post_mix is None, CAUSAL=causal,
+            IS_STATS=is_stats, ONE_PASS=one_pass, CAUSAL=causal,
             PRE_MIX=pre_mix is not None, POST_MIX=post_mix is not None,
             NH=NH, NHP=NHP, DP=DP, MIX_PREC=_precision(q), DOT_PREC=_precision(q), **cfg)
-    return out, lse
+        if n_splits > 1 and (is_stats or one_pass):
+            lse.copy_(torch.logsumexp(lse_split, 0))
+    if n_splits == 1:
+        return out, lse
+    if one_pass:
+        # each split's rows are normalised by its own sum: weight them by their share of the total
+        share = torch.exp(lse_split - lse)
+        out_split *= torch.where(torch.isneginf(lse_split), 0.0, share).unsqueeze(-1)
+    return out_split.sum(0).to(q.dtype), lse
+
+
+# The register-mixing forward takes most of an SM's shared memory (one program per SM), so a
+# grid of fewer than this many row blocks splits each one's keys into up to MIX_FWD_MAX_SPLITS
+# ranges: the H200's 132 SMs, a few programs each to balance the causal rows' lengths.
+MIX_FWD_TARGET_PROGRAMS = 4 * 132
+MIX_FWD_MAX_SPLITS = 8
+
+
+def mix_forward_splits(programs: int, tiles: int) -> int:
+    """Key ranges per row block of the talking-heads forward: enough for about
+    MIX_FWD_TARGET_PROGRAMS programs, at most MIX_FWD_MAX_SPLITS and the number of tiles."""
+    return split_count(programs, tiles, MIX_FWD_TARGET_PROGRAMS, MIX_FWD_MAX_SPLITS)
+
+
+def split_count(programs: int, tiles: int, target: int, cap: int) -> int:
+    """Ranges to split each of ``programs`` programs' ``tiles`` tiles into so that about
+    ``target`` programs run: at least 1, at most ``cap`` and ``tiles``."""
+    want = triton.cdiv(target, max(1, programs))
+    return max(1, min(want, cap, tiles))

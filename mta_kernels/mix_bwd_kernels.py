@@ -24,7 +24,7 @@ one program doing both sweeps spilled more (832 B against 0 and 484 on sm_90a).
 import triton
 import triton.language as tl
 
-from .mix_kernels import _head_block, _load_block_weight, _load_heads, _mix, _row_stats
+from .mix_kernels import _head_block, _load_block_weight, _load_heads, _mix, _row_stats, _split_range
 
 
 @triton.jit
@@ -91,15 +91,6 @@ def _tile_grads(ptrs, strides, heads, kv_heads, rows, cols, heads_ok, b_lse, w_p
         if POST_MIX:
             b_dp = _mix_t(w_post, b_da, NHP, BM, BN, MIX_PREC)
     return b_s, b_p, b_a, b_da, b_dp
-
-
-@triton.jit
-def _split_range(start, end, STEP: tl.constexpr):
-    """This program's share [lo, hi) of [start, end), in whole STEP-sized tiles: split
-    program_id(2) of num_programs(2) contiguous ranges (empty for splits past the end)."""
-    per = tl.cdiv(tl.cdiv(end - start, STEP), tl.num_programs(2)) * STEP
-    lo = start + tl.program_id(2) * per
-    return lo, tl.minimum(end, lo + per)
 
 
 @triton.jit

@@ -7,6 +7,12 @@ another batched dot. Nothing goes through scratch memory and no barrier is neede
 
 Pass 1 (IS_STATS) computes the row log-sum-exp of the mixed logits per head; pass 2
 normalises with it, applies the post-softmax mixing and multiplies by V.
+
+A program holds all heads of a block, so short grids (B * H / NH small) would leave SMs idle
+and wait on the longest causal rows. Then the keys of each row block are split into
+program_id(2) contiguous ranges, as in flash decoding: each split writes the log-sum-exp of
+its own keys and its own output rows (normalised by its own sum in one pass, unnormalised
+partial sums in pass 2), which the host combines in a fixed order.
 """
 import triton
 import triton.language as tl
@@ -19,6 +25,15 @@ def _load_heads(base, heads, stride_h, rows, dims, stride_l, stride_d, head_ok, 
             + rows[None, :, None].to(tl.int64) * stride_l + dims[None, None, :].to(tl.int64) * stride_d)
     mask = head_ok[:, None, None] & (rows[None, :, None] < L) & (dims[None, None, :] < D)
     return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _split_range(start, end, STEP: tl.constexpr):
+    """This program's share [lo, hi) of [start, end), in whole STEP-sized tiles: split
+    program_id(2) of num_programs(2) contiguous ranges (empty for splits past the end)."""
+    per = tl.cdiv(tl.cdiv(end - start, STEP), tl.num_programs(2)) * STEP
+    lo = start + tl.program_id(2) * per
+    return lo, tl.minimum(end, lo + per)
 
 
 @triton.jit
@@ -54,18 +69,21 @@ def _row_stats(H, L, i_b, heads, rows, head_ok):
 
 @triton.jit
 def mta_mix_fwd_kernel(
-    q, k, v, out, lse, w_pre_mix, w_post_mix,
-    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+    q, k, v, out, lse, lse_split, w_pre_mix, w_post_mix,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sos, sob, soh, sol, sod,
     H, HKV_REP, L, D, scale, n_head_blocks,
     IS_STATS: tl.constexpr, ONE_PASS: tl.constexpr, CAUSAL: tl.constexpr,
     PRE_MIX: tl.constexpr, POST_MIX: tl.constexpr,
     NH: tl.constexpr, NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """q: (B, H, L, D); k, v: (B, H // HKV_REP, L, D); out: (B, H, L, D); lse: (B, H, L) fp32
-    (written in pass 1, read in pass 2). w_pre_mix / w_post_mix: (H // NH, NH, NH) fp32.
-    ONE_PASS (no post_mix): out and lse in a single pass with an online softmax per head, as
-    in flash attention: only post-softmax mixing needs the normalised P up front."""
+    """q: (B, H, L, D); k, v: (B, H // HKV_REP, L, D); out: (n_splits, B, H, L, D) (split
+    stride sos; with one split the output itself). lse_split: (n_splits, B, H, L) fp32, each
+    split's log-sum-exp of the mixed logits over its keys (written in pass 1 or the one
+    pass); lse: (B, H, L), all keys combined (read in pass 2). w_pre_mix / w_post_mix:
+    (H // NH, NH, NH) fp32. ONE_PASS (no post_mix): out and lse in a single pass with an
+    online softmax per head, as in flash attention: only post-softmax mixing needs the
+    normalised P up front."""
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)   # longest causal rows first
     i_bh, i_b, i_hb, hh, head_ok, heads, kv_heads = _head_block(n_head_blocks, HKV_REP, NH, NHP)
     rows = i_m * BM + tl.arange(0, BM)
@@ -80,6 +98,7 @@ def mta_mix_fwd_kernel(
         w_post = _load_block_weight(w_post_mix, i_hb, hh, head_ok, NH)
     stat, stat_ok = _row_stats(H, L, i_b, heads, rows, head_ok)                           # [NHP, BM]
     stat_ptrs = lse + stat
+    split_stat_ptrs = lse_split + tl.program_id(2).to(tl.int64) * tl.num_programs(1) * NH * L + stat   # B*H*L per split
 
     if IS_STATS or ONE_PASS:
         b_m = tl.full([NHP, BM], float("-inf"), dtype=lse.dtype.element_ty)
@@ -92,7 +111,8 @@ def mta_mix_fwd_kernel(
     hi = L
     if CAUSAL:
         hi = tl.minimum(L, (i_m + 1) * BM)
-    for j0 in range(0, hi, BN):
+    k_lo, k_hi = _split_range(0, hi, BN)
+    for j0 in range(k_lo, k_hi, BN):
         cols = j0 + tl.arange(0, BN)
         b_k = _load_heads(k_base, kv_heads, skh, cols, dims, skl, skd, head_ok, L, D)     # [NHP, BN, DP]
         b_s = tl.dot(b_q, tl.permute(b_k, (0, 2, 1)), input_precision=DOT_PREC) * scale  # [NHP, BM, BN]
@@ -120,11 +140,11 @@ def mta_mix_fwd_kernel(
             b_acc += tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
 
     if IS_STATS or ONE_PASS:
-        tl.store(stat_ptrs, b_m + tl.log(b_l), mask=stat_ok)
+        tl.store(split_stat_ptrs, b_m + tl.log(b_l), mask=stat_ok)
     if ONE_PASS:
         b_acc = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, :, None]
     if not IS_STATS:
-        o_ptrs = (out + i_b * sob + heads[:, None, None].to(tl.int64) * soh
+        o_ptrs = (out + tl.program_id(2).to(tl.int64) * sos + i_b * sob + heads[:, None, None].to(tl.int64) * soh
                   + rows[None, :, None].to(tl.int64) * sol + dims[None, None, :] * sod)
         o_mask = head_ok[:, None, None] & (rows[None, :, None] < L) & (dims[None, None, :] < D)
         tl.store(o_ptrs, b_acc.to(out.dtype.element_ty), mask=o_mask)

@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -54,6 +54,12 @@ for step in "$@"; do
                | grep -E "FAIL|ERROR|passed|failed"
              timeout 200 python3 -m bench --shapes sweep --lengths 2048,4096 --ops talking_heads,pre_mix,post_mix,none \
                --modes fwd,bwd,fwd+bwd --providers fused,sdpa --out "$RES" 2>&1 | tee "$OUT/unmeasured.log" | grep -E "^\[|status" ;;
+    mixsplits) # talking-heads forward key splits (short grids): GPU tests, split counts, bench
+             timeout 200 python3 -m pytest tests/test_forward.py tests/test_backward.py -m gpu -q -rA -k "(mix or talking) and not conv" 2>&1 \
+               | tee "$OUT/mixsplits_tests.log" | grep -E "FAIL|ERROR|passed|failed"
+             timeout 120 python3 scripts/tune.py mixsplits 2>&1 | tee "$OUT/tune_mixsplits.log"
+             timeout 200 python3 -m bench --shapes sweep --lengths 2048,4096 --ops talking_heads,pre_mix,post_mix,none \
+               --modes fwd,fwd+bwd --providers fused,sdpa --out "$RES" 2>&1 | tee "$OUT/mixsplits.log" | grep -E "^\[|status" ;;
     slabconv) timeout 200 python3 scripts/tune.py slabconv 2>&1 | tee "$OUT/tune_slabconv.log" ;;
     bwdtests) timeout 300 python3 -m pytest tests/test_backward.py -m gpu -q -rA 2>&1 | tee "$OUT/bwdtests.log" \
                 | grep -E "PASS|FAIL|ERROR|passed|failed" ;;

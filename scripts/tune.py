@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [full] [slabconv]   (all without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv]   (all without arguments)"""
 import sys
 
 import torch
@@ -17,7 +17,7 @@ scale = D ** -0.5
 t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), return_mode="median")
 print(f"sdpa {t_sdpa:.3f} ms", flush=True)
 expect = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-which = set(sys.argv[1:]) or {"flash", "flashbwd", "mixbwd", "mix", "full", "slabconv"}
+which = set(sys.argv[1:]) or {"flash", "flashbwd", "mixbwd", "mix", "mixsplits", "full", "slabconv"}
 
 if "slabconv" in which:
     # one middle slab of the chunked backward at this shape: rows lo..lo+R of (B, H, R, L) fp32
@@ -134,6 +134,18 @@ for cfg in [] if "mix" not in which else [dict(BM=16, BN=16, num_warps=8, num_st
         print(f"mix {cfg}: {t:.3f} ms = {t / t_sdpa:.2f}x sdpa, max err vs fp32 reference {err:.2e}", flush=True)
     except Exception as e:
         print(f"mix {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
+
+# Key splits of the talking-heads forward at B=1 (short grids), both passes and one pass.
+for n in [] if "mixsplits" not in which else (2048, 4096):
+    qn, kn, vn = q[:, :, :n], k[:, :, :n], v[:, :, :n]
+    for name, pre, post in (("talking heads", w_pre, w_post), ("pre_mix", w_pre, None)):
+        ref = R.mta_attention(qn[:, :, :1024], kn[:, :, :1024], vn[:, :, :1024], pre_mix=pre, post_mix=post).float()
+        for splits in (1, 2, 3, 4, 8):
+            out, _ = mix_forward(qn[:, :, :1024], kn[:, :, :1024], vn[:, :, :1024], pre, post, True, scale, dict(splits=splits))
+            err = (out.float() - ref).abs().max().item()
+            t = triton.testing.do_bench(lambda: mix_forward(qn, kn, vn, pre, post, True, scale, dict(splits=splits)),
+                                        return_mode="median")
+            print(f"L={n} {name} fwd, {splits} key splits: {t:.3f} ms, max err vs fp32 reference {err:.2e}", flush=True)
 
 # The general kernel (convs present): full MTA with the paper's 6x11 convs.
 from mta_kernels.forward import mta_forward  # noqa: E402

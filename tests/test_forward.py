@@ -230,11 +230,34 @@ def test_key_splits(case, splits, device):
     assert (lse - lse_one).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("case", [Case(H=8, L=45, D=24, pre_mix=8),                 # one online-softmax pass
+                                  Case(B=2, H=16, Hkv=4, L=50, D=16, pre_mix=8, post_mix=16),
+                                  Case(H=8, L=40, D=16, post_mix=8, causal=False)], ids=lambda c: c.id)
+def test_mix_forward_key_splits(case, splits, device):
+    """The talking-heads forward with each row block's keys in 2, 3 and 8 ranges (some
+    empty for the first causal rows): the reference's answer, and the lse of one range."""
+    from mta_kernels import forward
+
+    q, k, v, *w = make_inputs(case, torch.float32, device)
+    scale = case.D ** -0.5
+    out, lse = forward.mix_forward(q, k, v, w[1], w[3], case.causal, scale, dict(splits=splits))
+    _, lse_one = forward.mix_forward(q, k, v, w[1], w[3], case.causal, scale, dict(splits=1))
+    opts = dict(causal=case.causal, pad_key=case.pad_key)
+    ref = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float64, **opts)
+    low = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float32, **opts)
+    check_rule("out", out, ref, low, torch.float32)
+    assert (lse - lse_one).abs().max().item() < 1e-4
+
+
 def test_key_split_count():
+    from mta_kernels import forward
     from mta_kernels.forward import MAX_KEY_SPLITS, TARGET_PROGRAMS, key_splits
 
     assert key_splits(TARGET_PROGRAMS, 100) == 1            # the row blocks fill the GPU
     assert key_splits(TARGET_PROGRAMS // 4, 100) == 4
     assert key_splits(1, 100) == MAX_KEY_SPLITS
     assert key_splits(1, 3) == 3                             # never more ranges than key tiles
+    assert forward.mix_forward_splits(forward.MIX_FWD_TARGET_PROGRAMS, 100) == 1
+    assert forward.mix_forward_splits(1, 100) == forward.MIX_FWD_MAX_SPLITS
 
