@@ -243,16 +243,20 @@ def mix_forward(q, k, v, pre_mix, post_mix, causal, scale, config=None):
 
 
 # The register-mixing forward takes most of an SM's shared memory (one program per SM), so a
-# grid of fewer than this many row blocks splits each one's keys into up to MIX_FWD_MAX_SPLITS
-# ranges: the H200's 132 SMs, a few programs each to balance the causal rows' lengths.
-MIX_FWD_TARGET_PROGRAMS = 4 * 132
-MIX_FWD_MAX_SPLITS = 8
+# grid that does not fill the H200's 132 SMs once splits each row block's keys into
+# MIX_FWD_SPLITS ranges. H200, B=1, H=16, D=128, bf16, causal (scripts/tune.py mixsplits):
+# L=2048 (128 row blocks) talking heads 0.854 ms with 1 split, 0.517 / 0.630 / 0.539 / 0.582
+# with 2 / 3 / 4 / 8, pre_mix alone 0.549 ms, 0.839 / 0.843 / 0.425 / 0.519; L=4096 (256 row
+# blocks): 1 split is fastest (1.648 ms against 1.676 with 4; pre_mix 1.043 against 1.208).
+MIX_FWD_SPLIT_BELOW = 132
+MIX_FWD_SPLITS = 4
 
 
 def mix_forward_splits(programs: int, tiles: int) -> int:
-    """Key ranges per row block of the talking-heads forward: enough for about
-    MIX_FWD_TARGET_PROGRAMS programs, at most MIX_FWD_MAX_SPLITS and the number of tiles."""
-    return split_count(programs, tiles, MIX_FWD_TARGET_PROGRAMS, MIX_FWD_MAX_SPLITS)
+    """Key ranges per row block of the talking-heads forward for a grid of ``programs`` row
+    blocks of ``tiles`` key tiles: MIX_FWD_SPLITS when the grid is shorter than
+    MIX_FWD_SPLIT_BELOW, else 1; never more than the tiles."""
+    return 1 if programs >= MIX_FWD_SPLIT_BELOW else max(1, min(MIX_FWD_SPLITS, tiles))
 
 
 def split_count(programs: int, tiles: int, target: int, cap: int) -> int:

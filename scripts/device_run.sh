@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -60,6 +60,11 @@ for step in "$@"; do
              timeout 120 python3 scripts/tune.py mixsplits 2>&1 | tee "$OUT/tune_mixsplits.log"
              timeout 200 python3 -m bench --shapes sweep --lengths 2048,4096 --ops talking_heads,pre_mix,post_mix,none \
                --modes fwd,fwd+bwd --providers fused,sdpa --out "$RES" 2>&1 | tee "$OUT/mixsplits.log" | grep -E "^\[|status" ;;
+    sweeplong) # the sweep L=512..65536 of full MTA, talking heads and plain attention in every mode;
+             # continue a cut-off run with: python3 -m bench ... --resume CSV (same flags)
+             timeout ${SWEEP_TIMEOUT:-540} python3 -m bench --shapes sweep --ops full,talking_heads,none --modes fwd,bwd,fwd+bwd \
+               --providers fused,naive,sdpa --out "$RES" ${SWEEP_RESUME:+--resume "$SWEEP_RESUME"} 2>&1 \
+               | tee "$OUT/sweeplong.log" | grep -E "^\[|status|wrote" ;;
     slabconv) timeout 200 python3 scripts/tune.py slabconv 2>&1 | tee "$OUT/tune_slabconv.log" ;;
     bwdtests) timeout 300 python3 -m pytest tests/test_backward.py -m gpu -q -rA 2>&1 | tee "$OUT/bwdtests.log" \
                 | grep -E "PASS|FAIL|ERROR|passed|failed" ;;

@@ -258,6 +258,7 @@ def test_key_split_count():
     assert key_splits(TARGET_PROGRAMS // 4, 100) == 4
     assert key_splits(1, 100) == MAX_KEY_SPLITS
     assert key_splits(1, 3) == 3                             # never more ranges than key tiles
-    assert forward.mix_forward_splits(forward.MIX_FWD_TARGET_PROGRAMS, 100) == 1
-    assert forward.mix_forward_splits(1, 100) == forward.MIX_FWD_MAX_SPLITS
+    assert forward.mix_forward_splits(forward.MIX_FWD_SPLIT_BELOW, 100) == 1
+    assert forward.mix_forward_splits(1, 100) == forward.MIX_FWD_SPLITS
+    assert forward.mix_forward_splits(1, 2) == 2
 
