@@ -6,7 +6,7 @@ import torch
 
 from mta_reference.validate import validate
 
-from .ops import mta_fwd
+from .ops import MTAFunction, mta_fwd
 
 # Triton decides at import time whether kernels are compiled or interpreted.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -58,5 +58,7 @@ def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix
     p = validate(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
     _check_backend(q, p.D)
     _check_conv_sizes(pre_conv, post_conv)
-    out, _ = mta_fwd(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, p.scale)
-    return out
+    args = (q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, p.scale)
+    if torch.compiler.is_compiling():
+        return mta_fwd(*args)[0]   # the custom op, which the compiler traces
+    return MTAFunction.apply(*args)

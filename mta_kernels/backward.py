@@ -69,6 +69,8 @@ def flash_backward(grad_out, q, k, v, out, lse, causal, scale):
 def _unblock_mix_grad(blocks, H, ch):
     """(H // NH, NH, NH) gradient of the block-diagonal weight -> (G, ch, ch) of the mix."""
     NH = blocks.shape[1]
+    if NH == ch:   # one group per block: the blocks are the groups
+        return blocks
     heads = torch.arange(H, device=blocks.device).view(H // ch, ch)
     block, idx = heads // NH, heads % NH
     return blocks[block[:, :, None], idx[:, :, None], idx[:, None, :]]
@@ -93,7 +95,6 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale):
     # per split: partial Delta, dq, dk, dv and weight gradients, summed below in a fixed order
     delta = torch.empty(n_splits, B, H, L, device=dev, dtype=acc)
     dq = torch.empty(n_splits, B, H, L, D, device=dev, dtype=acc)
-    dkv_heads = torch.empty(n_splits, B, H, L, D, device=dev, dtype=acc)
     dw_pre = torch.zeros(n_splits * B * n_blocks * n_rows, NH, NH, device=dev, dtype=acc)
     dw_post = torch.zeros_like(dw_pre)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
@@ -104,15 +105,20 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale):
     args = (q, k, v, grad_out, lse)
     tail = (*strides, H, H // Hkv, L, D, scale, n_blocks)
     mta_mix_bwd_row_kernel[grid](*args, delta, dq, dw_pre, dw_post, w_pre, w_post, *tail, DELTA=True, **common)
-    delta = delta.sum(0)
+    delta = _sum_splits(delta)
     mta_mix_bwd_row_kernel[grid](*args, delta, dq, dw_pre, dw_post, w_pre, w_post, *tail, DELTA=False, **common)
-    dq = dq.sum(0)
+    dq = _sum_splits(dq)
     rep = H // Hkv
     dk_dv = []
-    for grad_k in (True, False):
+    for grad_k, dtype in ((True, k.dtype), (False, v.dtype)):
+        # a fresh buffer per launch: without splits or GQA, dk is a view of the first one
+        dkv_heads = torch.empty(n_splits, B, H, L, D, device=dev, dtype=acc)
         mta_mix_bwd_col_kernel[(triton.cdiv(L, BN), B * n_blocks, n_splits)](
             *args, delta, dkv_heads, w_pre, w_post, *tail, GRAD_K=grad_k, **common)
-        dk_dv.append(dkv_heads.sum(0).view(B, Hkv, rep, L, D).sum(2))
+        grad = _sum_splits(dkv_heads)
+        if rep > 1:
+            grad = grad.view(B, Hkv, rep, L, D).sum(2)
+        dk_dv.append(grad.to(dtype))
     dk, dv = dk_dv
 
     def weight_grad(partial, w):
@@ -121,5 +127,9 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale):
         blocks = partial.view(n_splits, B, n_blocks, n_rows, NH, NH).sum((0, 1, 3))
         return _unblock_mix_grad(blocks, H, w.shape[1]).to(w.dtype)
 
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-            weight_grad(dw_pre, pre_mix), weight_grad(dw_post, post_mix))
+    return dq.to(q.dtype), dk, dv, weight_grad(dw_pre, pre_mix), weight_grad(dw_post, post_mix)
+
+
+def _sum_splits(partials: torch.Tensor) -> torch.Tensor:
+    """Sum of (n_splits, ...) partial results over the splits, in order; no copy for one."""
+    return partials[0] if partials.shape[0] == 1 else partials.sum(0)

@@ -61,6 +61,8 @@ def block_diagonal_mix(w: torch.Tensor, H: int, NH: int, dtype=torch.float32) ->
     """(G, ch, ch) mixing weight -> (H // NH, NH, NH) in ``dtype``: the mixing matrix
     restricted to each block of NH heads (NH a multiple of ch), zero across groups."""
     ch = w.shape[1]
+    if ch == NH:   # one group per block (the usual case): the weight itself, no gather
+        return w.to(dtype).contiguous()
     heads = torch.arange(H, device=w.device).view(H // NH, NH)
     g, o = heads // ch, heads % ch
     same_group = g[:, :, None] == g[:, None, :]

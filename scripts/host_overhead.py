@@ -41,10 +41,18 @@ for name, w in OPS.items():
     t_fb = enqueue_us(lambda: fwd().sum().backward())
     print(f"L={L} {name}: host {t_f:.0f} us per forward, {t_fb:.0f} us per forward+backward", flush=True)
 
+# where the host time of a talking-heads forward+backward goes, op by op
+w = OPS["talking_heads"]
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    for _ in range(20):
+        mta_attention(q, k, v, **w).sum().backward()
+    torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60), flush=True)
+
 L = 2048
 q, k, v = (torch.randn(1, H, L, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
 scale = D ** -0.5
-for rnd in range(3):
+for rnd in range(2):
     for splits in (1, 2, 4):
         t_k = triton.testing.do_bench(lambda: mix_forward(q, k, v, mix, mix, True, scale, dict(splits=splits)), return_mode="median")
         print(f"round {rnd} L={L} talking heads fwd, {splits} splits: mix_forward {t_k:.3f} ms", flush=True)

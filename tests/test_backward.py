@@ -205,6 +205,23 @@ def test_opcheck(device):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("parts", [{}, dict(pre_mix=8, post_mix=8), FULL], ids=["none", "talking-heads", "full"])
+def test_eager_function_matches_custom_op(parts, device):
+    """Eager calls go through ops.MTAFunction, compiled ones through the custom ops: the same
+    implementations, so the same output and gradients bit for bit (frozen k included)."""
+    case = Case(H=8, L=40, D=16, **parts)
+    q, k, v, *w = make_inputs(case, torch.float32, device, requires_grad=True)
+    k.requires_grad_(False)
+    grad = torch.randn(case.B, case.H, case.L, case.D, device=device)
+    args = (q, k, v, *w, True, "both", 0.25)
+    wanted = [x for x in (q, v, *w) if x is not None]
+    out_op = mta_kernels.ops.mta_fwd(*args)[0]
+    out_fn = mta_kernels.ops.MTAFunction.apply(*args)
+    assert torch.equal(out_op, out_fn)
+    for a, b in zip(torch.autograd.grad(out_op, wanted, grad), torch.autograd.grad(out_fn, wanted, grad)):
+        assert torch.equal(a, b)
+
+
 def test_compiled_training_step(device):
     """torch.compile(fullgraph=True) over forward and backward: no graph break, same numbers."""
     case = Case(L=16, D=16, **FULL)
