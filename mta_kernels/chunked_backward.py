@@ -113,17 +113,20 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         # causal: every conv input and gradient of the slab is zero in the future (j > lo + i);
         # the conv kernels read them so (no masking pass) and skip the tiles there
         zero_above = lo if causal else None
+        # causal: keys from hi on are in the future of every row of the slab, zero in every
+        # slab tensor, so the slab stops there (about half the work over all chunks)
+        ke = hi if causal else L
         slab = dict(zero_above=zero_above, precision=prec)
         t = forward_intermediates(qc, kc, vc, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
                                   pad_key=pad_key, scale=scale, compute_dtype=cd, row_range=(lo, hi),
-                                  conv=functools.partial(key_query_conv, **slab), mix=mix_slab)
+                                  key_end=ke, conv=functools.partial(key_query_conv, **slab), mix=mix_slab)
         s0, c, probs, a1, a = t.s0, t.c, t.probs, t.a1, t.a
         mine = slice(r0 - lo, r1 - lo)     # this chunk's rows of the slab
 
-        # backward on the slab
+        # backward on the slab: rows [lo, hi), keys [0, ke)
         do_slab = dout[:, :, lo:hi]
-        dv += torch.matmul(a[:, :, mine].transpose(-1, -2), do_slab[:, :, mine])
-        da = torch.matmul(do_slab, vc.transpose(-1, -2))
+        dv[:, :, :ke] += torch.matmul(a[:, :, mine].transpose(-1, -2), do_slab[:, :, mine])
+        da = torch.matmul(do_slab, t.v.transpose(-1, -2))
         if post_mix is not None:
             dw[3] += mix_slab_weight_grad(da[:, :, mine], a1[:, :, mine], post_mix.shape[0])
             da = mix_slab(da, post_mix.transpose(-1, -2))
@@ -142,8 +145,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
             dw[0] += key_query_conv_weight_grad(dc, s0, pre_conv, pad_key, rows=(mine.start, mine.stop), **slab)
             ds = key_query_conv_input_grad(dc, pre_conv, pad_key, mask_output=True, **slab)
         ds = ds[:, :, mine]
-        dq[:, :, r0:r1] = torch.matmul(ds, kc) * scale
-        dk += torch.matmul(ds.transpose(-1, -2), t.q[:, :, mine]) * scale
+        dq[:, :, r0:r1] = torch.matmul(ds, t.k) * scale
+        dk[:, :, :ke] += torch.matmul(ds.transpose(-1, -2), t.q[:, :, mine]) * scale
 
     dk = dk.view(B, Hkv, rep, L, D).sum(2)
     dv = dv.view(B, Hkv, rep, L, D).sum(2)

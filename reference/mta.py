@@ -44,14 +44,15 @@ def mix_heads(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class Intermediates(NamedTuple):
-    """Every materialized tensor of the forward, (B, H, R, L) for the R = hi - lo query rows
-    computed (all L unless a row range was asked for), in compute dtype."""
+    """Every materialized tensor of the forward, (B, H, R, K) for the R = hi - lo query rows
+    and K = key_end keys computed (all L unless a row range or key end was asked for), in
+    compute dtype."""
 
     problem: Problem
     q: torch.Tensor        # (B, H, R, D): the computed rows of q
-    k: torch.Tensor        # (B, H, L, D): kv heads repeated for GQA
-    v: torch.Tensor        # (B, H, L, D)
-    future: torch.Tensor   # (R, L) bool; all False when not causal
+    k: torch.Tensor        # (B, H, K, D): kv heads repeated for GQA
+    v: torch.Tensor        # (B, H, K, D)
+    future: torch.Tensor   # (R, K) bool; all False when not causal
     s0: torch.Tensor       # scaled scores, zeroed on the future when pre_conv is given
     c: torch.Tensor        # after the pre-softmax conv (s0 without it)
     m: torch.Tensor        # after the pre-softmax mixing (c without it)
@@ -62,26 +63,29 @@ class Intermediates(NamedTuple):
 
 def forward_intermediates(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix=None, *,
                           causal=True, pad_key="both", scale=None, compute_dtype=torch.float32,
-                          row_range=None, conv=None, mix=None) -> Intermediates:
+                          row_range=None, key_end=None, conv=None, mix=None) -> Intermediates:
     """The forward of spec section 2, step by step; see ``mta_attention`` for the arguments.
 
     row_range=(lo, hi) computes only query rows lo..hi-1 of every tensor. The convs then
     read zeros above row lo, so a result row i is exact only from lo + (cq-1) (pre conv) or
     lo + (cq-1) + (cq'-1) (post conv) on, unless lo = 0: callers ask for that halo.
+    key_end computes only key columns 0..key_end-1 (the convs read zeros right of them):
+    exact when causal and key_end >= hi, since every later column is in the rows' future.
     conv, mix: other implementations of ``key_query_conv`` and ``mix_heads`` (same
     signatures) to use instead."""
     conv = conv or key_query_conv
     mix = mix or mix_heads
     p = validate(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
     lo, hi = row_range or (0, p.L)
+    key_end = p.L if key_end is None else key_end
     cd = compute_dtype
     rep = p.H // p.Hkv
     qc = q[:, :, lo:hi].to(cd)
-    kc, vc = k.to(cd), v.to(cd)
+    kc, vc = k[:, :, :key_end].to(cd), v[:, :, :key_end].to(cd)
     if rep > 1:
         kc, vc = kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1)
     rows = torch.arange(lo, hi, device=q.device)
-    future = rows[:, None] < torch.arange(p.L, device=q.device)[None, :]
+    future = rows[:, None] < torch.arange(key_end, device=q.device)[None, :]
     if not causal:
         future = torch.zeros_like(future)
 

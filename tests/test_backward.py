@@ -33,10 +33,11 @@ def test_reference_backward_matches_autograd(causal, pad_key):
 
 @pytest.mark.parametrize("rows, L, causal, pad_key", [
     (1, 12, True, "both"), (4, 23, True, "both"), (4, 23, False, "left"), (7, 23, True, "right"),
-    (7, 23, False, "left"), (64, 23, True, "right")])
+    (7, 23, False, "left"), (5, 23, True, "left"), (64, 23, True, "right")])
 def test_chunked_backward_matches_reference(rows, L, causal, pad_key):
     """Row chunks with halos give exactly the materialized backward, whatever the chunk
-    height (1 row, heights that do not divide L, one chunk for everything)."""
+    height (1 row, heights that do not divide L, one chunk for everything); causal slabs
+    stop at their last row's key."""
     ck = 5 if pad_key == "both" else 4
     case = Case(B=2, H=4, Hkv=2, L=L, D=6, pre_conv=(3, ck), pre_mix=2, post_conv=(4, ck), post_mix=4,
                 causal=causal, pad_key=pad_key)
