@@ -49,11 +49,11 @@ for step in "$@"; do
              --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/paperbwd.log" | grep -E "^\[|wrote|status" ;;
     compiled) timeout 100 python3 -m bench --shapes sweep --lengths 4096 --ops full,none --modes fwd,fwd+bwd \
              --providers naive-compiled --no-plots --out "$RES" 2>&1 | tee "$OUT/compiled.log" | grep -E "^\[|wrote|status" ;;
-    unmeasured) # what landed after session 3's device time: pre_mix in one pass, talking-heads backward key splits
-             timeout 200 python3 -m pytest tests -m gpu -q -rA -k "mix or deterministic" 2>&1 | tee "$OUT/unmeasured_tests.log" \
-               | grep -E "FAIL|ERROR|passed|failed"
-             timeout 200 python3 -m bench --shapes sweep --lengths 2048,4096 --ops talking_heads,pre_mix,post_mix,none \
-               --modes fwd,bwd,fwd+bwd --providers fused,sdpa --out "$RES" 2>&1 | tee "$OUT/unmeasured.log" | grep -E "^\[|status" ;;
+    unmeasured) # what landed after session 4's device time: causal chunked-backward slabs stop at hi
+             timeout 200 python3 -m pytest tests/test_backward.py -m gpu -q -rA -k "gradients_gpu or memory or (deterministic and full)" 2>&1 \
+               | tee "$OUT/unmeasured_tests.log" | grep -E "FAIL|ERROR|passed|failed"
+             timeout 300 python3 -m bench --shapes sweep --lengths 2048,4096,8192 --ops full,pre_conv,post_conv \
+               --modes bwd,fwd+bwd --providers fused --out "$RES" 2>&1 | tee "$OUT/unmeasured.log" | grep -E "^\[|status" ;;
     mixsplits) # talking-heads forward key splits (short grids): GPU tests, split counts, bench
              timeout 200 python3 -m pytest tests/test_forward.py tests/test_backward.py -m gpu -q -rA -k "(mix or talking) and not conv" 2>&1 \
                | tee "$OUT/mixsplits_tests.log" | grep -E "FAIL|ERROR|passed|failed"
