@@ -92,8 +92,9 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
     cd = compute_dtype
     rep = H // Hkv
     dout = grad_out.to(cd)
-    # q, k, v in the compute dtype and the kv heads repeated, once for every chunk
-    qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
+    # q (times the softmax scale, so that no slab is scaled), k, v in the compute dtype and
+    # the kv heads repeated, once for every chunk
+    qc, kc, vc = q.to(cd) * scale, k.to(cd), v.to(cd)
     if rep > 1:
         kc, vc = kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1)
     HQ = pre_conv.shape[1] - 1 if pre_conv is not None else 0
@@ -118,7 +119,7 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         ke = hi if causal else L
         slab = dict(zero_above=zero_above, precision=prec)
         t = forward_intermediates(qc, kc, vc, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
-                                  pad_key=pad_key, scale=scale, compute_dtype=cd, row_range=(lo, hi),
+                                  pad_key=pad_key, scale=1.0, compute_dtype=cd, row_range=(lo, hi),
                                   key_end=ke, conv=functools.partial(key_query_conv, **slab), mix=mix_slab)
         s0, c, probs, a1, a = t.s0, t.c, t.probs, t.a1, t.a
         mine = slice(r0 - lo, r1 - lo)     # this chunk's rows of the slab
@@ -134,8 +135,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         if post_conv is not None:
             dw[2] += key_query_conv_weight_grad(da, probs, post_conv, pad_key, rows=(mine.start, mine.stop), **slab)
             dp = key_query_conv_input_grad(da, post_conv, pad_key, mask_output=True, **slab)
-        delta = (probs * dp).sum(-1, keepdim=True)
-        dz = probs * (dp - delta)
+        # dz = P * (dP - Delta) with Delta = rowsum(P * dP): softmax's backward, one fused kernel
+        dz = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
         dc = dz
         if pre_mix is not None:
             dw[1] += mix_slab_weight_grad(dz[:, :, mine], c[:, :, mine], pre_mix.shape[0])
@@ -146,7 +147,7 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
             ds = key_query_conv_input_grad(dc, pre_conv, pad_key, mask_output=True, **slab)
         ds = ds[:, :, mine]
         dq[:, :, r0:r1] = torch.matmul(ds, t.k) * scale
-        dk[:, :, :ke] += torch.matmul(ds.transpose(-1, -2), t.q[:, :, mine]) * scale
+        dk[:, :, :ke] += torch.matmul(ds.transpose(-1, -2), t.q[:, :, mine])   # t.q is scale * q
 
     dk = dk.view(B, Hkv, rep, L, D).sum(2)
     dv = dv.view(B, Hkv, rep, L, D).sum(2)

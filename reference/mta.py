@@ -89,7 +89,9 @@ def forward_intermediates(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, 
     if not causal:
         future = torch.zeros_like(future)
 
-    s0 = torch.matmul(qc, kc.transpose(-1, -2)) * p.scale
+    s0 = torch.matmul(qc, kc.transpose(-1, -2))
+    if p.scale != 1.0:
+        s0 = s0 * p.scale
     if pre_conv is not None:
         s0 = s0.masked_fill(future, 0.0)
     c = conv(s0, pre_conv, pad_key) if pre_conv is not None else s0

@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -65,6 +65,7 @@ for step in "$@"; do
              timeout ${SWEEP_TIMEOUT:-540} python3 -m bench --shapes sweep --ops full,talking_heads,none --modes fwd,bwd,fwd+bwd \
                --providers fused,naive,sdpa --out "$RES" ${SWEEP_RESUME:+--resume "$SWEEP_RESUME"} 2>&1 \
                | tee "$OUT/sweeplong.log" | grep -E "^\[|status|wrote" ;;
+    quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;
     host) timeout 200 python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     hosttests) timeout 150 python3 -m pytest tests/test_backward.py -q -rA \
                  -k "eager_function or fused_mix_backward_gpu or flash_gradients_gpu or opcheck or compiled or (deterministic and not full)" \
