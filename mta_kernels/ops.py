@@ -151,6 +151,10 @@ class MTAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients would silently lack their own graph
+            raise RuntimeError("mta_kernels.mta_attention has no double backward (create_graph=True); "
+                               "use mta_reference.mta_attention where second derivatives are needed")
         q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse = ctx.saved_tensors
         needs = [bool(n) for n in ctx.needs_input_grad[:7]]
         grads = backward_impl(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,

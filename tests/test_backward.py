@@ -223,6 +223,15 @@ def test_eager_function_matches_custom_op(parts, device):
         assert torch.equal(a, b)
 
 
+def test_double_backward_is_refused(device):
+    """No second derivatives: create_graph=True fails with a message, instead of returning
+    gradients without a graph (which would make a gradient penalty silently wrong)."""
+    q, k, v = (torch.randn(1, 2, 8, 16, device=device, requires_grad=True) for _ in range(3))
+    out = mta_kernels.mta_attention(q, k, v)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+
+
 def test_compiled_training_step(device):
     """torch.compile(fullgraph=True) over forward and backward: no graph break, same numbers."""
     case = Case(L=16, D=16, **FULL)
