@@ -198,7 +198,8 @@ def flash_forward(q, k, v, causal, scale, config=None):
 def mix_forward(q, k, v, pre_mix, post_mix, causal, scale, config=None):
     """Head mixing without convs, all heads of a block in registers. Returns (out, lse).
     config: optional dict overriding BM, BN, num_warps, num_stages and splits (key ranges
-    per row block; by default enough to fill the GPU, see mix_forward_splits)."""
+    per row block; by default more than one only for grids too short to fill the GPU, see
+    mix_forward_splits)."""
     B, H, L, D = q.shape
     NH = heads_per_program(pre_mix, post_mix)
     NHP = max(16, _next_pow2(NH))
