@@ -5,7 +5,8 @@ import torch
 import triton
 
 from .flash_kernels import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
-from .forward import _next_pow2, _precision, acc_dtype, block_mix_weights, heads_per_program, split_count
+from .forward import (_next_pow2, _precision, acc_dtype, block_mix_weights, heads_per_program, split_count,
+                      sum_splits)
 from .mix_bwd_kernels import mta_mix_bwd_col_kernel, mta_mix_bwd_row_kernel
 
 # The fused talking-heads backward (default) or, with MTA_KERNELS_FUSED_MIX_BACKWARD=0, the
@@ -105,9 +106,9 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale):
     args = (q, k, v, grad_out, lse)
     tail = (*strides, H, H // Hkv, L, D, scale, n_blocks)
     mta_mix_bwd_row_kernel[grid](*args, delta, dq, dw_pre, dw_post, w_pre, w_post, *tail, DELTA=True, **common)
-    delta = _sum_splits(delta)
+    delta = sum_splits(delta)
     mta_mix_bwd_row_kernel[grid](*args, delta, dq, dw_pre, dw_post, w_pre, w_post, *tail, DELTA=False, **common)
-    dq = _sum_splits(dq)
+    dq = sum_splits(dq)
     rep = H // Hkv
     dk_dv = []
     for grad_k, dtype in ((True, k.dtype), (False, v.dtype)):
@@ -115,7 +116,7 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale):
         dkv_heads = torch.empty(n_splits, B, H, L, D, device=dev, dtype=acc)
         mta_mix_bwd_col_kernel[(triton.cdiv(L, BN), B * n_blocks, n_splits)](
             *args, delta, dkv_heads, w_pre, w_post, *tail, GRAD_K=grad_k, **common)
-        grad = _sum_splits(dkv_heads)
+        grad = sum_splits(dkv_heads)
         if rep > 1:
             grad = grad.view(B, Hkv, rep, L, D).sum(2)
         dk_dv.append(grad.to(dtype))
@@ -129,7 +130,3 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale):
 
     return dq.to(q.dtype), dk, dv, weight_grad(dw_pre, pre_mix), weight_grad(dw_post, post_mix)
 
-
-def _sum_splits(partials: torch.Tensor) -> torch.Tensor:
-    """Sum of (n_splits, ...) partial results over the splits, in order; no copy for one."""
-    return partials[0] if partials.shape[0] == 1 else partials.sum(0)

@@ -150,7 +150,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
             IS_STATS=is_stats, **common)
         if is_stats:
             lse.copy_(_combine_lse(m_run, l_run))
-    out = o_acc[0] if n_splits == 1 else o_acc.sum(0)
+    out = sum_splits(o_acc)
     return out.to(q.dtype), lse
 
 
@@ -242,7 +242,7 @@ def mix_forward(q, k, v, pre_mix, post_mix, causal, scale, config=None):
         # each split's rows are normalised by its own sum: weight them by their share of the total
         share = torch.exp(lse_split - lse)
         out_split *= torch.where(torch.isneginf(lse_split), 0.0, share).unsqueeze(-1)
-    return out_split.sum(0).to(q.dtype), lse
+    return sum_splits(out_split).to(q.dtype), lse
 
 
 # The register-mixing forward takes most of an SM's shared memory (one program per SM), so a
@@ -267,3 +267,8 @@ def split_count(programs: int, tiles: int, target: int, cap: int) -> int:
     ``target`` programs run: at least 1, at most ``cap`` and ``tiles``."""
     want = triton.cdiv(target, max(1, programs))
     return max(1, min(want, cap, tiles))
+
+
+def sum_splits(partials: torch.Tensor) -> torch.Tensor:
+    """Sum of (n_splits, ...) partial results over the splits, in order; no copy for one."""
+    return partials[0] if partials.shape[0] == 1 else partials.sum(0)

@@ -119,20 +119,31 @@ def _(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse, causa
             else q.new_empty(0) for x, need in zip(inputs, needs_grad)]
 
 
-def _setup_context(ctx, inputs, output):
+def _save_for_backward(ctx, inputs, out, lse):
+    """What both autograd paths keep: the ten inputs (q .. scale) and the forward's results."""
     q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale = inputs
-    out, lse = output
     ctx.save_for_backward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse)
     ctx.options = (causal, pad_key, scale)
+
+
+def _input_grads(ctx, grad_out, backward_fn):
+    """Gradients for the ten inputs from what _save_for_backward kept; ``backward_fn`` is
+    mta_bwd (custom op) or backward_impl (eager), same signature."""
+    q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:7]]
+    grads = backward_fn(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse,
+                        *ctx.options, needs)
+    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None)
+
+
+def _setup_context(ctx, inputs, output):
+    out, lse = output
+    _save_for_backward(ctx, inputs, out, lse)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse = ctx.saved_tensors
-    needs = [bool(n) for n in ctx.needs_input_grad[:7]]
-    grads = mta_bwd(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse,
-                    *ctx.options, needs)
-    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None)
+    return _input_grads(ctx, grad_out, mta_bwd)
 
 
 mta_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -143,10 +154,9 @@ class MTAFunction(torch.autograd.Function):
     apply(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale) -> out."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale):
-        out, lse = forward_impl(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
-        ctx.save_for_backward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse)
-        ctx.options = (causal, pad_key, scale)
+    def forward(ctx, *inputs):
+        out, lse = forward_impl(*inputs)
+        _save_for_backward(ctx, inputs, out, lse)
         return out
 
     @staticmethod
@@ -155,8 +165,4 @@ class MTAFunction(torch.autograd.Function):
             # create_graph=True: the gradients would silently lack their own graph
             raise RuntimeError("mta_kernels.mta_attention has no double backward (create_graph=True); "
                                "use mta_reference.mta_attention where second derivatives are needed")
-        q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse = ctx.saved_tensors
-        needs = [bool(n) for n in ctx.needs_input_grad[:7]]
-        grads = backward_impl(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
-                              out, lse, *ctx.options, needs)
-        return (*[g if need else None for g, need in zip(grads, needs)], None, None, None)
+        return _input_grads(ctx, grad_out, backward_impl)
