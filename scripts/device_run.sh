@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -65,6 +65,13 @@ for step in "$@"; do
              timeout ${SWEEP_TIMEOUT:-540} python3 -m bench --shapes sweep --ops full,talking_heads,none --modes fwd,bwd,fwd+bwd \
                --providers fused,naive,sdpa --out "$RES" ${SWEEP_RESUME:+--resume "$SWEEP_RESUME"} 2>&1 \
                | tee "$OUT/sweeplong.log" | grep -E "^\[|status|wrote" ;;
+    toeplitz) # host-built Toeplitz matrices in the slab convs and the general forward kernel
+             timeout 240 python3 -m pytest tests/test_forward.py tests/test_backward.py -m gpu -q -rA \
+               -k "(forward_gpu and conv) or longest or gradients_gpu and conv or (deterministic and full)" 2>&1 \
+               | tee "$OUT/toeplitz_tests.log" | grep -E "FAIL|ERROR|passed|failed"
+             timeout 200 python3 scripts/tune.py slabconv 2>&1 | tee "$OUT/tune_slabconv.log"
+             timeout 200 python3 -m bench --shapes sweep --lengths 2048,4096 --ops full,pre_conv,post_conv \
+               --modes fwd,bwd --providers fused --out "$RES" 2>&1 | tee "$OUT/toeplitz.log" | grep -E "^\[|status" ;;
     quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;
     host) timeout 200 python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     hosttests) timeout 150 python3 -m pytest tests/test_backward.py -q -rA \

@@ -43,7 +43,9 @@ def compile_sm90(fn, args, kwargs):
                           capture_output=True, text=True).stderr
     regs = re.search(r"Used (\d+) registers", info)
     spill = re.search(r"(\d+) bytes spill stores", info)
-    return dict(name=fn.__name__, shared=compiled.metadata.shared,
+    ptx = compiled.asm["ptx"]
+    mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "no mma"
+    return dict(name=fn.__name__, shared=compiled.metadata.shared, mma=mma,
                 regs=int(regs.group(1)) if regs else None, spill=int(spill.group(1)) if spill else None,
                 options=options)
 
@@ -59,14 +61,17 @@ def intercept(found):
         r["fits"] = r["shared"] <= H200_SHARED_BYTES
         found.append(r)
         print(f"{r['name']:32s} grid={grid} shared={r['shared']:7d} B regs={r['regs']} "
-              f"spill={r['spill']} B {r['options']} {'OK' if r['fits'] else 'TOO MUCH SHARED MEMORY'}", flush=True)
+              f"spill={r['spill']} B {r['mma']} {r['options']} {'OK' if r['fits'] else 'TOO MUCH SHARED MEMORY'}", flush=True)
     JITFunction.run = run
 
 
-# candidates for scripts/tune.py slabconv
-SLAB_CONV_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=st, TILES=tiles)
-                     for BR, BC, w, st, tiles in [(64, 64, 4, 1, 8), (64, 32, 4, 2, 8), (64, 32, 4, 1, 4),
-                                                  (64, 64, 4, 2, 4), (32, 64, 4, 1, 8), (64, 32, 4, 2, 16)]]
+# candidates for scripts/tune.py slabconv: the conv (and its input gradient), the weight gradient
+SLAB_CONV_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=st)
+                     for BR, BC, w, st in [(64, 64, 4, 1), (64, 64, 4, 2), (128, 64, 8, 1), (128, 64, 8, 2),
+                                           (64, 128, 4, 1), (128, 32, 4, 1), (64, 32, 4, 2)]]
+SLAB_WEIGHT_GRAD_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=st, TILES=tiles)
+                            for BR, BC, w, st, tiles in [(64, 32, 4, 2, 16), (64, 64, 4, 2, 8), (128, 32, 4, 2, 16),
+                                                         (128, 64, 8, 2, 8), (64, 32, 4, 3, 16), (32, 64, 4, 2, 8)]]
 
 
 def launch(op, D, H=16, L=256):
@@ -102,11 +107,15 @@ def launch(op, D, H=16, L=256):
         slab_conv.key_query_conv_weight_grad(x, x, conv, "both", rows=(5, 60), **slab)
     elif op == "slab_conv_sweep":
         from mta_kernels import slab_conv
-        x = torch.randn(1, H, 64, L)
+        x = torch.randn(1, H, 300, L)
         for cfg in SLAB_CONV_CONFIGS:
             print(cfg)
-            slab_conv.CONV_CONFIG = slab_conv.WEIGHT_GRAD_CONFIG = cfg
+            slab_conv.CONV_CONFIG = cfg
             slab_conv.key_query_conv(x, conv, "both", zero_above=0, precision="tf32")
+            slab_conv.key_query_conv_input_grad(x, conv, "both", zero_above=0, mask_output=True, precision="tf32")
+        for cfg in SLAB_WEIGHT_GRAD_CONFIGS:
+            print(cfg)
+            slab_conv.WEIGHT_GRAD_CONFIG = cfg
             slab_conv.key_query_conv_weight_grad(x, x, conv, "both", zero_above=0, precision="tf32")
     elif op == "flash_bwd_sweep":
         for bm, bn, w, st in [(64, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]:

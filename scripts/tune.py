@@ -23,22 +23,24 @@ if "slabconv" in which:
     # one middle slab of the chunked backward at this shape: rows lo..lo+R of (B, H, R, L) fp32
     from mta_kernels import slab_conv
     from mta_reference import backward as ref_bwd
-    from sm90_compile import SLAB_CONV_CONFIGS
+    from sm90_compile import SLAB_CONV_CONFIGS, SLAB_WEIGHT_GRAD_CONFIGS
     rows, lo = 302, 2000
     future = torch.arange(L, device="cuda")[None, :] - torch.arange(rows, device="cuda")[:, None] > lo
     x, g = (torch.randn(B, H, rows, L, device="cuda").masked_fill(future, 0.0) for _ in range(2))
     w = R.identity_conv(H, 6, 11, device="cuda") + 0.01 * torch.randn(H, 6, 11, device="cuda")
-    expect = [R.key_query_conv(x, w, "both"), ref_bwd.key_query_conv_input_grad(g, w, "both").masked_fill(future, 0),
-              ref_bwd.key_query_conv_weight_grad(g, x, w, "both")]
-    calls = {"conv": lambda: slab_conv.key_query_conv(x, w, "both", zero_above=lo, precision="tf32"),
-             "input_grad": lambda: slab_conv.key_query_conv_input_grad(g, w, "both", zero_above=lo,
-                                                                       mask_output=True, precision="tf32"),
-             "weight_grad": lambda: slab_conv.key_query_conv_weight_grad(g, x, w, "both", zero_above=lo,
-                                                                         precision="tf32")}
-    for cfg in SLAB_CONV_CONFIGS:
-        slab_conv.CONV_CONFIG = slab_conv.WEIGHT_GRAD_CONFIG = cfg
+    calls = {"conv": (lambda: slab_conv.key_query_conv(x, w, "both", zero_above=lo, precision="tf32"),
+                      R.key_query_conv(x, w, "both")),
+             "input_grad": (lambda: slab_conv.key_query_conv_input_grad(g, w, "both", zero_above=lo,
+                                                                        mask_output=True, precision="tf32"),
+                            ref_bwd.key_query_conv_input_grad(g, w, "both").masked_fill(future, 0)),
+             "weight_grad": (lambda: slab_conv.key_query_conv_weight_grad(g, x, w, "both", zero_above=lo,
+                                                                          precision="tf32"),
+                             ref_bwd.key_query_conv_weight_grad(g, x, w, "both"))}
+
+    def time_calls(cfg, names):
         line = []
-        for (name, fn), ref in zip(calls.items(), expect):
+        for name in names:
+            fn, ref = calls[name]
             try:
                 err = ((fn() - ref).abs().max() / ref.abs().max()).item()
                 t = triton.testing.do_bench(fn, return_mode="median")
@@ -46,6 +48,13 @@ if "slabconv" in which:
             except Exception as e:  # a config may not fit
                 line.append(f"{name} failed {type(e).__name__}: {str(e)[:80]}")
         print(f"slab conv {cfg}: " + "; ".join(line), flush=True)
+
+    for cfg in SLAB_CONV_CONFIGS:
+        slab_conv.CONV_CONFIG = cfg
+        time_calls(cfg, ["conv", "input_grad"])
+    for cfg in SLAB_WEIGHT_GRAD_CONFIGS:
+        slab_conv.WEIGHT_GRAD_CONFIG = cfg
+        time_calls(cfg, ["weight_grad"])
 for cfg in [] if "flash" not in which else [dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3),
             dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=3),
             dict(BM=128, BN=64, num_warps=8, num_stages=2), dict(BM=128, BN=32, num_warps=4, num_stages=4)]:
