@@ -42,10 +42,13 @@ def _shifted(base, rows, cols, si, sj, R, LC, ZERO_ABOVE):
 
 
 @triton.jit
-def _toeplitz_rows(t_a, first, KU: tl.constexpr, BC: tl.constexpr):
-    """Rows first .. first + KU - 1 of one (KW, BC) Toeplitz matrix (see toeplitz_matrices)."""
-    u = first + tl.arange(0, KU)
-    return tl.load(t_a + u[:, None] * BC + tl.arange(0, BC)[None, :])
+def _toeplitz(w_a, first, SIGN: tl.constexpr, CK: tl.constexpr, KU: tl.constexpr, BC: tl.constexpr):
+    """[KU, BC] matrix T[u, m] = w_a[first + SIGN * (u - m)], zero where that tap index
+    leaves [0, CK): input column u of a chunk times T gives output column m."""
+    u = tl.arange(0, KU)
+    m = tl.arange(0, BC)
+    t = first + SIGN * (u[:, None] - m[None, :])
+    return tl.load(w_a + t, mask=(t >= 0) & (t < CK), other=0.0)
 
 
 @triton.jit
@@ -57,23 +60,21 @@ def _above_diagonal(ZERO_ABOVE, REACH, BR: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def kq_conv_kernel(x, t, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH,
+def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH,
                    CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, TRANSPOSE: tl.constexpr,
                    MASK_OUT: tl.constexpr, HALO: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
                    PREC: tl.constexpr):
     """out (B, H, R, LC) contiguous: the conv of x (B, H, R, LC) (any strides) with
     w (H, CQ, CK), or with TRANSPOSE its adjoint (the input gradient); with MASK_OUT, out is
-    zero where col - row > ZERO_ABOVE. t (H, CQ, 2 * HALO + BC, BC): the Toeplitz matrices
-    of w for this kernel's HALO, BC and direction (slab_conv.toeplitz_matrices).
-    HALO >= max(PL, CK - 1 - PL), a power of two >= 16."""
+    zero where col - row > ZERO_ABOVE. HALO >= max(PL, CK - 1 - PL), a power of two >= 16."""
     i_bh = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(2) * BC
     rows = tl.program_id(1) * BR + tl.arange(0, BR)
     cols = c0 + tl.arange(0, BC)
     halo = tl.arange(0, HALO)
     base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj)
-    KW: tl.constexpr = 2 * HALO + BC
-    t_head = t + (i_bh % H) * (CQ * KW * BC)
+    w_head = w + (i_bh % H) * (CQ * CK)
+    SIGN: tl.constexpr = -1 if TRANSPOSE else 1
     acc = tl.zeros([BR, BC], dtype=out.dtype.element_ty)
     if not _above_diagonal(ZERO_ABOVE, REACH, BR, BC):
         for a in range(CQ):
@@ -81,15 +82,16 @@ def kq_conv_kernel(x, t, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH,
                 src = rows + (CQ - 1 - a)
             else:
                 src = rows + (a - (CQ - 1))
-            t_a = t_head + a * (KW * BC)
-            # three column chunks of the input, starting at c0 - HALO, c0 and c0 + BC: rows
-            # 0.., HALO.. and HALO + BC.. of the Toeplitz matrix
+            w_a = w_head + a * CK
+            # three column chunks of the input, starting at c0 + off for off = -HALO, 0, BC;
+            # the tap of input column c0 + off + u for output column c0 + m is
+            # PL + off + u - m (conv) or PL - off - (u - m) (transpose)
             x_left = _shifted(base, src, c0 - HALO + halo, sxi, sxj, R, LC, ZERO_ABOVE)
             x_main = _shifted(base, src, cols, sxi, sxj, R, LC, ZERO_ABOVE)
             x_right = _shifted(base, src, c0 + BC + halo, sxi, sxj, R, LC, ZERO_ABOVE)
-            acc += tl.dot(x_left, _toeplitz_rows(t_a, 0, HALO, BC), input_precision=PREC)
-            acc += tl.dot(x_main, _toeplitz_rows(t_a, HALO, BC, BC), input_precision=PREC)
-            acc += tl.dot(x_right, _toeplitz_rows(t_a, HALO + BC, HALO, BC), input_precision=PREC)
+            acc += tl.dot(x_left, _toeplitz(w_a, PL + SIGN * -HALO, SIGN, CK, HALO, BC), input_precision=PREC)
+            acc += tl.dot(x_main, _toeplitz(w_a, PL, SIGN, CK, BC, BC), input_precision=PREC)
+            acc += tl.dot(x_right, _toeplitz(w_a, PL + SIGN * BC, SIGN, CK, HALO, BC), input_precision=PREC)
     if MASK_OUT:
         acc = tl.where(cols[None, :] - rows[:, None] > ZERO_ABOVE, 0.0, acc)
     ok = (rows[:, None] < R) & (cols[None, :] < LC)

@@ -8,7 +8,6 @@ from mta_reference.validate import left_pad
 from .flash_kernels import flash_fwd_kernel
 from .forward_kernels import mta_fwd_kernel
 from .mix_kernels import mta_mix_fwd_kernel
-from .toeplitz import toeplitz_matrices
 
 
 # Mixing groups at least this large go to the register kernel (heads are padded to 16 there,
@@ -99,11 +98,11 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
 
     def conv_params(w):
         if w is None:
-            return 1, 1, 0
-        return w.shape[1], w.shape[2], left_pad(w.shape[2], pad_key)
+            return torch.zeros(1, device=dev), 1, 1, 0
+        return w.to(acc).contiguous(), w.shape[1], w.shape[2], left_pad(w.shape[2], pad_key)
 
-    cq_pre, ck_pre, pl_pre = conv_params(pre_conv)
-    cq_post, ck_post, pl_post = conv_params(post_conv)
+    w_pre, cq_pre, ck_pre, pl_pre = conv_params(pre_conv)
+    w_post, cq_post, ck_post, pl_post = conv_params(post_conv)
     mix_pre, mix_post = block_mix_weights(pre_mix, post_mix, H, NH, acc, dev)
 
     halo_rows = (cq_pre - 1) + (cq_post - 1)
@@ -120,11 +119,6 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     DP = max(16, _next_pow2(D))
     DV = min(DP, 64)
     conv_prec = _precision(q)
-
-    def toeplitz(w):   # frame column u feeds conv column m through tap u - m
-        return torch.zeros(1, device=dev) if w is None else toeplitz_matrices(w, 0, 0, W, False, acc)
-
-    w_pre, w_post = toeplitz(pre_conv), toeplitz(post_conv)
 
     n_head_blocks = H // NH
     grid_rows = triton.cdiv(L, RF - halo_rows) * B * n_head_blocks   # programs per split in pass 2

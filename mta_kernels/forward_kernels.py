@@ -35,20 +35,20 @@ def _load_rows(base, rows, dims, stride_l, stride_d, L, D):
 
 
 @triton.jit
-def _toeplitz(t_head, a, W: tl.constexpr):
-    """[W, W] matrix T[u, m] = w[a, u - m] (zero unless 0 <= u - m < CK) of one head's
-    (CQ, W, W) Toeplitz matrices: a key-direction conv as a dot."""
+def _toeplitz(w_head, a, CK: tl.constexpr, W: tl.constexpr):
+    """[W, W] matrix T[u, m] = w[a, u - m] for 0 <= u - m < CK: a key-direction conv as a dot."""
     u = tl.arange(0, W)
-    return tl.load(t_head + a * (W * W) + u[:, None] * W + u[None, :])
+    tap = u[:, None] - u[None, :]
+    return tl.load(w_head + a * CK + tap, mask=(tap >= 0) & (tap < CK), other=0.0)
 
 
 @triton.jit
-def _conv_frame(x, slot, t_head, CQ: tl.constexpr,
+def _conv_frame(x, slot, w_head, CQ: tl.constexpr, CK: tl.constexpr,
                 RF: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr):
     """Key-query conv of one head's [RF, W] frame x; returns out[f, m] =
     sum_{a,t} w[a,t] x[f + a - (CQ-1), m + t] (frame rows above 0 read as zero).
     The row shift goes through the scratch ``slot`` of RF*W floats; the key direction is
-    a dot with a Toeplitz matrix of the weights, t_head (CQ, W, W)."""
+    a dot with a Toeplitz matrix of the weights."""
     f = tl.arange(0, RF)
     m = tl.arange(0, W)
     out = tl.zeros([RF, W], dtype=slot.dtype.element_ty)
@@ -58,7 +58,7 @@ def _conv_frame(x, slot, t_head, CQ: tl.constexpr,
     for a in range(CQ):
         src = f - (CQ - 1 - a)
         xa = tl.load(slot + src[:, None] * W + m[None, :], mask=src[:, None] >= 0, other=0.0)
-        out += tl.dot(xa, _toeplitz(t_head, a, W), input_precision=PREC)
+        out += tl.dot(xa, _toeplitz(w_head, a, CK, W), input_precision=PREC)
     return out
 
 
@@ -93,7 +93,7 @@ def _pre_logits(q_base, k_base, sql, sqd, skl, skd, w_pre_head, slot_pre, rows, 
     if PRE_CONV:
         if CAUSAL:
             s = tl.where(cols_s[None, :] > rows[:, None], 0.0, s)
-        s = _conv_frame(s, slot_pre, w_pre_head, CQ_PRE, RF, W, CONV_PREC)
+        s = _conv_frame(s, slot_pre, w_pre_head, CQ_PRE, CK_PRE, RF, W, CONV_PREC)
     return s
 
 
@@ -122,7 +122,7 @@ def mta_fwd_kernel(
     forms lse). Otherwise read lse and add this block's output rows into o_acc
     (n_splits, B, H, L, D) fp32, contiguous (written once when NH == 1, accumulated per key
     tile otherwise).
-    w_pre_conv / w_post_conv: (H, CQ, W, W) fp32 Toeplitz matrices (toeplitz.py) of the convs; w_pre_mix / w_post_mix: (H // NH, NH, NH)
+    w_pre_conv / w_post_conv: (H, CQ, CK) fp32; w_pre_mix / w_post_mix: (H // NH, NH, NH)
     fp32 block-diagonal mixing per head block. scratch: per program (2*NH + 2) * RF * W fp32.
     """
     i_r = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)   # longest causal rows first
@@ -176,7 +176,7 @@ def mta_fwd_kernel(
             for c in range(NH):
                 h = h0 + c
                 x = _pre_logits(q + i_b * sqb + h * sqh, k + i_b * skb + (h // HKV_REP) * skh,
-                                sql, sqd, skl, skd, w_pre_conv + h * (CQ_PRE * W * W), slot_pre,
+                                sql, sqd, skl, skd, w_pre_conv + h * (CQ_PRE * CK_PRE), slot_pre,
                                 rows, cols_s, L, D, scale, CAUSAL, PRE_CONV, CQ_PRE, CK_PRE,
                                 RF, W, DP, QK_PREC, CONV_PREC)
                 tl.store(slot_x + c * FRAME + f[:, None] * W + m[None, :], x)
@@ -187,7 +187,7 @@ def mta_fwd_kernel(
                 logits = tl.load(slot_y + c * FRAME + f[:, None] * W + m[None, :])
             else:
                 logits = _pre_logits(q + i_b * sqb + h * sqh, k + i_b * skb + (h // HKV_REP) * skh,
-                                     sql, sqd, skl, skd, w_pre_conv + h * (CQ_PRE * W * W), slot_pre,
+                                     sql, sqd, skl, skd, w_pre_conv + h * (CQ_PRE * CK_PRE), slot_pre,
                                      rows, cols_s, L, D, scale, CAUSAL, PRE_CONV, CQ_PRE, CK_PRE,
                                      RF, W, DP, QK_PREC, CONV_PREC)
             keep = (cols_c[None, :] >= 0) & (cols_c[None, :] < L) & (m[None, :] < W_C)
@@ -208,8 +208,8 @@ def mta_fwd_kernel(
                 row_lse = tl.load(lse + stat, mask=(rows >= 0) & (rows < L), other=0.0)
                 p = tl.where(keep, tl.exp(logits - row_lse[:, None]), 0.0)
                 if POST_CONV:
-                    p = _conv_frame(p, slot_post, w_post_conv + h * (CQ_POST * W * W),
-                                    CQ_POST, RF, W, CONV_PREC)
+                    p = _conv_frame(p, slot_post, w_post_conv + h * (CQ_POST * CK_POST),
+                                    CQ_POST, CK_POST, RF, W, CONV_PREC)
                     if CAUSAL:
                         p = tl.where(cols_o[None, :] > rows[:, None], 0.0, p)
                 p = tl.where((m[None, :] < W_OUT) & (cols_o[None, :] < L), p, 0.0)

@@ -14,7 +14,6 @@ from mta_reference.validate import left_pad
 
 from .conv_kernels import kq_conv_kernel, kq_conv_weight_grad_kernel
 from .forward import _next_pow2
-from .toeplitz import toeplitz_matrices
 
 # zero_above=None: no zero structure (any value beyond every column offset would do)
 _NO_ZEROS = 2 ** 30
@@ -55,14 +54,13 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision):
     if out.numel() == 0:
         return out
     BR, BC, n_r, n_c, options = _blocks(R, LC, CONV_CONFIG)
-    halo = _halo(ck, pl)
     # how far toward the diagonal (column minus row) a tap reads
     reach = (cq - 1) + (ck - 1 - pl) if transpose else pl
     kq_conv_kernel[(B * H, n_r, n_c)](
-        x, toeplitz_matrices(w, pl, halo, BC, transpose, x.dtype), out, *x.stride(), H, R, LC,
+        x, w.to(x.dtype).contiguous(), out, *x.stride(), H, R, LC,
         _NO_ZEROS if zero_above is None else zero_above, reach,
         CQ=cq, CK=ck, PL=pl, TRANSPOSE=transpose, MASK_OUT=mask_output and zero_above is not None,
-        HALO=halo, BR=BR, BC=BC, PREC=_prec(x, precision), **options)
+        HALO=_halo(ck, pl), BR=BR, BC=BC, PREC=_prec(x, precision), **options)
     return out
 
 
