@@ -70,23 +70,43 @@ def mix_slab_weight_grad(grad, x, groups):
     return torch.matmul(g, x.reshape(B, groups, ch, R * L).transpose(-1, -2)).sum(0)
 
 
-def rows_per_chunk(B, H, L, itemsize, budget=CHUNK_BYTES):
-    """Rows per chunk so that LIVE_TENSORS slabs of (B, H, rows, L) fit in ``budget`` bytes."""
-    return max(16, budget // (LIVE_TENSORS * B * H * L * itemsize))
+def rows_per_chunk(H, L, itemsize, budget=CHUNK_BYTES):
+    """Rows per chunk so that LIVE_TENSORS slabs of (1, H, rows, L) fit in ``budget`` bytes."""
+    return max(16, budget // (LIVE_TENSORS * H * L * itemsize))
 
 
 def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,
                      scale, compute_dtype=torch.float32, rows=None):
     """Gradients (dq, dk, dv, d_pre_conv, d_pre_mix, d_post_conv, d_post_mix) of MTA, each in its
     input's dtype (None for absent weights). Shapes as ``mta_reference.mta_attention``;
-    ``rows`` overrides the chunk height (for tests)."""
+    ``rows`` overrides the chunk height (for tests).
+
+    The batch elements go one after another, each in chunks as tall as the budget allows for
+    one element: sharing the budget across the batch made the chunks B times shorter (73 rows
+    at B=8, L=2048), so the halo rows every chunk recomputes and the per-chunk launches grew
+    with B. The weight gradients are summed over the elements in order (deterministic)."""
+    B, H, L, D = q.shape
+    cd = compute_dtype
+    R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8)
+    weights = (pre_conv, pre_mix, post_conv, post_mix)
+    dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
+    dw = [None if w is None else torch.zeros(w.shape, device=q.device, dtype=cd) for w in weights]
     with _matmul_precision(q):
-        return _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
-                                 pad_key=pad_key, scale=scale, compute_dtype=compute_dtype, rows=rows)
+        for b in range(B):
+            one = slice(b, b + 1)
+            grads = _chunked_backward(grad_out[one], q[one], k[one], v[one], *weights, causal=causal,
+                                      pad_key=pad_key, scale=scale, compute_dtype=cd, rows=R)
+            dq[one], dk[one], dv[one] = grads[:3]
+            for total, g in zip(dw, grads[3:]):
+                if total is not None:
+                    total += g
+    return (dq, dk, dv, *[None if w is None else g.to(w.dtype) for g, w in zip(dw, weights)])
 
 
 def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,
                       scale, compute_dtype, rows):
+    """chunked_backward for one batch element (B = 1) in chunks of ``rows`` rows: dq, dk, dv in
+    the inputs' dtypes, the weight gradients in compute_dtype."""
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     cd = compute_dtype
@@ -99,7 +119,7 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         kc, vc = kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1)
     HQ = pre_conv.shape[1] - 1 if pre_conv is not None else 0
     HP = post_conv.shape[1] - 1 if post_conv is not None else 0
-    R = rows or rows_per_chunk(B, H, L, torch.finfo(cd).bits // 8)
+    R = rows
 
     dq = torch.zeros(B, H, L, D, device=q.device, dtype=cd)
     dk = torch.zeros_like(dq)
@@ -151,6 +171,4 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
 
     dk = dk.view(B, Hkv, rep, L, D).sum(2)
     dv = dv.view(B, Hkv, rep, L, D).sum(2)
-    weights = (pre_conv, pre_mix, post_conv, post_mix)
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-            *[None if w is None else g.to(w.dtype) for g, w in zip(dw, weights)])
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *dw)
