@@ -20,12 +20,14 @@ _NO_ZEROS = 2 ** 30
 
 # Launch configurations: the largest tile [BR, BC], column tiles per weight-gradient program,
 # and Triton's options. H200, one causal slab of 302 x 4096, 16 heads, fp32 (scripts/tune.py
-# slabconv at f1ac69b): conv 0.197 ms and its input gradient 0.212 at 64x64 with 4 warps and
-# 1 stage (2 stages 0.238, 8 warps 0.375, 32x64 0.274); weight gradient 0.379 ms at 64x32
-# with 16 tiles per program (4 tiles 0.391, 8 tiles 0.420; one program per row, walking up to
-# 64 tiles, 0.372-0.382). The 66-tap stencils these replaced took 0.36 and 0.50 ms.
+# slabconv at f1ac69b and c96e620, notes/tune_slabconv_h200_c96e620.log): conv 0.197 ms and its
+# input gradient 0.210 at 64x64 with 4 warps and 1 stage (64x32 0.205 / 0.202, 128x32 0.226,
+# 128x64 with 8 warps 0.227, 2 stages 0.238, 8 warps 0.375); weight gradient 0.318 ms at 64x32
+# with 16 tiles per program and 1 stage (2 stages 0.375, 8 warps 0.567, 32x32 0.373, 64x16
+# 0.478). The 66-tap stencils these replaced took 0.36 and 0.50 ms. Toeplitz matrices built on
+# the host and loaded per tile (0892a2f) were slower: conv 0.295 ms.
 CONV_CONFIG = dict(BR=64, BC=64, num_warps=4, num_stages=1)
-WEIGHT_GRAD_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=2, TILES=16)
+WEIGHT_GRAD_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=1, TILES=16)
 
 
 def _blocks(R, LC, config):
