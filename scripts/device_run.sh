@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -78,6 +78,7 @@ for step in "$@"; do
              timeout 150 python3 scripts/tune.py slabconv 2>&1 | tee "$OUT/tune_slabconv.log"
              timeout 200 python3 -m bench --shapes paper --ops full --modes bwd,fwd+bwd --providers fused \
                --out "$RES" 2>&1 | tee "$OUT/batchchunks.log" | grep -E "^\[|status" ;;
+    mixbwdsplits) timeout 200 python3 scripts/tune.py mixbwdsplits 2>&1 | tee "$OUT/tune_mixbwdsplits.log" ;;
     quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;
     host) timeout 200 python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     hosttests) timeout 150 python3 -m pytest tests/test_backward.py -q -rA \

@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv]   (all without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [mixbwdsplits]   (all without arguments)"""
 import sys
 
 import torch
@@ -17,7 +17,7 @@ scale = D ** -0.5
 t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), return_mode="median")
 print(f"sdpa {t_sdpa:.3f} ms", flush=True)
 expect = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-which = set(sys.argv[1:]) or {"flash", "flashbwd", "mixbwd", "mix", "mixsplits", "full", "slabconv"}
+which = set(sys.argv[1:]) or {"flash", "flashbwd", "mixbwd", "mix", "mixsplits", "full", "slabconv", "mixbwdsplits"}
 
 if "slabconv" in which:
     # one middle slab of the chunked backward at this shape: rows lo..lo+R of (B, H, R, L) fp32
@@ -127,6 +127,22 @@ if "mixbwd" in which:
         peak = torch.cuda.max_memory_allocated() / 2**30
         print(f"talking heads fwd+bwd, fused backward={fused}: {t:.3f} ms = {t / t_ref:.1f}x sdpa fwd+bwd "
               f"({t_ref:.3f} ms), peak {peak:.2f} GiB", flush=True)
+
+if "mixbwdsplits" in which:
+    # talking-heads backward: key (row) splits of its row (column) launches, at the training
+    # shape (L=2048, D=96) and at L=2048/4096 with D=128
+    from mta_kernels import backward
+    wm = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
+    for n, d in ((2048, 96), (2048, 128), (4096, 128)):
+        qn, kn, vn, do = (torch.randn(B, H, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        lse = mix_forward(qn, kn, vn, wm, wm, True, d ** -0.5)[1]
+        for target, cap in ((4 * 132, 8), (4 * 132, 1), (4 * 132, 2), (2 * 132, 8), (8 * 132, 8), (16 * 132, 8)):
+            backward.MIX_BWD_TARGET_PROGRAMS, backward.MIX_BWD_MAX_SPLITS = target, cap
+            t = triton.testing.do_bench(lambda: backward.mix_backward(do, qn, kn, vn, wm, wm, lse, True, d ** -0.5),
+                                        return_mode="median")
+            print(f"L={n} D={d} talking-heads backward, target {target} programs, at most {cap} splits: {t:.3f} ms",
+                  flush=True)
+        backward.MIX_BWD_TARGET_PROGRAMS, backward.MIX_BWD_MAX_SPLITS = 4 * 132, 8
 
 w_pre = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
 w_post = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
