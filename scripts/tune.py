@@ -133,10 +133,10 @@ if "mixbwdsplits" in which:
     # shape (L=2048, D=96) and at L=2048/4096 with D=128
     from mta_kernels import backward
     wm = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
-    for n, d in ((2048, 96), (2048, 128), (4096, 128)):
+    for n, d in ((1024, 128), (2048, 96), (2048, 128), (4096, 128)):
         qn, kn, vn, do = (torch.randn(B, H, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         lse = mix_forward(qn, kn, vn, wm, wm, True, d ** -0.5)[1]
-        for target, cap in ((4 * 132, 8), (4 * 132, 1), (4 * 132, 2), (2 * 132, 8), (8 * 132, 8), (16 * 132, 8)):
+        for target, cap in [(1 << 30, splits) for splits in range(1, 9)]:   # exactly `splits` splits
             backward.MIX_BWD_TARGET_PROGRAMS, backward.MIX_BWD_MAX_SPLITS = target, cap
             t = triton.testing.do_bench(lambda: backward.mix_backward(do, qn, kn, vn, wm, wm, lse, True, d ** -0.5),
                                         return_mode="median")
