@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -79,6 +79,15 @@ for step in "$@"; do
              timeout 200 python3 -m bench --shapes paper --ops full --modes bwd,fwd+bwd --providers fused \
                --out "$RES" 2>&1 | tee "$OUT/batchchunks.log" | grep -E "^\[|status" ;;
     mixbwdsplits) timeout 200 python3 scripts/tune.py mixbwdsplits 2>&1 | tee "$OUT/tune_mixbwdsplits.log" ;;
+    session5) # GPU tests of what session 5 changed, then L=4096 every mode and the paper layers
+             timeout 200 python3 -m pytest tests/test_backward.py -m gpu -q -rA \
+               -k "gradients_gpu or fused_mix_backward_gpu or deterministic" 2>&1 \
+               | tee "$OUT/session5_tests.log" | grep -E "FAIL|ERROR|passed|failed"
+             timeout 220 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
+               --modes fwd,bwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 \
+               | tee "$OUT/session5_target.log" | grep -E "^\[|status"
+             timeout 150 python3 -m bench --shapes paper --ops full,talking_heads,none --modes fwd+bwd \
+               --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/session5_paper.log" | grep -E "^\[|status" ;;
     quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;
     host) timeout 200 python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     hosttests) timeout 150 python3 -m pytest tests/test_backward.py -q -rA \
