@@ -76,10 +76,11 @@ def rows_per_chunk(H, L, itemsize, budget=CHUNK_BYTES):
 
 
 def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,
-                     scale, compute_dtype=torch.float32, rows=None):
+                     scale, compute_dtype=torch.float32, rows=None, needs=(True,) * 7):
     """Gradients (dq, dk, dv, d_pre_conv, d_pre_mix, d_post_conv, d_post_mix) of MTA, each in its
-    input's dtype (None for absent weights). Shapes as ``mta_reference.mta_attention``;
-    ``rows`` overrides the chunk height (for tests).
+    input's dtype (None for absent weights and where ``needs``, seven bools in that order, is
+    False: no work is spent on those, e.g. no weight-gradient kernels for frozen weights).
+    Shapes as ``mta_reference.mta_attention``; ``rows`` overrides the chunk height (for tests).
 
     The batch elements go one after another, each in chunks as tall as the budget allows for
     one element: sharing the budget across the batch made the chunks B times shorter (73 rows
@@ -89,24 +90,31 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
     cd = compute_dtype
     R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8)
     weights = (pre_conv, pre_mix, post_conv, post_mix)
-    dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
-    dw = [None if w is None else torch.zeros(w.shape, device=q.device, dtype=cd) for w in weights]
+    needs = [bool(n) and x is not None for n, x in zip(needs, (q, k, v, *weights))]
+    dqkv = [torch.empty(x.shape, device=x.device, dtype=x.dtype) if need else None
+            for x, need in zip((q, k, v), needs)]
+    dw = [torch.zeros(w.shape, device=q.device, dtype=cd) if need else None
+          for w, need in zip(weights, needs[3:])]
     with _matmul_precision(q):
         for b in range(B):
             one = slice(b, b + 1)
             grads = _chunked_backward(grad_out[one], q[one], k[one], v[one], *weights, causal=causal,
-                                      pad_key=pad_key, scale=scale, compute_dtype=cd, rows=R)
-            dq[one], dk[one], dv[one] = grads[:3]
+                                      pad_key=pad_key, scale=scale, compute_dtype=cd, rows=R, needs=needs)
+            for total, g in zip(dqkv, grads[:3]):
+                if total is not None:
+                    total[one] = g
             for total, g in zip(dw, grads[3:]):
                 if total is not None:
                     total += g
-    return (dq, dk, dv, *[None if w is None else g.to(w.dtype) for g, w in zip(dw, weights)])
+    return (*dqkv, *[None if g is None else g.to(w.dtype) for g, w in zip(dw, weights)])
 
 
 def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,
-                      scale, compute_dtype, rows):
+                      scale, compute_dtype, rows, needs):
     """chunked_backward for one batch element (B = 1) in chunks of ``rows`` rows: dq, dk, dv in
-    the inputs' dtypes, the weight gradients in compute_dtype."""
+    the inputs' dtypes, the weight gradients in compute_dtype; None where ``needs`` (seven
+    bools, False for absent weights) is False. Each step of the chain back from dO runs only
+    if a wanted gradient lies further along it."""
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     cd = compute_dtype
@@ -121,11 +129,16 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
     HP = post_conv.shape[1] - 1 if post_conv is not None else 0
     R = rows
 
-    dq = torch.zeros(B, H, L, D, device=q.device, dtype=cd)
-    dk = torch.zeros_like(dq)
-    dv = torch.zeros_like(dq)
-    dw = [None if w is None else torch.zeros(w.shape, device=q.device, dtype=cd)
-          for w in (pre_conv, pre_mix, post_conv, post_mix)]
+    need_q, need_k, need_v, *need_w = needs
+    dq, dk, dv = (torch.zeros(B, H, L, D, device=q.device, dtype=cd) if need else None
+                  for need in (need_q, need_k, need_v))
+    dw = [torch.zeros(w.shape, device=q.device, dtype=cd) if need else None
+          for w, need in zip((pre_conv, pre_mix, post_conv, post_mix), need_w)]
+    # how far back from dO the chain must go: dA -> (post mix) -> dP -> dZ -> (pre mix) -> dC -> dS
+    need_ds = need_q or need_k
+    need_dc = need_ds or need_w[0]
+    need_dz = need_dc or need_w[1]
+    need_da = need_dz or need_w[2] or need_w[3]
 
     prec = _precision(q)
     for r0 in range(0, L, R):
@@ -146,29 +159,45 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
 
         # backward on the slab: rows [lo, hi), keys [0, ke)
         do_slab = dout[:, :, lo:hi]
-        dv[:, :, :ke] += torch.matmul(a[:, :, mine].transpose(-1, -2), do_slab[:, :, mine])
+        if need_v:
+            dv[:, :, :ke] += torch.matmul(a[:, :, mine].transpose(-1, -2), do_slab[:, :, mine])
+        if not need_da:
+            continue
         da = torch.matmul(do_slab, t.v.transpose(-1, -2))
         if post_mix is not None:
-            dw[3] += mix_slab_weight_grad(da[:, :, mine], a1[:, :, mine], post_mix.shape[0])
+            if need_w[3]:
+                dw[3] += mix_slab_weight_grad(da[:, :, mine], a1[:, :, mine], post_mix.shape[0])
             da = mix_slab(da, post_mix.transpose(-1, -2))
+        if need_w[2]:
+            dw[2] += key_query_conv_weight_grad(da, probs, post_conv, pad_key, rows=(mine.start, mine.stop), **slab)
+        if not need_dz:
+            continue
         dp = da
         if post_conv is not None:
-            dw[2] += key_query_conv_weight_grad(da, probs, post_conv, pad_key, rows=(mine.start, mine.stop), **slab)
             dp = key_query_conv_input_grad(da, post_conv, pad_key, mask_output=True, **slab)
         # dz = P * (dP - Delta) with Delta = rowsum(P * dP): softmax's backward, one fused kernel
         dz = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
         dc = dz
         if pre_mix is not None:
-            dw[1] += mix_slab_weight_grad(dz[:, :, mine], c[:, :, mine], pre_mix.shape[0])
-            dc = mix_slab(dz, pre_mix.transpose(-1, -2))
+            if need_w[1]:
+                dw[1] += mix_slab_weight_grad(dz[:, :, mine], c[:, :, mine], pre_mix.shape[0])
+            if need_dc:
+                dc = mix_slab(dz, pre_mix.transpose(-1, -2))
+        if need_w[0]:
+            dw[0] += key_query_conv_weight_grad(dc, s0, pre_conv, pad_key, rows=(mine.start, mine.stop), **slab)
+        if not need_ds:
+            continue
         ds = dc
         if pre_conv is not None:
-            dw[0] += key_query_conv_weight_grad(dc, s0, pre_conv, pad_key, rows=(mine.start, mine.stop), **slab)
             ds = key_query_conv_input_grad(dc, pre_conv, pad_key, mask_output=True, **slab)
         ds = ds[:, :, mine]
-        dq[:, :, r0:r1] = torch.matmul(ds, t.k) * scale
-        dk[:, :, :ke] += torch.matmul(ds.transpose(-1, -2), t.q[:, :, mine])   # t.q is scale * q
+        if need_q:
+            dq[:, :, r0:r1] = torch.matmul(ds, t.k) * scale
+        if need_k:
+            dk[:, :, :ke] += torch.matmul(ds.transpose(-1, -2), t.q[:, :, mine])   # t.q is scale * q
 
-    dk = dk.view(B, Hkv, rep, L, D).sum(2)
-    dv = dv.view(B, Hkv, rep, L, D).sum(2)
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *dw)
+    if dk is not None:
+        dk = dk.view(B, Hkv, rep, L, D).sum(2)
+    if dv is not None:
+        dv = dv.view(B, Hkv, rep, L, D).sum(2)
+    return (*[None if g is None else g.to(x.dtype) for g, x in zip((dq, dk, dv), (q, k, v))], *dw)

@@ -8,7 +8,10 @@ default). With convs it is interim until fused conv backward kernels land:
 ``chunked_backward``, the reference backward one block of query rows at a time, with Triton
 tensor-core kernels for the convs (exact; O(rows x L) memory, not O(L^2); 4x faster than
 the materialized path at L=4096 on the H200, far from fused speed). Gradients are
-computed only for inputs that require them (the others come back as empty tensors).
+returned only for inputs that require them (the others come back as empty tensors); the
+path with convs also skips their work (frozen weights cost no weight-gradient kernels),
+while the fused flash and mixing backward kernels compute everything of theirs (their
+weight-gradient partials are a small share of the mixing kernels' work).
 
 Determinism: the backward is bitwise reproducible by default on every path, so it needs no
 switch: no kernel uses atomics, and partial sums (weight gradients, GQA groups, key splits,
@@ -68,7 +71,7 @@ def backward_impl(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, out
         return [q.new_empty(0) for _ in inputs]
     with _on_device(q):
         grads = _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse,
-                                causal, pad_key, scale)
+                                causal, pad_key, scale, needs_grad)
     return [g.contiguous() if need and g is not None else q.new_empty(0)
             for g, need in zip(grads, needs_grad)]
 
@@ -97,8 +100,11 @@ def mta_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pre_conv: Optiona
                          pad_key, scale, needs_grad)
 
 
-def _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse, causal, pad_key, scale):
-    """The seven gradients (None for absent weights) from the fastest exact path available."""
+def _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse, causal, pad_key, scale,
+                    needs_grad):
+    """The seven gradients (None for absent weights) from the fastest exact path available.
+    The path with convs computes only what needs_grad asks for (the conv weight gradients are
+    a third of its time); the fused kernels of the other paths compute all of theirs."""
     inputs = (q, k, v, pre_conv, pre_mix, post_conv, post_mix)
     q_k, scale_k = _kernel_scale(q, scale)
     if all(w is None for w in inputs[3:]):
@@ -109,7 +115,8 @@ def _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, o
             grad_out, q_k, k, v, pre_mix, post_mix, lse, causal, scale_k)
         return _unfold_scale(dq, scale, scale_k), dk, dv, None, d_pre_mix, None, d_post_mix
     return chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
-                            causal=causal, pad_key=pad_key, scale=scale, compute_dtype=acc_dtype(q))
+                            causal=causal, pad_key=pad_key, scale=scale, compute_dtype=acc_dtype(q),
+                            needs=needs_grad)
 
 
 @mta_bwd.register_fake

@@ -187,13 +187,19 @@ def test_gradient_causality(case, fused_mix, device, monkeypatch):
 
 
 def test_frozen_inputs_get_no_gradient_work(device, monkeypatch):
-    """Only inputs that require grad get gradients; with none, the backward op is not run."""
+    """Only inputs that require grad get gradients, frozen conv weights cost no weight-gradient
+    kernel, and with nothing to differentiate the backward op is not run."""
     case = Case(L=20, **FULL)
     q, k, v, *w = make_inputs(case, torch.float32, device)
     q.requires_grad_()
+    weight_grads = []
+    real_weight_grad = mta_kernels.chunked_backward.key_query_conv_weight_grad
+    monkeypatch.setattr(mta_kernels.chunked_backward, "key_query_conv_weight_grad",
+                        lambda *a, **kw: weight_grads.append(1) or real_weight_grad(*a, **kw))
     out = mta_kernels.mta_attention(q, k, v, *w)
     out.sum().backward()
     assert q.grad is not None and k.grad is None and all(x.grad is None for x in w)
+    assert weight_grads == []
 
     calls = []
     real = mta_kernels.ops.chunked_backward
@@ -202,6 +208,31 @@ def test_frozen_inputs_get_no_gradient_work(device, monkeypatch):
     out = mta_kernels.mta_attention(q.detach(), k, v, *w) * x   # nothing of MTA's requires grad
     out.sum().backward()
     assert calls == [] and x.grad is not None
+
+
+@pytest.mark.parametrize("wanted", ["q", "v", "k post_conv", "pre_conv pre_mix", "post_mix", "q k v"])
+def test_chunked_backward_skips_unwanted_gradients(wanted, monkeypatch):
+    """needs=: the chunked backward returns exactly the full call's gradients where asked and
+    None elsewhere, and runs a conv weight-gradient kernel only for a conv weight asked for."""
+    case = Case(B=1, H=4, Hkv=2, L=15, D=6, pre_conv=(3, 5), pre_mix=2, post_conv=(4, 5), post_mix=4)
+    inputs = [x.double() for x in make_inputs(case, torch.float64, "cpu")]
+    grad = torch.randn(inputs[0].shape, dtype=torch.float64)
+    run = lambda needs: chunked_backward(grad, *inputs, causal=True, pad_key="both", scale=6 ** -0.5,
+                                         compute_dtype=torch.float64, rows=8, needs=needs)
+    expected = run((True,) * 7)
+    calls = []
+    real = mta_kernels.chunked_backward.key_query_conv_weight_grad
+    monkeypatch.setattr(mta_kernels.chunked_backward, "key_query_conv_weight_grad",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    needs = [name in wanted.split() for name in NAMES]
+    got = run(needs)
+    for name, need, e, g in zip(NAMES, needs, expected, got):
+        if need:
+            assert torch.equal(e, g), name
+        else:
+            assert g is None, name
+    conv_weights = sum(needs[i] for i in (3, 5))
+    assert len(calls) == conv_weights * 2   # per chunk of 8 of the 15 rows
 
 
 def test_opcheck(device):
