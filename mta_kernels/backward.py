@@ -84,12 +84,17 @@ def _unblock_mix_grad(blocks, H, ch):
     return blocks[block[:, :, None], idx[:, :, None], idx[:, None, :]]
 
 
-def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale):
+def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale, needs=(True,) * 5):
     """Gradients of head mixing without convs from the forward's lse (B, H, L).
-    Returns (dq, dk, dv, d_pre_mix, d_post_mix); weight gradients are None for absent
-    weights. Deterministic: no atomics; partial sums are reduced in a fixed order."""
+    Returns (dq, dk, dv, d_pre_mix, d_post_mix); None for absent weights and where
+    ``needs`` (five bools in that order) is False: launches and weight-gradient partials
+    nobody asked for are skipped. Deterministic: no atomics; partial sums are reduced in a
+    fixed order."""
     B, H, L, D = q.shape
     Hkv = k.shape[1]
+    need_q, need_k, need_v, need_pre, need_post = (bool(n) for n in needs)
+    need_pre, need_post = need_pre and pre_mix is not None, need_post and post_mix is not None
+    need_rows = need_q or need_pre or need_post      # the row kernel's second launch
     NH = heads_per_program(pre_mix, post_mix)
     NHP = max(16, _next_pow2(NH))
     DP = max(16, _next_pow2(D))
@@ -112,13 +117,21 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale):
     grid = (n_rows, B * n_blocks, n_splits)
     args = (q, k, v, grad_out, lse)
     tail = (*strides, H, H // Hkv, L, D, scale, n_blocks)
-    mta_mix_bwd_row_kernel[grid](*args, delta, dq, dw_pre, dw_post, w_pre, w_post, *tail, DELTA=True, **common)
-    delta = sum_splits(delta)
-    mta_mix_bwd_row_kernel[grid](*args, delta, dq, dw_pre, dw_post, w_pre, w_post, *tail, DELTA=False, **common)
-    dq = sum_splits(dq)
+    wanted = dict(GRAD_W_PRE=need_pre, GRAD_W_POST=need_post)
+    if need_rows or need_k:    # Delta: for dq, dk and d_pre_mix (and read by the second launch)
+        mta_mix_bwd_row_kernel[grid](*args, delta, dq, dw_pre, dw_post, w_pre, w_post, *tail, DELTA=True,
+                                     **wanted, **common)
+        delta = sum_splits(delta)
+    if need_rows:
+        mta_mix_bwd_row_kernel[grid](*args, delta, dq, dw_pre, dw_post, w_pre, w_post, *tail, DELTA=False,
+                                     **wanted, **common)
+    dq = sum_splits(dq).to(q.dtype) if need_q else None
     rep = H // Hkv
     dk_dv = []
-    for grad_k, dtype in ((True, k.dtype), (False, v.dtype)):
+    for grad_k, dtype, need in ((True, k.dtype, need_k), (False, v.dtype, need_v)):
+        if not need:
+            dk_dv.append(None)
+            continue
         # a fresh buffer per launch: without splits or GQA, dk is a view of the first one
         dkv_heads = torch.empty(n_splits, B, H, L, D, device=dev, dtype=acc)
         mta_mix_bwd_col_kernel[(triton.cdiv(L, BN), B * n_blocks, n_splits)](
@@ -129,11 +142,11 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale):
         dk_dv.append(grad.to(dtype))
     dk, dv = dk_dv
 
-    def weight_grad(partial, w):
-        if w is None:
+    def weight_grad(partial, w, need):
+        if not need:
             return None
         blocks = partial.view(n_splits, B, n_blocks, n_rows, NH, NH).sum((0, 1, 3))
         return _unblock_mix_grad(blocks, H, w.shape[1]).to(w.dtype)
 
-    return dq.to(q.dtype), dk, dv, weight_grad(dw_pre, pre_mix), weight_grad(dw_post, post_mix)
+    return dq, dk, dv, weight_grad(dw_pre, pre_mix, need_pre), weight_grad(dw_post, post_mix, need_post)
 

@@ -114,13 +114,15 @@ def mta_mix_bwd_row_kernel(
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
     H, HKV_REP, L, D, scale, n_head_blocks,
     DELTA: tl.constexpr, CAUSAL: tl.constexpr, PRE_MIX: tl.constexpr, POST_MIX: tl.constexpr,
+    GRAD_W_PRE: tl.constexpr, GRAD_W_POST: tl.constexpr,
     NH: tl.constexpr, NHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     DC: tl.constexpr, MIX_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """For BM rows of a head block and the keys of split program_id(2). DELTA: write the
     split's partial delta (n_splits, B, H, L) fp32. Otherwise read the summed delta
-    (B, H, L) and write the split's partial dq (n_splits, B, H, L, D) fp32 and this
-    program's partial weight gradients dw_pre / dw_post (n_programs, NH, NH) fp32."""
+    (B, H, L) and write the split's partial dq (n_splits, B, H, L, D) fp32 and, where
+    GRAD_W_PRE / GRAD_W_POST ask for them, this program's partial weight gradients
+    dw_pre / dw_post (n_programs, NH, NH) fp32."""
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)   # longest causal rows first
     i_bh, i_b, hh, head_ok, heads, kv_heads, ptrs, strides, w_pre, w_post = _block_inputs(
         q, k, v, dout, w_pre_mix, w_post_mix, sqb, sqh, sql, sqd, skb, skh, skl, skd,
@@ -159,11 +161,12 @@ def mta_mix_bwd_row_kernel(
                                               w_pre, w_post, scale, L, D, CAUSAL, PRE_MIX, POST_MIX,
                                               NHP, BM, BN, DC, NC, MIX_PREC, DOT_PREC)
         b_dz = b_p * (b_dp - b_delta[:, :, None])
-        if POST_MIX:
+        if GRAD_W_POST:
             b_dw_post += _outer_heads(b_da, b_p, NHP, BM, BN, MIX_PREC)
         b_ds = b_dz
         if PRE_MIX:
-            b_dw_pre += _outer_heads(b_dz, b_s, NHP, BM, BN, MIX_PREC)
+            if GRAD_W_PRE:
+                b_dw_pre += _outer_heads(b_dz, b_s, NHP, BM, BN, MIX_PREC)
             b_ds = _mix_t(w_pre, b_dz, NHP, BM, BN, MIX_PREC)
         b_k = _load_heads(k + i_b * skb, kv_heads, skh, cols, dims, skl, skd, head_ok, L, D)
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PREC)
@@ -174,9 +177,9 @@ def mta_mix_bwd_row_kernel(
     tl.store(o_ptrs, b_dq * scale, mask=o_mask)
     w_offs = prog * (NH * NH) + hh[:, None] * NH + hh[None, :]
     w_mask = head_ok[:, None] & head_ok[None, :]
-    if PRE_MIX:
+    if GRAD_W_PRE:
         tl.store(dw_pre + w_offs, b_dw_pre, mask=w_mask)
-    if POST_MIX:
+    if GRAD_W_POST:
         tl.store(dw_post + w_offs, b_dw_post, mask=w_mask)
 
 

@@ -9,9 +9,8 @@ default). With convs it is interim until fused conv backward kernels land:
 tensor-core kernels for the convs (exact; O(rows x L) memory, not O(L^2); 4x faster than
 the materialized path at L=4096 on the H200, far from fused speed). Gradients are
 returned only for inputs that require them (the others come back as empty tensors); the
-path with convs also skips their work (frozen weights cost no weight-gradient kernels),
-while the fused flash and mixing backward kernels compute everything of theirs (their
-weight-gradient partials are a small share of the mixing kernels' work).
+paths with MTA weights also skip their work (frozen weights cost no weight-gradient
+kernels or partials; launches for frozen q, k or v are skipped where they are separate).
 
 Determinism: the backward is bitwise reproducible by default on every path, so it needs no
 switch: no kernel uses atomics, and partial sums (weight gradients, GQA groups, key splits,
@@ -103,8 +102,8 @@ def mta_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pre_conv: Optiona
 def _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse, causal, pad_key, scale,
                     needs_grad):
     """The seven gradients (None for absent weights) from the fastest exact path available.
-    The path with convs computes only what needs_grad asks for (the conv weight gradients are
-    a third of its time); the fused kernels of the other paths compute all of theirs."""
+    The paths with mixing or convs compute only what needs_grad asks for (the conv weight
+    gradients are a third of the chunked backward's time); plain attention's computes all."""
     inputs = (q, k, v, pre_conv, pre_mix, post_conv, post_mix)
     q_k, scale_k = _kernel_scale(q, scale)
     if all(w is None for w in inputs[3:]):
@@ -112,8 +111,9 @@ def _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, o
         return _unfold_scale(dq, scale, scale_k), dk, dv, None, None, None, None
     if backward.FUSED_MIX_BACKWARD and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, q.shape[-1]):
         dq, dk, dv, d_pre_mix, d_post_mix = backward.mix_backward(
-            grad_out, q_k, k, v, pre_mix, post_mix, lse, causal, scale_k)
-        return _unfold_scale(dq, scale, scale_k), dk, dv, None, d_pre_mix, None, d_post_mix
+            grad_out, q_k, k, v, pre_mix, post_mix, lse, causal, scale_k, needs=[needs_grad[i] for i in (0, 1, 2, 4, 6)])
+        dq = None if dq is None else _unfold_scale(dq, scale, scale_k)
+        return dq, dk, dv, None, d_pre_mix, None, d_post_mix
     return chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
                             causal=causal, pad_key=pad_key, scale=scale, compute_dtype=acc_dtype(q),
                             needs=needs_grad)

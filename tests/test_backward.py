@@ -151,6 +151,44 @@ def test_fused_mix_backward_splits_agree(splits, device, monkeypatch):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("wanted", ["q", "k", "v", "pre_mix", "post_mix", "q k v"])
+def test_fused_mix_backward_skips_unwanted_gradients(wanted, device, monkeypatch):
+    """needs=: the talking-heads backward returns exactly the full call's gradients where asked
+    and None elsewhere, launching only the kernels those need."""
+    case = Case(B=1, H=8, Hkv=2, L=40, D=16, pre_mix=8, post_mix=4)
+    q, k, v, *w = make_inputs(case, torch.float32, device)
+    lse = mta_kernels.forward.mta_forward(q, k, v, *w, True, "both", case.D ** -0.5)[1]
+    grad = torch.randn_like(q)
+    run = lambda needs: mta_kernels.backward.mix_backward(grad, q, k, v, w[1], w[3], lse, True,
+                                                          case.D ** -0.5, needs=needs)
+    expected = run((True,) * 5)
+    launches = []
+    for name in ("mta_mix_bwd_row_kernel", "mta_mix_bwd_col_kernel"):
+        kernel = getattr(mta_kernels.backward, name)
+        monkeypatch.setattr(mta_kernels.backward, name, _CountLaunches(kernel, name, launches))
+    names = ("q", "k", "v", "pre_mix", "post_mix")
+    needs = [name in wanted.split() for name in names]
+    for name, need, e, g in zip(names, needs, expected, run(needs)):
+        if need:
+            assert torch.equal(e, g), name
+        else:
+            assert g is None, name
+    row, col = "mta_mix_bwd_row_kernel", "mta_mix_bwd_col_kernel"   # row: Delta, then dq and dW
+    assert launches == {"q": [row, row], "k": [row, col], "v": [col], "pre_mix": [row, row],
+                        "post_mix": [row, row], "q k v": [row, row, col, col]}[wanted]
+
+
+class _CountLaunches:
+    """A Triton kernel stand-in that records each launch's name, then launches the kernel."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
 def test_mix_backward_split_counts_are_even():
     """Odd split counts measured 10-25% slower on the H200 at L=2048 (backward.py): the count
     goes up to the next even one unless a cap (MIX_BWD_MAX_SPLITS, the tiles) forbids it."""
