@@ -127,7 +127,6 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         kc, vc = kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1)
     HQ = pre_conv.shape[1] - 1 if pre_conv is not None else 0
     HP = post_conv.shape[1] - 1 if post_conv is not None else 0
-    R = rows
 
     need_q, need_k, need_v, *need_w = needs
     dq, dk, dv = (torch.zeros(B, H, L, D, device=q.device, dtype=cd) if need else None
@@ -141,8 +140,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
     need_da = need_dz or need_w[2] or need_w[3]
 
     prec = _precision(q)
-    for r0 in range(0, L, R):
-        r1 = min(L, r0 + R)
+    for r0 in range(0, L, rows):
+        r1 = min(L, r0 + rows)
         lo, hi = max(0, r0 - HQ - HP), min(L, r1 + HQ + HP)
         # causal: every conv input and gradient of the slab is zero in the future (j > lo + i);
         # the conv kernels read them so (no masking pass) and skip the tiles there

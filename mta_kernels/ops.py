@@ -110,8 +110,9 @@ def _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, o
         dq, dk, dv = flash_backward(grad_out, q_k, k, v, out, lse, causal, scale_k)
         return _unfold_scale(dq, scale, scale_k), dk, dv, None, None, None, None
     if backward.FUSED_MIX_BACKWARD and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, q.shape[-1]):
+        needs_mix = [needs_grad[i] for i in (0, 1, 2, 4, 6)]   # q, k, v, pre_mix, post_mix
         dq, dk, dv, d_pre_mix, d_post_mix = backward.mix_backward(
-            grad_out, q_k, k, v, pre_mix, post_mix, lse, causal, scale_k, needs=[needs_grad[i] for i in (0, 1, 2, 4, 6)])
+            grad_out, q_k, k, v, pre_mix, post_mix, lse, causal, scale_k, needs=needs_mix)
         dq = None if dq is None else _unfold_scale(dq, scale, scale_k)
         return dq, dk, dv, None, d_pre_mix, None, d_post_mix
     return chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
