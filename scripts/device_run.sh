@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -88,6 +88,13 @@ for step in "$@"; do
                | tee "$OUT/session5_target.log" | grep -E "^\[|status"
              timeout 150 python3 -m bench --shapes paper --ops full,talking_heads,none --modes fwd+bwd \
                --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/session5_paper.log" | grep -E "^\[|status" ;;
+    suite) # continue the default suite in the committed CSV (SUITE_CSV), stopping cleanly (SIGINT:
+             # the summary and plots are written) after SUITE_TIMEOUT seconds; the CSV, md and
+             # plots come back in $OUT/suite.tgz
+             csv=${SUITE_CSV:-bench/results/2026-11-29_011454_NVIDIA-H200.csv}
+             timeout -s INT ${SUITE_TIMEOUT:-480} python3 -m bench --resume "$csv" > "$OUT/suite.log" 2>&1
+             grep -E "status counts|interrupted" "$OUT/suite.log"
+             tar czf "$OUT/suite.tgz" "${csv%.csv}".* "${csv%.csv}"_*.png ;;
     quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;
     host) timeout 200 python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     hosttests) timeout 150 python3 -m pytest tests/test_backward.py -q -rA \
