@@ -25,7 +25,7 @@ import torch
 from mta_reference.mta import forward_intermediates
 
 from .forward import _precision
-from .slab_conv import key_query_conv, key_query_conv_input_grad, key_query_conv_weight_grad
+from .slab_conv import CONV_CONFIG, key_query_conv, key_query_conv_input_grad, key_query_conv_weight_grad
 
 # Working set per chunk: about this many bytes of (B, H, rows, L) tensors.
 CHUNK_BYTES = 1 << 30
@@ -70,9 +70,18 @@ def mix_slab_weight_grad(grad, x, groups):
     return torch.matmul(g, x.reshape(B, groups, ch, R * L).transpose(-1, -2)).sum(0)
 
 
-def rows_per_chunk(H, L, itemsize, budget=CHUNK_BYTES):
-    """Rows per chunk so that LIVE_TENSORS slabs of (1, H, rows, L) fit in ``budget`` bytes."""
-    return max(16, budget // (LIVE_TENSORS * H * L * itemsize))
+# A slab (a chunk's rows and its halos) is never shorter than one row tile of the slab conv
+# kernels: below that, long sequences (18-row chunks at H=16, L=65536 in the budget) spent most
+# of each chunk on halo rows and on tiles left mostly empty.
+MIN_SLAB_ROWS = CONV_CONFIG["BR"]
+
+
+def rows_per_chunk(H, L, itemsize, halo, budget=CHUNK_BYTES):
+    """Rows per chunk: LIVE_TENSORS slabs of (1, H, rows, L) in ``budget`` bytes (the ``halo``
+    rows, above and below together, come on top), but at least MIN_SLAB_ROWS - halo, so the
+    working set outgrows the budget only where the budget would leave less than one full conv
+    tile (beyond L of about 16384 at H=16 with the paper's convs)."""
+    return max(16, MIN_SLAB_ROWS - halo, budget // (LIVE_TENSORS * H * L * itemsize))
 
 
 def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,
@@ -88,10 +97,12 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
     with B. The weight gradients are summed over the elements in order (deterministic)."""
     B, H, L, D = q.shape
     cd = compute_dtype
-    R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8)
+    halo = sum(2 * (w.shape[1] - 1) for w in (pre_conv, post_conv) if w is not None)   # above and below
+    R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8, halo)
     weights = (pre_conv, pre_mix, post_conv, post_mix)
     needs = [bool(n) and x is not None for n, x in zip(needs, (q, k, v, *weights))]
-    dqkv = [torch.empty(x.shape, device=x.device, dtype=x.dtype) if need else None
+    # B > 1: each element's dq, dk, dv go into these; B = 1: its own are the result (no copy)
+    dqkv = [torch.empty(x.shape, device=x.device, dtype=x.dtype) if need and B > 1 else None
             for x, need in zip((q, k, v), needs)]
     dw = [torch.zeros(w.shape, device=q.device, dtype=cd) if need else None
           for w, need in zip(weights, needs[3:])]
@@ -100,9 +111,12 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
             one = slice(b, b + 1)
             grads = _chunked_backward(grad_out[one], q[one], k[one], v[one], *weights, causal=causal,
                                       pad_key=pad_key, scale=scale, compute_dtype=cd, rows=R, needs=needs)
-            for total, g in zip(dqkv, grads[:3]):
-                if total is not None:
-                    total[one] = g
+            if B == 1:
+                dqkv = list(grads[:3])
+            else:
+                for total, g in zip(dqkv, grads[:3]):
+                    if total is not None:
+                        total[one] = g
             for total, g in zip(dw, grads[3:]):
                 if total is not None:
                     total += g

@@ -51,6 +51,15 @@ def test_chunked_backward_matches_reference(rows, L, causal, pad_key):
         assert torch.allclose(e, g, atol=1e-12, rtol=1e-10), name
 
 
+def test_chunk_height_fills_a_conv_tile():
+    """The budget sets the chunk height, except that a slab (rows plus halos) is never shorter
+    than one row tile of the slab conv kernels."""
+    from mta_kernels.chunked_backward import MIN_SLAB_ROWS, rows_per_chunk
+    assert rows_per_chunk(16, 4096, 4, halo=20) == 292          # 1 GiB / (14 slabs * 16 * 4096 * 4 B)
+    assert rows_per_chunk(16, 65536, 4, halo=20) == MIN_SLAB_ROWS - 20   # the budget: 18 rows
+    assert rows_per_chunk(16, 65536, 4, halo=0) == MIN_SLAB_ROWS
+
+
 def test_slab_mixing_matches_reference():
     """The chunked backward's batched-matmul head mixing and its weight gradient against the
     reference's einsums: B=2, two groups, a row slice of a slab as input (a strided view)."""
