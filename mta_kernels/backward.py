@@ -28,7 +28,7 @@ def mix_backward_splits(programs: int, tiles: int) -> int:
     """Key (row) ranges per row (key) block of the talking-heads backward: enough for about
     MIX_BWD_TARGET_PROGRAMS programs, at most MIX_BWD_MAX_SPLITS and the number of tiles,
     and even where the caps allow. H200, B=1, H=16, causal (scripts/tune.py mixbwdsplits,
-    notes/tune_mixbwdsplits_h200_ba1e4c8.log), ms for 1..8 splits:
+    notes/tune_mixbwdsplits_h200_43b131e.log), ms for 1..8 splits:
     L=2048, D=96: 3.46 1.90 2.37 1.96 2.17 1.98 2.12 2.05 (odd counts lose 10-25%);
     L=1024: 1.65 0.95 0.68 0.78 0.75 0.72 0.75 0.77; L=4096: 7.13 6.93 6.79 6.76 6.75 6.80 6.90 7.02."""
     n = split_count(programs, tiles, MIX_BWD_TARGET_PROGRAMS, MIX_BWD_MAX_SPLITS)
