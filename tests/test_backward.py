@@ -257,11 +257,13 @@ def test_frozen_inputs_get_no_gradient_work(device, monkeypatch):
     assert calls == [] and x.grad is not None
 
 
-@pytest.mark.parametrize("wanted", ["q", "v", "k post_conv", "pre_conv pre_mix", "post_mix", "q k v"])
-def test_chunked_backward_skips_unwanted_gradients(wanted, monkeypatch):
+@pytest.mark.parametrize("B, wanted", [(1, "q"), (1, "v"), (1, "k post_conv"), (1, "pre_conv pre_mix"),
+                                        (1, "post_mix"), (1, "q k v"), (2, "v pre_conv")])
+def test_chunked_backward_skips_unwanted_gradients(B, wanted, monkeypatch):
     """needs=: the chunked backward returns exactly the full call's gradients where asked and
-    None elsewhere, and runs a conv weight-gradient kernel only for a conv weight asked for."""
-    case = Case(B=1, H=4, Hkv=2, L=15, D=6, pre_conv=(3, 5), pre_mix=2, post_conv=(4, 5), post_mix=4)
+    None elsewhere, and runs a conv weight-gradient kernel only for a conv weight asked for
+    (once per chunk and batch element)."""
+    case = Case(B=B, H=4, Hkv=2, L=15, D=6, pre_conv=(3, 5), pre_mix=2, post_conv=(4, 5), post_mix=4)
     inputs = [x.double() for x in make_inputs(case, torch.float64, "cpu")]
     grad = torch.randn(inputs[0].shape, dtype=torch.float64)
     run = lambda needs: chunked_backward(grad, *inputs, causal=True, pad_key="both", scale=6 ** -0.5,
@@ -279,7 +281,7 @@ def test_chunked_backward_skips_unwanted_gradients(wanted, monkeypatch):
         else:
             assert g is None, name
     conv_weights = sum(needs[i] for i in (3, 5))
-    assert len(calls) == conv_weights * 2   # per chunk of 8 of the 15 rows
+    assert len(calls) == conv_weights * 2 * B   # per chunk of 8 of the 15 rows, per element
 
 
 def test_opcheck(device):
