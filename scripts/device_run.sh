@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -95,6 +95,15 @@ for step in "$@"; do
              timeout -s INT ${SUITE_TIMEOUT:-480} python3 -m bench --resume "$csv" > "$OUT/suite.log" 2>&1
              grep -E "status counts|interrupted" "$OUT/suite.log"
              tar czf "$OUT/suite.tgz" "${csv%.csv}".* "${csv%.csv}"_*.png ;;
+    session6) # first call of session 6: what landed after session 5's device time (4859498:
+             # slabs at least one conv tile tall at long L, no gradient copy at B=1; the backward
+             # computing only what is asked for), then the long-L backward and frozen inputs
+             timeout 200 python3 -m pytest tests/test_backward.py -m gpu -q -rA -s \
+               -k "gradients_gpu or fused_mix_backward_gpu or memory or (deterministic and full)" 2>&1 \
+               | tee "$OUT/session6_tests.log" | grep -E "FAIL|ERROR|passed|failed|L=32768"
+             timeout 150 python3 scripts/frozen_weights.py 2>&1 | tee "$OUT/frozen_weights.log"
+             timeout 200 python3 -m bench --shapes sweep --lengths 32768,65536 --ops full --modes fwd+bwd \
+               --providers fused --out "$RES" 2>&1 | tee "$OUT/session6_long.log" | grep -E "^\[|status" ;;
     quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;
     host) timeout 200 python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     hosttests) timeout 150 python3 -m pytest tests/test_backward.py -q -rA \
