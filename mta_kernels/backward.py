@@ -105,11 +105,14 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale, needs
     n_blocks = H // NH
     n_rows = triton.cdiv(L, BM)
     n_splits = mix_backward_splits(n_rows * B * n_blocks, n_rows)
-    # per split: partial Delta, dq, dk, dv and weight gradients, summed below in a fixed order
+    # per split: partial Delta, dq, dk, dv and weight gradients, summed below in a fixed order;
+    # buffers nobody asked for are not allocated (the kernels neither write nor read them, so
+    # delta stands in as their pointer)
     delta = torch.empty(n_splits, B, H, L, device=dev, dtype=acc)
-    dq = torch.empty(n_splits, B, H, L, D, device=dev, dtype=acc)
-    dw_pre = torch.zeros(n_splits * B * n_blocks * n_rows, NH, NH, device=dev, dtype=acc)
-    dw_post = torch.zeros_like(dw_pre)
+    dq = torch.empty(n_splits, B, H, L, D, device=dev, dtype=acc) if need_rows else delta
+    n_programs = n_splits * B * n_blocks * n_rows
+    dw_pre, dw_post = (torch.zeros(n_programs, NH, NH, device=dev, dtype=acc) if need else delta
+                       for need in (need_pre, need_post))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     common = dict(CAUSAL=causal, PRE_MIX=pre_mix is not None, POST_MIX=post_mix is not None,
                   NH=NH, NHP=NHP, BM=BM, BN=BN, DP=DP, DC=min(DP, MIX_BWD_DIM_CHUNK), MIX_PREC=_precision(q), DOT_PREC=_precision(q),
