@@ -125,13 +125,27 @@ MIX_CASES = [
 ]
 
 
+def _count_calls(monkeypatch, module, name):
+    """Wrap module.name so that each call is recorded; returns the (growing) list of calls."""
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def _assert_only_wanted(names, needs, expected, got):
+    """got holds expected's gradients bit for bit where needs says so, and None elsewhere."""
+    for name, need, e, g in zip(names, needs, expected, got):
+        if need:
+            assert torch.equal(e, g), name
+        else:
+            assert g is None, name
+
+
 def _use_fused_mix_backward(monkeypatch):
     """Make sure the fused talking-heads backward is on and record that it ran."""
-    calls = []
-    real = mta_kernels.backward.mix_backward
     monkeypatch.setattr(mta_kernels.backward, "FUSED_MIX_BACKWARD", True)
-    monkeypatch.setattr(mta_kernels.backward, "mix_backward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    return calls
+    return _count_calls(monkeypatch, mta_kernels.backward, "mix_backward")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -177,11 +191,7 @@ def test_fused_mix_backward_skips_unwanted_gradients(wanted, device, monkeypatch
         monkeypatch.setattr(mta_kernels.backward, name, _CountLaunches(kernel, name, launches))
     names = ("q", "k", "v", "pre_mix", "post_mix")
     needs = [name in wanted.split() for name in names]
-    for name, need, e, g in zip(names, needs, expected, run(needs)):
-        if need:
-            assert torch.equal(e, g), name
-        else:
-            assert g is None, name
+    _assert_only_wanted(names, needs, expected, run(needs))
     row, col = "mta_mix_bwd_row_kernel", "mta_mix_bwd_col_kernel"   # row: Delta, then dq and dW
     assert launches == {"q": [row, row], "k": [row, col], "v": [col], "pre_mix": [row, row],
                         "post_mix": [row, row], "q k v": [row, row, col, col]}[wanted]
@@ -239,18 +249,13 @@ def test_frozen_inputs_get_no_gradient_work(device, monkeypatch):
     case = Case(L=20, **FULL)
     q, k, v, *w = make_inputs(case, torch.float32, device)
     q.requires_grad_()
-    weight_grads = []
-    real_weight_grad = mta_kernels.chunked_backward.key_query_conv_weight_grad
-    monkeypatch.setattr(mta_kernels.chunked_backward, "key_query_conv_weight_grad",
-                        lambda *a, **kw: weight_grads.append(1) or real_weight_grad(*a, **kw))
+    weight_grads = _count_calls(monkeypatch, mta_kernels.chunked_backward, "key_query_conv_weight_grad")
     out = mta_kernels.mta_attention(q, k, v, *w)
     out.sum().backward()
     assert q.grad is not None and k.grad is None and all(x.grad is None for x in w)
     assert weight_grads == []
 
-    calls = []
-    real = mta_kernels.ops.chunked_backward
-    monkeypatch.setattr(mta_kernels.ops, "chunked_backward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _count_calls(monkeypatch, mta_kernels.ops, "chunked_backward")
     x = torch.ones((), requires_grad=True)
     out = mta_kernels.mta_attention(q.detach(), k, v, *w) * x   # nothing of MTA's requires grad
     out.sum().backward()
@@ -269,17 +274,9 @@ def test_chunked_backward_skips_unwanted_gradients(B, wanted, monkeypatch):
     run = lambda needs: chunked_backward(grad, *inputs, causal=True, pad_key="both", scale=6 ** -0.5,
                                          compute_dtype=torch.float64, rows=8, needs=needs)
     expected = run((True,) * 7)
-    calls = []
-    real = mta_kernels.chunked_backward.key_query_conv_weight_grad
-    monkeypatch.setattr(mta_kernels.chunked_backward, "key_query_conv_weight_grad",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _count_calls(monkeypatch, mta_kernels.chunked_backward, "key_query_conv_weight_grad")
     needs = [name in wanted.split() for name in NAMES]
-    got = run(needs)
-    for name, need, e, g in zip(NAMES, needs, expected, got):
-        if need:
-            assert torch.equal(e, g), name
-        else:
-            assert g is None, name
+    _assert_only_wanted(NAMES, needs, expected, run(needs))
     conv_weights = sum(needs[i] for i in (3, 5))
     assert len(calls) == conv_weights * 2 * B   # per chunk of 8 of the 15 rows, per element
 
