@@ -16,7 +16,7 @@ program owns a [BR, BC] output tile and reads the row-shifted input at its own B
 and at HALO columns on either side (HALO >= how far a tap reaches), three tl.dot calls per
 offset instead of CQ * CK multiply-adds per score. The weight gradient is the transposed
 product M = G^T X_a (M[j, u] pairs gradient column j with input column u), summed over
-the tiles of a row and then along its diagonals u - j = t - pL.
+the tiles of a row and then along its diagonals u - j = t - pL (one gather and one sum).
 
 Causal slabs are zero above a diagonal: x[i, j] is read as zero whenever j - i > ZERO_ABOVE
 (a slab of rows lo.. has ZERO_ABOVE = lo), and a tile whose every tap reads only there is
@@ -99,25 +99,20 @@ def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH,
 
 
 @triton.jit
-def _diagonal_sum(m_block, first, KU: tl.constexpr, BC: tl.constexpr):
-    """Sum of the [BC, KU] block's entries with u - j == first (rows j, cols u)."""
-    j = tl.arange(0, BC)
-    u = tl.arange(0, KU)
-    on = (u[None, :] - j[:, None]) == first
-    return tl.sum(tl.sum(tl.where(on, m_block, 0.0), axis=1), axis=0)
-
-
-@triton.jit
 def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi, sxj, H, R, LC,
                                ZERO_ABOVE, G_LO, G_HI, n_col_groups,
-                               CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
-                               HALO: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                               TILES: tl.constexpr, PREC: tl.constexpr):
+                               CQ: tl.constexpr, CK: tl.constexpr, CKP: tl.constexpr, PL: tl.constexpr,
+                               HALO: tl.constexpr, BR: tl.constexpr, TILES: tl.constexpr,
+                               PREC: tl.constexpr):
     """partial (B * H, CQ, n_row_tiles * n_col_groups, CK), zero-filled: program
     (i_bh, a, row tile * n_col_groups + group) writes the share of dw[a, t] =
     sum g[i, j] x[i + a - (CQ-1), j + t - PL] of its rows and TILES column tiles; the host
     sums it in a fixed order. Only rows G_LO <= i < G_HI of g count, and g is read as zero
-    where j - i > ZERO_ABOVE (tiles there are skipped)."""
+    where j - i > ZERO_ABOVE (tiles there are skipped). Column tiles are BC = 2 * HALO wide,
+    so that a tile's input window, HALO columns on either side, is 4 * HALO (a power of two)
+    wide. CKP: CK rounded up to a power of two."""
+    BC: tl.constexpr = 2 * HALO
+    KW: tl.constexpr = 2 * BC
     i_bh = tl.program_id(0).to(tl.int64)
     a = tl.program_id(1)
     r0 = (tl.program_id(2) // n_col_groups) * BR
@@ -128,28 +123,23 @@ def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi,
     rows = r0 + tl.arange(0, BR)
     g_rows = tl.where((rows >= G_LO) & (rows < G_HI), rows, -1)   # -1 reads as zero
     src = rows + (a - (CQ - 1))
-    halo = tl.arange(0, HALO)
+    window = tl.arange(0, KW) - HALO
     g_base = g + _tile(i_bh, H, sgb, sgh, sgi, sgj)
     x_base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj)
     no_zeros = 2 ** 30
-    # M[j, u] = sum_i g[i, c0 + j] x[src_i, c0 + off + u] for the chunks off = -HALO, 0, BC,
-    # summed over this program's column tiles (the same relative geometry in every tile)
-    m_left = tl.zeros([BC, HALO], dtype=partial.dtype.element_ty)
-    m_main = tl.zeros([BC, BC], dtype=m_left.dtype)
-    m_right = tl.zeros([BC, HALO], dtype=m_left.dtype)
+    # M[j, u] = sum_i g[i, c0 + j] x[src_i, c0 - HALO + u], summed over this program's column
+    # tiles (the same relative geometry in every tile)
+    m = tl.zeros([BC, KW], dtype=partial.dtype.element_ty)
     end_tile = tl.minimum(tl.minimum(tl.cdiv(LC, BC), (r0 + BR - 1 + ZERO_ABOVE) // BC + 1), first_tile + TILES)
     if first_tile >= end_tile:
         return
     for i_c in range(first_tile, end_tile):
         c0 = i_c * BC
-        cols = c0 + tl.arange(0, BC)
-        g_t = tl.trans(_shifted(g_base, g_rows, cols, sgi, sgj, R, LC, ZERO_ABOVE))
-        m_left += tl.dot(g_t, _shifted(x_base, src, c0 - HALO + halo, sxi, sxj, R, LC, no_zeros), input_precision=PREC)
-        m_main += tl.dot(g_t, _shifted(x_base, src, cols, sxi, sxj, R, LC, no_zeros), input_precision=PREC)
-        m_right += tl.dot(g_t, _shifted(x_base, src, c0 + BC + halo, sxi, sxj, R, LC, no_zeros), input_precision=PREC)
-    # input column c0 + off + u pairs with gradient column c0 + j through tap t = off + u - j + PL
-    for t in tl.static_range(CK):
-        d = t - PL
-        total = _diagonal_sum(m_left, d + HALO, HALO, BC) + _diagonal_sum(m_main, d, BC, BC) \
-            + _diagonal_sum(m_right, d - BC, HALO, BC)
-        tl.store(dst + t, total)
+        g_t = tl.trans(_shifted(g_base, g_rows, c0 + tl.arange(0, BC), sgi, sgj, R, LC, ZERO_ABOVE))
+        m += tl.dot(g_t, _shifted(x_base, src, c0 + window, sxi, sxj, R, LC, no_zeros), input_precision=PREC)
+    # gradient column c0 + j pairs with input column c0 + j + t - PL, that is u = j + t - PL + HALO:
+    # dw[t] sums M along that diagonal (u stays inside the window for t < CK since HALO covers
+    # the taps; the padding taps t >= CK are clamped and not stored)
+    t = tl.arange(0, CKP)
+    u = tl.minimum(tl.arange(0, BC)[:, None] + t[None, :] + (HALO - PL), KW - 1)
+    tl.store(dst + t, tl.sum(tl.gather(m, u, axis=1), axis=0), mask=t < CK)

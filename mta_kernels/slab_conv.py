@@ -27,7 +27,8 @@ _NO_ZEROS = 2 ** 30
 # 0.478). The 66-tap stencils these replaced took 0.36 and 0.50 ms. Toeplitz matrices built on
 # the host and loaded per tile (0892a2f) were slower: conv 0.295 ms.
 CONV_CONFIG = dict(BR=64, BC=64, num_warps=4, num_stages=1)
-WEIGHT_GRAD_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=1, TILES=16)
+# (the weight gradient's column tiles are 2 * halo wide: 32 for the paper's convs)
+WEIGHT_GRAD_CONFIG = dict(BR=64, num_warps=4, num_stages=1, TILES=16)
 
 
 def _blocks(R, LC, config):
@@ -90,14 +91,16 @@ def key_query_conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, w: torch.Ten
     if x.numel() == 0:
         return torch.zeros(H, cq, ck, device=x.device, dtype=grad.dtype)
     pl = left_pad(ck, pad_key)
-    BR, BC, n_r, n_c, options = _blocks(R, LC, WEIGHT_GRAD_CONFIG)
-    tiles = WEIGHT_GRAD_CONFIG["TILES"]
-    n_groups = triton.cdiv(n_c, tiles)
+    halo = _halo(ck, pl)
+    cfg = WEIGHT_GRAD_CONFIG
+    BR = min(cfg["BR"], max(16, _next_pow2(R)))
+    n_r, n_c = triton.cdiv(R, BR), triton.cdiv(LC, 2 * halo)   # column tiles of 2 * halo (the kernel's)
+    n_groups = triton.cdiv(n_c, cfg["TILES"])
     g_lo, g_hi = rows or (0, R)
     partial = torch.zeros(B * H, cq, n_r * n_groups, ck, device=x.device, dtype=grad.dtype)
     kq_conv_weight_grad_kernel[(B * H, cq, n_r * n_groups)](
         grad, x, partial, *grad.stride(), *x.stride(), H, R, LC,
         _NO_ZEROS if zero_above is None else zero_above, g_lo, g_hi, n_groups,
-        CQ=cq, CK=ck, PL=pl, HALO=_halo(ck, pl), BR=BR, BC=BC, TILES=tiles, PREC=_prec(grad, precision),
-        **options)
+        CQ=cq, CK=ck, CKP=_next_pow2(ck), PL=pl, HALO=halo, BR=BR, TILES=cfg["TILES"],
+        PREC=_prec(grad, precision), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return partial.view(B, H, cq, n_r * n_groups, ck).sum((0, 3))

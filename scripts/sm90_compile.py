@@ -69,9 +69,9 @@ def intercept(found):
 SLAB_CONV_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=st)
                      for BR, BC, w, st in [(64, 64, 4, 1), (128, 64, 8, 1), (128, 32, 4, 1), (128, 32, 8, 1),
                                            (256, 32, 8, 1), (128, 16, 4, 1), (64, 32, 4, 1)]]
-SLAB_WEIGHT_GRAD_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=st, TILES=tiles)
-                            for BR, BC, w, st, tiles in [(64, 32, 4, 2, 16), (64, 32, 4, 1, 16), (64, 32, 8, 2, 16),
-                                                         (32, 32, 4, 2, 16), (128, 32, 8, 2, 16), (64, 16, 4, 2, 16)]]
+SLAB_WEIGHT_GRAD_CONFIGS = [dict(BR=BR, num_warps=w, num_stages=st, TILES=tiles)   # column tiles: 2 * halo
+                            for BR, w, st, tiles in [(64, 4, 1, 16), (64, 4, 2, 16), (32, 4, 1, 16),
+                                                     (128, 8, 1, 16), (64, 4, 1, 8), (64, 8, 1, 16)]]
 
 
 def launch(op, D, H=16, L=256):
