@@ -142,7 +142,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     for is_stats in (True, False):
         rows_per_prog = RF - (cq_pre - 1) - (0 if is_stats else cq_post - 1)
         grid = (triton.cdiv(L, rows_per_prog), B * n_head_blocks, n_splits)
-        scratch = torch.empty(grid[0] * grid[1] * grid[2] * (2 * NH + 2) * RF * W, device=dev, dtype=acc)
+        scratch = torch.empty(grid[0] * grid[1] * grid[2] * (NH + 2) * RF * W, device=dev, dtype=acc)
         mta_fwd_kernel[grid](
             q, k, v, lse, m_run, l_run, o_acc, scratch, w_pre, mix_pre, w_post, mix_post,
             *q.stride(), *k.stride(), *v.stride(),

@@ -13,7 +13,7 @@ are a smaller window of it:
 with HQ = CQ_PRE-1, HP = CQ_POST-1 (0 when the part is absent). The key direction of a conv
 is one tl.dot with a Toeplitz matrix T[u, m] = w[a, u-m]; the query direction reads the
 tile back from a per-program scratch buffer at a row offset (Triton cannot shift registers).
-Scratch per program: two (NH, RF, W) fp32 slots for mixing and one (RF, W) slot per conv.
+Scratch per program: one (NH, RF, W) fp32 slot, mixed in place, and one (RF, W) slot per conv.
 No (L x L) tensor exists: memory is O(L) (statistics, an fp32 output accumulator, scratch
 proportional to the number of programs).
 
@@ -63,19 +63,21 @@ def _conv_frame(x, slot, w_head, CQ: tl.constexpr, CK: tl.constexpr,
 
 
 @triton.jit
-def _mix_frames(src, dst, w_block, NH: tl.constexpr, NHP: tl.constexpr,
+def _mix_frames(frames, w_block, NH: tl.constexpr, NHP: tl.constexpr,
                 E: tl.constexpr, CHUNK: tl.constexpr, PREC: tl.constexpr):
-    """dst[o, :] = sum_c w_block[o, c] * src[c, :] over NH frames of E floats, as dots
-    of [NHP, NHP] x [NHP, CHUNK] (NHP >= 16 for tl.dot)."""
+    """frames[o, :] <- sum_c w_block[o, c] * frames[c, :] in place over NH frames of E floats,
+    as dots of [NHP, NHP] x [NHP, CHUNK] (NHP >= 16 for tl.dot), one chunk of every frame
+    at a time (read whole before it is written)."""
     o = tl.arange(0, NHP)
     mo = o < NH
     wt = tl.load(w_block + o[:, None] * NH + o[None, :], mask=mo[:, None] & mo[None, :], other=0.0)
-    tl.debug_barrier()  # every head's src frame is written
+    tl.debug_barrier()  # every head's frame is written
     for e0 in range(0, E, CHUNK):
         e = e0 + tl.arange(0, CHUNK)
-        x = tl.load(src + o[:, None] * E + e[None, :], mask=mo[:, None], other=0.0)
+        x = tl.load(frames + o[:, None] * E + e[None, :], mask=mo[:, None], other=0.0)
         y = tl.dot(wt, x, input_precision=PREC)
-        tl.store(dst + o[:, None] * E + e[None, :], y, mask=mo[:, None])
+        tl.debug_barrier()  # every thread has read this chunk
+        tl.store(frames + o[:, None] * E + e[None, :], y, mask=mo[:, None])
     tl.debug_barrier()
 
 
@@ -123,7 +125,7 @@ def mta_fwd_kernel(
     (n_splits, B, H, L, D) fp32, contiguous (written once when NH == 1, accumulated per key
     tile otherwise).
     w_pre_conv / w_post_conv: (H, CQ, CK) fp32; w_pre_mix / w_post_mix: (H // NH, NH, NH)
-    fp32 block-diagonal mixing per head block. scratch: per program (2*NH + 2) * RF * W fp32.
+    fp32 block-diagonal mixing per head block. scratch: per program (NH + 2) * RF * W fp32.
     """
     i_r = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)   # longest causal rows first
     i_bh = tl.program_id(1).to(tl.int64)
@@ -144,10 +146,9 @@ def mta_fwd_kernel(
     PL_OUT: tl.constexpr = PL_PRE if IS_STATS else PL_PRE + PL_POST
 
     FRAME: tl.constexpr = RF * W
-    slots = scratch + prog * ((2 * NH + 2) * FRAME)
-    slot_x = slots                     # NH frames: mixing input
-    slot_y = slots + NH * FRAME        # NH frames: mixing output
-    slot_pre = slots + 2 * NH * FRAME  # one frame: row shifts of the pre conv
+    slots = scratch + prog * ((NH + 2) * FRAME)
+    slot_x = slots                     # NH frames: mixed in place
+    slot_pre = slots + NH * FRAME      # one frame: row shifts of the pre conv
     slot_post = slot_pre + FRAME       # one frame: row shifts of the post conv
 
     f = tl.arange(0, RF)
@@ -180,11 +181,11 @@ def mta_fwd_kernel(
                                 rows, cols_s, L, D, scale, CAUSAL, PRE_CONV, CQ_PRE, CK_PRE,
                                 RF, W, DP, QK_PREC, CONV_PREC)
                 tl.store(slot_x + c * FRAME + f[:, None] * W + m[None, :], x)
-            _mix_frames(slot_x, slot_y, w_pre_mix + i_hb * (NH * NH), NH, NHP, FRAME, MIX_CHUNK, CONV_PREC)
+            _mix_frames(slot_x, w_pre_mix + i_hb * (NH * NH), NH, NHP, FRAME, MIX_CHUNK, CONV_PREC)
         for c in range(NH):
             h = h0 + c
             if PRE_MIX:
-                logits = tl.load(slot_y + c * FRAME + f[:, None] * W + m[None, :])
+                logits = tl.load(slot_x + c * FRAME + f[:, None] * W + m[None, :])
             else:
                 logits = _pre_logits(q + i_b * sqb + h * sqh, k + i_b * skb + (h // HKV_REP) * skh,
                                      sql, sqd, skl, skd, w_pre_conv + h * (CQ_PRE * CK_PRE), slot_pre,
@@ -214,6 +215,8 @@ def mta_fwd_kernel(
                         p = tl.where(cols_o[None, :] > rows[:, None], 0.0, p)
                 p = tl.where((m[None, :] < W_OUT) & (cols_o[None, :] < L), p, 0.0)
                 if POST_MIX:
+                    if PRE_MIX:
+                        tl.debug_barrier()  # every thread has read this head's logits from the frame
                     tl.store(slot_x + c * FRAME + f[:, None] * W + m[None, :], p)
                 elif NH == 1:
                     b_v = _load_rows(v + i_b * svb + (h // HKV_REP) * svh, cols_o, dims, svl, svd, L, D)
@@ -224,10 +227,10 @@ def mta_fwd_kernel(
                                    DP, DV, PV_PREC)
         if not IS_STATS:
             if POST_MIX:
-                _mix_frames(slot_x, slot_y, w_post_mix + i_hb * (NH * NH), NH, NHP, FRAME, MIX_CHUNK, CONV_PREC)
+                _mix_frames(slot_x, w_post_mix + i_hb * (NH * NH), NH, NHP, FRAME, MIX_CHUNK, CONV_PREC)
                 for o in range(NH):
                     h = h0 + o
-                    a = tl.load(slot_y + o * FRAME + f[:, None] * W + m[None, :])
+                    a = tl.load(slot_x + o * FRAME + f[:, None] * W + m[None, :])
                     _accumulate_pv(a, v + i_b * svb + (h // HKV_REP) * svh, svl, svd,
                                    o_acc + (i_b * H + h) * L * D, rows, out_row, cols_o, L, D,
                                    DP, DV, PV_PREC)
