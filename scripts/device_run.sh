@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -104,6 +104,15 @@ for step in "$@"; do
              timeout 150 python3 scripts/frozen_weights.py 2>&1 | tee "$OUT/frozen_weights.log"
              timeout 200 python3 -m bench --shapes sweep --lengths 32768,65536 --ops full --modes fwd+bwd \
                --providers fused --out "$RES" 2>&1 | tee "$OUT/session6_long.log" | grep -E "^\[|status" ;;
+    session6b) # after merging exp/wgrad-gather and exp/inplace-mix: conv gradients and full-MTA
+             # determinism, the general kernel's configs with in-place mixing, L=4096 every mode, training
+             timeout 150 python3 -m pytest tests/test_backward.py -m gpu -q -rA -k "gradients_gpu and conv or (deterministic and full)" 2>&1 \
+               | tee "$OUT/session6b_tests.log" | grep -E "FAIL|ERROR|passed|failed"
+             timeout 100 python3 scripts/tune.py full 2>&1 | tee "$OUT/tune_full.log" | grep full
+             timeout 200 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
+               --modes fwd,bwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 \
+               | tee "$OUT/session6b_target.log" | grep -E "^\[|status"
+             TRAIN_TIMEOUT=150 bash "$0" train ;;
     quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;
     host) timeout 200 python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     hosttests) timeout 150 python3 -m pytest tests/test_backward.py -q -rA \
