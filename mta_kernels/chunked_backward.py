@@ -27,8 +27,9 @@ from mta_reference.mta import forward_intermediates
 from .forward import _precision
 from .slab_conv import CONV_CONFIG, key_query_conv, key_query_conv_input_grad, key_query_conv_weight_grad
 
-# Working set per chunk: about this many bytes of (B, H, rows, L) tensors.
-CHUNK_BYTES = 1 << 30
+# Working set per chunk: about this many bytes of (B, H, rows, L) tensors (1 GiB unless
+# MTA_KERNELS_CHUNK_BYTES says otherwise: more memory, fewer and taller chunks).
+CHUNK_BYTES = int(os.environ.get("MTA_KERNELS_CHUNK_BYTES", 1 << 30))
 LIVE_TENSORS = 14
 
 # Run the fp32 matmuls of this backward (QK^T, dO V^T, dS K, dS^T Q, A^T dO, the head mixes)

@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -113,6 +113,16 @@ for step in "$@"; do
                --modes fwd,bwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 \
                | tee "$OUT/session6b_target.log" | grep -E "^\[|status"
              TRAIN_TIMEOUT=150 bash "$0" train ;;
+    chunkbudget) # the chunked backward's working-set budget (MTA_KERNELS_CHUNK_BYTES): training
+             # step and full MTA backward at L=4096 with 1, 2 and 4 GiB
+             for gib in 1 2 4; do
+               export MTA_KERNELS_CHUNK_BYTES=$((gib << 30)); echo "== budget $gib GiB"
+               timeout 100 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 \
+                 | tee "$OUT/chunkbudget_train_$gib.log" | grep -E "^\[|tokens/s \|"
+               timeout 60 python3 -m bench --shapes sweep --lengths 4096 --ops full --modes bwd --providers fused \
+                 --no-plots --out /tmp/chunkbudget 2>&1 | grep -E "^\["
+             done
+             unset MTA_KERNELS_CHUNK_BYTES ;;
     quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;
     host) timeout 200 python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     hosttests) timeout 150 python3 -m pytest tests/test_backward.py -q -rA \
