@@ -94,6 +94,8 @@ for step in "$@"; do
              csv=${SUITE_CSV:-bench/results/2026-11-29_011454_NVIDIA-H200.csv}
              timeout -s INT ${SUITE_TIMEOUT:-480} python3 -m bench --resume "$csv" > "$OUT/suite.log" 2>&1
              grep -E "status counts|interrupted" "$OUT/suite.log"
+             # an interrupt has once ended the run without its summary: always rewrite it
+             timeout 60 python3 -m bench.report "$csv" > /dev/null 2>&1
              tar czf "$OUT/suite.tgz" "${csv%.csv}".* "${csv%.csv}"_*.png ;;
     session6) # first call of session 6: what landed after session 5's device time (4859498:
              # slabs at least one conv tile tall at long L, no gradient copy at B=1; the backward
