@@ -1,7 +1,8 @@
 """python -m bench.train: training throughput and peak memory of the paper's models.
 
 Trains one of the paper's models (spec section 6) for a fixed number of AdamW steps on
-random tokens, three ways, and reports tokens/s and peak GPU memory:
+random tokens, three ways (each of them --rounds times, in turn), and reports tokens/s and
+peak GPU memory:
 
     baseline   the same transformer without MTA parts, attention through
                F.scaled_dot_product_attention (the speed and memory bar)
@@ -37,6 +38,7 @@ import math  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import statistics  # noqa: E402
 from collections import OrderedDict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -70,8 +72,8 @@ MODELS = ("tiny", "300M", "550M", "830M", "1B")
 
 # Defaults of the flags: (GPU, no GPU).
 DEFAULTS = {
-    True: dict(model="830M", seq=2048, batch=1, steps=10, warmup=3, dtype="bf16"),
-    False: dict(model="tiny", seq=32, batch=1, steps=2, warmup=1, dtype="fp32"),
+    True: dict(model="830M", seq=2048, batch=1, steps=10, warmup=3, dtype="bf16", rounds=3),
+    False: dict(model="tiny", seq=32, batch=1, steps=2, warmup=1, dtype="fp32", rounds=1),
 }
 
 # The paper's 880M model (the 830M config) on H200s, and the issue's target for fused MTA.
@@ -83,8 +85,8 @@ TARGET_MEMORY_RATIO = 1.3   # fused peak memory <= 1.3x the baseline's
 
 COLUMNS = ("gpu", "torch", "triton", "commit", "date", "model", "layers", "seq", "batch", "steps",
            "provider", "dtype", "tokens_per_s", "peak_mem_gib", "status",
-           "warmup", "vocab", "params_m", "step_ms", "loss")
-INT_COLUMNS = ("layers", "seq", "batch", "steps", "warmup", "vocab")
+           "warmup", "vocab", "params_m", "step_ms", "loss", "round")
+INT_COLUMNS = ("layers", "seq", "batch", "steps", "warmup", "vocab", "round")
 FLOAT_COLUMNS = ("tokens_per_s", "peak_mem_gib", "params_m", "step_ms", "loss")
 CPU_WARNING = ("CPU run under the Triton interpreter: these timings are NOT performance numbers; "
                "they only show that the training harness works.")
@@ -277,6 +279,10 @@ def _ok(r) -> bool:
     return r is not None and r["status"] == "ok"
 
 
+def _round(r) -> int:
+    return r.get("round") or 1    # CSVs written before rounds existed have one
+
+
 def speed_ratio(r, base):
     """r's tokens/s over base's, or None unless both ran ok."""
     return r["tokens_per_s"] / base["tokens_per_s"] if _ok(r) and _ok(base) else None
@@ -289,8 +295,52 @@ def memory_ratio(r, base):
     return r["peak_mem_gib"] / base["peak_mem_gib"]
 
 
+def paired_speed_ratios(rows, base_rows) -> list:
+    """Per round, rows' tokens/s over the baseline's of the same round (both ok), in round
+    order. The providers alternate within a round, so a ratio compares runs made minutes
+    apart: the H200 host's speed drifts between runs (baseline 75-109 ms/step in one session)."""
+    base = {_round(b): b for b in base_rows}
+    ratios = [speed_ratio(r, base.get(_round(r))) for r in rows]
+    return [x for x in ratios if x is not None]
+
+
+def combine_rounds(rows) -> dict:
+    """One provider's rounds as one row: median tokens/s and ms/step, their range, the
+    largest peak memory, the last round's loss; status 'ok' only if every round was ok,
+    else the first failure with how many rounds failed."""
+    ok = [r for r in rows if _ok(r)]
+    bad = [r for r in rows if not _ok(r)]
+    status = "ok" if not bad else f"{bad[0]['status']} ({len(bad)} of {len(rows)} rounds)"
+    if not ok:
+        return dict(status=status, tokens_per_s=None, tokens_range=None, step_ms=None, peak_mem_gib=None,
+                    params_m=None, loss=None, rounds=len(rows))
+    tokens = [r["tokens_per_s"] for r in ok]
+    peaks = [r["peak_mem_gib"] for r in ok if r["peak_mem_gib"] is not None]
+    return dict(status=status, tokens_per_s=statistics.median(tokens), tokens_range=(min(tokens), max(tokens)),
+                step_ms=statistics.median(r["step_ms"] for r in ok), peak_mem_gib=max(peaks) if peaks else None,
+                params_m=ok[-1]["params_m"], loss=ok[-1]["loss"], rounds=len(rows))
+
+
+def _by_provider(rows) -> "OrderedDict[str, list]":
+    groups = OrderedDict()
+    for r in rows:
+        groups.setdefault(r["provider"], []).append(r)
+    return groups
+
+
+def _median_ratio(ratios):
+    return statistics.median(ratios) if ratios else None
+
+
 def _x(ratio) -> str:
     return "-" if ratio is None else f"{ratio:.3g}x"
+
+
+def _x_range(ratios) -> str:
+    """'0.48x' for one round, '0.48x (0.39-0.52)' for several: median and range."""
+    if len(ratios) < 2:
+        return _x(_median_ratio(ratios))
+    return f"{_x(_median_ratio(ratios))} ({min(ratios):.3g}-{max(ratios):.3g})"
 
 
 def _num(x, fmt) -> str:
@@ -308,29 +358,41 @@ def _run_key(r):
 
 
 def provider_table(rows) -> list:
-    """Markdown lines: one row per provider with tokens/s, peak memory and ratios to baseline."""
-    base = next((r for r in rows if r["provider"] == "baseline"), None)
+    """Markdown lines: one row per provider, its rounds combined (combine_rounds), with the
+    median over rounds of its tokens/s ratio to the baseline of the same round."""
+    groups = _by_provider(rows)
+    base_rows = groups.get("baseline", [])
+    base = combine_rounds(base_rows) if base_rows else None
     out = ["| provider | tokens/s | ms/step | peak GiB | tokens/s vs baseline | memory vs baseline "
-           "| params (M) | last loss | status |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        out.append(f"| {r['provider']} | {_num(r['tokens_per_s'], ',.0f')} | {_num(r['step_ms'], '.4g')} "
-                   f"| {_num(r['peak_mem_gib'], '.2f')} | {_x(speed_ratio(r, base))} "
-                   f"| {_x(memory_ratio(r, base))} | {_num(r['params_m'], '.1f')} "
-                   f"| {_num(r['loss'], '.4g')} | {r['status'].replace('|', '/')} |")
+           "| params (M) | last loss | rounds | status |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for provider, group in groups.items():
+        c = combine_rounds(group)
+        tokens = _num(c["tokens_per_s"], ",.0f")
+        if c["tokens_range"] and c["rounds"] > 1:
+            tokens += f" ({c['tokens_range'][0]:,.0f}-{c['tokens_range'][1]:,.0f})"
+        out.append(f"| {provider} | {tokens} | {_num(c['step_ms'], '.4g')} "
+                   f"| {_num(c['peak_mem_gib'], '.2f')} | {_x_range(paired_speed_ratios(group, base_rows))} "
+                   f"| {_x(memory_ratio(c, base))} | {_num(c['params_m'], '.1f')} "
+                   f"| {_num(c['loss'], '.4g')} | {c['rounds']} | {c['status'].replace('|', '/')} |")
     return out
 
 
 def ratio_table(rows) -> list:
-    """Markdown lines: MTA/baseline ratios here, the paper's, and the target for fused."""
-    by = {r["provider"]: r for r in rows}
-    base, fused, ref = by.get("baseline"), by.get("fused"), by.get("reference")
-    s, m = speed_ratio(fused, base), memory_ratio(fused, base)
+    """Markdown lines: MTA/baseline ratios here (tokens/s: median over rounds of the paired
+    ratios, with their range), the paper's, and the target for fused."""
+    groups = _by_provider(rows)
+    base_rows = groups.get("baseline", [])
+    base = combine_rounds(base_rows) if base_rows else None
+    fused, ref = groups.get("fused", []), groups.get("reference", [])
+    s_fused, s_ref = paired_speed_ratios(fused, base_rows), paired_speed_ratios(ref, base_rows)
+    m = memory_ratio(combine_rounds(fused), base) if fused else None
+    m_ref = memory_ratio(combine_rounds(ref), base) if ref else None
     return ["| MTA / baseline | fused | reference | paper (materialized MTA) | target (fused) | fused meets target |",
             "|---|---:|---:|---:|---:|---|",
-            f"| tokens/s | {_x(s)} | {_x(speed_ratio(ref, base))} | {PAPER_SPEED_RATIO:.3f}x "
-            f"(5.7k / 54.3k) | >= {TARGET_SPEED_RATIO}x | {_met(s, TARGET_SPEED_RATIO, True)} |",
-            f"| peak memory | {_x(m)} | {_x(memory_ratio(ref, base))} | {PAPER_MEMORY_RATIO:.1f}x "
+            f"| tokens/s | {_x_range(s_fused)} | {_x_range(s_ref)} | {PAPER_SPEED_RATIO:.3f}x "
+            f"(5.7k / 54.3k) | >= {TARGET_SPEED_RATIO}x | {_met(_median_ratio(s_fused), TARGET_SPEED_RATIO, True)} |",
+            f"| peak memory | {_x(m)} | {_x(m_ref)} | {PAPER_MEMORY_RATIO:.1f}x "
             f"(73.8 / 17.5 GB) | <= {TARGET_MEMORY_RATIO}x | {_met(m, TARGET_MEMORY_RATIO, False)} |"]
 
 
@@ -404,6 +466,9 @@ def parse_args(argv):
     ap.add_argument("--steps", type=_positive, default=d["steps"], help=f"timed steps (default {d['steps']})")
     ap.add_argument("--warmup", type=_non_negative, default=d["warmup"],
                     help=f"untimed steps before them (default {d['warmup']})")
+    ap.add_argument("--rounds", type=_positive, default=d["rounds"],
+                    help=f"times every provider trains, alternating within each round; the summary "
+                         f"takes medians over rounds (default {d['rounds']})")
     ap.add_argument("--providers", type=_providers, default=PROVIDERS,
                     help=f"comma list of {', '.join(PROVIDERS)} (default all)")
     ap.add_argument("--dtype", choices=DTYPES, default=d["dtype"],
@@ -436,6 +501,8 @@ def header_comments(args, argv) -> list:
               f"AdamW(lr={LR:g}), other arguments default; random uniform tokens, a new batch per step; "
               f"each provider's model from seed 0",
               "tokens_per_s = batch * seq * steps / elapsed (synchronized) over the steps after warm-up",
+              f"{args.rounds} round(s): in each, every provider builds its model and trains in turn; the "
+              f"summary gives medians over rounds and, for ratios, the median of the per-round ratios",
               "peak_mem_gib = torch.cuda.max_memory_allocated over the timed steps, reset after warm-up "
               "(absolute: parameters, gradients, AdamW states, activations)",
               f"MTA_KERNELS_FUSED_MIX_BACKWARD={mix_bwd}"]
@@ -454,23 +521,25 @@ def progress_line(provider: str, r: dict) -> str:
 
 
 def run(args, argv) -> Path:
-    """Train every provider, one CSV row and one printed line each; returns the CSV's path."""
+    """Train every provider ``args.rounds`` times, alternating (round 1: baseline, reference,
+    fused; round 2: ...), one CSV row and one printed line each; returns the CSV's path."""
     device = torch.device("cuda" if ON_GPU else "cpu")
     info = env.run_info(ON_GPU)
     csv_path = csv_path_for(args.out, info)
     if not ON_GPU:
         print(f"NOTE: no GPU. {CPU_WARNING}", flush=True)
     print(f"{describe_model(args)}; seq {args.seq}, batch {args.batch}, {args.steps} steps after "
-          f"{args.warmup} warm-up, {args.dtype} ({DTYPE_NOTES[args.dtype]}); {info['gpu']}, torch "
+          f"{args.warmup} warm-up, {args.rounds} round(s), {args.dtype} ({DTYPE_NOTES[args.dtype]}); {info['gpu']}, torch "
           f"{info['torch']}, triton {info['triton']}, commit {info['commit']} -> {csv_path}", flush=True)
     log = csv_log(csv_path, header_comments(args, argv))
     fixed = dict(info, model=args.model, layers=args.layers, seq=args.seq, batch=args.batch,
                  steps=args.steps, warmup=args.warmup, vocab=args.vocab, dtype=args.dtype)
+    runs = [(rnd, provider) for rnd in range(1, args.rounds + 1) for provider in args.providers]
     try:
-        for i, provider in enumerate(args.providers, 1):
-            print(f"[{i}/{len(args.providers)}] ", end="", flush=True)
+        for i, (rnd, provider) in enumerate(runs, 1):
+            print(f"[{i}/{len(runs)}] " + (f"round {rnd}, " if args.rounds > 1 else ""), end="", flush=True)
             result = run_provider(provider, args, device)
-            log.write(dict(fixed, provider=provider, **result))
+            log.write(dict(fixed, provider=provider, round=rnd, **result))
             print(progress_line(provider, result), flush=True)
     finally:
         log.close()

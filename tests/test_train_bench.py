@@ -80,3 +80,35 @@ def test_use_sdpa_refuses_mta_layers(monkeypatch):
     model = MTATransformer(train.model_config("tiny", "mta", 1, train.TINY_VOCAB), backend="reference")
     with pytest.raises(ValueError, match="without MTA parts"):
         train.use_sdpa(model)
+
+
+def _run_row(provider, rnd, tokens_per_s, status="ok", peak=18.0):
+    """A row as train.read_csv returns it; a failed run has no numbers."""
+    if status != "ok":
+        return dict(provider=provider, round=rnd, tokens_per_s=None, step_ms=None, peak_mem_gib=None,
+                    params_m=None, loss=None, status=status)
+    return dict(provider=provider, round=rnd, tokens_per_s=tokens_per_s, step_ms=2048e3 / tokens_per_s,
+                peak_mem_gib=peak, params_m=876.6, loss=12.2, status=status)
+
+
+def test_rounds_pair_each_provider_with_the_baseline_of_its_round(monkeypatch):
+    """Ratios are taken per round (fused against the baseline trained minutes before it) and
+    the summary reports their median and range; a failed round is named in the status."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import train
+
+    rows = [_run_row("baseline", 1, 20000), _run_row("fused", 1, 10000, peak=19.0),
+            _run_row("baseline", 2, 30000), _run_row("fused", 2, 12000, peak=19.5),
+            _run_row("baseline", 3, 25000), _run_row("fused", 3, None, status="oom")]
+    fused = [r for r in rows if r["provider"] == "fused"]
+    base = [r for r in rows if r["provider"] == "baseline"]
+    assert train.paired_speed_ratios(fused, base) == [0.5, 0.4]      # round 3 failed: no ratio
+    c = train.combine_rounds(fused)
+    assert c["tokens_per_s"] == 11000 and c["tokens_range"] == (10000, 12000)
+    assert c["peak_mem_gib"] == 19.5 and c["rounds"] == 3 and c["status"] == "oom (1 of 3 rounds)"
+    assert train.combine_rounds(base)["tokens_per_s"] == 25000
+    tokens, _ = train.ratio_table(rows)[2:]
+    assert "| 0.45x (0.4-0.5) |" in tokens and tokens.endswith("| no |")   # median 0.45 < 0.5
+    # a CSV from before rounds existed: every row is round 1
+    old = [{k: v for k, v in r.items() if k != "round"} for r in rows[:2]]
+    assert train.paired_speed_ratios(old[1:], old[:1]) == [0.5]
