@@ -60,6 +60,21 @@ def test_chunk_height_fills_a_conv_tile():
     assert rows_per_chunk(16, 65536, 4, halo=0) == MIN_SLAB_ROWS
 
 
+def test_chunk_budget_from_the_environment(monkeypatch):
+    """MTA_KERNELS_CHUNK_BYTES sets the working-set budget; anything but a positive integer
+    is refused with an error that names the variable."""
+    from mta_kernels.chunked_backward import _chunk_bytes_from_env, rows_per_chunk
+    monkeypatch.delenv("MTA_KERNELS_CHUNK_BYTES", raising=False)
+    assert _chunk_bytes_from_env() == 1 << 30
+    monkeypatch.setenv("MTA_KERNELS_CHUNK_BYTES", str(2 << 30))
+    assert _chunk_bytes_from_env() == 2 << 30
+    assert rows_per_chunk(16, 4096, 4, halo=20, budget=2 << 30) == 585   # twice the 1 GiB chunk
+    for bad in ("2GiB", "0", "-5"):
+        monkeypatch.setenv("MTA_KERNELS_CHUNK_BYTES", bad)
+        with pytest.raises(ValueError, match="MTA_KERNELS_CHUNK_BYTES"):
+            _chunk_bytes_from_env()
+
+
 def test_slab_mixing_matches_reference():
     """The chunked backward's batched-matmul head mixing and its weight gradient against the
     reference's einsums: B=2, two groups, a row slice of a slab as input (a strided view)."""
