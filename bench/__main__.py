@@ -118,6 +118,7 @@ def header_comments(cfg: Config, argv) -> list:
         f"naive and naive-compiled skipped when their estimated memory exceeds {cfg.max_naive_gib:g} GiB",
         "a provider is timed only after passing a correctness gate against the reference on a small "
         "shape (max|out-ref| <= 2*max|low-ref| + 4 ulp; output, and every gradient for bwd modes)",
+        "switches: " + env.kernel_switches(),
     ]
 
 

@@ -492,8 +492,6 @@ def describe_model(args) -> str:
 
 def header_comments(args, argv) -> list:
     """The '#' lines of the CSV: command, what ran, how it was measured."""
-    from mta_kernels import backward
-    mix_bwd = int(backward.FUSED_MIX_BACKWARD)
     lines = ["MTA training benchmark: python -m bench.train " + " ".join(argv),
              "model " + describe_model(args)]
     lines += [f"{p}: {PROVIDER_NOTES[p]}" for p in args.providers]
@@ -505,7 +503,7 @@ def header_comments(args, argv) -> list:
               f"summary gives medians over rounds and, for ratios, the median of the per-round ratios",
               "peak_mem_gib = torch.cuda.max_memory_allocated over the timed steps, reset after warm-up "
               "(absolute: parameters, gradients, AdamW states, activations)",
-              f"MTA_KERNELS_FUSED_MIX_BACKWARD={mix_bwd}"]
+              "switches: " + env.kernel_switches()]
     if not ON_GPU:
         lines.append(CPU_WARNING)
     return lines

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import backward
+from . import chunked_forward as _chunked
 from .backward import flash_backward
 from .chunked_backward import chunked_backward
 from .forward import acc_dtype, mta_forward, uses_register_mixing
@@ -55,7 +56,12 @@ def _on_device(x: Tensor):
 
 
 def forward_impl(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale):
-    """(out (B, H, L, D) in q's dtype, lse (B, H, L) fp32; fp64 for fp64 inputs)."""
+    """(out (B, H, L, D) in q's dtype, lse (B, H, L) fp32; fp64 for fp64 inputs). With convs
+    and chunked_forward.CHUNKED_FORWARD on (off by default), the row-chunked forward."""
+    if _chunked.CHUNKED_FORWARD and (pre_conv is not None or post_conv is not None):
+        with _on_device(q):
+            return _chunked.chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
+                                            pad_key=pad_key, scale=scale, compute_dtype=acc_dtype(q))
     q, scale = _kernel_scale(q, scale)
     with _on_device(q):
         return mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)

@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -125,6 +125,30 @@ for step in "$@"; do
                  --no-plots --out /tmp/chunkbudget 2>&1 | grep -E "^\["
              done
              unset MTA_KERNELS_CHUNK_BYTES ;;
+    session7) # the row-chunked forward (MTA_KERNELS_CHUNKED_FORWARD=1) against the fused one, its GPU
+             # tests, and, if branches/mixbwd holds a copy of branch exp/mixbwd-dim-chunks (git archive),
+             # the talking-heads backward at D=96 there and here
+             for on in 0 1; do
+               echo "== MTA_KERNELS_CHUNKED_FORWARD=$on"
+               MTA_KERNELS_CHUNKED_FORWARD=$on timeout 200 python3 -m bench --shapes sweep --lengths 2048,4096,8192 \
+                 --ops full,pre_conv,post_conv --modes fwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
+                 | tee "$OUT/chunkedfwd_$on.log" | grep -E "^\[|status"
+               MTA_KERNELS_CHUNKED_FORWARD=$on timeout 100 python3 -m bench --shapes paper --ops full --modes fwd,fwd+bwd \
+                 --providers fused --no-plots --out "$RES" 2>&1 | tee -a "$OUT/chunkedfwd_$on.log" | grep -E "^\[|status"
+             done
+             MTA_KERNELS_CHUNKED_FORWARD=1 timeout 200 python3 -m pytest tests/test_forward.py -q -rA \
+               -k "chunked or (gpu and conv) or longest or long_sequence" 2>&1 | tee "$OUT/chunkedfwd_tests.log" \
+               | grep -E "FAIL|ERROR|passed|failed"
+             if [ -d branches/mixbwd ]; then
+               for tree in . branches/mixbwd; do
+                 echo "== talking heads at D=96 in $tree"
+                 (cd $tree && PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 100 python3 -m bench \
+                   --shapes paper --ops talking_heads --modes bwd,fwd+bwd --providers fused --no-plots --out /tmp/mixbwd 2>&1 \
+                   | grep -E "^\[|status")
+               done
+               (cd branches/mixbwd && PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 150 python3 -m pytest \
+                 tests/test_backward.py -m gpu -q -k "fused_mix_backward_gpu or (deterministic and not full)" 2>&1 | tail -1)
+             fi ;;
     quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;
     host) timeout 200 python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     hosttests) timeout 150 python3 -m pytest tests/test_backward.py -q -rA \

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_cpu_smoke(tmp_path):
     cmd = [sys.executable, "-m", "bench", "--ops", "full,talking_heads,none", "--modes", "fwd,fwd+bwd",
            "--providers", "fused,naive,sdpa", "--no-plots", "--out", str(tmp_path)]
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", MTA_KERNELS_FUSED_MIX_BACKWARD="1", MTA_KERNELS_CHUNKED_FORWARD="0")
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "NOT performance numbers" in result.stdout
@@ -27,6 +27,8 @@ def test_bench_cpu_smoke(tmp_path):
     assert {r["provider"] for r in rows} == {"fused", "naive", "sdpa"}
     assert all(r["status"] == "ok" for r in rows), [(r["op"], r["provider"], r["status"]) for r in rows]
     assert (tmp_path / (csv_path.stem + ".md")).exists()
+    # the kernel switches of the run are on record, as set in its environment
+    assert "# switches: MTA_KERNELS_FUSED_MIX_BACKWARD=1 MTA_KERNELS_CHUNKED_FORWARD=0" in csv_path.read_text()
 
 
 def test_wall_clock_timing_of_slow_calls():

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import mta_kernels
 import mta_reference
 from cases import Case, make_inputs
+from mta_reference.mta import forward_intermediates
 from tolerance import check_rule
 
 FULL = dict(pre_conv=(3, 5), pre_mix=4, post_conv=(2, 3), post_mix=4)
@@ -262,3 +263,70 @@ def test_key_split_count():
     assert forward.mix_forward_splits(1, 100) == forward.MIX_FWD_SPLITS
     assert forward.mix_forward_splits(1, 2) == 2
 
+
+
+CHUNKED_FORWARD_CASES = [
+    Case(L=1, **FULL),
+    Case(L=2, pre_conv=(3, 5), post_conv=(4, 3)),               # L < cq and L < ck
+    Case(pre_conv=(4, 4), pad_key="left"),
+    Case(post_conv=(3, 2), pad_key="right", causal=False),
+    Case(L=70, **FULL),
+    Case(L=70, causal=False, **FULL),
+    Case(B=2, H=4, Hkv=2, L=45, **FULL),                         # GQA, batch > 1
+    Case(H=10, L=40, D=16, pre_conv=(2, 3), pre_mix=10, post_conv=(2, 3), post_mix=5),
+    Case(D=96, L=50, **FULL),
+    Case(L=60, layout="blhd", **FULL),                           # non-contiguous q, k, v
+]
+
+
+def _reference_lse(q, k, v, w, opts, dtype):
+    """Log-sum-exp of each row of the reference's masked pre-softmax logits."""
+    t = forward_intermediates(q, k, v, *w, compute_dtype=dtype, **opts)
+    return torch.logsumexp(t.m.masked_fill(t.future, float("-inf")).double(), dim=-1)
+
+
+@pytest.mark.parametrize("rows", [None, 7], ids=["one-chunk", "7-rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CHUNKED_FORWARD_CASES, ids=lambda c: c.id)
+def test_chunked_forward_matches_reference(case, dtype, rows, device):
+    """The row-chunked forward (MTA_KERNELS_CHUNKED_FORWARD) against the reference: output
+    and log-sum-exp, with chunks of 7 rows below the convs' halos of up to 5 rows (the
+    first cq-1 rows, chunk edges inside a conv's reach) and in one chunk."""
+    from mta_kernels.chunked_forward import chunked_forward
+    q, k, v, *w = make_inputs(case, dtype, device)
+    opts = dict(causal=case.causal, pad_key=case.pad_key)
+    scale = case.D ** -0.5
+    out, lse = chunked_forward(q, k, v, *w, **opts, scale=scale, rows=rows)
+    ref = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float64, **opts)
+    low = mta_reference.mta_attention(q, k, v, *w, compute_dtype=dtype, **opts)
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
+    check_rule("out", out, ref, low, dtype)
+    check_rule("lse", lse, _reference_lse(q, k, v, w, opts, torch.float64),
+               _reference_lse(q, k, v, w, opts, dtype), dtype)
+
+
+def test_chunked_forward_switch(device, monkeypatch):
+    """With CHUNKED_FORWARD on, calls with convs take the chunked forward, calls without them
+    do not, and gradients are bit-identical to the fused forward's (the backward recomputes
+    what it needs, so it does not depend on which forward ran)."""
+    from mta_kernels import chunked_forward as chunked
+    calls = []
+    real = chunked.chunked_forward
+    monkeypatch.setattr(chunked, "chunked_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    case = Case(L=40, **FULL)
+
+    def run(on):
+        monkeypatch.setattr(chunked, "CHUNKED_FORWARD", on)
+        q, k, v, *w = make_inputs(case, torch.float32, device, requires_grad=True)
+        out = mta_kernels.mta_attention(q, k, v, *w)
+        return out, torch.autograd.grad(out, (q, k, v, *w), torch.ones_like(out))
+
+    out_fused, grads_fused = run(False)
+    assert not calls
+    out_chunked, grads_chunked = run(True)
+    assert len(calls) == 1
+    torch.testing.assert_close(out_chunked, out_fused, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(grads_chunked, grads_fused))
+    q, k, v, *_ = make_inputs(Case(L=20, pre_mix=4), torch.float32, device)
+    mta_kernels.mta_attention(q, k, v, pre_mix=torch.eye(4)[None].to(device))
+    assert len(calls) == 1                      # no convs: the fused forward
