@@ -330,3 +330,25 @@ def test_chunked_forward_switch(device, monkeypatch):
     q, k, v, *_ = make_inputs(Case(L=20, pre_mix=4), torch.float32, device)
     mta_kernels.mta_attention(q, k, v, pre_mix=torch.eye(4)[None].to(device))
     assert len(calls) == 1                      # no convs: the fused forward
+
+
+@pytest.mark.parametrize("pad_key", ["both", "left", "right"])
+def test_chunked_forward_causality(pad_key, device):
+    """The row-chunked forward: perturbing q, k, v at positions >= t leaves outputs < t
+    bit-identical, with chunk edges on both sides of t."""
+    from mta_kernels.chunked_forward import chunked_forward
+    ck = 5 if pad_key == "both" else 6
+    case = Case(L=48, pad_key=pad_key, pre_conv=(3, 5), pre_mix=4, post_conv=(2, ck), post_mix=4)
+    q, k, v, *w = make_inputs(case, torch.float32, device)
+    t = 29
+
+    def run(q, k, v):
+        return chunked_forward(q, k, v, *w, causal=True, pad_key=pad_key, scale=0.2, rows=7)[0]
+
+    out = run(q, k, v)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for x in (q2, k2, v2):
+        x[:, :, t:] = torch.randn_like(x[:, :, t:]) * 3
+    out2 = run(q2, k2, v2)
+    assert torch.equal(out[:, :, :t], out2[:, :, :t])
+    assert not torch.equal(out[:, :, t:], out2[:, :, t:])
