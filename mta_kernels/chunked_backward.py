@@ -92,12 +92,12 @@ def mix_slab_weight_grad(grad, x, groups):
 MIN_SLAB_ROWS = CONV_CONFIG["BR"]
 
 
-def rows_per_chunk(H, L, itemsize, halo, budget=CHUNK_BYTES):
-    """Rows per chunk: LIVE_TENSORS slabs of (1, H, rows, L) in ``budget`` bytes (the ``halo``
+def rows_per_chunk(H, L, itemsize, halo, budget=CHUNK_BYTES, live=LIVE_TENSORS):
+    """Rows per chunk: ``live`` slabs of (1, H, rows, L) in ``budget`` bytes (the ``halo``
     rows, above and below together, come on top), but at least MIN_SLAB_ROWS - halo, so the
     working set outgrows the budget only where the budget would leave less than one full conv
     tile (beyond L of about 16384 at H=16 with the paper's convs)."""
-    return max(16, MIN_SLAB_ROWS - halo, budget // (LIVE_TENSORS * H * L * itemsize))
+    return max(16, MIN_SLAB_ROWS - halo, budget // (live * H * L * itemsize))
 
 
 def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,

@@ -21,7 +21,7 @@ import torch
 
 from mta_reference.mta import forward_intermediates
 
-from .chunked_backward import CHUNK_BYTES, MIN_SLAB_ROWS, _matmul_precision, mix_slab
+from .chunked_backward import _matmul_precision, mix_slab, rows_per_chunk
 from .forward import _precision
 from .slab_conv import key_query_conv
 
@@ -30,12 +30,6 @@ CHUNKED_FORWARD = os.environ.get("MTA_KERNELS_CHUNKED_FORWARD", "0") == "1"
 # (1, H, rows, L) tensors alive at once in a chunk: s0, c, m, the masked copy of m, probs, a1,
 # a, and the masked copy for the log-sum-exp.
 LIVE_TENSORS = 8
-
-
-def forward_rows_per_chunk(H, L, itemsize, halo, budget=CHUNK_BYTES):
-    """Rows per chunk: LIVE_TENSORS slabs of (1, H, rows, L) in ``budget`` bytes, the ``halo``
-    rows above on top, but a slab at least one conv row tile (MIN_SLAB_ROWS) tall."""
-    return max(16, MIN_SLAB_ROWS - halo, budget // (LIVE_TENSORS * H * L * itemsize))
 
 
 def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key, scale,
@@ -49,7 +43,7 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     rep = H // k.shape[1]
     HQ = pre_conv.shape[1] - 1 if pre_conv is not None else 0
     HP = post_conv.shape[1] - 1 if post_conv is not None else 0
-    R = rows or forward_rows_per_chunk(H, L, torch.finfo(cd).bits // 8, HQ + HP)
+    R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8, HQ + HP, live=LIVE_TENSORS)
     out = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, L, device=q.device, dtype=cd)
     prec = _precision(q)
