@@ -100,6 +100,31 @@ def rows_per_chunk(H, L, itemsize, halo, budget=CHUNK_BYTES, live=LIVE_TENSORS):
     return max(16, MIN_SLAB_ROWS - halo, budget // (live * H * L * itemsize))
 
 
+def conv_halos(pre_conv, post_conv):
+    """(HQ, HP): the rows above (or below, transposed) that the pre and post convs reach."""
+    return tuple(w.shape[1] - 1 if w is not None else 0 for w in (pre_conv, post_conv))
+
+
+def slab_inputs(q, k, v, scale, compute_dtype):
+    """q times the softmax scale (so that no slab is scaled), k and v, in compute_dtype with the
+    kv heads repeated to q's heads: made once per batch element, read by every chunk."""
+    rep = q.shape[1] // k.shape[1]
+    qc, kc, vc = q.to(compute_dtype) * scale, k.to(compute_dtype), v.to(compute_dtype)
+    if rep > 1:
+        kc, vc = kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1)
+    return qc, kc, vc
+
+
+def slab_intermediates(qc, kc, vc, weights, *, causal, pad_key, compute_dtype, row_range, key_end, precision):
+    """The forward's intermediates on rows [lo, hi) = row_range and keys [0, key_end) of
+    slab_inputs' tensors, with the slab conv kernels (which read the causal future as zero
+    and skip the tiles there) and batched-matmul head mixes."""
+    conv = functools.partial(key_query_conv, zero_above=row_range[0] if causal else None, precision=precision)
+    return forward_intermediates(qc, kc, vc, *weights, causal=causal, pad_key=pad_key, scale=1.0,
+                                 compute_dtype=compute_dtype, row_range=row_range, key_end=key_end,
+                                 conv=conv, mix=mix_slab)
+
+
 def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,
                      scale, compute_dtype=torch.float32, rows=None, needs=(True,) * 7):
     """Gradients (dq, dk, dv, d_pre_conv, d_pre_mix, d_post_conv, d_post_mix) of MTA, each in its
@@ -113,7 +138,7 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
     with B. The weight gradients are summed over the elements in order (deterministic)."""
     B, H, L, D = q.shape
     cd = compute_dtype
-    halo = sum(2 * (w.shape[1] - 1) for w in (pre_conv, post_conv) if w is not None)   # above and below
+    halo = 2 * sum(conv_halos(pre_conv, post_conv))   # above and below
     R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8, halo)
     weights = (pre_conv, pre_mix, post_conv, post_mix)
     needs = [bool(n) and x is not None for n, x in zip(needs, (q, k, v, *weights))]
@@ -150,13 +175,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
     cd = compute_dtype
     rep = H // Hkv
     dout = grad_out.to(cd)
-    # q (times the softmax scale, so that no slab is scaled), k, v in the compute dtype and
-    # the kv heads repeated, once for every chunk
-    qc, kc, vc = q.to(cd) * scale, k.to(cd), v.to(cd)
-    if rep > 1:
-        kc, vc = kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1)
-    HQ = pre_conv.shape[1] - 1 if pre_conv is not None else 0
-    HP = post_conv.shape[1] - 1 if post_conv is not None else 0
+    qc, kc, vc = slab_inputs(q, k, v, scale, cd)
+    HQ, HP = conv_halos(pre_conv, post_conv)
 
     need_q, need_k, need_v, *need_w = needs
     dq, dk, dv = (torch.zeros(B, H, L, D, device=q.device, dtype=cd) if need else None
@@ -180,9 +200,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         # slab tensor, so the slab stops there (about half the work over all chunks)
         ke = hi if causal else L
         slab = dict(zero_above=zero_above, precision=prec)
-        t = forward_intermediates(qc, kc, vc, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
-                                  pad_key=pad_key, scale=1.0, compute_dtype=cd, row_range=(lo, hi),
-                                  key_end=ke, conv=functools.partial(key_query_conv, **slab), mix=mix_slab)
+        t = slab_intermediates(qc, kc, vc, (pre_conv, pre_mix, post_conv, post_mix), causal=causal,
+                               pad_key=pad_key, compute_dtype=cd, row_range=(lo, hi), key_end=ke, precision=prec)
         s0, c, probs, a1, a = t.s0, t.c, t.probs, t.a1, t.a
         mine = slice(r0 - lo, r1 - lo)     # this chunk's rows of the slab
 

@@ -14,16 +14,12 @@ slab-conv time against 13.5 ms for the whole fused forward), so this path may be
 forward where convs are present. It is off by default until it is timed there: set
 MTA_KERNELS_CHUNKED_FORWARD=1 (or ``chunked_forward.CHUNKED_FORWARD = True``) to use it.
 """
-import functools
 import os
 
 import torch
 
-from mta_reference.mta import forward_intermediates
-
-from .chunked_backward import _matmul_precision, mix_slab, rows_per_chunk
+from .chunked_backward import _matmul_precision, conv_halos, rows_per_chunk, slab_inputs, slab_intermediates
 from .forward import _precision
-from .slab_conv import key_query_conv
 
 CHUNKED_FORWARD = os.environ.get("MTA_KERNELS_CHUNKED_FORWARD", "0") == "1"
 
@@ -40,9 +36,7 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     each row of the masked pre-softmax logits, as the fused forward returns it)."""
     B, H, L, D = q.shape
     cd = compute_dtype
-    rep = H // k.shape[1]
-    HQ = pre_conv.shape[1] - 1 if pre_conv is not None else 0
-    HP = post_conv.shape[1] - 1 if post_conv is not None else 0
+    HQ, HP = conv_halos(pre_conv, post_conv)
     R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8, HQ + HP, live=LIVE_TENSORS)
     out = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, L, device=q.device, dtype=cd)
@@ -50,19 +44,14 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     with _matmul_precision(q):
         for b in range(B):
             one = slice(b, b + 1)
-            # q times the softmax scale (no slab is scaled), k and v with the kv heads
-            # repeated, once per batch element rather than once per chunk
-            qc, kc, vc = q[one].to(cd) * scale, k[one].to(cd), v[one].to(cd)
-            if rep > 1:
-                kc, vc = kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1)
+            qc, kc, vc = slab_inputs(q[one], k[one], v[one], scale, cd)
             for r0 in range(0, L, R):
                 r1 = min(L, r0 + R)
                 lo = max(0, r0 - HQ - HP)
                 ke = r1 if causal else L
-                conv = functools.partial(key_query_conv, zero_above=lo if causal else None, precision=prec)
-                t = forward_intermediates(qc, kc, vc, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
-                                          pad_key=pad_key, scale=1.0, compute_dtype=cd, row_range=(lo, r1),
-                                          key_end=ke, conv=conv, mix=mix_slab)
+                t = slab_intermediates(qc, kc, vc, (pre_conv, pre_mix, post_conv, post_mix), causal=causal,
+                                       pad_key=pad_key, compute_dtype=cd, row_range=(lo, r1), key_end=ke,
+                                       precision=prec)
                 mine = slice(r0 - lo, r1 - lo)
                 out[one, :, r0:r1] = torch.matmul(t.a[:, :, mine], t.v).to(q.dtype)
                 m = t.m[:, :, mine].masked_fill(t.future[mine], float("-inf"))
