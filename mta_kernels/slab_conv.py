@@ -22,10 +22,12 @@ _NO_ZEROS = 2 ** 30
 # and Triton's options. H200, one causal slab of 302 x 4096, 16 heads, fp32 (scripts/tune.py
 # slabconv at f1ac69b and c96e620, notes/tune_slabconv_h200_c96e620.log): conv 0.197 ms and its
 # input gradient 0.210 at 64x64 with 4 warps and 1 stage (64x32 0.205 / 0.202, 128x32 0.226,
-# 128x64 with 8 warps 0.227, 2 stages 0.238, 8 warps 0.375); weight gradient 0.318 ms at 64x32
-# with 16 tiles per program and 1 stage (2 stages 0.375, 8 warps 0.567, 32x32 0.373, 64x16
-# 0.478). The 66-tap stencils these replaced took 0.36 and 0.50 ms. Toeplitz matrices built on
-# the host and loaded per tile (0892a2f) were slower: conv 0.295 ms.
+# 128x64 with 8 warps 0.227, 2 stages 0.238, 8 warps 0.375). Weight gradient with one input
+# window per column tile and its diagonal sums as one gather (notes/tune_slabconv_h200_session6.log):
+# 0.249 ms at 64 rows, 16 tiles per program, 4 warps, 1 stage (2 stages 0.309, 32 rows 0.260,
+# 8 tiles 0.259, 8 warps 0.298); the three-chunk version before it took 0.317. The 66-tap
+# stencils these replaced took 0.36 and 0.50 ms. Toeplitz matrices built on the host and
+# loaded per tile (0892a2f) were slower: conv 0.295 ms.
 CONV_CONFIG = dict(BR=64, BC=64, num_warps=4, num_stages=1)
 # (the weight gradient's column tiles are 2 * halo wide: 32 for the paper's convs)
 WEIGHT_GRAD_CONFIG = dict(BR=64, num_warps=4, num_stages=1, TILES=16)
