@@ -54,6 +54,6 @@ def kernel_switches() -> str:
     backward and forward paths ran and with what chunk budget."""
     from mta_kernels import backward, chunked_backward, chunked_forward
     return " ".join([f"MTA_KERNELS_FUSED_MIX_BACKWARD={int(backward.FUSED_MIX_BACKWARD)}",
-                     f"MTA_KERNELS_CHUNKED_FORWARD={int(chunked_forward.CHUNKED_FORWARD)}",
+                     f"MTA_KERNELS_CHUNKED_FORWARD={chunked_forward.CHUNKED_FORWARD}",
                      f"MTA_KERNELS_CHUNK_BYTES={chunked_backward.CHUNK_BYTES}",
                      f"MTA_KERNELS_CHUNKED_TF32={int(chunked_backward.TF32_MATMULS)}"])

@@ -8,20 +8,49 @@ future); the convs are the Triton tensor-core slab kernels, the mixes batched ma
 matmuls TF32 for 16-bit inputs. Memory: O(rows x L) within the chunked backward's
 working-set budget (MTA_KERNELS_CHUNK_BYTES), one batch element at a time.
 
-Why it exists: the chunked backward's recomputation of the forward looked cheaper on the
-H200 than the general kernel's forward (at L=4096 its forward-side convs took about 6 ms of
-slab-conv time against 13.5 ms for the whole fused forward), so this path may be the faster
-forward where convs are present. It is off by default until it is timed there: set
-MTA_KERNELS_CHUNKED_FORWARD=1 (or ``chunked_forward.CHUNKED_FORWARD = True``) to use it.
+When it runs (MTA_KERNELS_CHUNKED_FORWARD): 'auto' (the default) takes it for CUDA calls
+with convs whose general kernel would have fewer row-block programs than the GPU has SMs
+(prefer_chunked_forward); '1' for every call with convs; '0' never. Why: on the H200 (bf16,
+causal, H=16, D=128, paper weights, full MTA) it took 3.57 / 12.2 / 48.9 ms at B=1 and
+L=2048 / 4096 / 8192 against the general kernel's 3.99 / 13.8 / 45.5 (38, 76 and 152 row
+blocks on 132 SMs), and was slower for the paper's B=8 layers (28.4 against 24.3 ms at
+D=128) and for a single conv without mixing (7.6 against 3.8 ms at L=4096), where the
+general kernel's grid is many times the SM count.
 """
 import os
 
 import torch
 
 from .chunked_backward import _matmul_precision, conv_halos, rows_per_chunk, slab_inputs, slab_intermediates
-from .forward import _precision
+from .forward import _precision, general_row_programs
 
-CHUNKED_FORWARD = os.environ.get("MTA_KERNELS_CHUNKED_FORWARD", "0") == "1"
+
+def _mode_from_env() -> str:
+    """MTA_KERNELS_CHUNKED_FORWARD as 'auto' (unset), '1' or '0'."""
+    text = os.environ.get("MTA_KERNELS_CHUNKED_FORWARD", "").strip() or "auto"
+    if text not in ("auto", "1", "0"):
+        raise ValueError(f"MTA_KERNELS_CHUNKED_FORWARD must be auto, 1 or 0, got {text!r}")
+    return text
+
+
+CHUNKED_FORWARD = _mode_from_env()
+
+
+def prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=None) -> bool:
+    """Whether the forward of this call takes the chunked path: only with convs; then as
+    CHUNKED_FORWARD says, 'auto' choosing it when the general kernel's row-block programs
+    (general_row_programs, per key split) are fewer than ``sms``, by default q's CUDA
+    device's SM count (never on the CPU, where the kernels run in the interpreter)."""
+    if pre_conv is None and post_conv is None:
+        return False
+    if CHUNKED_FORWARD != "auto":
+        return CHUNKED_FORWARD == "1"
+    if sms is None:
+        if not q.is_cuda:
+            return False
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return general_row_programs(q, pre_conv, pre_mix, post_conv, post_mix) < sms
+
 
 # (1, H, rows, L) tensors alive at once in a chunk: s0, c, m, the masked copy of m, probs, a1,
 # a, and the masked copy for the log-sum-exp.

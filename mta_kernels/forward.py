@@ -77,6 +77,16 @@ def _frame(length: int, halo: int) -> int:
     return max(16, min(size, _next_pow2(length + halo)))
 
 
+def general_row_programs(q, pre_conv, pre_mix, post_conv, post_mix, RF=None) -> int:
+    """Row-block programs of the general kernel's output pass for q (B, H, L, D), per key
+    split: one per block of rows (RF rows less the convs' row halos, RF by default from
+    _frame) and block of heads (heads_per_program)."""
+    B, H, L, _ = q.shape
+    halo_rows = sum(w.shape[1] - 1 for w in (pre_conv, post_conv) if w is not None)
+    RF = RF or _frame(L, halo_rows)
+    return triton.cdiv(L, RF - halo_rows) * B * (H // heads_per_program(pre_mix, post_mix))
+
+
 def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale, config=None):
     """Fused MTA forward. q: (B, H, L, D); k, v: (B, Hkv, L, D). Returns (out, lse):
     out (B, H, L, D) in q's dtype and lse (B, H, L) in acc_dtype(q), the log-sum-exp of each row of
@@ -121,7 +131,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     conv_prec = _precision(q)
 
     n_head_blocks = H // NH
-    grid_rows = triton.cdiv(L, RF - halo_rows) * B * n_head_blocks   # programs per split in pass 2
+    grid_rows = general_row_programs(q, pre_conv, pre_mix, post_conv, post_mix, RF)   # per split, pass 2
     n_splits = config.get("splits", None) if config else None
     if n_splits is None:
         n_splits = key_splits(grid_rows, triton.cdiv(L, W - halo_cols))

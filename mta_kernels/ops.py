@@ -56,9 +56,9 @@ def _on_device(x: Tensor):
 
 
 def forward_impl(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale):
-    """(out (B, H, L, D) in q's dtype, lse (B, H, L) fp32; fp64 for fp64 inputs). With convs
-    and chunked_forward.CHUNKED_FORWARD on (off by default), the row-chunked forward."""
-    if _chunked.CHUNKED_FORWARD and (pre_conv is not None or post_conv is not None):
+    """(out (B, H, L, D) in q's dtype, lse (B, H, L) fp32; fp64 for fp64 inputs). The
+    row-chunked forward where chunked_forward.prefer_chunked_forward says so (with convs)."""
+    if _chunked.prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix):
         with _on_device(q):
             return _chunked.chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
                                             pad_key=pad_key, scale=scale, compute_dtype=acc_dtype(q))

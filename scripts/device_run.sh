@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -149,6 +149,14 @@ for step in "$@"; do
                (cd branches/mixbwd && PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 150 python3 -m pytest \
                  tests/test_backward.py -m gpu -q -k "fused_mix_backward_gpu or (deterministic and not full)" 2>&1 | tail -1)
              fi ;;
+    session7b) # the chunked forward chosen by 'auto' (fewer general-kernel row blocks than SMs):
+             # training in three rounds (no reference provider, to fit), the forward GPU tests, and
+             # full MTA at L=2048..8192 where auto picks the chunked path below L~7000
+             timeout 330 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -12
+             timeout 200 python3 -m pytest tests/test_forward.py -q -rA -k "gpu or chunked or long" 2>&1 \
+               | tee "$OUT/fwdtests.log" | grep -E "FAIL|ERROR|passed|failed"
+             timeout 100 python3 -m bench --shapes sweep --lengths 2048,4096,8192 --ops full --modes fwd,fwd+bwd \
+               --providers fused,sdpa --no-plots --out "$RES" 2>&1 | tee "$OUT/auto.log" | grep -E "^\[|status" ;;
     quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;
     host) timeout 200 python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     hosttests) timeout 150 python3 -m pytest tests/test_backward.py -q -rA \

@@ -306,7 +306,7 @@ def test_chunked_forward_matches_reference(case, dtype, rows, device):
 
 
 def test_chunked_forward_switch(device, monkeypatch):
-    """With CHUNKED_FORWARD on, calls with convs take the chunked forward, calls without them
+    """With CHUNKED_FORWARD '1', calls with convs take the chunked forward, calls without them
     do not, and gradients are bit-identical to the fused forward's (the backward recomputes
     what it needs, so it does not depend on which forward ran)."""
     from mta_kernels import chunked_forward as chunked
@@ -316,7 +316,7 @@ def test_chunked_forward_switch(device, monkeypatch):
     case = Case(L=40, **FULL)
 
     def run(on):
-        monkeypatch.setattr(chunked, "CHUNKED_FORWARD", on)
+        monkeypatch.setattr(chunked, "CHUNKED_FORWARD", "1" if on else "0")
         q, k, v, *w = make_inputs(case, torch.float32, device, requires_grad=True)
         out = mta_kernels.mta_attention(q, k, v, *w)
         return out, torch.autograd.grad(out, (q, k, v, *w), torch.ones_like(out))
@@ -330,6 +330,47 @@ def test_chunked_forward_switch(device, monkeypatch):
     q, k, v, *_ = make_inputs(Case(L=20, pre_mix=4), torch.float32, device)
     mta_kernels.mta_attention(q, k, v, pre_mix=torch.eye(4)[None].to(device))
     assert len(calls) == 1                      # no convs: the fused forward
+
+
+def test_chunked_forward_auto_choice(monkeypatch):
+    """'auto' takes the chunked forward where the general kernel's row blocks would not fill
+    the SMs: on 132 SMs (the H200), full MTA with the paper's 6x11 convs at B=1 and L=2048
+    or 4096 (38 and 76 row blocks), not at L=8192 (152), not for the paper's B=8 layers nor
+    a conv without mixing (16 head blocks), never without convs; '1' and '0' force it."""
+    from mta_kernels.chunked_forward import prefer_chunked_forward
+    from mta_kernels import chunked_forward as chunked
+    conv, mix = torch.empty(16, 6, 11, device="meta"), torch.empty(1, 16, 16, device="meta")
+
+    def chosen(B, L, pre_conv=conv, pre_mix=mix, post_conv=conv, post_mix=mix, sms=132):
+        q = torch.empty(B, 16, L, 128, device="meta")
+        return prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=sms)
+
+    monkeypatch.setattr(chunked, "CHUNKED_FORWARD", "auto")
+    assert chosen(1, 2048) and chosen(1, 4096)
+    assert not chosen(1, 8192) and not chosen(8, 2048) and not chosen(1, 4096, sms=64)
+    assert not chosen(1, 2048, pre_mix=None, post_conv=None, post_mix=None)
+    assert not chosen(1, 2048, pre_conv=None, post_conv=None)
+    q_cpu = torch.empty(1, 16, 2048, 128)
+    assert not prefer_chunked_forward(q_cpu, conv, mix, conv, mix)      # the interpreter: general kernel
+    monkeypatch.setattr(chunked, "CHUNKED_FORWARD", "1")
+    assert chosen(8, 8192) and not chosen(1, 2048, pre_conv=None, post_conv=None)
+    monkeypatch.setattr(chunked, "CHUNKED_FORWARD", "0")
+    assert not chosen(1, 2048)
+
+
+def test_chunked_forward_mode_from_the_environment(monkeypatch):
+    """MTA_KERNELS_CHUNKED_FORWARD: unset or empty is 'auto'; anything but auto, 1 or 0 is
+    refused with an error that names the variable."""
+    from mta_kernels.chunked_forward import _mode_from_env
+    monkeypatch.delenv("MTA_KERNELS_CHUNKED_FORWARD", raising=False)
+    assert _mode_from_env() == "auto"
+    for text, mode in (("", "auto"), ("auto", "auto"), ("1", "1"), (" 0 ", "0")):
+        monkeypatch.setenv("MTA_KERNELS_CHUNKED_FORWARD", text)
+        assert _mode_from_env() == mode
+    for bad in ("yes", "2", "on"):
+        monkeypatch.setenv("MTA_KERNELS_CHUNKED_FORWARD", bad)
+        with pytest.raises(ValueError, match="MTA_KERNELS_CHUNKED_FORWARD"):
+            _mode_from_env()
 
 
 @pytest.mark.parametrize("pad_key", ["both", "left", "right"])
