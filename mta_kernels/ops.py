@@ -50,9 +50,15 @@ def _unfold_scale(dq: Tensor, scale: float, kernel_scale: float) -> Tensor:
     return dq if kernel_scale == scale else dq * (scale / kernel_scale)
 
 
+@contextlib.contextmanager
 def _on_device(x: Tensor):
-    """Triton launches on the current CUDA device: make it x's (a no-op on the CPU)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    """Run the implementations on x's device with autocast off. Triton launches on the
+    current CUDA device, so make it x's; and the implementations choose their own dtypes
+    (under an enclosing autocast the chunked paths' fp32 matmuls would come out in 16 bits
+    and reach the conv kernels in the wrong dtype)."""
+    device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with device, torch.autocast(x.device.type, enabled=False):
+        yield
 
 
 def forward_impl(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale):

@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -157,6 +157,9 @@ for step in "$@"; do
                | tee "$OUT/fwdtests.log" | grep -E "FAIL|ERROR|passed|failed"
              timeout 100 python3 -m bench --shapes sweep --lengths 2048,4096,8192 --ops full --modes fwd,fwd+bwd \
                --providers fused,sdpa --no-plots --out "$RES" 2>&1 | tee "$OUT/auto.log" | grep -E "^\[|status" ;;
+    session7c) # after the autocast fix: training in three rounds, the autocast tests on the GPU
+             timeout 330 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -12
+             timeout 100 python3 -m pytest tests/test_backward.py -q -rA -k "autocast" 2>&1 | grep -E "FAIL|ERROR|passed|failed" ;;
     quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;
     host) timeout 200 python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     hosttests) timeout 150 python3 -m pytest tests/test_backward.py -q -rA \

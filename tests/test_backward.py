@@ -277,6 +277,27 @@ def test_frozen_inputs_get_no_gradient_work(device, monkeypatch):
     assert calls == [] and x.grad is not None
 
 
+@pytest.mark.parametrize("parts, chunked_forward", [({}, "0"), (dict(pre_mix=4, post_mix=4), "0"), (FULL, "0"),
+                                                    (FULL, "1")], ids=["none", "talking-heads", "full", "full-chunked"])
+def test_autocast_changes_nothing(parts, chunked_forward, device, monkeypatch):
+    """Called inside torch.autocast (as in mixed-precision training), the op's output and
+    gradients are bit-identical to those of a call outside it: the implementations pick
+    their own dtypes (autocast had turned the chunked paths' fp32 matmuls into bf16 ones)."""
+    from mta_kernels import chunked_forward as chunked
+    monkeypatch.setattr(chunked, "CHUNKED_FORWARD", chunked_forward)
+    q, k, v, *w = make_inputs(Case(L=40, **parts), torch.float16, device, requires_grad=True)
+    inputs = [x for x in (q, k, v, *w) if x is not None]
+
+    def run():
+        out = mta_kernels.mta_attention(q, k, v, *w)
+        return [out, *torch.autograd.grad(out, inputs, torch.ones_like(out))]
+
+    expected = run()
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        got = run()
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 @pytest.mark.parametrize("B, wanted", [(1, "q"), (1, "v"), (1, "k post_conv"), (1, "pre_conv pre_mix"),
                                         (1, "post_mix"), (1, "q k v"), (2, "v pre_conv")])
 def test_chunked_backward_skips_unwanted_gradients(B, wanted, monkeypatch):
