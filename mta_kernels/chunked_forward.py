@@ -17,11 +17,13 @@ blocks on 132 SMs), and was slower for the paper's B=8 layers (28.4 against 24.3
 D=128) and for a single conv without mixing (7.6 against 3.8 ms at L=4096), where the
 general kernel's grid is many times the SM count.
 """
+import functools
 import os
 
 import torch
 
-from .chunked_backward import _matmul_precision, conv_halos, rows_per_chunk, slab_inputs, slab_intermediates
+from .chunked_backward import _matmul_precision, conv_halos, mix_slab, rows_per_chunk, slab_inputs
+from .slab_conv import key_query_conv
 from .forward import _precision, general_row_programs
 
 
@@ -52,9 +54,10 @@ def prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=None) 
     return general_row_programs(q, pre_conv, pre_mix, post_conv, post_mix) < sms
 
 
-# (1, H, rows, L) tensors alive at once in a chunk: s0, c, m, the masked copy of m, probs, a1,
-# a, and the masked copy for the log-sum-exp.
-LIVE_TENSORS = 8
+# (1, H, rows, L) tensors alive at once in a chunk: a stage's input and output (convs and mixes
+# write new tensors; the mask and the softmax work in place), and one more for the matmuls'
+# and the allocator's slack.
+LIVE_TENSORS = 3
 
 
 def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key, scale,
@@ -69,7 +72,7 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8, HQ + HP, live=LIVE_TENSORS)
     out = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, L, device=q.device, dtype=cd)
-    prec = _precision(q)
+    weights = (pre_conv, pre_mix, post_conv, post_mix)
     with _matmul_precision(q):
         for b in range(B):
             one = slice(b, b + 1)
@@ -77,12 +80,39 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
             for r0 in range(0, L, R):
                 r1 = min(L, r0 + R)
                 lo = max(0, r0 - HQ - HP)
-                ke = r1 if causal else L
-                t = slab_intermediates(qc, kc, vc, (pre_conv, pre_mix, post_conv, post_mix), causal=causal,
-                                       pad_key=pad_key, compute_dtype=cd, row_range=(lo, r1), key_end=ke,
-                                       precision=prec)
-                mine = slice(r0 - lo, r1 - lo)
-                out[one, :, r0:r1] = torch.matmul(t.a[:, :, mine], t.v).to(q.dtype)
-                m = t.m[:, :, mine].masked_fill(t.future[mine], float("-inf"))
-                lse[one, :, r0:r1] = torch.logsumexp(m.to(lse.dtype), dim=-1)
+                a, lse_rows = _slab_attention(qc, kc, vc, weights, lo, r1, causal, pad_key, _precision(q))
+                out[one, :, r0:r1] = torch.matmul(a[:, :, r0 - lo:], vc[:, :, :a.shape[-1]]).to(q.dtype)
+                lse[one, :, r0:r1] = lse_rows[:, :, r0 - lo:]
     return out, lse
+
+
+def _slab_attention(qc, kc, vc, weights, lo, hi, causal, pad_key, precision):
+    """Rows [lo, hi) of the attention weights A (1, H, hi - lo, K) after the post-softmax parts,
+    and of the log-sum-exp (1, H, hi - lo), for slab_inputs' tensors; K = hi keys when causal
+    (later keys are in every row's future), else all. Rows above lo read as zero, so rows
+    from lo + the convs' row halos on are exact. The same steps as
+    mta_reference.forward_intermediates, leaner: the slab conv kernels read the causal
+    future as zero and zero it in the post conv's output (no masking passes), each stage
+    frees its input, and the softmax and its log-sum-exp share one in-place pass."""
+    pre_conv, pre_mix, post_conv, post_mix = weights
+    keys = hi if causal else kc.shape[2]
+    conv = functools.partial(key_query_conv, pad_key=pad_key, zero_above=lo if causal else None,
+                             precision=precision)
+    x = torch.matmul(qc[:, :, lo:hi], kc[:, :, :keys].transpose(-1, -2))
+    if pre_conv is not None:
+        x = conv(x, pre_conv)
+    if pre_mix is not None:
+        x = mix_slab(x, pre_mix)
+    if causal:
+        future = torch.arange(lo, hi, device=x.device)[:, None] < torch.arange(keys, device=x.device)
+        x.masked_fill_(future, float("-inf"))
+    row_max = x.amax(-1, keepdim=True)
+    x = x.sub_(row_max).exp_()
+    row_sum = x.sum(-1, keepdim=True)
+    x.div_(row_sum)
+    lse = (row_max + torch.log(row_sum)).squeeze(-1)
+    if post_conv is not None:
+        x = conv(x, post_conv, mask_output=True)
+    if post_mix is not None:
+        x = mix_slab(x, post_mix)
+    return x, lse

@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -160,6 +160,16 @@ for step in "$@"; do
     session7c) # after the autocast fix: training in three rounds, the autocast tests on the GPU
              timeout 330 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -12
              timeout 100 python3 -m pytest tests/test_backward.py -q -rA -k "autocast" 2>&1 | grep -E "FAIL|ERROR|passed|failed" ;;
+    session7d) # the leaner chunked forward (no masking passes, softmax and lse in place, 3 live slabs):
+             # against the general kernel in one run, then the forward GPU tests with convs (auto)
+             for on in 1 0; do
+               MTA_KERNELS_CHUNKED_FORWARD=$on timeout 60 python3 -m bench --shapes sweep --lengths 2048,4096,8192 \
+                 --ops full --modes fwd --providers fused --no-plots --out "$RES" 2>&1 | tee -a "$OUT/lean.log" | grep -E "^\[|status"
+               MTA_KERNELS_CHUNKED_FORWARD=$on timeout 60 python3 -m bench --shapes paper --ops full --modes fwd \
+                 --providers fused --no-plots --out "$RES" 2>&1 | tee -a "$OUT/lean.log" | grep -E "^\[|status"
+             done
+             timeout 100 python3 -m pytest tests/test_forward.py -m gpu -q -rA -k "conv" 2>&1 | tee "$OUT/lean_tests.log" \
+               | grep -E "FAIL|ERROR|passed|failed" ;;
     quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;
     host) timeout 200 python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     hosttests) timeout 150 python3 -m pytest tests/test_backward.py -q -rA \
