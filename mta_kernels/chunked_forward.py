@@ -9,13 +9,15 @@ matmuls TF32 for 16-bit inputs. Memory: O(rows x L) within the chunked backward'
 working-set budget (MTA_KERNELS_CHUNK_BYTES), one batch element at a time.
 
 When it runs (MTA_KERNELS_CHUNKED_FORWARD): 'auto' (the default) takes it for CUDA calls
-with convs whose general kernel would have fewer row-block programs than the GPU has SMs
-(prefer_chunked_forward); '1' for every call with convs; '0' never. Why: on the H200 (bf16,
-causal, H=16, D=128, paper weights, full MTA) it took 3.57 / 12.2 / 48.9 ms at B=1 and
-L=2048 / 4096 / 8192 against the general kernel's 3.99 / 13.8 / 45.5 (38, 76 and 152 row
-blocks on 132 SMs), and was slower for the paper's B=8 layers (28.4 against 24.3 ms at
-D=128) and for a single conv without mixing (7.6 against 3.8 ms at L=4096), where the
-general kernel's grid is many times the SM count.
+with convs whose general kernel would have fewer than CHUNKED_BELOW_SMS row-block programs
+per SM (prefer_chunked_forward); '1' for every call with convs; '0' never. Why, on the H200
+(bf16, causal, H=16, D=128 unless noted, paper weights, full MTA, one run,
+notes/lean_chunked_forward_h200_911e323.log): at B=1 it took 2.98 / 11.2 / 38.1 ms at
+L=2048 / 4096 / 8192 against the general kernel's 3.92 / 13.5 / 45.4 (38, 76 and 152 row
+blocks on 132 SMs) and 161.6 against 159.1 ms at L=16384 (304 row blocks); for the paper's
+B=8 layers at L=2048 (304 row blocks with 16 heads) 23.4 / 17.0 / 23.6 / 23.7 ms against
+21.5 / 15.2 / 24.0 / 24.1 (D=64, H=10, D=96, D=128). A conv without mixing (16 times the
+row blocks) was 2-3x slower this way before the slab pass was made lean.
 """
 import functools
 import os
@@ -36,13 +38,15 @@ def _mode_from_env() -> str:
 
 
 CHUNKED_FORWARD = _mode_from_env()
+CHUNKED_BELOW_SMS = 2
 
 
 def prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=None) -> bool:
     """Whether the forward of this call takes the chunked path: only with convs; then as
     CHUNKED_FORWARD says, 'auto' choosing it when the general kernel's row-block programs
-    (general_row_programs, per key split) are fewer than ``sms``, by default q's CUDA
-    device's SM count (never on the CPU, where the kernels run in the interpreter)."""
+    (general_row_programs, per key split) are fewer than CHUNKED_BELOW_SMS x ``sms``, by
+    default q's CUDA device's SM count (never on the CPU, where the kernels run in the
+    interpreter)."""
     if pre_conv is None and post_conv is None:
         return False
     if CHUNKED_FORWARD != "auto":
@@ -51,7 +55,7 @@ def prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=None) 
         if not q.is_cuda:
             return False
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    return general_row_programs(q, pre_conv, pre_mix, post_conv, post_mix) < sms
+    return general_row_programs(q, pre_conv, pre_mix, post_conv, post_mix) < CHUNKED_BELOW_SMS * sms
 
 
 # (1, H, rows, L) tensors alive at once in a chunk: a stage's input and output (convs and mixes

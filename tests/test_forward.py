@@ -333,10 +333,11 @@ def test_chunked_forward_switch(device, monkeypatch):
 
 
 def test_chunked_forward_auto_choice(monkeypatch):
-    """'auto' takes the chunked forward where the general kernel's row blocks would not fill
-    the SMs: on 132 SMs (the H200), full MTA with the paper's 6x11 convs at B=1 and L=2048
-    or 4096 (38 and 76 row blocks), not at L=8192 (152), not for the paper's B=8 layers nor
-    a conv without mixing (16 head blocks), never without convs; '1' and '0' force it."""
+    """'auto' takes the chunked forward where the general kernel has fewer than two row
+    blocks per SM: on 132 SMs (the H200), full MTA with the paper's 6x11 convs at B=1 and
+    L=2048, 4096 or 8192 (38, 76 and 152 row blocks), not at L=16384 (304), not for the
+    paper's B=8 layers nor a conv without mixing (16 head blocks), never without convs;
+    '1' and '0' force it."""
     from mta_kernels.chunked_forward import prefer_chunked_forward
     from mta_kernels import chunked_forward as chunked
     conv, mix = torch.empty(16, 6, 11, device="meta"), torch.empty(1, 16, 16, device="meta")
@@ -346,8 +347,8 @@ def test_chunked_forward_auto_choice(monkeypatch):
         return prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=sms)
 
     monkeypatch.setattr(chunked, "CHUNKED_FORWARD", "auto")
-    assert chosen(1, 2048) and chosen(1, 4096)
-    assert not chosen(1, 8192) and not chosen(8, 2048) and not chosen(1, 4096, sms=64)
+    assert chosen(1, 2048) and chosen(1, 4096) and chosen(1, 8192)
+    assert not chosen(1, 16384) and not chosen(8, 2048) and not chosen(1, 4096, sms=32)
     assert not chosen(1, 2048, pre_mix=None, post_conv=None, post_mix=None)
     assert not chosen(1, 2048, pre_conv=None, post_conv=None)
     q_cpu = torch.empty(1, 16, 2048, 128)
