@@ -19,13 +19,13 @@ chunks in a fixed order, and nothing uses atomics: the result is deterministic.
 import contextlib
 import functools
 import os
+from typing import NamedTuple, Optional
 
 import torch
 
-from mta_reference.mta import forward_intermediates
-
 from .forward import _precision
 from .slab_conv import CONV_CONFIG, key_query_conv, key_query_conv_input_grad, key_query_conv_weight_grad
+
 
 def _chunk_bytes_from_env(default=1 << 30):
     """MTA_KERNELS_CHUNK_BYTES as a positive int (bytes), or ``default`` when unset."""
@@ -115,14 +115,61 @@ def slab_inputs(q, k, v, scale, compute_dtype):
     return qc, kc, vc
 
 
-def slab_intermediates(qc, kc, vc, weights, *, causal, pad_key, compute_dtype, row_range, key_end, precision):
-    """The forward's intermediates on rows [lo, hi) = row_range and keys [0, key_end) of
-    slab_inputs' tensors, with the slab conv kernels (which read the causal future as zero
-    and skip the tiles there) and batched-matmul head mixes."""
-    conv = functools.partial(key_query_conv, zero_above=row_range[0] if causal else None, precision=precision)
-    return forward_intermediates(qc, kc, vc, *weights, causal=causal, pad_key=pad_key, scale=1.0,
-                                 compute_dtype=compute_dtype, row_range=row_range, key_end=key_end,
-                                 conv=conv, mix=mix_slab)
+class SlabForward(NamedTuple):
+    """The forward on rows [lo, hi) of one batch element, as (1, H, hi - lo, K) slabs for the
+    K keys computed; with keep=False only ``a`` and ``lse`` (the others None), with keep
+    all but ``lse``."""
+
+    s0: Optional[torch.Tensor]      # scaled scores, zero on the future when a pre conv follows
+    c: Optional[torch.Tensor]       # after the pre-softmax conv (s0 without it)
+    probs: Optional[torch.Tensor]   # softmax of the pre-mixed logits, zero on the future
+    a1: Optional[torch.Tensor]      # after the post-softmax conv, zero on the future (probs without it)
+    a: torch.Tensor                 # after the post-softmax mixing (a1 without it)
+    lse: Optional[torch.Tensor]     # (1, H, hi - lo): log-sum-exp of the masked pre-softmax logits
+
+
+def _softmax_in_place(x):
+    """(softmax of x over its last dim, written over x; the log-sum-exp of each row)."""
+    row_max = x.amax(-1, keepdim=True)
+    x.sub_(row_max).exp_()
+    row_sum = x.sum(-1, keepdim=True)
+    return x.div_(row_sum), (row_max + torch.log(row_sum)).squeeze(-1)
+
+
+def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, keep) -> SlabForward:
+    """mta_reference.forward_intermediates on rows [lo, hi) of slab_inputs' tensors (one batch
+    element) and keys [0, hi) when causal (every later key is in the rows' future), else all,
+    with the slab conv kernels and batched-matmul mixes. Rows above lo read as zero, so rows
+    from lo + the convs' row halos on are exact. Leaner than the reference: the conv kernels
+    read the causal future as zero and zero it in the post conv's output (no masking pass
+    but the one on s0 that the pre conv's weight gradient needs, with keep), and the
+    forward's softmax runs in place. keep=False drops each intermediate once the next is made and
+    returns the log-sum-exp (what the forward needs); the backward keeps them all."""
+    pre_conv, pre_mix, post_conv, post_mix = weights
+    keys = hi if causal else kc.shape[2]
+    conv = functools.partial(key_query_conv, pad_key=pad_key, zero_above=lo if causal else None,
+                             precision=precision)
+    rows, cols = torch.arange(lo, hi, device=qc.device), torch.arange(keys, device=qc.device)
+    future = rows[:, None] < cols if causal else None
+    s0 = torch.matmul(qc[:, :, lo:hi], kc[:, :, :keys].transpose(-1, -2))
+    if keep and causal and pre_conv is not None:
+        s0.masked_fill_(future, 0.0)     # the conv weight gradient kernel reads it unmasked
+    c = conv(s0, pre_conv) if pre_conv is not None else s0
+    s0 = s0 if keep else None
+    m = mix_slab(c, pre_mix) if pre_mix is not None else c
+    c = c if keep else None
+    # in place: m is a new tensor, or c (or s0) when no mix (or conv) follows them, and the
+    # backward reads c (s0) only for the mix's (conv's) weight gradient
+    if causal:
+        m.masked_fill_(future, float("-inf"))
+    # the backward needs no lse: one fused softmax kernel; the forward: fewer live slabs
+    probs, lse = (torch.softmax(m, dim=-1), None) if keep else _softmax_in_place(m)
+    del m
+    a1 = conv(probs, post_conv, mask_output=True) if post_conv is not None else probs
+    probs = probs if keep else None
+    a = mix_slab(a1, post_mix) if post_mix is not None else a1
+    a1 = a1 if keep else None
+    return SlabForward(s0, c, probs, a1, a, lse)
 
 
 def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,
@@ -200,9 +247,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         # slab tensor, so the slab stops there (about half the work over all chunks)
         ke = hi if causal else L
         slab = dict(zero_above=zero_above, precision=prec)
-        t = slab_intermediates(qc, kc, vc, (pre_conv, pre_mix, post_conv, post_mix), causal=causal,
-                               pad_key=pad_key, compute_dtype=cd, row_range=(lo, hi), key_end=ke, precision=prec)
-        s0, c, probs, a1, a = t.s0, t.c, t.probs, t.a1, t.a
+        s0, c, probs, a1, a, _ = slab_forward(qc, kc, vc, (pre_conv, pre_mix, post_conv, post_mix), lo, hi,
+                                              causal=causal, pad_key=pad_key, precision=prec, keep=True)
         mine = slice(r0 - lo, r1 - lo)     # this chunk's rows of the slab
 
         # backward on the slab: rows [lo, hi), keys [0, ke)
@@ -211,7 +257,7 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
             dv[:, :, :ke] += torch.matmul(a[:, :, mine].transpose(-1, -2), do_slab[:, :, mine])
         if not need_da:
             continue
-        da = torch.matmul(do_slab, t.v.transpose(-1, -2))
+        da = torch.matmul(do_slab, vc[:, :, :ke].transpose(-1, -2))
         if post_mix is not None:
             if need_w[3]:
                 dw[3] += mix_slab_weight_grad(da[:, :, mine], a1[:, :, mine], post_mix.shape[0])
@@ -240,9 +286,9 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
             ds = key_query_conv_input_grad(dc, pre_conv, pad_key, mask_output=True, **slab)
         ds = ds[:, :, mine]
         if need_q:
-            dq[:, :, r0:r1] = torch.matmul(ds, t.k) * scale
+            dq[:, :, r0:r1] = torch.matmul(ds, kc[:, :, :ke]) * scale
         if need_k:
-            dk[:, :, :ke] += torch.matmul(ds.transpose(-1, -2), t.q[:, :, mine])   # t.q is scale * q
+            dk[:, :, :ke] += torch.matmul(ds.transpose(-1, -2), qc[:, :, r0:r1])   # qc is scale * q
 
     if dk is not None:
         dk = dk.view(B, Hkv, rep, L, D).sum(2)

@@ -19,13 +19,11 @@ B=8 layers at L=2048 (304 row blocks with 16 heads) 23.4 / 17.0 / 23.6 / 23.7 ms
 21.5 / 15.2 / 24.0 / 24.1 (D=64, H=10, D=96, D=128). A conv without mixing (16 times the
 row blocks) was 2-3x slower this way before the slab pass was made lean.
 """
-import functools
 import os
 
 import torch
 
-from .chunked_backward import _matmul_precision, conv_halos, mix_slab, rows_per_chunk, slab_inputs
-from .slab_conv import key_query_conv
+from .chunked_backward import _matmul_precision, conv_halos, rows_per_chunk, slab_forward, slab_inputs
 from .forward import _precision, general_row_programs
 
 
@@ -58,9 +56,9 @@ def prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=None) 
     return general_row_programs(q, pre_conv, pre_mix, post_conv, post_mix) < CHUNKED_BELOW_SMS * sms
 
 
-# (1, H, rows, L) tensors alive at once in a chunk: a stage's input and output (convs and mixes
-# write new tensors; the mask and the softmax work in place), and one more for the matmuls'
-# and the allocator's slack.
+# (1, H, rows, L) tensors alive at once in a chunk: a stage's input and output in slab_forward
+# (convs and mixes write new tensors; the mask and the softmax work in place), and one more
+# for the matmuls' and the allocator's slack.
 LIVE_TENSORS = 3
 
 
@@ -84,39 +82,9 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
             for r0 in range(0, L, R):
                 r1 = min(L, r0 + R)
                 lo = max(0, r0 - HQ - HP)
-                a, lse_rows = _slab_attention(qc, kc, vc, weights, lo, r1, causal, pad_key, _precision(q))
-                out[one, :, r0:r1] = torch.matmul(a[:, :, r0 - lo:], vc[:, :, :a.shape[-1]]).to(q.dtype)
-                lse[one, :, r0:r1] = lse_rows[:, :, r0 - lo:]
+                t = slab_forward(qc, kc, vc, weights, lo, r1, causal=causal, pad_key=pad_key,
+                                 precision=_precision(q), keep=False)
+                out[one, :, r0:r1] = torch.matmul(t.a[:, :, r0 - lo:], vc[:, :, :t.a.shape[-1]]).to(q.dtype)
+                lse[one, :, r0:r1] = t.lse[:, :, r0 - lo:]
+                del t    # before the next slab: LIVE_TENSORS counts none from the last
     return out, lse
-
-
-def _slab_attention(qc, kc, vc, weights, lo, hi, causal, pad_key, precision):
-    """Rows [lo, hi) of the attention weights A (1, H, hi - lo, K) after the post-softmax parts,
-    and of the log-sum-exp (1, H, hi - lo), for slab_inputs' tensors; K = hi keys when causal
-    (later keys are in every row's future), else all. Rows above lo read as zero, so rows
-    from lo + the convs' row halos on are exact. The same steps as
-    mta_reference.forward_intermediates, leaner: the slab conv kernels read the causal
-    future as zero and zero it in the post conv's output (no masking passes), each stage
-    frees its input, and the softmax and its log-sum-exp share one in-place pass."""
-    pre_conv, pre_mix, post_conv, post_mix = weights
-    keys = hi if causal else kc.shape[2]
-    conv = functools.partial(key_query_conv, pad_key=pad_key, zero_above=lo if causal else None,
-                             precision=precision)
-    x = torch.matmul(qc[:, :, lo:hi], kc[:, :, :keys].transpose(-1, -2))
-    if pre_conv is not None:
-        x = conv(x, pre_conv)
-    if pre_mix is not None:
-        x = mix_slab(x, pre_mix)
-    if causal:
-        future = torch.arange(lo, hi, device=x.device)[:, None] < torch.arange(keys, device=x.device)
-        x.masked_fill_(future, float("-inf"))
-    row_max = x.amax(-1, keepdim=True)
-    x = x.sub_(row_max).exp_()
-    row_sum = x.sum(-1, keepdim=True)
-    x.div_(row_sum)
-    lse = (row_max + torch.log(row_sum)).squeeze(-1)
-    if post_conv is not None:
-        x = conv(x, post_conv, mask_output=True)
-    if post_mix is not None:
-        x = mix_slab(x, post_mix)
-    return x, lse
