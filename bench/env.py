@@ -52,8 +52,8 @@ def run_info(on_gpu: bool) -> dict:
 def kernel_switches() -> str:
     """The mta_kernels switches in effect, as 'NAME=value' words for a results file: which
     backward and forward paths ran and with what chunk budget."""
-    from mta_kernels import backward, chunked_backward, chunked_forward
+    from mta_kernels import backward, chunked_forward, slabs
     return " ".join([f"MTA_KERNELS_FUSED_MIX_BACKWARD={int(backward.FUSED_MIX_BACKWARD)}",
                      f"MTA_KERNELS_CHUNKED_FORWARD={chunked_forward.CHUNKED_FORWARD}",
-                     f"MTA_KERNELS_CHUNK_BYTES={chunked_backward.CHUNK_BYTES}",
-                     f"MTA_KERNELS_CHUNKED_TF32={int(chunked_backward.TF32_MATMULS)}"])
+                     f"MTA_KERNELS_CHUNK_BYTES={slabs.CHUNK_BYTES}",
+                     f"MTA_KERNELS_CHUNKED_TF32={int(slabs.TF32_MATMULS)}"])

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from .chunked_backward import _matmul_precision, conv_halos, rows_per_chunk, slab_forward, slab_inputs
+from .slabs import _matmul_precision, conv_halos, rows_per_chunk, slab_forward, slab_inputs
 from .forward import _precision, general_row_programs
 
 

@@ -7,7 +7,7 @@ import torch
 import triton
 
 import mta_reference as R
-from mta_kernels import chunked_backward as chunked
+from mta_kernels import slabs
 from mta_kernels.chunked_backward import chunked_backward
 from mta_reference.mta import forward_intermediates
 
@@ -27,7 +27,7 @@ def run():
 
 
 for tf32 in (False, True):
-    chunked.TF32_MATMULS = tf32
+    slabs.TF32_MATMULS = tf32
     t = triton.testing.do_bench(run, warmup=2, rep=20, return_mode="median")
     print(f"chunked backward, TF32 matmuls {tf32}: {t:.1f} ms", flush=True)
 rows = 256

@@ -54,21 +54,21 @@ def test_chunked_backward_matches_reference(rows, L, causal, pad_key):
 def test_chunk_height_fills_a_conv_tile():
     """The budget sets the chunk height, except that a slab (rows plus halos) is never shorter
     than one row tile of the slab conv kernels."""
-    from mta_kernels.chunked_backward import MIN_SLAB_ROWS, rows_per_chunk
-    assert rows_per_chunk(16, 4096, 4, halo=20) == 292          # 1 GiB / (14 slabs * 16 * 4096 * 4 B)
-    assert rows_per_chunk(16, 65536, 4, halo=20) == MIN_SLAB_ROWS - 20   # the budget: 18 rows
-    assert rows_per_chunk(16, 65536, 4, halo=0) == MIN_SLAB_ROWS
+    from mta_kernels.slabs import MIN_SLAB_ROWS, rows_per_chunk
+    assert rows_per_chunk(16, 4096, 4, halo=20, live=14) == 292          # 1 GiB / (14 slabs * 16 * 4096 * 4 B)
+    assert rows_per_chunk(16, 65536, 4, halo=20, live=14) == MIN_SLAB_ROWS - 20   # the budget: 18 rows
+    assert rows_per_chunk(16, 65536, 4, halo=0, live=14) == MIN_SLAB_ROWS
 
 
 def test_chunk_budget_from_the_environment(monkeypatch):
     """MTA_KERNELS_CHUNK_BYTES sets the working-set budget; anything but a positive integer
     is refused with an error that names the variable."""
-    from mta_kernels.chunked_backward import _chunk_bytes_from_env, rows_per_chunk
+    from mta_kernels.slabs import _chunk_bytes_from_env, rows_per_chunk
     monkeypatch.delenv("MTA_KERNELS_CHUNK_BYTES", raising=False)
     assert _chunk_bytes_from_env() == 1 << 30
     monkeypatch.setenv("MTA_KERNELS_CHUNK_BYTES", str(2 << 30))
     assert _chunk_bytes_from_env() == 2 << 30
-    assert rows_per_chunk(16, 4096, 4, halo=20, budget=2 << 30) == 585   # twice the 1 GiB chunk
+    assert rows_per_chunk(16, 4096, 4, halo=20, live=14, budget=2 << 30) == 585   # twice the 1 GiB chunk
     for bad in ("2GiB", "0", "-5"):
         monkeypatch.setenv("MTA_KERNELS_CHUNK_BYTES", bad)
         with pytest.raises(ValueError, match="MTA_KERNELS_CHUNK_BYTES"):
@@ -78,7 +78,7 @@ def test_chunk_budget_from_the_environment(monkeypatch):
 def test_slab_mixing_matches_reference():
     """The chunked backward's batched-matmul head mixing and its weight gradient against the
     reference's einsums: B=2, two groups, a row slice of a slab as input (a strided view)."""
-    from mta_kernels.chunked_backward import mix_slab, mix_slab_weight_grad
+    from mta_kernels.slabs import mix_slab, mix_slab_weight_grad
     from mta_reference.backward import mix_heads_backward
 
     g = torch.Generator().manual_seed(3)
