@@ -1,12 +1,12 @@
 """Exact MTA forward in PyTorch and the slab conv kernels, one block of query rows at a time.
 
 An alternative to the general fused kernel (forward_kernels.py) for calls with convolutions,
-built from the chunked backward's pieces. For the output rows [r0, r1) of a chunk it
+built from the slab pieces it shares with the chunked backward. For the output rows [r0, r1) of a chunk it
 materializes rows [lo, r1) of every (B, H, L, L) intermediate, lo = r0 - HQ - HP being the
 rows the convs read above, and keys [0, r1) when causal (later keys are in every row's
 future); the convs are the Triton tensor-core slab kernels, the mixes batched matmuls, the
-matmuls TF32 for 16-bit inputs. Memory: O(rows x L) within the chunked backward's
-working-set budget (MTA_KERNELS_CHUNK_BYTES), one batch element at a time.
+matmuls TF32 for 16-bit inputs (slabs.slab_forward). Memory: O(rows x L) within the
+slabs' working-set budget (MTA_KERNELS_CHUNK_BYTES), one batch element at a time.
 
 When it runs (MTA_KERNELS_CHUNKED_FORWARD): 'auto' (the default) takes it for CUDA calls
 with convs whose general kernel would have fewer than CHUNKED_BELOW_SMS row-block programs
@@ -23,8 +23,8 @@ import os
 
 import torch
 
-from .slabs import _matmul_precision, conv_halos, rows_per_chunk, slab_forward, slab_inputs
 from .forward import _precision, general_row_programs
+from .slabs import _matmul_precision, conv_halos, rows_per_chunk, slab_forward, slab_inputs
 
 
 def _mode_from_env() -> str:
@@ -75,6 +75,7 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     out = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, L, device=q.device, dtype=cd)
     weights = (pre_conv, pre_mix, post_conv, post_mix)
+    prec = _precision(q)
     with _matmul_precision(q):
         for b in range(B):
             one = slice(b, b + 1)
@@ -83,7 +84,7 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
                 r1 = min(L, r0 + R)
                 lo = max(0, r0 - HQ - HP)
                 t = slab_forward(qc, kc, vc, weights, lo, r1, causal=causal, pad_key=pad_key,
-                                 precision=_precision(q), keep=False)
+                                 precision=prec, keep=False)
                 out[one, :, r0:r1] = torch.matmul(t.a[:, :, r0 - lo:], vc[:, :, :t.a.shape[-1]]).to(q.dtype)
                 lse[one, :, r0:r1] = t.lse[:, :, r0 - lo:]
                 del t    # before the next slab: LIVE_TENSORS counts none from the last
