@@ -1,12 +1,12 @@
 """Exact MTA forward in PyTorch and the slab conv kernels, one block of query rows at a time.
 
 An alternative to the general fused kernel (forward_kernels.py) for calls with convolutions,
-built from the slab pieces it shares with the chunked backward. For the output rows [r0, r1) of a chunk it
-materializes rows [lo, r1) of every (B, H, L, L) intermediate, lo = r0 - HQ - HP being the
-rows the convs read above, and keys [0, r1) when causal (later keys are in every row's
-future); the convs are the Triton tensor-core slab kernels, the mixes batched matmuls, the
-matmuls TF32 for 16-bit inputs (slabs.slab_forward). Memory: O(rows x L) within the
-slabs' working-set budget (MTA_KERNELS_CHUNK_BYTES), one batch element at a time.
+built from the slab pieces it shares with the chunked backward. For the output rows [r0, r1)
+of a chunk it materializes rows [lo, r1) of every (B, H, L, L) intermediate, lo = r0 - HQ -
+HP being the rows the convs read above, and keys [0, r1) when causal (later keys are in
+every row's future); the convs are the Triton tensor-core slab kernels, the mixes batched
+matmuls, the matmuls TF32 for 16-bit inputs (slabs.slab_forward). Memory: O(rows x L)
+within the slabs' working-set budget (MTA_KERNELS_CHUNK_BYTES), one batch element at a time.
 
 When it runs (MTA_KERNELS_CHUNKED_FORWARD): 'auto' (the default) takes it for CUDA calls
 with convs whose general kernel would have fewer than CHUNKED_BELOW_SMS row-block programs
