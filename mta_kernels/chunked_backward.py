@@ -21,7 +21,7 @@ import torch
 from .forward import _precision
 from .slab_conv import key_query_conv_input_grad, key_query_conv_weight_grad
 from .slabs import (_matmul_precision, conv_halos, mix_slab, mix_slab_weight_grad, rows_per_chunk, slab_forward,
-                    slab_inputs)
+                    slab_inputs, slab_keys)
 
 # (1, H, rows, L) slabs alive at once in a chunk (the chunk height's divisor): the forward's
 # s0, c, probs, a1, a and the backward's da, dp, dz, dc, ds, with slack for the matmuls and
@@ -101,8 +101,9 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         # the conv kernels read them so (no masking pass) and skip the tiles there
         zero_above = lo if causal else None
         # causal: keys from hi on are in the future of every row of the slab, zero in every
-        # slab tensor, so the slab stops there (about half the work over all chunks)
-        ke = hi if causal else L
+        # slab tensor, so the slab stops there (about half the work over all chunks; rounded up
+        # to a multiple of 16 keys, slab_keys)
+        ke = slab_keys(hi, L, causal)
         slab = dict(zero_above=zero_above, precision=prec)
         s0, c, probs, a1, a, _ = slab_forward(qc, kc, vc, (pre_conv, pre_mix, post_conv, post_mix), lo, hi,
                                               causal=causal, pad_key=pad_key, precision=prec, keep=True)

@@ -94,6 +94,19 @@ def conv_halos(pre_conv, post_conv):
     return tuple(w.shape[1] - 1 if w is not None else 0 for w in (pre_conv, post_conv))
 
 
+# Causal slabs end their keys at a multiple of KEY_ALIGN (or at L): the keys past the slab's
+# last row are in every row's future, zero in every slab tensor, and a row stride divisible
+# by 16 elements lets Triton vectorize the slab conv kernels' loads (it specializes integer
+# arguments on divisibility by 16) and cuBLAS take its aligned kernels.
+KEY_ALIGN = 16
+
+
+def slab_keys(hi, L, causal):
+    """Keys [0, K) that a slab of rows ending at hi computes: all L, or when causal hi
+    rounded up to KEY_ALIGN, at most L."""
+    return min(L, -(-hi // KEY_ALIGN) * KEY_ALIGN) if causal else L
+
+
 def slab_inputs(q, k, v, scale, compute_dtype):
     """q times the softmax scale (so that no slab is scaled), k and v, in compute_dtype with the
     kv heads repeated to q's heads: made once per batch element, read by every chunk."""
@@ -127,7 +140,7 @@ def _softmax_in_place(x):
 
 def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, keep) -> SlabForward:
     """mta_reference.forward_intermediates on rows [lo, hi) of slab_inputs' tensors (one batch
-    element) and keys [0, hi) when causal (every later key is in the rows' future), else all,
+    element) and keys [0, slab_keys(hi, L, causal)) (keys from hi on are in every row's future),
     with the slab conv kernels and batched-matmul mixes. Rows above lo read as zero, so rows
     from lo + the convs' row halos on are exact. Leaner than the reference: the conv kernels
     read the causal future as zero and zero it in the post conv's output (no masking pass
@@ -135,7 +148,7 @@ def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, kee
     forward's softmax runs in place. keep=False drops each intermediate once the next is made and
     returns the log-sum-exp (what the forward needs); the backward keeps them all."""
     pre_conv, pre_mix, post_conv, post_mix = weights
-    keys = hi if causal else kc.shape[2]
+    keys = slab_keys(hi, kc.shape[2], causal)
     conv = functools.partial(key_query_conv, pad_key=pad_key, zero_above=lo if causal else None,
                              precision=precision)
     rows, cols = torch.arange(lo, hi, device=qc.device), torch.arange(keys, device=qc.device)

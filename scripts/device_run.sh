@@ -177,7 +177,7 @@ for step in "$@"; do
                [ -d "$tree" ] || continue
                echo "== chunked backward in $tree"
                (cd $tree && PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 150 python3 -m bench \
-                 --shapes sweep --lengths 2048,4096 --ops full,pre_conv,post_conv --modes bwd,fwd+bwd \
+                 --shapes sweep --lengths 2048,4096 --ops full,pre_conv,post_conv --modes fwd,bwd,fwd+bwd \
                  --providers fused --no-plots --out "$RES" 2>&1 | grep -E "^\[|status")
              done
              timeout 150 python3 -m pytest tests/test_backward.py -q -rA -k "gradients_gpu or autocast or (deterministic and full)" \

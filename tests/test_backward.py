@@ -60,6 +60,14 @@ def test_chunk_height_fills_a_conv_tile():
     assert rows_per_chunk(16, 65536, 4, halo=0, live=14) == MIN_SLAB_ROWS
 
 
+def test_causal_slabs_end_at_aligned_keys():
+    """Causal slabs compute keys up to their last row rounded up to 16 (row strides Triton and
+    cuBLAS can vectorize), never past L; non-causal slabs every key."""
+    from mta_kernels.slabs import slab_keys
+    assert [slab_keys(hi, 4096, True) for hi in (1, 16, 17, 302, 4090, 4096)] == [16, 16, 32, 304, 4096, 4096]
+    assert slab_keys(20, 23, True) == 23 and slab_keys(5, 23, False) == 23
+
+
 def test_chunk_budget_from_the_environment(monkeypatch):
     """MTA_KERNELS_CHUNK_BYTES sets the working-set budget; anything but a positive integer
     is refused with an error that names the variable."""
