@@ -23,10 +23,11 @@ from .slab_conv import key_query_conv_input_grad, key_query_conv_weight_grad
 from .slabs import (_matmul_precision, conv_halos, mix_slab, mix_slab_weight_grad, rows_per_chunk, slab_forward,
                     slab_inputs, slab_keys)
 
-# (1, H, rows, L) slabs alive at once in a chunk (the chunk height's divisor): the forward's
-# s0, c, probs, a1, a and the backward's da, dp, dz, dc, ds, with slack for the matmuls and
-# the last chunk's tensors still referenced while the next slab forward runs.
-LIVE_TENSORS = 14
+# (1, H, rows, L) slabs alive at once in a chunk (the chunk height's divisor): the chain frees
+# each slab after its last use, so at most five (the forward's s0, c, probs, a1, a; then
+# fewer), and one for slack. Measured on the CPU with the conv kernels stubbed by their output
+# allocations (tests/test_backward.py): 5.0-5.3 slabs at the peak; 14-15 before the frees.
+LIVE_TENSORS = 6
 
 
 def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,
@@ -95,6 +96,10 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
 
     prec = _precision(q)
     for r0 in range(0, L, rows):
+        # the last chunk's slabs go before this one's are made (the chain below frees each
+        # slab after its last use; those left by a `continue` go here), so that at most
+        # LIVE_TENSORS slabs are alive at once
+        s0 = c = probs = a1 = a = da = dp = dz = dc = ds = None
         r1 = min(L, r0 + rows)
         lo, hi = max(0, r0 - HQ - HP), min(L, r1 + HQ + HP)
         # causal: every conv input and gradient of the slab is zero in the future (j > lo + i);
@@ -113,12 +118,14 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         do_slab = dout[:, :, lo:hi]
         if need_v:
             dv[:, :, :ke] += torch.matmul(a[:, :, mine].transpose(-1, -2), do_slab[:, :, mine])
+        a = None
         if not need_da:
             continue
         da = torch.matmul(do_slab, vc[:, :, :ke].transpose(-1, -2))
+        if post_mix is not None and need_w[3]:
+            dw[3] += mix_slab_weight_grad(da[:, :, mine], a1[:, :, mine], post_mix.shape[0])
+        a1 = None
         if post_mix is not None:
-            if need_w[3]:
-                dw[3] += mix_slab_weight_grad(da[:, :, mine], a1[:, :, mine], post_mix.shape[0])
             da = mix_slab(da, post_mix.transpose(-1, -2))
         if need_w[2]:
             dw[2] += key_query_conv_weight_grad(da, probs, post_conv, pad_key, rows=(mine.start, mine.stop), **slab)
@@ -127,21 +134,26 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         dp = da
         if post_conv is not None:
             dp = key_query_conv_input_grad(da, post_conv, pad_key, mask_output=True, **slab)
+        da = None
         # dz = P * (dP - Delta) with Delta = rowsum(P * dP): softmax's backward, one fused kernel
         dz = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
+        dp = probs = None
+        if pre_mix is not None and need_w[1]:
+            dw[1] += mix_slab_weight_grad(dz[:, :, mine], c[:, :, mine], pre_mix.shape[0])
+        c = None
         dc = dz
-        if pre_mix is not None:
-            if need_w[1]:
-                dw[1] += mix_slab_weight_grad(dz[:, :, mine], c[:, :, mine], pre_mix.shape[0])
-            if need_dc:
-                dc = mix_slab(dz, pre_mix.transpose(-1, -2))
+        if pre_mix is not None and need_dc:
+            dc = mix_slab(dz, pre_mix.transpose(-1, -2))
+        dz = None
         if need_w[0]:
             dw[0] += key_query_conv_weight_grad(dc, s0, pre_conv, pad_key, rows=(mine.start, mine.stop), **slab)
+        s0 = None
         if not need_ds:
             continue
         ds = dc
         if pre_conv is not None:
             ds = key_query_conv_input_grad(dc, pre_conv, pad_key, mask_output=True, **slab)
+        dc = None
         ds = ds[:, :, mine]
         if need_q:
             dq[:, :, r0:r1] = torch.matmul(ds, kc[:, :, :ke]) * scale

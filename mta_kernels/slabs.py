@@ -85,7 +85,8 @@ def rows_per_chunk(H, L, itemsize, halo, live, budget=CHUNK_BYTES):
     """Rows per chunk: ``live`` slabs of (1, H, rows, L) in ``budget`` bytes (the ``halo``
     rows, above and below together, come on top), but at least MIN_SLAB_ROWS - halo, so the
     working set outgrows the budget only where the budget would leave less than one full conv
-    tile (beyond L of about 16384 at H=16 with the paper's convs)."""
+    tile (at H=16 with the paper's convs and the 1 GiB default, beyond L of about 64K for the
+    backward's 6 live slabs)."""
     return max(16, MIN_SLAB_ROWS - halo, budget // (live * H * L * itemsize))
 
 

@@ -55,9 +55,9 @@ def test_chunk_height_fills_a_conv_tile():
     """The budget sets the chunk height, except that a slab (rows plus halos) is never shorter
     than one row tile of the slab conv kernels."""
     from mta_kernels.slabs import MIN_SLAB_ROWS, rows_per_chunk
-    assert rows_per_chunk(16, 4096, 4, halo=20, live=14) == 292          # 1 GiB / (14 slabs * 16 * 4096 * 4 B)
-    assert rows_per_chunk(16, 65536, 4, halo=20, live=14) == MIN_SLAB_ROWS - 20   # the budget: 18 rows
-    assert rows_per_chunk(16, 65536, 4, halo=0, live=14) == MIN_SLAB_ROWS
+    assert rows_per_chunk(16, 4096, 4, halo=20, live=6) == 682          # 1 GiB / (6 slabs * 16 * 4096 * 4 B)
+    assert rows_per_chunk(16, 65536, 4, halo=20, live=6) == MIN_SLAB_ROWS - 20   # the budget: 42 rows
+    assert rows_per_chunk(16, 65536, 4, halo=0, live=6) == MIN_SLAB_ROWS
 
 
 def test_causal_slabs_end_at_aligned_keys():
@@ -68,6 +68,44 @@ def test_causal_slabs_end_at_aligned_keys():
     assert slab_keys(20, 23, True) == 23 and slab_keys(5, 23, False) == 23
 
 
+def _peak_cpu_bytes(fn):
+    """Peak of the CPU memory allocated while fn() runs, from torch.profiler's allocation
+    and free events in time order (what was allocated before the call does not count)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    now = peak = 0
+    for e in events:
+        now += e.self_cpu_memory_usage
+        peak = max(peak, now)
+    return peak
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_chunked_paths_keep_at_most_their_live_slabs(causal, monkeypatch):
+    """At most LIVE_TENSORS slabs (rows plus halos by keys, fp32) are alive at once in the
+    chunked backward and forward, which the chunk height's budget relies on. The slab conv
+    kernels are replaced by allocations of their outputs (as on the GPU; the interpreter
+    would add copies of its arguments); everything else the call allocates counts too."""
+    from mta_kernels import chunked_backward as backward, chunked_forward as forward, slabs
+    stub = lambda x, *args, **kwargs: torch.empty_like(x)
+    monkeypatch.setattr(slabs, "key_query_conv", stub)
+    monkeypatch.setattr(backward, "key_query_conv_input_grad", stub)
+    monkeypatch.setattr(backward, "key_query_conv_weight_grad", lambda g, x, w, *a, **kw: torch.zeros(w.shape))
+    H, L, rows = 2, 512, 64
+    case = Case(H=H, L=L, D=4, pre_conv=(3, 5), pre_mix=2, post_conv=(4, 5), post_mix=2, causal=causal)
+    q, k, v, *w = make_inputs(case, torch.float32, "cpu")
+    grad = torch.randn_like(q)
+    opts = dict(causal=causal, pad_key="both", scale=0.5, rows=rows)
+    slab_bytes = lambda halo: H * (rows + halo) * L * 4      # HQ + HP = 5 rows above, as many below
+    peak_backward = _peak_cpu_bytes(lambda: backward.chunked_backward(grad, q, k, v, *w, **opts))
+    peak_forward = _peak_cpu_bytes(lambda: forward.chunked_forward(q, k, v, *w, **opts))
+    assert peak_backward > 4 * slab_bytes(10)        # the measurement sees the slabs
+    assert peak_backward <= backward.LIVE_TENSORS * slab_bytes(10)
+    assert peak_forward <= forward.LIVE_TENSORS * slab_bytes(5)
+
+
 def test_chunk_budget_from_the_environment(monkeypatch):
     """MTA_KERNELS_CHUNK_BYTES sets the working-set budget; anything but a positive integer
     is refused with an error that names the variable."""
@@ -76,7 +114,7 @@ def test_chunk_budget_from_the_environment(monkeypatch):
     assert _chunk_bytes_from_env() == 1 << 30
     monkeypatch.setenv("MTA_KERNELS_CHUNK_BYTES", str(2 << 30))
     assert _chunk_bytes_from_env() == 2 << 30
-    assert rows_per_chunk(16, 4096, 4, halo=20, live=14, budget=2 << 30) == 585   # twice the 1 GiB chunk
+    assert rows_per_chunk(16, 4096, 4, halo=20, live=6, budget=2 << 30) == 1365   # twice the 1 GiB chunk
     for bad in ("2GiB", "0", "-5"):
         monkeypatch.setenv("MTA_KERNELS_CHUNK_BYTES", bad)
         with pytest.raises(ValueError, match="MTA_KERNELS_CHUNK_BYTES"):
