@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -170,19 +170,21 @@ for step in "$@"; do
              done
              timeout 100 python3 -m pytest tests/test_forward.py -m gpu -q -rA -k "conv" 2>&1 | tee "$OUT/lean_tests.log" \
                | grep -E "FAIL|ERROR|passed|failed" ;;
-    session8) # what session 7 left untimed: the chunked backward through slabs.slab_forward (dec1ac5)
-             # against the tree in branches/before (`git archive dc86656 | tar -x -C branches/before`),
-             # its GPU gradient tests, then training in three rounds with the lean chunked forward
+    session8) # what session 7 left untimed (dec1ac5 slab_forward in the backward, 5e7605d aligned keys,
+             # 3953e48 6 live slabs): against the tree in branches/before (`git archive dc86656 |
+             # tar -x -C branches/before`), then the GPU gradient and memory tests; `train2` next
              for tree in . branches/before; do
                [ -d "$tree" ] || continue
                echo "== chunked backward in $tree"
-               (cd $tree && PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 150 python3 -m bench \
+               label=$MTA_BENCH_COMMIT; [ "$tree" = . ] || label=dc86656
+               (cd $tree && MTA_BENCH_COMMIT=$label PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 150 python3 -m bench \
                  --shapes sweep --lengths 2048,4096 --ops full,pre_conv,post_conv --modes fwd,bwd,fwd+bwd \
                  --providers fused --no-plots --out "$RES" 2>&1 | grep -E "^\[|status")
              done
-             timeout 150 python3 -m pytest tests/test_backward.py -q -rA -k "gradients_gpu or autocast or (deterministic and full)" \
-               2>&1 | tee "$OUT/session8_tests.log" | grep -E "FAIL|ERROR|passed|failed"
-             timeout 240 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8 ;;
+             timeout 200 python3 -m pytest tests/test_backward.py -q -rA -s -k "gradients_gpu or autocast or memory or (deterministic and full)" \
+               2>&1 | tee "$OUT/session8_tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed" ;;
+    train2) # training, SDPA baseline and fused only, three rounds (about 80 s)
+             timeout 300 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8 ;;
     quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;
     host) timeout 200 python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     hosttests) timeout 150 python3 -m pytest tests/test_backward.py -q -rA \
