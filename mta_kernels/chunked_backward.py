@@ -21,7 +21,7 @@ import torch
 from .forward import _precision
 from .slab_conv import key_query_conv_input_grad, key_query_conv_weight_grad
 from .slabs import (_matmul_precision, conv_halos, mix_slab, mix_slab_weight_grad, rows_per_chunk, slab_forward,
-                    slab_inputs, slab_keys)
+                    slab_inputs)
 
 # (1, H, rows, L) slabs alive at once in a chunk (the chunk height's divisor): the chain frees
 # each slab after its last use, so at most five (the forward's s0, c, probs, a1, a; then
@@ -105,13 +105,13 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         # causal: every conv input and gradient of the slab is zero in the future (j > lo + i);
         # the conv kernels read them so (no masking pass) and skip the tiles there
         zero_above = lo if causal else None
-        # causal: keys from hi on are in the future of every row of the slab, zero in every
-        # slab tensor, so the slab stops there (about half the work over all chunks; rounded up
-        # to a multiple of 16 keys, slab_keys)
-        ke = slab_keys(hi, L, causal)
         slab = dict(zero_above=zero_above, precision=prec)
         s0, c, probs, a1, a, _ = slab_forward(qc, kc, vc, (pre_conv, pre_mix, post_conv, post_mix), lo, hi,
                                               causal=causal, pad_key=pad_key, precision=prec, keep=True)
+        # causal: keys from hi on are in the future of every row of the slab, zero in every
+        # slab tensor, so the slab stops there (about half the work over all chunks; rounded up
+        # to a multiple of 16 keys, slabs.slab_keys)
+        ke = a.shape[-1]
         mine = slice(r0 - lo, r1 - lo)     # this chunk's rows of the slab
 
         # backward on the slab: rows [lo, hi), keys [0, ke)

@@ -51,7 +51,7 @@ def _unfold_scale(dq: Tensor, scale: float, kernel_scale: float) -> Tensor:
 
 
 @contextlib.contextmanager
-def _on_device(x: Tensor):
+def _kernel_context(x: Tensor):
     """Run the implementations on x's device with autocast off. Triton launches on the
     current CUDA device, so make it x's; and the implementations choose their own dtypes
     (under an enclosing autocast the chunked paths' fp32 matmuls would come out in 16 bits
@@ -65,11 +65,11 @@ def forward_impl(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_ke
     """(out (B, H, L, D) in q's dtype, lse (B, H, L) fp32; fp64 for fp64 inputs). The
     row-chunked forward where chunked_forward.prefer_chunked_forward says so (with convs)."""
     if _chunked.prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix):
-        with _on_device(q):
+        with _kernel_context(q):
             return _chunked.chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
                                             pad_key=pad_key, scale=scale, compute_dtype=acc_dtype(q))
     q, scale = _kernel_scale(q, scale)
-    with _on_device(q):
+    with _kernel_context(q):
         return mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
 
 
@@ -80,7 +80,7 @@ def backward_impl(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, out
     inputs = (q, k, v, pre_conv, pre_mix, post_conv, post_mix)
     if not any(need and x is not None for need, x in zip(needs_grad, inputs)):
         return [q.new_empty(0) for _ in inputs]
-    with _on_device(q):
+    with _kernel_context(q):
         grads = _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, out, lse,
                                 causal, pad_key, scale, needs_grad)
     return [g.contiguous() if need and g is not None else q.new_empty(0)
