@@ -7,7 +7,7 @@ import argparse
 import csv
 import math
 import sys
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 from .cases import OPS, shape_label
@@ -113,12 +113,22 @@ def _peak(r):
     return f"{r['peak_mem_gib']:.2f}" if _ok(r) and r["peak_mem_gib"] is not None else "-"
 
 
+def _commits(rows) -> str:
+    """'commit X', or for a run resumed across commits each commit with its row count."""
+    counts = Counter(r.get("commit") for r in rows)
+    if len(counts) <= 1:
+        return f"commit {next(iter(counts), None)}"
+    listed = ", ".join(f"{c} ({n} rows)" for c, n in counts.items())
+    return (f"rows from {len(counts)} commits, resumed run by run ({listed}; dates "
+            f"{rows[0].get('date')} to {rows[-1].get('date')}; the CSV's commit column gives each row's)")
+
+
 def markdown(rows, comments) -> str:
     index = {(_shape_key(r), r["op"], r["mode"], r["provider"]): r for r in rows}
     first = rows[0] if rows else {}
     dtypes = sorted({r["dtype"] for r in rows})
     out = [f"# MTA benchmark: {first.get('gpu', '?')}, {first.get('date', '?')}", ""]
-    out.append(f"torch {first.get('torch')}, triton {first.get('triton')}, commit {first.get('commit')}, "
+    out.append(f"torch {first.get('torch')}, triton {first.get('triton')}, {_commits(rows)}, "
                f"dtype {', '.join(dtypes)}, causal.")
     out.append("")
     if first.get("gpu") == "cpu":

@@ -51,3 +51,19 @@ def test_wall_clock_timing_of_slow_calls():
                                        sync=lambda: events.append("sync"))
     assert events == ["sync", "call", "sync"] * 3
     assert 0 <= p20 <= median <= p80
+
+
+def test_summary_names_every_commit_of_a_resumed_run():
+    """A suite resumed across commits must not be summarized under its first commit alone."""
+    sys.path.insert(0, str(ROOT))
+    from bench.report import markdown
+
+    def row(commit, date):
+        return dict(gpu="G", torch="t", triton="tr", commit=commit, date=date, op="none", mode="fwd",
+                    provider="sdpa", B=1, H=2, Hkv=2, L=16, D=8, dtype="fp32", status="ok",
+                    median_ms=1.0, p20_ms=1.0, p80_ms=1.0, tflops=1.0, peak_mem_gib=0.0)
+
+    one = markdown([row("aaa", "d1")], [])
+    assert "commit aaa," in one
+    resumed = markdown([row("aaa", "d1"), row("bbb", "d2"), row("bbb", "d2")], [])
+    assert "aaa (1 rows)" in resumed and "bbb (2 rows)" in resumed and "d1 to d2" in resumed
