@@ -1,6 +1,7 @@
-"""Where the row-chunked backward (the path for calls with convs) spends its time on the GPU:
-torch.profiler over one call at B=1, H=16, L=4096, D=128 (or `python scripts/profile_chunked.py
-B L D`), bf16, paper weights; prints the top CUDA kernels and the wall time of each stage."""
+"""Where the row-chunked forward and backward (the paths for calls with convs) spend their time
+on the GPU: torch.profiler over one call of each at B=1, H=16, L=4096, D=128 (or `python
+scripts/profile_chunked.py B L D`), bf16, paper weights; prints each call's median time and its
+top CUDA kernels."""
 import sys
 
 import torch
@@ -9,7 +10,7 @@ import triton
 import mta_reference as R
 from mta_kernels import slabs
 from mta_kernels.chunked_backward import chunked_backward
-from mta_reference.mta import forward_intermediates
+from mta_kernels.chunked_forward import chunked_forward
 
 torch.manual_seed(0)
 B, L, D = (int(x) for x in sys.argv[1:4]) if len(sys.argv) > 3 else (1, 4096, 128)
@@ -22,20 +23,22 @@ w = (conv, mix, conv, mix)
 scale = D ** -0.5
 
 
-def run():
+def backward():
     return chunked_backward(do, q, k, v, *w, causal=True, pad_key="both", scale=scale)
+
+
+def forward():
+    return chunked_forward(q, k, v, *w, causal=True, pad_key="both", scale=scale)
 
 
 for tf32 in (False, True):
     slabs.TF32_MATMULS = tf32
-    t = triton.testing.do_bench(run, warmup=2, rep=20, return_mode="median")
+    t = triton.testing.do_bench(backward, warmup=2, rep=20, return_mode="median")
     print(f"chunked backward, TF32 matmuls {tf32}: {t:.1f} ms", flush=True)
-rows = 256
-t_fwd = triton.testing.do_bench(lambda: forward_intermediates(q, k, v, *w, causal=True, pad_key="both", scale=scale,
-                                                              compute_dtype=torch.float32, row_range=(0, rows)),
-                                warmup=2, rep=20, return_mode="median")
-print(f"chunked backward {t:.1f} ms; forward_intermediates on {rows} rows {t_fwd:.2f} ms", flush=True)
-with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-    run()
-    torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+for name, fn in (("chunked forward", forward), ("chunked backward", backward)):
+    t = triton.testing.do_bench(fn, warmup=2, rep=20, return_mode="median")
+    print(f"{name}: {t:.2f} ms", flush=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70), flush=True)
