@@ -102,8 +102,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         s0 = c = probs = a1 = a = da = dp = dz = dc = ds = None
         r1 = min(L, r0 + rows)
         lo, hi = max(0, r0 - HQ - HP), min(L, r1 + HQ + HP)
-        # causal: every conv input and gradient of the slab is zero in the future (j > lo + i);
-        # the conv kernels read them so (no masking pass) and skip the tiles there
+        # causal: every conv input and gradient of the slab counts as zero in the future
+        # (j > lo + i); the conv kernels read them so (no masking pass) and skip the tiles there
         zero_above = lo if causal else None
         slab = dict(zero_above=zero_above, precision=prec)
         s0, c, probs, a1, a, _ = slab_forward(qc, kc, vc, (pre_conv, pre_mix, post_conv, post_mix), lo, hi,

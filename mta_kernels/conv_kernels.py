@@ -107,8 +107,8 @@ def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi,
     """partial (B * H, CQ, n_row_tiles * n_col_groups, CK), zero-filled: program
     (i_bh, a, row tile * n_col_groups + group) writes the share of dw[a, t] =
     sum g[i, j] x[i + a - (CQ-1), j + t - PL] of its rows and TILES column tiles; the host
-    sums it in a fixed order. Only rows G_LO <= i < G_HI of g count, and g is read as zero
-    where j - i > ZERO_ABOVE (tiles there are skipped). Column tiles are BC = 2 * HALO wide,
+    sums it in a fixed order. Only rows G_LO <= i < G_HI of g count, and g and x are read as
+    zero where j - i > ZERO_ABOVE (tiles where g is are skipped). Column tiles are BC = 2 * HALO wide,
     so that a tile's input window, HALO columns on either side, is 4 * HALO (a power of two)
     wide. CKP: CK rounded up to a power of two."""
     BC: tl.constexpr = 2 * HALO
@@ -126,7 +126,6 @@ def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi,
     window = tl.arange(0, KW) - HALO
     g_base = g + _tile(i_bh, H, sgb, sgh, sgi, sgj)
     x_base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj)
-    no_zeros = 2 ** 30
     # M[j, u] = sum_i g[i, c0 + j] x[src_i, c0 - HALO + u], summed over this program's column
     # tiles (the same relative geometry in every tile)
     m = tl.zeros([BC, KW], dtype=partial.dtype.element_ty)
@@ -136,7 +135,7 @@ def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi,
     for i_c in range(first_tile, end_tile):
         c0 = i_c * BC
         g_t = tl.trans(_shifted(g_base, g_rows, c0 + tl.arange(0, BC), sgi, sgj, R, LC, ZERO_ABOVE))
-        m += tl.dot(g_t, _shifted(x_base, src, c0 + window, sxi, sxj, R, LC, no_zeros), input_precision=PREC)
+        m += tl.dot(g_t, _shifted(x_base, src, c0 + window, sxi, sxj, R, LC, ZERO_ABOVE), input_precision=PREC)
     # gradient column c0 + j pairs with input column c0 + j + t - PL, that is u = j + t - PL + HALO:
     # dw[t] sums M along that diagonal (u stays inside the window for t < CK since HALO covers
     # the taps; the padding taps t >= CK are clamped and not stored)

@@ -2,7 +2,7 @@
 its gradients (same leading arguments), for slabs of materialized scores (B, H, R, L).
 
 Common keyword arguments:
-  zero_above: an int Z; the input (x, or the gradient) is read as zero wherever
+  zero_above: an int Z; the inputs (x and the gradient) are read as zero wherever
       col - row > Z (a causal slab of rows lo.. has Z = lo), and tiles that would read only
       there are skipped. None: no such structure.
   precision: tl.dot input precision for fp32 slabs, "tf32" or "ieee" (fp64 is always exact).

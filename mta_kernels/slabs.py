@@ -5,7 +5,7 @@ A slab holds query rows [lo, hi) of one batch element's scores, probabilities an
 gradients, (1, H, hi - lo, K) for the K keys computed. Here: the working-set budget that
 sets the chunk height (MTA_KERNELS_CHUNK_BYTES), the TF32 switch for the slabs' fp32
 matmuls (MTA_KERNELS_CHUNKED_TF32), the head mixes as batched matmuls, and the forward on a
-slab with the Triton slab conv kernels (slab_conv.py).
+slab with the Triton slab conv and softmax kernels (slab_conv.py, slab_softmax.py).
 """
 import contextlib
 import functools
@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .slab_conv import CONV_CONFIG, key_query_conv
+from .slab_softmax import softmax_rows_
 
 
 def _chunk_bytes_from_env(default=1 << 30):
@@ -121,52 +122,39 @@ def slab_inputs(q, k, v, scale, compute_dtype):
 class SlabForward(NamedTuple):
     """The forward on rows [lo, hi) of one batch element, as (1, H, hi - lo, K) slabs for the
     K keys computed; with keep=False only ``a`` and ``lse`` (the others None), with keep
-    all but ``lse``."""
+    all but ``lse``. Causal slabs are not masked where the next stage reads them through a
+    kernel that masks (the slab convs and their weight gradients, the softmax)."""
 
-    s0: Optional[torch.Tensor]      # scaled scores, zero on the future when a pre conv follows
-    c: Optional[torch.Tensor]       # after the pre-softmax conv (s0 without it)
+    s0: Optional[torch.Tensor]      # scaled scores, not masked; None without a pre conv
+    c: Optional[torch.Tensor]       # after the pre-softmax conv (s0 without it); None without a pre mix
     probs: Optional[torch.Tensor]   # softmax of the pre-mixed logits, zero on the future
     a1: Optional[torch.Tensor]      # after the post-softmax conv, zero on the future (probs without it)
     a: torch.Tensor                 # after the post-softmax mixing (a1 without it)
     lse: Optional[torch.Tensor]     # (1, H, hi - lo): log-sum-exp of the masked pre-softmax logits
 
 
-def _softmax_in_place(x):
-    """(softmax of x over its last dim, written over x; the log-sum-exp of each row)."""
-    row_max = x.amax(-1, keepdim=True)
-    x.sub_(row_max).exp_()
-    row_sum = x.sum(-1, keepdim=True)
-    return x.div_(row_sum), (row_max + torch.log(row_sum)).squeeze(-1)
-
-
 def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, keep) -> SlabForward:
     """mta_reference.forward_intermediates on rows [lo, hi) of slab_inputs' tensors (one batch
     element) and keys [0, slab_keys(hi, L, causal)) (keys from hi on are in every row's future),
-    with the slab conv kernels and batched-matmul mixes. Rows above lo read as zero, so rows
-    from lo + the convs' row halos on are exact. Leaner than the reference: the conv kernels
-    read the causal future as zero and zero it in the post conv's output (no masking pass
-    but the one on s0 that the pre conv's weight gradient needs, with keep), and the
-    forward's softmax runs in place. keep=False drops each intermediate once the next is made and
-    returns the log-sum-exp (what the forward needs); the backward keeps them all."""
+    with the slab conv kernels, batched-matmul mixes and the in-place slab softmax. Rows above
+    lo read as zero, so rows from lo + the convs' row halos on are exact. Leaner than the
+    reference: no masking pass, since the conv kernels read the causal future as zero (and
+    zero it in the post conv's output) and the softmax kernel takes it as -inf. keep=False
+    drops each intermediate once the next is made and returns the log-sum-exp (what the
+    forward needs); the backward keeps those its weight gradients read (s0 for the pre conv's,
+    c for the pre mix's; each None without that weight, since the softmax may overwrite it)."""
     pre_conv, pre_mix, post_conv, post_mix = weights
     keys = slab_keys(hi, kc.shape[2], causal)
-    conv = functools.partial(key_query_conv, pad_key=pad_key, zero_above=lo if causal else None,
-                             precision=precision)
-    rows, cols = torch.arange(lo, hi, device=qc.device), torch.arange(keys, device=qc.device)
-    future = rows[:, None] < cols if causal else None
+    zero_above = lo if causal else None
+    conv = functools.partial(key_query_conv, pad_key=pad_key, zero_above=zero_above, precision=precision)
     s0 = torch.matmul(qc[:, :, lo:hi], kc[:, :, :keys].transpose(-1, -2))
-    if keep and causal and pre_conv is not None:
-        s0.masked_fill_(future, 0.0)     # the conv weight gradient kernel reads it unmasked
     c = conv(s0, pre_conv) if pre_conv is not None else s0
-    s0 = s0 if keep else None
+    s0 = s0 if keep and pre_conv is not None else None
     m = mix_slab(c, pre_mix) if pre_mix is not None else c
-    c = c if keep else None
-    # in place: m is a new tensor, or c (or s0) when no mix (or conv) follows them, and the
-    # backward reads c (s0) only for the mix's (conv's) weight gradient
-    if causal:
-        m.masked_fill_(future, float("-inf"))
-    # the backward needs no lse: one fused softmax kernel; the forward: fewer live slabs
-    probs, lse = (torch.softmax(m, dim=-1), None) if keep else _softmax_in_place(m)
+    c = c if keep and pre_mix is not None else None
+    # in place: m is a new tensor, or c (or s0) when no mix (or conv) follows them, and then
+    # nothing reads those again
+    probs, lse = softmax_rows_(m, zero_above, want_lse=not keep)
     del m
     a1 = conv(probs, post_conv, mask_output=True) if post_conv is not None else probs
     probs = probs if keep else None

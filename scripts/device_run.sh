@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -19,6 +19,20 @@ RES=/tmp/results
 # scripts/device_commit` (git-ignored, so name it in the device call's carry list).
 export MTA_BENCH_COMMIT=$(cat scripts/device_commit 2>/dev/null || echo unknown)
 mkdir -p "$RES"
+
+# full MTA and each conv alone, fwd / bwd / fwd+bwd at L=2048 and 4096, in this tree and in
+# branches/before (results labelled with the old tree's commit, $1)
+conv_parts_ab() {
+  for tree in . branches/before; do
+    [ -d "$tree" ] || continue
+    echo "== conv parts in $tree"
+    label=$MTA_BENCH_COMMIT; [ "$tree" = . ] || label=$1
+    (cd $tree && MTA_BENCH_COMMIT=$label PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 150 python3 -m bench \
+      --shapes sweep --lengths 2048,4096 --ops full,pre_conv,post_conv --modes fwd,bwd,fwd+bwd \
+      --providers fused --no-plots --out "$RES" 2>&1 | grep -E "^\[|status")
+  done
+}
+
 for step in "$@"; do
   case "$step" in
     smoke) timeout 300 python3 scripts/gpu_smoke.py 2>&1 | tee "$OUT/smoke.log" ;;
@@ -173,16 +187,18 @@ for step in "$@"; do
     session8) # what session 7 left untimed (dec1ac5 slab_forward in the backward, 5e7605d aligned keys,
              # 3953e48 6 live slabs): against the tree in branches/before (`git archive dc86656 |
              # tar -x -C branches/before`), then the GPU gradient and memory tests; `train2` next
-             for tree in . branches/before; do
-               [ -d "$tree" ] || continue
-               echo "== chunked backward in $tree"
-               label=$MTA_BENCH_COMMIT; [ "$tree" = . ] || label=dc86656
-               (cd $tree && MTA_BENCH_COMMIT=$label PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 150 python3 -m bench \
-                 --shapes sweep --lengths 2048,4096 --ops full,pre_conv,post_conv --modes fwd,bwd,fwd+bwd \
-                 --providers fused --no-plots --out "$RES" 2>&1 | grep -E "^\[|status")
-             done
+             conv_parts_ab dc86656
              timeout 200 python3 -m pytest tests/test_backward.py -q -rA -s -k "gradients_gpu or autocast or memory or (deterministic and full)" \
                2>&1 | tee "$OUT/session8_tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed" ;;
+    session9) # the slab softmax kernel and unmasked s0 slabs: against branches/before (`git archive
+             # 71831b1 | tar -x -C branches/before`), the GPU tests of both chunked paths, training
+             conv_parts_ab 71831b1
+             timeout 150 python3 -m pytest tests/test_backward.py -q -rA -s \
+               -k "slab_softmax or gradients_gpu or memory or (deterministic and full)" \
+               2>&1 | tee "$OUT/session9_tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed"
+             timeout 150 python3 -m pytest tests/test_forward.py -q -rA -s -k "forward_gpu or chunked or long_sequence_runs" \
+               2>&1 | tee -a "$OUT/session9_tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed"
+             timeout 150 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8 ;;
     train2) # training, SDPA baseline and fused only, three rounds (about 80 s)
              timeout 300 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8 ;;
     quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;

@@ -86,11 +86,13 @@ def _peak_cpu_bytes(fn):
 def test_chunked_paths_keep_at_most_their_live_slabs(causal, monkeypatch):
     """At most LIVE_TENSORS slabs (rows plus halos by keys, fp32) are alive at once in the
     chunked backward and forward, which the chunk height's budget relies on. The slab conv
-    kernels are replaced by allocations of their outputs (as on the GPU; the interpreter
-    would add copies of its arguments); everything else the call allocates counts too."""
+    kernels are replaced by allocations of their outputs and the in-place softmax by its lse
+    (as on the GPU; the interpreter would add copies of its arguments); everything else the
+    call allocates counts too."""
     from mta_kernels import chunked_backward as backward, chunked_forward as forward, slabs
     stub = lambda x, *args, **kwargs: torch.empty_like(x)
     monkeypatch.setattr(slabs, "key_query_conv", stub)
+    monkeypatch.setattr(slabs, "softmax_rows_", lambda x, zero_above, want_lse: (x, x[..., 0].clone() if want_lse else None))
     monkeypatch.setattr(backward, "key_query_conv_input_grad", stub)
     monkeypatch.setattr(backward, "key_query_conv_weight_grad", lambda g, x, w, *a, **kw: torch.zeros(w.shape))
     H, L, rows = 2, 512, 64
@@ -119,6 +121,36 @@ def test_chunk_budget_from_the_environment(monkeypatch):
         monkeypatch.setenv("MTA_KERNELS_CHUNK_BYTES", bad)
         with pytest.raises(ValueError, match="MTA_KERNELS_CHUNK_BYTES"):
             _chunk_bytes_from_env()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, zero_above", [((1, 2, 5, 37), None), ((2, 3, 7, 40), 3), ((1, 2, 9, 3000), 0),
+                                               ((1, 1, 4, 2049), 2100), ((1, 2, 6, 16), 1)])
+def test_slab_softmax_matches_torch(shape, zero_above, dtype, device):
+    """The slab softmax kernel against torch.softmax of the masked slab, in place on a
+    strided view (a row slice of a larger slab), with its log-sum-exp: masked entries
+    (col - row > zero_above) come out exactly zero whatever they held; rows longer than one
+    2048-column block; a mask beyond the last column. On the GPU too (fp64 included, which
+    the fp64 gradchecks take through the chunked paths)."""
+    from mta_kernels.slab_softmax import softmax_rows_
+    g = torch.Generator().manual_seed(4)
+    B, H, R, K = shape
+    big = 8 * torch.randn(B, H, R + 3, K, generator=g, dtype=dtype).to(device)
+    x = big[:, :, 2:2 + R]
+    rows, cols = torch.arange(R, device=device)[:, None], torch.arange(K, device=device)[None, :]
+    masked = x if zero_above is None else x.masked_fill(cols - rows > zero_above, float("-inf"))
+    expected, expected_lse = torch.softmax(masked, -1), torch.logsumexp(masked, -1)
+    before = big.clone()
+    y, lse = softmax_rows_(x, zero_above, want_lse=True)
+    assert y.data_ptr() == x.data_ptr()
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-14, rtol=1e-12)
+    assert torch.allclose(y, expected, **tol) and torch.allclose(lse, expected_lse, **tol)
+    if zero_above is not None:
+        assert (y.masked_select(cols - rows > zero_above) == 0).all()
+    assert torch.equal(big[:, :, :2], before[:, :, :2]) and torch.equal(big[:, :, 2 + R:], before[:, :, 2 + R:])
+    assert softmax_rows_(x, zero_above)[1] is None
+    with pytest.raises(ValueError, match="zero_above"):
+        softmax_rows_(x, -1)
 
 
 def test_slab_mixing_matches_reference():
@@ -519,7 +551,8 @@ def test_slab_convs_match_reference(shape, cq, ck, pad_key, zero_above):
     """The Triton slab convs of the chunked backward against the reference's conv2d versions:
     the conv, its input gradient and its weight gradient (fp64, non-contiguous input; kernels
     wider than 33 taps need 32-column halos). With zero_above, the kernels get inputs that are
-    *not* zero above that diagonal and must read them as zero (the reference gets them zeroed)."""
+    *not* zero above that diagonal and must read them as zero (the reference gets them zeroed):
+    the weight gradient both of its inputs."""
     from mta_kernels import slab_conv
     from mta_reference import backward as ref_bwd
     from mta_reference.mta import key_query_conv
@@ -536,8 +569,7 @@ def test_slab_convs_match_reference(shape, cq, ck, pad_key, zero_above):
     pairs = [(slab_conv.key_query_conv(x_strided, w, pad_key, **z), key_query_conv(x, w, pad_key)),
              (slab_conv.key_query_conv_input_grad(grad_raw, w, pad_key, **z),
               ref_bwd.key_query_conv_input_grad(grad, w, pad_key)),
-             (slab_conv.key_query_conv_weight_grad(grad_raw, x.transpose(2, 3).contiguous().transpose(2, 3), w,
-                                                   pad_key, **z),
+             (slab_conv.key_query_conv_weight_grad(grad_raw, x_strided, w, pad_key, **z),
               ref_bwd.key_query_conv_weight_grad(grad, x, w, pad_key))]
     for got, expected in pairs:
         assert got.shape == expected.shape
