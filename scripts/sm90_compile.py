@@ -76,7 +76,7 @@ SLAB_WEIGHT_GRAD_CONFIGS = [dict(BR=BR, num_warps=w, num_stages=st, TILES=tiles)
 
 def launch(op, D, H=16, L=256):
     """Launch one path of the dispatcher (op: flash_fwd, mix_fwd, premix_fwd, full_fwd, flash_bwd,
-    mix_bwd, slab_conv) with bf16 inputs of head size D, paper-sized MTA weights."""
+    mix_bwd, slab_conv, slab_softmax) with bf16 inputs of head size D, paper-sized MTA weights."""
     from mta_kernels import backward, forward
     import mta_reference as R
     q, k, v, do = (torch.randn(1, H, L, D, dtype=torch.bfloat16) for _ in range(4))
@@ -98,6 +98,11 @@ def launch(op, D, H=16, L=256):
         splits, backward.MIX_BWD_MAX_SPLITS = backward.MIX_BWD_MAX_SPLITS, 1   # a full grid: no splits
         backward.mix_backward(do, q, k, v, mix, mix, lse, True, scale)
         backward.MIX_BWD_MAX_SPLITS = splits
+    elif op == "slab_softmax":
+        from mta_kernels.slab_softmax import softmax_rows_
+        for dtype in (torch.float32, torch.float64):
+            softmax_rows_(torch.randn(1, H, 64, L, dtype=dtype), 5, want_lse=True)
+            softmax_rows_(torch.randn(1, H, 64, 4 * L, dtype=dtype), None)
     elif op == "slab_conv":
         from mta_kernels import slab_conv
         x = torch.randn(1, H, 64, L)
