@@ -108,7 +108,7 @@ def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi,
     (i_bh, a, row tile * n_col_groups + group) writes the share of dw[a, t] =
     sum g[i, j] x[i + a - (CQ-1), j + t - PL] of its rows and TILES column tiles; the host
     sums it in a fixed order. Only rows G_LO <= i < G_HI of g count, and g and x are read as
-    zero where j - i > ZERO_ABOVE (tiles where g is are skipped). Column tiles are BC = 2 * HALO wide,
+    zero where j - i > ZERO_ABOVE (tiles where g is zero are skipped). Column tiles are BC = 2 * HALO wide,
     so that a tile's input window, HALO columns on either side, is 4 * HALO (a power of two)
     wide. CKP: CK rounded up to a power of two."""
     BC: tl.constexpr = 2 * HALO

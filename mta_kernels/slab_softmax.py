@@ -12,9 +12,7 @@ import triton
 import triton.language as tl
 
 from .forward import _next_pow2
-
-# zero_above=None: no mask (larger than any column minus row)
-_NO_MASK = 2 ** 30
+from .slab_conv import _NO_ZEROS
 
 
 @triton.jit
@@ -30,8 +28,9 @@ def softmax_rows_kernel(x, lse, sb, sh, si, sj, H, R, K, ZERO_ABOVE,
     end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
     cols = tl.arange(0, BLOCK)
     # online max and sum over the unmasked columns
-    row_max = tl.max(tl.load(row + cols * sj, mask=cols < end, other=float("-inf")), axis=0)
-    row_sum = tl.sum(tl.exp(tl.load(row + cols * sj, mask=cols < end, other=float("-inf")) - row_max), axis=0)
+    v = tl.load(row + cols * sj, mask=cols < end, other=float("-inf"))
+    row_max = tl.max(v, axis=0)
+    row_sum = tl.sum(tl.exp(v - row_max), axis=0)
     for c0 in range(BLOCK, end, BLOCK):
         v = tl.load(row + (c0 + cols) * sj, mask=c0 + cols < end, other=float("-inf"))
         new_max = tl.maximum(row_max, tl.max(v, axis=0))
@@ -57,6 +56,6 @@ def softmax_rows_(x: torch.Tensor, zero_above=None, want_lse=False):
         return x, lse
     block = min(2048, max(16, _next_pow2(K)))
     softmax_rows_kernel[(B * H * R,)](
-        x, lse if want_lse else x, *x.stride(), H, R, K, _NO_MASK if zero_above is None else zero_above,
+        x, lse if want_lse else x, *x.stride(), H, R, K, _NO_ZEROS if zero_above is None else zero_above,
         WRITE_LSE=want_lse, BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return x, lse
