@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -199,6 +199,13 @@ for step in "$@"; do
              timeout 150 python3 -m pytest tests/test_forward.py -q -rA -s -k "forward_gpu or chunked or long_sequence_runs" \
                2>&1 | tee -a "$OUT/session9_tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed"
              timeout 150 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8 ;;
+    autothreshold) # where the row-chunked forward (1) beats the general kernel (0) since the slab
+             # softmax kernel: full MTA fwd at B=1 for L=8192 and 16384, and the paper's B=8 layers
+             for m in 0 1; do
+               echo "== MTA_KERNELS_CHUNKED_FORWARD=$m"
+               MTA_KERNELS_CHUNKED_FORWARD=$m timeout 150 python3 -m bench --shapes all --lengths 8192,16384 \
+                 --ops full --modes fwd --providers fused --no-plots --out "$RES" 2>&1 | grep -E "^\[|status"
+             done ;;
     train2) # training, SDPA baseline and fused only, three rounds (about 80 s)
              timeout 300 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8 ;;
     quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;
