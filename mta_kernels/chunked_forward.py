@@ -57,7 +57,7 @@ def prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=None) 
 
 
 # (1, H, rows, L) tensors alive at once in a chunk: a stage's input and output in slab_forward
-# (convs and mixes write new tensors; the mask and the softmax work in place), and one more
+# (convs and mixes write new tensors; the softmax works in place), and one more
 # for the matmuls' and the allocator's slack.
 LIVE_TENSORS = 3
 
