@@ -11,13 +11,15 @@ within the slabs' working-set budget (MTA_KERNELS_CHUNK_BYTES), one batch elemen
 When it runs (MTA_KERNELS_CHUNKED_FORWARD): 'auto' (the default) takes it for CUDA calls
 with convs whose general kernel would have fewer than CHUNKED_BELOW_SMS row-block programs
 per SM (prefer_chunked_forward); '1' for every call with convs; '0' never. Why, on the H200
-(bf16, causal, H=16, D=128 unless noted, paper weights, full MTA, one run,
-notes/lean_chunked_forward_h200_911e323.log): at B=1 it took 2.98 / 11.2 / 38.1 ms at
-L=2048 / 4096 / 8192 against the general kernel's 3.92 / 13.5 / 45.4 (38, 76 and 152 row
-blocks on 132 SMs) and 161.6 against 159.1 ms at L=16384 (304 row blocks); for the paper's
-B=8 layers at L=2048 (304 row blocks with 16 heads) 23.4 / 17.0 / 23.6 / 23.7 ms against
-21.5 / 15.2 / 24.0 / 24.1 (D=64, H=10, D=96, D=128). A conv without mixing (16 times the
-row blocks) was 2-3x slower this way before the slab pass was made lean.
+(bf16, causal, D=128 unless noted, paper weights, one run each, general kernel against this
+path at 2a182d0, bench/results/2026-11-29_095052 and _095120): full MTA (mixing all heads, few
+row blocks) took 45.2 / 159.4 ms against 26.5 / 111.3 here at B=1, H=16, L=8192 / 16384
+(152 and 304 row blocks on 132 SMs), and 21.7 / 15.3 / 23.9 / 24.2 against 17.0 / 12.8 /
+17.1 / 17.3 for the paper's B=8 layers at L=2048 (D=64, H=10, D=96, D=128; 304 row blocks).
+A conv without mixing has a program per head (_095656 and _095722): at B=8, L=2048 (4480
+row blocks) 4.0-7.1 ms against 5.4-8.2 here; at B=1, H=16, L=4096 (1120) the pre conv 3.77
+against 3.58 here and the post conv 2.25 against 3.64. So the threshold sits between 607
+row blocks (full MTA at L=32768) and 1120: 8 per SM.
 """
 import os
 
@@ -36,7 +38,7 @@ def _mode_from_env() -> str:
 
 
 CHUNKED_FORWARD = _mode_from_env()
-CHUNKED_BELOW_SMS = 2
+CHUNKED_BELOW_SMS = 8
 
 
 def prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=None) -> bool:

@@ -333,11 +333,11 @@ def test_chunked_forward_switch(device, monkeypatch):
 
 
 def test_chunked_forward_auto_choice(monkeypatch):
-    """'auto' takes the chunked forward where the general kernel has fewer than two row
+    """'auto' takes the chunked forward where the general kernel has fewer than eight row
     blocks per SM: on 132 SMs (the H200), full MTA with the paper's 6x11 convs at B=1 and
-    L=2048, 4096 or 8192 (38, 76 and 152 row blocks), not at L=16384 (304), not for the
-    paper's B=8 layers nor a conv without mixing (16 head blocks), never without convs;
-    '1' and '0' force it."""
+    L=2048 .. 32768 (38 .. 607 row blocks) and for the paper's B=8 layers (304), not for a
+    conv without mixing (a block per head: 1120 at B=1, L=4096) nor at L=65536 (1214), never
+    without convs; '1' and '0' force it."""
     from mta_kernels.chunked_forward import prefer_chunked_forward
     from mta_kernels import chunked_forward as chunked
     conv, mix = torch.empty(16, 6, 11, device="meta"), torch.empty(1, 16, 16, device="meta")
@@ -347,9 +347,9 @@ def test_chunked_forward_auto_choice(monkeypatch):
         return prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=sms)
 
     monkeypatch.setattr(chunked, "CHUNKED_FORWARD", "auto")
-    assert chosen(1, 2048) and chosen(1, 4096) and chosen(1, 8192)
-    assert not chosen(1, 16384) and not chosen(8, 2048) and not chosen(1, 4096, sms=32)
-    assert not chosen(1, 2048, pre_mix=None, post_conv=None, post_mix=None)
+    assert chosen(1, 2048) and chosen(1, 8192) and chosen(1, 16384) and chosen(1, 32768) and chosen(8, 2048)
+    assert not chosen(1, 65536) and not chosen(1, 16384, sms=32)
+    assert not chosen(1, 4096, pre_mix=None, post_conv=None, post_mix=None)
     assert not chosen(1, 2048, pre_conv=None, post_conv=None)
     q_cpu = torch.empty(1, 16, 2048, 128)
     assert not prefer_chunked_forward(q_cpu, conv, mix, conv, mix)      # the interpreter: general kernel
