@@ -36,9 +36,11 @@ def _tile(i_bh, H, sb, sh, si, sj):
 def _shifted(base, rows, cols, si, sj, R, LC, ZERO_ABOVE):
     """Block of a (R, LC) plane at the given (possibly out-of-range) rows and cols, zero
     outside the plane and where col - row > ZERO_ABOVE."""
+    # The causal zeros are selected after the load, not masked in it: a mask that changes
+    # along a row keeps Triton from vectorizing the load (4-byte loads instead of 16-byte).
     ok = (rows[:, None] >= 0) & (rows[:, None] < R) & (cols[None, :] >= 0) & (cols[None, :] < LC)
-    ok = ok & (cols[None, :] - rows[:, None] <= ZERO_ABOVE)
-    return tl.load(base + rows[:, None].to(tl.int64) * si + cols[None, :] * sj, mask=ok, other=0.0)
+    x = tl.load(base + rows[:, None].to(tl.int64) * si + cols[None, :] * sj, mask=ok, other=0.0)
+    return tl.where(cols[None, :] - rows[:, None] > ZERO_ABOVE, 0.0, x)
 
 
 @triton.jit

@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, session10b, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -206,6 +206,10 @@ for step in "$@"; do
                MTA_KERNELS_CHUNKED_FORWARD=$m timeout 150 python3 -m bench --shapes all --lengths 8192,16384 \
                  --ops full --modes fwd --providers fused --no-plots --out "$RES" 2>&1 | grep -E "^\[|status"
              done ;;
+    session10b) # slab conv loads vectorized (the causal zeros selected after the load): against
+             # branches/before (`git archive 6e1eb9f | tar -x -C branches/before`), then the tile sweep
+             conv_parts_ab 6e1eb9f
+             timeout 200 python3 scripts/tune.py slabconv 2>&1 | tee "$OUT/tune_slabconv.log" | grep "slab conv" ;;
     ncuconv) # one slab conv launch of the chunked full-MTA forward at L=4096 (the 5th), every ncu section
              timeout 300 ncu --clock-control none --set full -k regex:kq_conv_kernel --launch-skip 4 --launch-count 1 \
                python3 scripts/profile_one.py full > "$OUT/ncu_conv.txt" 2>&1; grep -E "Duration|Registers|Theoretical Occ|Achieved Occ|Stall|Throughput|Issue|Eligible" "$OUT/ncu_conv.txt" | head -60 ;;
