@@ -20,17 +20,18 @@ _NO_ZEROS = 2 ** 30
 
 # Launch configurations: the largest tile [BR, BC], column tiles per weight-gradient program,
 # and Triton's options. H200, one causal slab of 302 x 4096, 16 heads, fp32 (scripts/tune.py
-# slabconv at f1ac69b and c96e620, notes/tune_slabconv_h200_c96e620.log): conv 0.197 ms and its
-# input gradient 0.210 at 64x64 with 4 warps and 1 stage (64x32 0.205 / 0.202, 128x32 0.226,
-# 128x64 with 8 warps 0.227, 2 stages 0.238, 8 warps 0.375). Weight gradient with one input
-# window per column tile and its diagonal sums as one gather (notes/tune_slabconv_h200_session6.log):
-# 0.249 ms at 64 rows, 16 tiles per program, 4 warps, 1 stage (2 stages 0.309, 32 rows 0.260,
-# 8 tiles 0.259, 8 warps 0.298); the three-chunk version before it took 0.317. The 66-tap
-# stencils these replaced took 0.36 and 0.50 ms. Toeplitz matrices built on the host and
-# loaded per tile (0892a2f) were slower: conv 0.295 ms.
-CONV_CONFIG = dict(BR=64, BC=64, num_warps=4, num_stages=1)
+# slabconv). At 1b475ba, after the loads were vectorized (notes/tune_slabconv_h200_1b475ba.log,
+# two runs): conv 0.142 / 0.132 ms and its input gradient 0.149 / 0.137 at 64x32 with 4 warps
+# and 1 stage (64x64 0.162-0.164 / 0.157-0.181, 128x32 0.171-0.179 / 0.160-0.169, 128x64 with
+# 8 warps 0.189-0.240, 128x16 0.196-0.203); weight gradient 0.209-0.210 ms at 32 rows, 16 tiles
+# per program, 4 warps, 1 stage (64 rows 0.230-0.235, with 2 stages 0.209-0.211, 8 tiles
+# 0.246-0.247, 128 rows with 8 warps 0.311-0.312). Before that, with 4-byte loads, 64x64 was
+# best (0.197 / 0.210 ms, notes/tune_slabconv_h200_c96e620.log). Toeplitz matrices built on the
+# host and loaded per tile were slower both times (0892a2f: 0.295 ms; branch
+# exp/conv-toeplitz-table, contiguous 16-byte loads: 0.266 against 0.164 ms at 64x64).
+CONV_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=1)
 # (the weight gradient's column tiles are 2 * halo wide: 32 for the paper's convs)
-WEIGHT_GRAD_CONFIG = dict(BR=64, num_warps=4, num_stages=1, TILES=16)
+WEIGHT_GRAD_CONFIG = dict(BR=32, num_warps=4, num_stages=1, TILES=16)
 
 
 def _blocks(R, LC, config):

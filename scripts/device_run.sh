@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, session10b, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -210,6 +210,17 @@ for step in "$@"; do
              # branches/before (`git archive 6e1eb9f | tar -x -C branches/before`), then the tile sweep
              conv_parts_ab 6e1eb9f
              timeout 200 python3 scripts/tune.py slabconv 2>&1 | tee "$OUT/tune_slabconv.log" | grep "slab conv" ;;
+    session10d) # the session's slab conv changes together (vectorized loads, 64x32 conv tiles, 32-row
+             # weight-gradient tiles) against the session's start (branches/before: `git archive
+             # 6e1eb9f | tar -x -C branches/before`), the GPU tests of both chunked paths, the L=4096
+             # targets and training
+             conv_parts_ab 6e1eb9f
+             timeout 200 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rA -s \
+               -k "gradients_gpu or memory or (deterministic and full) or forward_gpu or long_sequence_runs" \
+               2>&1 | tee "$OUT/session10d_tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed"
+             timeout 300 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
+               --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | tail -25
+             timeout 300 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8 ;;
     ncuconv) # one slab conv launch of the chunked full-MTA forward at L=4096 (the 5th), every ncu section
              timeout 300 ncu --clock-control none --set full -k regex:kq_conv_kernel --launch-skip 4 --launch-count 1 \
                python3 scripts/profile_one.py full > "$OUT/ncu_conv.txt" 2>&1; grep -E "Duration|Registers|Theoretical Occ|Achieved Occ|Stall|Throughput|Issue|Eligible" "$OUT/ncu_conv.txt" | head -60 ;;
