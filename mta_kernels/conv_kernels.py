@@ -65,10 +65,11 @@ def _above_diagonal(ZERO_ABOVE, REACH, BR: tl.constexpr, BC: tl.constexpr):
 def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH,
                    CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, TRANSPOSE: tl.constexpr,
                    MASK_OUT: tl.constexpr, HALO: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                   PREC: tl.constexpr):
+                   PREC: tl.constexpr, UNROLL: tl.constexpr):
     """out (B, H, R, LC) contiguous: the conv of x (B, H, R, LC) (any strides) with
     w (H, CQ, CK), or with TRANSPOSE its adjoint (the input gradient); with MASK_OUT, out is
-    zero where col - row > ZERO_ABOVE. HALO >= max(PL, CK - 1 - PL), a power of two >= 16."""
+    zero where col - row > ZERO_ABOVE. HALO >= max(PL, CK - 1 - PL), a power of two >= 16.
+    UNROLL: the unroll factor of the loop over query offsets (1: none)."""
     i_bh = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(2) * BC
     rows = tl.program_id(1) * BR + tl.arange(0, BR)
@@ -79,7 +80,7 @@ def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH,
     SIGN: tl.constexpr = -1 if TRANSPOSE else 1
     acc = tl.zeros([BR, BC], dtype=out.dtype.element_ty)
     if not _above_diagonal(ZERO_ABOVE, REACH, BR, BC):
-        for a in range(CQ):
+        for a in tl.range(CQ, loop_unroll_factor=UNROLL):
             if TRANSPOSE:
                 src = rows + (CQ - 1 - a)
             else:

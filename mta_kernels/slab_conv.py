@@ -66,7 +66,8 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision):
         x, w.to(x.dtype).contiguous(), out, *x.stride(), H, R, LC,
         _NO_ZEROS if zero_above is None else zero_above, reach,
         CQ=cq, CK=ck, PL=pl, TRANSPOSE=transpose, MASK_OUT=mask_output and zero_above is not None,
-        HALO=_halo(ck, pl), BR=BR, BC=BC, PREC=_prec(x, precision), **options)
+        HALO=_halo(ck, pl), BR=BR, BC=BC, PREC=_prec(x, precision), UNROLL=CONV_CONFIG.get("unroll", 1),
+        **options)
     return out
 
 

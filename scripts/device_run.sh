@@ -221,6 +221,13 @@ for step in "$@"; do
              timeout 300 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
                --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | tail -25
              timeout 300 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8 ;;
+    session10f) # the slab conv loop over query offsets unrolled and/or pipelined: the tile sweep,
+             # then full MTA on the whole path with the candidates
+             timeout 150 python3 scripts/tune.py slabconv 2>&1 | tee "$OUT/tune_slabconv.log" | grep "slab conv {'BR': .., 'BC'"
+             for cfg in 64,32,4,1,1 64,32,4,2,1 64,32,4,1,6; do
+               timeout 60 python3 scripts/bench_conv_config.py $cfg -- --shapes sweep --lengths 4096 --ops full \
+                 --modes fwd,bwd --providers fused --no-plots --out "$RES" 2>&1 | grep -E "CONV_CONFIG|^\["
+             done ;;
     ncuconv) # one slab conv launch of the chunked full-MTA forward at L=4096 (the 5th), every ncu section
              timeout 300 ncu --clock-control none --set full -k regex:kq_conv_kernel --launch-skip 4 --launch-count 1 \
                python3 scripts/profile_one.py full > "$OUT/ncu_conv.txt" 2>&1; grep -E "Duration|Registers|Theoretical Occ|Achieved Occ|Stall|Throughput|Issue|Eligible" "$OUT/ncu_conv.txt" | head -60 ;;

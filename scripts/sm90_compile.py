@@ -66,9 +66,10 @@ def intercept(found):
 
 
 # candidates for scripts/tune.py slabconv: the conv (and its input gradient), the weight gradient
-SLAB_CONV_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=st)
-                     for BR, BC, w, st in [(64, 64, 4, 1), (128, 64, 8, 1), (128, 32, 4, 1), (128, 32, 8, 1),
-                                           (256, 32, 8, 1), (128, 16, 4, 1), (64, 32, 4, 1)]]
+SLAB_CONV_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=st, unroll=u)
+                     for BR, BC, w, st, u in [(64, 32, 4, 1, 1), (64, 32, 4, 2, 1), (64, 32, 4, 1, 2),
+                                              (64, 32, 4, 1, 3), (64, 32, 4, 1, 6), (64, 32, 4, 2, 2),
+                                              (64, 32, 4, 2, 6), (64, 64, 4, 1, 1), (64, 64, 4, 1, 6), (128, 32, 4, 1, 6)]]
 SLAB_WEIGHT_GRAD_CONFIGS = [dict(BR=BR, num_warps=w, num_stages=st, TILES=tiles)   # column tiles: 2 * halo
                             for BR, w, st, tiles in [(64, 4, 1, 16), (64, 4, 2, 16), (32, 4, 1, 16),
                                                      (128, 8, 1, 16), (64, 4, 1, 8), (64, 8, 1, 16)]]
