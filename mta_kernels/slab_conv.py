@@ -29,7 +29,11 @@ _NO_ZEROS = 2 ** 30
 # best (0.197 / 0.210 ms, notes/tune_slabconv_h200_c96e620.log). Toeplitz matrices built on the
 # host and loaded per tile were slower both times (0892a2f: 0.295 ms; branch
 # exp/conv-toeplitz-table, contiguous 16-byte loads: 0.266 against 0.164 ms at 64x64).
-CONV_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=1)
+# At b78801e (notes/tune_slabconv_h200_b78801e.log) unrolling the loop over query offsets
+# fully (unroll = CQ, 6 here) took the 64x32 conv to 0.129 ms (0.128 input gradient) against
+# 0.142 (0.149) rolled; unroll 2 or 3 0.18, 2 stages 0.157; on the whole path full MTA at
+# L=4096 5.62 / 18.61 ms forward / backward against 6.07 / 19.55 rolled.
+CONV_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=1, unroll="full")
 # (the weight gradient's column tiles are 2 * halo wide: 32 for the paper's convs)
 WEIGHT_GRAD_CONFIG = dict(BR=32, num_warps=4, num_stages=1, TILES=16)
 
@@ -41,6 +45,13 @@ def _blocks(R, LC, config):
     BC = min(config["BC"], max(16, _next_pow2(LC)))
     options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     return BR, BC, triton.cdiv(R, BR), triton.cdiv(LC, BC), options
+
+
+def _unroll(cq, config):
+    """The conv kernel's unroll factor for its loop over the cq query offsets: config's
+    'unroll', "full" meaning cq (default 1)."""
+    unroll = config.get("unroll", 1)
+    return cq if unroll == "full" else unroll
 
 
 def _halo(ck, pl):
@@ -66,7 +77,7 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision):
         x, w.to(x.dtype).contiguous(), out, *x.stride(), H, R, LC,
         _NO_ZEROS if zero_above is None else zero_above, reach,
         CQ=cq, CK=ck, PL=pl, TRANSPOSE=transpose, MASK_OUT=mask_output and zero_above is not None,
-        HALO=_halo(ck, pl), BR=BR, BC=BC, PREC=_prec(x, precision), UNROLL=CONV_CONFIG.get("unroll", 1),
+        HALO=_halo(ck, pl), BR=BR, BC=BC, PREC=_prec(x, precision), UNROLL=_unroll(cq, CONV_CONFIG),
         **options)
     return out
 
