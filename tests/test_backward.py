@@ -576,6 +576,16 @@ def test_slab_convs_match_reference(shape, cq, ck, pad_key, zero_above):
         assert torch.allclose(got, expected, atol=1e-12, rtol=1e-10)
 
 
+def test_slab_conv_unroll_factor():
+    """The conv kernel's loop over query offsets: "full" unrolls cq offsets up to
+    MAX_FULL_UNROLL and none beyond (wide kernels spill); a number is taken as it is."""
+    from mta_kernels.slab_conv import MAX_FULL_UNROLL, _unroll
+    assert _unroll(6, dict(unroll="full")) == 6 and _unroll(1, dict(unroll="full")) == 1
+    assert _unroll(MAX_FULL_UNROLL, dict(unroll="full")) == MAX_FULL_UNROLL
+    assert _unroll(MAX_FULL_UNROLL + 1, dict(unroll="full")) == 1
+    assert _unroll(6, dict(unroll=2)) == 2 and _unroll(6, {}) == 1
+
+
 @pytest.mark.parametrize("transpose", [False, True])
 def test_slab_conv_masked_output_and_weight_grad_rows(transpose):
     """mask_output zeroes the result above the diagonal (and nothing else); the weight gradient
