@@ -106,14 +106,15 @@ def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi,
                                ZERO_ABOVE, G_LO, G_HI, n_col_groups,
                                CQ: tl.constexpr, CK: tl.constexpr, CKP: tl.constexpr, PL: tl.constexpr,
                                HALO: tl.constexpr, BR: tl.constexpr, TILES: tl.constexpr,
-                               PREC: tl.constexpr):
+                               PREC: tl.constexpr, UNROLL: tl.constexpr):
     """partial (B * H, CQ, n_row_tiles * n_col_groups, CK), zero-filled: program
     (i_bh, a, row tile * n_col_groups + group) writes the share of dw[a, t] =
     sum g[i, j] x[i + a - (CQ-1), j + t - PL] of its rows and TILES column tiles; the host
     sums it in a fixed order. Only rows G_LO <= i < G_HI of g count, and g and x are read as
     zero where j - i > ZERO_ABOVE (tiles where g is zero are skipped). Column tiles are BC = 2 * HALO wide,
     so that a tile's input window, HALO columns on either side, is 4 * HALO (a power of two)
-    wide. CKP: CK rounded up to a power of two."""
+    wide. CKP: CK rounded up to a power of two. UNROLL: the unroll factor of the loop over
+    column tiles (1: none)."""
     BC: tl.constexpr = 2 * HALO
     KW: tl.constexpr = 2 * BC
     i_bh = tl.program_id(0).to(tl.int64)
@@ -135,7 +136,7 @@ def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi,
     end_tile = tl.minimum(tl.minimum(tl.cdiv(LC, BC), (r0 + BR - 1 + ZERO_ABOVE) // BC + 1), first_tile + TILES)
     if first_tile >= end_tile:
         return
-    for i_c in range(first_tile, end_tile):
+    for i_c in tl.range(first_tile, end_tile, loop_unroll_factor=UNROLL):
         c0 = i_c * BC
         g_t = tl.trans(_shifted(g_base, g_rows, c0 + tl.arange(0, BC), sgi, sgj, R, LC, ZERO_ABOVE))
         m += tl.dot(g_t, _shifted(x_base, src, c0 + window, sxi, sxj, R, LC, ZERO_ABOVE), input_precision=PREC)

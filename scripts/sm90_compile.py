@@ -70,9 +70,9 @@ SLAB_CONV_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=st, unroll=u)
                      for BR, BC, w, st, u in [(64, 32, 4, 1, 1), (64, 32, 4, 2, 1), (64, 32, 4, 1, 2),
                                               (64, 32, 4, 1, 3), (64, 32, 4, 1, 6), (64, 32, 4, 2, 2),
                                               (64, 32, 4, 2, 6), (64, 64, 4, 1, 1), (64, 64, 4, 1, 6), (128, 32, 4, 1, 6)]]
-SLAB_WEIGHT_GRAD_CONFIGS = [dict(BR=BR, num_warps=w, num_stages=st, TILES=tiles)   # column tiles: 2 * halo
-                            for BR, w, st, tiles in [(64, 4, 1, 16), (64, 4, 2, 16), (32, 4, 1, 16),
-                                                     (128, 8, 1, 16), (64, 4, 1, 8), (64, 8, 1, 16)]]
+SLAB_WEIGHT_GRAD_CONFIGS = [dict(BR=BR, num_warps=w, num_stages=st, TILES=tiles, unroll=u)   # column tiles: 2 * halo
+                            for BR, w, st, tiles, u in [(32, 4, 1, 16, 1), (32, 4, 1, 16, 2), (32, 4, 1, 16, 4),
+                                                        (64, 4, 1, 16, 2), (32, 4, 2, 16, 1), (32, 4, 1, 8, 1)]]
 
 
 def launch(op, D, H=16, L=256):
