@@ -231,6 +231,14 @@ for step in "$@"; do
     ncuconv) # one slab conv launch of the chunked full-MTA forward at L=4096 (the 5th), every ncu section
              timeout 300 ncu --clock-control none --set full -k regex:kq_conv_kernel --launch-skip 4 --launch-count 1 \
                python3 scripts/profile_one.py full > "$OUT/ncu_conv.txt" 2>&1; grep -E "Duration|Registers|Theoretical Occ|Achieved Occ|Stall|Throughput|Issue|Eligible" "$OUT/ncu_conv.txt" | head -60 ;;
+    ncusource) # where the slab conv and weight-gradient kernels stall, per SASS instruction (one launch
+             # each in the chunked full-MTA backward at L=4096); the report itself comes back too
+             for kernel in kq_conv_kernel kq_conv_weight_grad_kernel; do
+               timeout 200 ncu --clock-control none --set full --import-source yes -k regex:"^$kernel\$" \
+                 --launch-skip 8 --launch-count 1 -o "$OUT/$kernel" python3 scripts/profile_chunked.py > "$OUT/ncu_$kernel.log" 2>&1
+               ncu --import "$OUT/$kernel.ncu-rep" --page source --csv --print-source sass > "$OUT/${kernel}_sass.csv" 2>&1
+               head -c 1500 "$OUT/${kernel}_sass.csv"
+             done ;;
     train2) # training, SDPA baseline and fused only, three rounds (about 80 s)
              timeout 300 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8 ;;
     quickchunked) timeout 100 python3 scripts/quick_chunked.py 2>&1 | tee "$OUT/quick_chunked.log" ;;
