@@ -231,6 +231,14 @@ for step in "$@"; do
     ncuconv) # one slab conv launch of the chunked full-MTA forward at L=4096 (the 5th), every ncu section
              timeout 300 ncu --clock-control none --set full -k regex:kq_conv_kernel --launch-skip 4 --launch-count 1 \
                python3 scripts/profile_one.py full > "$OUT/ncu_conv.txt" 2>&1; grep -E "Duration|Registers|Theoretical Occ|Achieved Occ|Stall|Throughput|Issue|Eligible" "$OUT/ncu_conv.txt" | head -60 ;;
+    forwardchunks) # the chunked forward's chunk height through its budget: a causal chunk computes
+             # all keys up to its last row for every row, so about 1 / (chunks + 1) of its GEMM,
+             # mix and softmax work is on the future; smaller chunks waste less but add halo rows
+             for bytes in 268435456 536870912 1073741824 2147483648; do
+               echo "== MTA_KERNELS_CHUNK_BYTES=$bytes"
+               MTA_KERNELS_CHUNK_BYTES=$bytes timeout 100 python3 -m bench --shapes sweep --lengths 2048,4096,8192 \
+                 --ops full --modes fwd --providers fused --no-plots --out "$RES" 2>&1 | grep -E "^\[|status"
+             done ;;
     ncusource) # where the slab conv and weight-gradient kernels stall, per SASS instruction (one launch
              # each in the chunked full-MTA backward at L=4096); the report itself comes back too
              for kernel in kq_conv_kernel kq_conv_weight_grad_kernel; do
