@@ -1,21 +1,28 @@
-"""Run the benchmark with another launch configuration of the slab conv kernel, to time a
-tile choice on the whole path rather than on one slab (scripts/tune.py slabconv):
+"""Run the benchmark with other launch configurations of the slab conv kernels, to time a
+choice on the whole path rather than on one slab (scripts/tune.py slabconv):
 
-    python scripts/bench_conv_config.py BR,BC,num_warps,num_stages,unroll -- BENCH_ARGS
+    python scripts/bench_conv_config.py conv.BR=64 conv.prefetch=1 wgrad.prefetch=1 -- BENCH_ARGS
 
-The configuration is recorded in the results only through this script's printout."""
+Each conv.KEY=VALUE sets slab_conv.CONV_CONFIG[KEY] and wgrad.KEY=VALUE
+slab_conv.WEIGHT_GRAD_CONFIG[KEY] (integers, or "full"); the rest of the configuration stays
+as committed. The configuration is recorded in the results only through this script's printout."""
 import sys
 
 from mta_kernels import slab_conv
 
 
 def main():
-    spec, rest = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
-    BR, BC, warps, stages, unroll = (int(x) for x in spec.split(","))
-    slab_conv.CONV_CONFIG = dict(BR=BR, BC=BC, num_warps=warps, num_stages=stages, unroll=unroll)
-    print(f"slab_conv.CONV_CONFIG = {slab_conv.CONV_CONFIG}", flush=True)
+    split = sys.argv.index("--")
+    configs = {"conv": dict(slab_conv.CONV_CONFIG), "wgrad": dict(slab_conv.WEIGHT_GRAD_CONFIG)}
+    for setting in sys.argv[1:split]:
+        name, value = setting.split("=")
+        which, key = name.split(".")
+        configs[which][key] = value if value == "full" else int(value)
+    slab_conv.CONV_CONFIG, slab_conv.WEIGHT_GRAD_CONFIG = configs["conv"], configs["wgrad"]
+    print(f"slab_conv.CONV_CONFIG = {slab_conv.CONV_CONFIG}; WEIGHT_GRAD_CONFIG = {slab_conv.WEIGHT_GRAD_CONFIG}",
+          flush=True)
     from bench.__main__ import main as bench_main
-    bench_main(rest)
+    bench_main(sys.argv[split + 1:])
 
 
 if __name__ == "__main__":
