@@ -84,12 +84,11 @@ def _chunks(base, src, c0, si, sj, R, LC, ZERO_ABOVE, HALO: tl.constexpr, BC: tl
 def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH,
                    CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, TRANSPOSE: tl.constexpr,
                    MASK_OUT: tl.constexpr, HALO: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                   PREC: tl.constexpr, UNROLL: tl.constexpr, PREFETCH: tl.constexpr):
+                   PREC: tl.constexpr, UNROLL: tl.constexpr):
     """out (B, H, R, LC) contiguous: the conv of x (B, H, R, LC) (any strides) with
     w (H, CQ, CK), or with TRANSPOSE its adjoint (the input gradient); with MASK_OUT, out is
     zero where col - row > ZERO_ABOVE. HALO >= max(PL, CK - 1 - PL), a power of two >= 16.
-    UNROLL: the unroll factor of the loop over query offsets (1: none); PREFETCH: load each
-    offset's input one iteration ahead."""
+    UNROLL: the unroll factor of the loop over query offsets (1: none)."""
     i_bh = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(2) * BC
     rows = tl.program_id(1) * BR + tl.arange(0, BR)
@@ -99,26 +98,16 @@ def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH,
     SIGN: tl.constexpr = -1 if TRANSPOSE else 1
     acc = tl.zeros([BR, BC], dtype=out.dtype.element_ty)
     if not _above_diagonal(ZERO_ABOVE, REACH, BR, BC):
-        if PREFETCH:
-            x_left, x_main, x_right = _chunks(base, _source_rows(rows, 0, CQ, TRANSPOSE), c0, sxi, sxj, R, LC,
-                                              ZERO_ABOVE, HALO, BC)
         for a in tl.range(CQ, loop_unroll_factor=UNROLL):
-            # three column chunks of the input at rows src, starting at c0 + off for
+            # three column chunks of the input at the offset's rows, starting at c0 + off for
             # off = -HALO, 0, BC; the tap of input column c0 + off + u for output column
             # c0 + m is PL + off + u - m (conv) or PL - off - (u - m) (transpose)
-            if PREFETCH:
-                # issue the next offset's loads before this offset's products, so that
-                # their latency overlaps the tensor-core work (rows -1: nothing to load)
-                cur_left, cur_main, cur_right = x_left, x_main, x_right
-                src = tl.where(a + 1 < CQ, _source_rows(rows, a + 1, CQ, TRANSPOSE), -1)
-                x_left, x_main, x_right = _chunks(base, src, c0, sxi, sxj, R, LC, ZERO_ABOVE, HALO, BC)
-            else:
-                cur_left, cur_main, cur_right = _chunks(base, _source_rows(rows, a, CQ, TRANSPOSE), c0, sxi, sxj,
-                                                        R, LC, ZERO_ABOVE, HALO, BC)
+            x_left, x_main, x_right = _chunks(base, _source_rows(rows, a, CQ, TRANSPOSE), c0, sxi, sxj, R, LC,
+                                              ZERO_ABOVE, HALO, BC)
             w_a = w_head + a * CK
-            acc += tl.dot(cur_left, _toeplitz(w_a, PL + SIGN * -HALO, SIGN, CK, HALO, BC), input_precision=PREC)
-            acc += tl.dot(cur_main, _toeplitz(w_a, PL, SIGN, CK, BC, BC), input_precision=PREC)
-            acc += tl.dot(cur_right, _toeplitz(w_a, PL + SIGN * BC, SIGN, CK, HALO, BC), input_precision=PREC)
+            acc += tl.dot(x_left, _toeplitz(w_a, PL + SIGN * -HALO, SIGN, CK, HALO, BC), input_precision=PREC)
+            acc += tl.dot(x_main, _toeplitz(w_a, PL, SIGN, CK, BC, BC), input_precision=PREC)
+            acc += tl.dot(x_right, _toeplitz(w_a, PL + SIGN * BC, SIGN, CK, HALO, BC), input_precision=PREC)
     if MASK_OUT:
         acc = tl.where(cols[None, :] - rows[:, None] > ZERO_ABOVE, 0.0, acc)
     ok = (rows[:, None] < R) & (cols[None, :] < LC)
@@ -130,7 +119,7 @@ def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi,
                                ZERO_ABOVE, G_LO, G_HI, n_col_groups,
                                CQ: tl.constexpr, CK: tl.constexpr, CKP: tl.constexpr, PL: tl.constexpr,
                                HALO: tl.constexpr, BR: tl.constexpr, TILES: tl.constexpr,
-                               PREC: tl.constexpr, UNROLL: tl.constexpr, PREFETCH: tl.constexpr):
+                               PREC: tl.constexpr, UNROLL: tl.constexpr):
     """partial (B * H, CQ, n_row_tiles * n_col_groups, CK), zero-filled: program
     (i_bh, a, row tile * n_col_groups + group) writes the share of dw[a, t] =
     sum g[i, j] x[i + a - (CQ-1), j + t - PL] of its rows and TILES column tiles; the host
@@ -138,7 +127,7 @@ def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi,
     zero where j - i > ZERO_ABOVE (tiles where g is zero are skipped). Column tiles are BC = 2 * HALO wide,
     so that a tile's input window, HALO columns on either side, is 4 * HALO (a power of two)
     wide. CKP: CK rounded up to a power of two. UNROLL: the unroll factor of the loop over
-    column tiles (1: none); PREFETCH: load each column tile one iteration ahead."""
+    column tiles (1: none)."""
     BC: tl.constexpr = 2 * HALO
     KW: tl.constexpr = 2 * BC
     i_bh = tl.program_id(0).to(tl.int64)
@@ -160,22 +149,10 @@ def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi,
     end_tile = tl.minimum(tl.minimum(tl.cdiv(LC, BC), (r0 + BR - 1 + ZERO_ABOVE) // BC + 1), first_tile + TILES)
     if first_tile >= end_tile:
         return
-    if PREFETCH:
-        c0 = first_tile * BC
-        g_next = _shifted(g_base, g_rows, c0 + tl.arange(0, BC), sgi, sgj, R, LC, ZERO_ABOVE)
-        x_next = _shifted(x_base, src, c0 + window, sxi, sxj, R, LC, ZERO_ABOVE)
     for i_c in tl.range(first_tile, end_tile, loop_unroll_factor=UNROLL):
         c0 = i_c * BC
-        if PREFETCH:
-            # issue the next tile's loads before this tile's product (rows -1: nothing to load)
-            g_tile, x_tile = g_next, x_next
-            more = i_c + 1 < end_tile
-            g_next = _shifted(g_base, tl.where(more, g_rows, -1), c0 + BC + tl.arange(0, BC), sgi, sgj, R, LC,
-                              ZERO_ABOVE)
-            x_next = _shifted(x_base, tl.where(more, src, -1), c0 + BC + window, sxi, sxj, R, LC, ZERO_ABOVE)
-        else:
-            g_tile = _shifted(g_base, g_rows, c0 + tl.arange(0, BC), sgi, sgj, R, LC, ZERO_ABOVE)
-            x_tile = _shifted(x_base, src, c0 + window, sxi, sxj, R, LC, ZERO_ABOVE)
+        g_tile = _shifted(g_base, g_rows, c0 + tl.arange(0, BC), sgi, sgj, R, LC, ZERO_ABOVE)
+        x_tile = _shifted(x_base, src, c0 + window, sxi, sxj, R, LC, ZERO_ABOVE)
         m += tl.dot(tl.trans(g_tile), x_tile, input_precision=PREC)
     # gradient column c0 + j pairs with input column c0 + j + t - PL, that is u = j + t - PL + HALO:
     # dw[t] sums M along that diagonal (u stays inside the window for t < CK since HALO covers

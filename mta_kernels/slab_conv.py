@@ -85,7 +85,7 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision):
         _NO_ZEROS if zero_above is None else zero_above, reach,
         CQ=cq, CK=ck, PL=pl, TRANSPOSE=transpose, MASK_OUT=mask_output and zero_above is not None,
         HALO=_halo(ck, pl), BR=BR, BC=BC, PREC=_prec(x, precision), UNROLL=_unroll(cq, CONV_CONFIG),
-        PREFETCH=CONV_CONFIG.get("prefetch", False), **options)
+        **options)
     return out
 
 
@@ -124,6 +124,6 @@ def key_query_conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, w: torch.Ten
         grad, x, partial, *grad.stride(), *x.stride(), H, R, LC,
         _NO_ZEROS if zero_above is None else zero_above, g_lo, g_hi, n_groups,
         CQ=cq, CK=ck, CKP=_next_pow2(ck), PL=pl, HALO=halo, BR=BR, TILES=cfg["TILES"],
-        PREC=_prec(grad, precision), UNROLL=cfg.get("unroll", 1), PREFETCH=cfg.get("prefetch", False),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        PREC=_prec(grad, precision), UNROLL=cfg.get("unroll", 1), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return partial.view(B, H, cq, n_r * n_groups, ck).sum((0, 3))

@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -231,7 +231,7 @@ for step in "$@"; do
     ncuconv) # one slab conv launch of the chunked full-MTA forward at L=4096 (the 5th), every ncu section
              timeout 300 ncu --clock-control none --set full -k regex:kq_conv_kernel --launch-skip 4 --launch-count 1 \
                python3 scripts/profile_one.py full > "$OUT/ncu_conv.txt" 2>&1; grep -E "Duration|Registers|Theoretical Occ|Achieved Occ|Stall|Throughput|Issue|Eligible" "$OUT/ncu_conv.txt" | head -60 ;;
-    prefetch) # the slab conv kernels' loads issued one loop iteration ahead (PREFETCH): the
+    prefetch) # the slab conv kernels' loads issued one loop iteration ahead (PREFETCH, a051b41): the
              # per-slab sweep, then full MTA on the whole path with each kernel's prefetch off / on
              timeout 200 python3 scripts/tune.py slabconv 2>&1 | tee "$OUT/tune_slabconv.log" | grep "slab conv"
              for cfg in "conv.prefetch=0 wgrad.prefetch=0" "conv.prefetch=1 wgrad.prefetch=0" \
@@ -239,6 +239,20 @@ for step in "$@"; do
                timeout 90 python3 scripts/bench_conv_config.py $cfg -- --shapes sweep --lengths 2048,4096 --ops full \
                  --modes fwd,bwd --providers fused --no-plots --out "$RES" 2>&1 | grep -E "CONV_CONFIG|^\["
              done ;;
+    session11) # the weight-gradient kernel with both tile loads issued before the transpose, against
+             # branches/before (`git archive 5ad5845 | tar -x -C branches/before`); the per-slab sweep;
+             # the GPU tests of both chunked paths; the L=4096 targets; training; last, the 64x32 conv
+             # with 8 warps alone (it hit an illegal address with PREFETCH in the previous step)
+             conv_parts_ab 5ad5845
+             timeout 150 python3 scripts/tune.py slabconv 2>&1 | tee "$OUT/tune_slabconv.log" | grep "slab conv"
+             timeout 200 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rA -s \
+               -k "gradients_gpu or memory or (deterministic and full) or forward_gpu or long_sequence_runs" \
+               2>&1 | tee "$OUT/session11_tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed"
+             timeout 200 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
+               --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|status"
+             timeout 150 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8
+             timeout 60 python3 scripts/bench_conv_config.py conv.num_warps=8 -- --shapes sweep --lengths 2048 \
+               --ops pre_conv --modes fwd,bwd --providers fused --no-plots --out /tmp/warps8 2>&1 | grep -E "CONV_CONFIG|^\[|Error" ;;
     forwardchunks) # the chunked forward's chunk height through its budget: a causal chunk computes
              # all keys up to its last row for every row, so about 1 / (chunks + 1) of its GEMM,
              # mix and softmax work is on the future; smaller chunks waste less but add halo rows

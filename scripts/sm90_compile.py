@@ -66,16 +66,12 @@ def intercept(found):
 
 
 # candidates for scripts/tune.py slabconv: the conv (and its input gradient), the weight gradient
-SLAB_CONV_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=st, unroll=u, prefetch=p)
-                     for BR, BC, w, st, u, p in [(64, 32, 4, 1, 6, False), (64, 32, 4, 1, 6, True),
-                                                 (64, 32, 4, 1, 1, True), (64, 32, 4, 1, 2, True),
-                                                 (64, 64, 4, 1, 6, True), (128, 32, 4, 1, 6, True),
-                                                 (32, 32, 4, 1, 6, True), (64, 32, 8, 1, 6, True)]]
-SLAB_WEIGHT_GRAD_CONFIGS = [dict(BR=BR, num_warps=w, num_stages=st, TILES=tiles, unroll=u, prefetch=p)
-                            for BR, w, st, tiles, u, p in [(32, 4, 1, 16, 1, False), (32, 4, 1, 16, 1, True),
-                                                           (32, 4, 1, 16, 2, True), (64, 4, 1, 16, 1, True),
-                                                           (16, 4, 1, 16, 1, True), (32, 8, 1, 16, 1, True),
-                                                           (64, 8, 1, 16, 1, True), (32, 4, 1, 32, 1, True)]]
+SLAB_CONV_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=st, unroll=u)
+                     for BR, BC, w, st, u in [(64, 32, 4, 1, 6), (64, 32, 4, 1, 1), (64, 64, 4, 1, 6)]]
+SLAB_WEIGHT_GRAD_CONFIGS = [dict(BR=BR, num_warps=w, num_stages=st, TILES=tiles, unroll=u)   # column tiles: 2 * halo
+                            for BR, w, st, tiles, u in [(32, 4, 1, 16, 1), (32, 4, 1, 16, 2), (32, 4, 1, 16, 4),
+                                                        (16, 4, 1, 16, 1), (64, 4, 1, 16, 1), (32, 8, 1, 16, 1),
+                                                        (32, 4, 2, 16, 1), (32, 4, 1, 32, 1)]]
 
 
 def launch(op, D, H=16, L=256):

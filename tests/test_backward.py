@@ -547,17 +547,13 @@ def test_long_sequence_fwd_bwd_memory():
                                                     ((1, 2, 5, 9), 2, 4, "left"), ((1, 1, 33, 40), 4, 3, "right"),
                                                     ((1, 2, 20, 200), 6, 11, "both"), ((1, 1, 9, 200), 3, 4, "left"),
                                                     ((1, 1, 20, 90), 2, 35, "both"), ((1, 1, 17, 80), 3, 20, "left")])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_slab_convs_match_reference(shape, cq, ck, pad_key, zero_above, prefetch, monkeypatch):
+def test_slab_convs_match_reference(shape, cq, ck, pad_key, zero_above):
     """The Triton slab convs of the chunked backward against the reference's conv2d versions:
     the conv, its input gradient and its weight gradient (fp64, non-contiguous input; kernels
     wider than 33 taps need 32-column halos). With zero_above, the kernels get inputs that are
     *not* zero above that diagonal and must read them as zero (the reference gets them zeroed):
-    the weight gradient both of its inputs. With and without the kernels' loads issued one
-    loop iteration ahead."""
+    the weight gradient both of its inputs."""
     from mta_kernels import slab_conv
-    monkeypatch.setattr(slab_conv, "CONV_CONFIG", dict(slab_conv.CONV_CONFIG, prefetch=prefetch))
-    monkeypatch.setattr(slab_conv, "WEIGHT_GRAD_CONFIG", dict(slab_conv.WEIGHT_GRAD_CONFIG, prefetch=prefetch))
     from mta_reference import backward as ref_bwd
     from mta_reference.mta import key_query_conv
 
