@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -253,6 +253,18 @@ for step in "$@"; do
              timeout 150 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8
              timeout 60 python3 scripts/bench_conv_config.py conv.num_warps=8 -- --shapes sweep --lengths 2048 \
                --ops pre_conv --modes fwd,bwd --providers fused --no-plots --out /tmp/warps8 2>&1 | grep -E "CONV_CONFIG|^\[|Error" ;;
+    session11b) # the profile of both chunked paths at this commit; plain attention fwd+bwd against SDPA three
+             # times (one run gave 0.96 ms [0.82, 1.05]); the weight-gradient kernel at 64 rows or 32
+             # tiles per program on the whole path (0.164 against 0.167 ms per slab)
+             timeout 200 python3 scripts/profile_chunked.py 2>&1 | tee "$OUT/chunked.log" | grep -E "ms$"
+             for i in 1 2 3; do
+               timeout 60 python3 -m bench --shapes sweep --lengths 4096 --ops none --modes fwd,bwd,fwd+bwd \
+                 --providers fused,sdpa --no-plots --out "$RES" 2>&1 | grep -E "^\["
+             done
+             for cfg in "wgrad.BR=32" "wgrad.BR=64" "wgrad.TILES=32"; do
+               timeout 60 python3 scripts/bench_conv_config.py $cfg -- --shapes sweep --lengths 2048,4096 --ops full \
+                 --modes bwd --providers fused --no-plots --out "$RES" 2>&1 | grep -E "CONV_CONFIG|^\["
+             done ;;
     forwardchunks) # the chunked forward's chunk height through its budget: a causal chunk computes
              # all keys up to its last row for every row, so about 1 / (chunks + 1) of its GEMM,
              # mix and softmax work is on the future; smaller chunks waste less but add halo rows
