@@ -43,8 +43,16 @@ def _blocks(R, LC, config):
     plane, and the launch options."""
     BR = min(config["BR"], max(16, _next_pow2(R)))
     BC = min(config["BC"], max(16, _next_pow2(LC)))
+    return BR, BC, triton.cdiv(R, BR), triton.cdiv(LC, BC), _launch_options(config)
+
+
+def _launch_options(config):
+    """Triton's launch options in a config: warps, stages and, if given, a register cap
+    (maxnreg: more programs per SM, or spills)."""
     options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
-    return BR, BC, triton.cdiv(R, BR), triton.cdiv(LC, BC), options
+    if config.get("maxnreg"):
+        options["maxnreg"] = config["maxnreg"]
+    return options
 
 
 # "full" unrolls the conv kernel's loop over query offsets up to this many: compiled for
@@ -124,6 +132,5 @@ def key_query_conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, w: torch.Ten
         grad, x, partial, *grad.stride(), *x.stride(), H, R, LC,
         _NO_ZEROS if zero_above is None else zero_above, g_lo, g_hi, n_groups,
         CQ=cq, CK=ck, CKP=_next_pow2(ck), PL=pl, HALO=halo, BR=BR, TILES=cfg["TILES"],
-        PREC=_prec(grad, precision), UNROLL=cfg.get("unroll", 1), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        PREC=_prec(grad, precision), UNROLL=cfg.get("unroll", 1), **_launch_options(cfg))
     return partial.view(B, H, cq, n_r * n_groups, ck).sum((0, 3))

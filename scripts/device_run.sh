@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -264,6 +264,13 @@ for step in "$@"; do
              for cfg in "wgrad.BR=32" "wgrad.BR=64" "wgrad.TILES=32"; do
                timeout 60 python3 scripts/bench_conv_config.py $cfg -- --shapes sweep --lengths 2048,4096 --ops full \
                  --modes bwd --providers fused --no-plots --out "$RES" 2>&1 | grep -E "CONV_CONFIG|^\["
+             done ;;
+    maxnreg) # the slab conv kernels with a register cap (more programs per SM; small spills): the per-slab
+             # sweep, then full MTA on the whole path with the conv capped at 96 and 80 registers
+             timeout 150 python3 scripts/tune.py slabconv 2>&1 | tee "$OUT/tune_slabconv.log" | grep "slab conv"
+             for cfg in "conv.BR=64" "conv.maxnreg=96" "conv.maxnreg=80"; do
+               timeout 60 python3 scripts/bench_conv_config.py $cfg -- --shapes sweep --lengths 2048,4096 --ops full \
+                 --modes fwd,bwd --providers fused --no-plots --out "$RES" 2>&1 | grep -E "CONV_CONFIG|^\["
              done ;;
     forwardchunks) # the chunked forward's chunk height through its budget: a causal chunk computes
              # all keys up to its last row for every row, so about 1 / (chunks + 1) of its GEMM,

@@ -66,12 +66,12 @@ def intercept(found):
 
 
 # candidates for scripts/tune.py slabconv: the conv (and its input gradient), the weight gradient
-SLAB_CONV_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=st, unroll=u)
-                     for BR, BC, w, st, u in [(64, 32, 4, 1, 6), (64, 32, 4, 1, 1), (64, 64, 4, 1, 6)]]
-SLAB_WEIGHT_GRAD_CONFIGS = [dict(BR=BR, num_warps=w, num_stages=st, TILES=tiles, unroll=u)   # column tiles: 2 * halo
-                            for BR, w, st, tiles, u in [(32, 4, 1, 16, 1), (32, 4, 1, 16, 2), (32, 4, 1, 16, 4),
-                                                        (16, 4, 1, 16, 1), (64, 4, 1, 16, 1), (32, 8, 1, 16, 1),
-                                                        (32, 4, 2, 16, 1), (32, 4, 1, 32, 1)]]
+SLAB_CONV_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=1, unroll=u, maxnreg=r)
+                     for BR, BC, w, u, r in [(64, 32, 4, 6, None), (64, 32, 4, 6, 96), (64, 32, 4, 6, 80),
+                                             (64, 32, 4, 6, 64), (64, 32, 4, 1, 64), (64, 32, 2, 6, None),
+                                             (32, 32, 4, 6, None), (64, 64, 4, 6, 128)]]
+SLAB_WEIGHT_GRAD_CONFIGS = [dict(BR=BR, num_warps=w, num_stages=1, TILES=16, maxnreg=r)   # column tiles: 2 * halo
+                            for BR, w, r in [(32, 4, None), (32, 4, 96), (64, 4, None), (64, 4, 128), (64, 4, 96)]]
 
 
 def launch(op, D, H=16, L=256):
