@@ -6,6 +6,12 @@ subtraction, an exp, a sum and a division, each a pass over the slab (2.5 of the
 full MTA's forward at L=4096 on the H200). Here one program per row reads the row's
 unmasked part twice (online max and sum, then the normalised values) and writes it once,
 zero on the future, and can return the row's log-sum-exp.
+
+With head mixing before the softmax, mix_softmax_rows does both in one kernel: a program
+holds one row of every head of a mixing group and mixes each block of keys as it reads it
+(a [heads, heads] x [heads, keys] tl.dot), so the mixed logits never go to memory (a
+batched matmul over the slab wrote and re-read them: about 0.18 ms per 1365-row chunk at
+L=4096 on the H200).
 """
 import torch
 import triton
@@ -59,3 +65,75 @@ def softmax_rows_(x: torch.Tensor, zero_above=None, want_lse=False):
         x, lse if want_lse else x, *x.stride(), H, R, K, _NO_ZEROS if zero_above is None else zero_above,
         WRITE_LSE=want_lse, BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return x, lse
+
+
+@triton.jit
+def _mixed_block(src, w_g, cols, end, head_ok, sj, PREC: tl.constexpr):
+    """[CHP, BLOCK] mixed logits sum_c w_g[o, c] x[c, cols] of one row, -inf at cols >= end."""
+    x = tl.load(src + cols[None, :] * sj, mask=head_ok[:, None] & (cols[None, :] < end), other=0.0)
+    m = tl.dot(w_g, x, input_precision=PREC)
+    return tl.where(cols[None, :] < end, m, float("-inf"))
+
+
+@triton.jit
+def mix_softmax_rows_kernel(x, w, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, soj, H, R, K, ZERO_ABOVE,
+                            CH: tl.constexpr, CHP: tl.constexpr, WRITE_LSE: tl.constexpr,
+                            BLOCK: tl.constexpr, PREC: tl.constexpr):
+    """out (B, H, R, K) = softmax over keys of the head mix of x (B, H, R, K) with w (G, CH, CH)
+    (out[o] = sum_c w[g, o, c] x[c] within group g), entries with col - row > ZERO_ABOVE taken
+    as -inf and written as zero; out may be x (each program reads a block of its rows before
+    it writes it). With WRITE_LSE, lse (B, H, R) contiguous gets each row's log-sum-exp.
+    One program per (batch, group, row); CHP: CH rounded up to a power of two >= 16."""
+    n = tl.program_id(0)
+    G = H // CH
+    bg, i = n // R, n % R
+    b, g = bg // G, bg % G
+    hh = tl.arange(0, CHP)
+    head_ok = hh < CH
+    heads = g * CH + hh
+    src = x + b.to(tl.int64) * sxb + heads[:, None].to(tl.int64) * sxh + i.to(tl.int64) * sxi
+    dst = out + b.to(tl.int64) * sob + heads[:, None].to(tl.int64) * soh + i.to(tl.int64) * soi
+    w_ok = head_ok[:, None] & head_ok[None, :]
+    w_g = tl.load(w + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0).to(x.dtype.element_ty)
+    end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
+    cols = tl.arange(0, BLOCK)
+    # online max and sum per head over the unmasked columns (padding heads mix to zeros)
+    m = _mixed_block(src, w_g, cols, end, head_ok, sxj, PREC)
+    row_max = tl.max(m, axis=1)
+    row_sum = tl.sum(tl.exp(m - row_max[:, None]), axis=1)
+    for c0 in range(BLOCK, end, BLOCK):
+        m = _mixed_block(src, w_g, c0 + cols, end, head_ok, sxj, PREC)
+        new_max = tl.maximum(row_max, tl.max(m, axis=1))
+        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(m - new_max[:, None]), axis=1)
+        row_max = new_max
+    inv_sum = 1.0 / row_sum
+    for c0 in range(0, K, BLOCK):
+        m = _mixed_block(src, w_g, c0 + cols, end, head_ok, sxj, PREC)
+        p = tl.exp(m - row_max[:, None]) * inv_sum[:, None]
+        tl.store(dst + (c0 + cols)[None, :] * soj, p, mask=head_ok[:, None] & (c0 + cols[None, :] < K))
+    if WRITE_LSE:
+        tl.store(lse + (b * H + heads).to(tl.int64) * R + i, row_max + tl.log(row_sum), mask=head_ok)
+
+
+def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse=False, precision="ieee",
+                     out=None):
+    """softmax(mix_slab(x, w)) over the last dim: x (B, H, R, K), w (G, ch, ch) with H = G * ch,
+    entries where col - row > zero_above taken as -inf and written as zero (None: no mask).
+    Written to ``out`` (B, H, R, K), which may be x itself (in place), or a new tensor.
+    precision: tl.dot's for the mix of fp32 slabs ("tf32" or "ieee"; fp64 is exact).
+    Returns (out, lse (B, H, R) in x's dtype or None)."""
+    B, H, R, K = x.shape
+    G, ch, _ = w.shape
+    if zero_above is not None and zero_above < 0:
+        raise ValueError(f"zero_above must be >= 0 (every row keeps its first key), got {zero_above}")
+    out = torch.empty_like(x) if out is None else out
+    lse = torch.empty(B, H, R, device=x.device, dtype=x.dtype) if want_lse else None
+    if x.numel() == 0:
+        return out, lse
+    chp = max(16, _next_pow2(ch))
+    block = min(max(16, 8192 // chp), max(16, _next_pow2(K)))
+    mix_softmax_rows_kernel[(B * G * R,)](
+        x, w.to(x.dtype).contiguous(), out, lse if want_lse else x, *x.stride(), *out.stride(), H, R, K,
+        _NO_ZEROS if zero_above is None else zero_above, CH=ch, CHP=chp, WRITE_LSE=want_lse, BLOCK=block,
+        PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=8)
+    return out, lse

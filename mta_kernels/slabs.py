@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .slab_conv import CONV_CONFIG, key_query_conv
-from .slab_softmax import softmax_rows_
+from .slab_softmax import mix_softmax_rows, softmax_rows_
 
 
 def _chunk_bytes_from_env(default=1 << 30):
@@ -136,7 +136,8 @@ class SlabForward(NamedTuple):
 def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, keep) -> SlabForward:
     """mta_reference.forward_intermediates on rows [lo, hi) of slab_inputs' tensors (one batch
     element) and keys [0, slab_keys(hi, L, causal)) (keys from hi on are in every row's future),
-    with the slab conv kernels, batched-matmul mixes and the in-place slab softmax. Rows above
+    with the slab conv kernels, the pre mix and the softmax as one kernel (the softmax alone,
+    in place, without a pre mix), the post mix as a batched matmul. Rows above
     lo read as zero, so rows from lo + the convs' row halos on are exact. Leaner than the
     reference: no masking pass, since the conv kernels read the causal future as zero (and
     zero it in the post conv's output) and the softmax kernel takes it as -inf. keep=False
@@ -150,12 +151,16 @@ def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, kee
     s0 = torch.matmul(qc[:, :, lo:hi], kc[:, :, :keys].transpose(-1, -2))
     c = conv(s0, pre_conv) if pre_conv is not None else s0
     s0 = s0 if keep and pre_conv is not None else None
-    m = mix_slab(c, pre_mix) if pre_mix is not None else c
-    c = c if keep and pre_mix is not None else None
-    # in place: m is a new tensor, or c (or s0) when no mix (or conv) follows them, and then
-    # nothing reads those again
-    probs, lse = softmax_rows_(m, zero_above, want_lse=not keep)
-    del m
+    if pre_mix is not None:
+        # mixed and normalised in one kernel: over c itself unless the backward keeps it
+        mix_precision = precision if TF32_MATMULS else "ieee"
+        probs, lse = mix_softmax_rows(c, pre_mix, zero_above, want_lse=not keep, precision=mix_precision,
+                                      out=None if keep else c)
+        c = c if keep else None
+    else:
+        # in place: c (or s0 when no conv made c), which nothing reads again
+        probs, lse = softmax_rows_(c, zero_above, want_lse=not keep)
+        c = None
     a1 = conv(probs, post_conv, mask_output=True) if post_conv is not None else probs
     probs = probs if keep else None
     a = mix_slab(a1, post_mix) if post_mix is not None else a1

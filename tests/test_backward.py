@@ -86,13 +86,16 @@ def _peak_cpu_bytes(fn):
 def test_chunked_paths_keep_at_most_their_live_slabs(causal, monkeypatch):
     """At most LIVE_TENSORS slabs (rows plus halos by keys, fp32) are alive at once in the
     chunked backward and forward, which the chunk height's budget relies on. The slab conv
-    kernels are replaced by allocations of their outputs and the in-place softmax by its lse
-    (as on the GPU; the interpreter would add copies of its arguments); everything else the
-    call allocates counts too."""
+    kernels are replaced by allocations of their outputs, the in-place softmax by its lse and
+    the fused mix-softmax by its output (in place or new, as asked) and lse (as on the GPU; the
+    interpreter would add copies of its arguments); everything else the call allocates counts
+    too."""
     from mta_kernels import chunked_backward as backward, chunked_forward as forward, slabs
     stub = lambda x, *args, **kwargs: torch.empty_like(x)
     monkeypatch.setattr(slabs, "key_query_conv", stub)
     monkeypatch.setattr(slabs, "softmax_rows_", lambda x, zero_above, want_lse: (x, x[..., 0].clone() if want_lse else None))
+    monkeypatch.setattr(slabs, "mix_softmax_rows", lambda x, w, zero_above, want_lse, precision, out: (
+        torch.empty_like(x) if out is None else out, x[..., 0].clone() if want_lse else None))
     monkeypatch.setattr(backward, "key_query_conv_input_grad", stub)
     monkeypatch.setattr(backward, "key_query_conv_weight_grad", lambda g, x, w, *a, **kw: torch.zeros(w.shape))
     H, L, rows = 2, 512, 64
@@ -151,6 +154,38 @@ def test_slab_softmax_matches_torch(shape, zero_above, dtype, device):
     assert softmax_rows_(x, zero_above)[1] is None
     with pytest.raises(ValueError, match="zero_above"):
         softmax_rows_(x, -1)
+
+
+@pytest.mark.parametrize("shape, groups", [((1, 16, 5, 1100), 1), ((2, 6, 4, 37), 3), ((1, 4, 3, 20), 1)])
+@pytest.mark.parametrize("zero_above", [None, 0, 7])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_mix_softmax_rows_matches_torch(shape, groups, zero_above, in_place, device):
+    """The fused pre-mix and softmax kernel against mix_slab then torch.softmax of the masked
+    slab (fp64): all 16 heads in one group with rows longer than one key block, three groups of
+    two heads at B=2, a strided view as input; in place or into a new tensor; the log-sum-exp;
+    masked entries exactly zero whatever the input held there. On the GPU too."""
+    from mta_kernels.slab_softmax import mix_softmax_rows
+    from mta_kernels.slabs import mix_slab
+    g = torch.Generator().manual_seed(5)
+    B, H, R, K = shape
+    big = 4 * torch.randn(B, H, R + 2, K, generator=g, dtype=torch.float64).to(device)
+    x = big[:, :, 1:1 + R]
+    w = torch.randn(groups, H // groups, H // groups, generator=g, dtype=torch.float64).to(device)
+    rows, cols = torch.arange(R, device=device)[:, None], torch.arange(K, device=device)[None, :]
+    mixed = mix_slab(x, w)
+    masked = mixed if zero_above is None else mixed.masked_fill(cols - rows > zero_above, float("-inf"))
+    expected, expected_lse = torch.softmax(masked, -1), torch.logsumexp(masked, -1)
+    before = big.clone()
+    y, lse = mix_softmax_rows(x, w, zero_above, want_lse=True, out=x if in_place else None)
+    assert (y.data_ptr() == x.data_ptr()) == in_place
+    assert torch.allclose(y, expected, atol=1e-12, rtol=1e-10)
+    assert torch.allclose(lse, expected_lse, atol=1e-12, rtol=1e-10)
+    if zero_above is not None:
+        assert (y.masked_select(cols - rows > zero_above) == 0).all()
+    # nothing outside the view is written (nothing at all into a new tensor)
+    assert torch.equal(big[:, :, [0, R + 1]], before[:, :, [0, R + 1]])
+    assert in_place or torch.equal(big, before)
+    assert mix_softmax_rows(x, w, zero_above)[1] is None
 
 
 def test_slab_mixing_matches_reference():
