@@ -67,6 +67,10 @@ def softmax_rows_(x: torch.Tensor, zero_above=None, want_lse=False):
     return x, lse
 
 
+# mix_softmax_rows' key block holds about this many elements (heads x keys), and its warps
+MIX_SOFTMAX_CONFIG = dict(elements=8192, num_warps=8)
+
+
 @triton.jit
 def _mixed_block(src, w_g, cols, end, head_ok, sj, PREC: tl.constexpr):
     """[CHP, BLOCK] mixed logits sum_c w_g[o, c] x[c, cols] of one row, -inf at cols >= end."""
@@ -131,9 +135,9 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
     if x.numel() == 0:
         return out, lse
     chp = max(16, _next_pow2(ch))
-    block = min(max(16, 8192 // chp), max(16, _next_pow2(K)))
+    block = min(max(16, MIX_SOFTMAX_CONFIG["elements"] // chp), max(16, _next_pow2(K)))
     mix_softmax_rows_kernel[(B * G * R,)](
         x, w.to(x.dtype).contiguous(), out, lse if want_lse else x, *x.stride(), *out.stride(), H, R, K,
         _NO_ZEROS if zero_above is None else zero_above, CH=ch, CHP=chp, WRITE_LSE=want_lse, BLOCK=block,
-        PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=8)
+        PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=MIX_SOFTMAX_CONFIG["num_warps"])
     return out, lse

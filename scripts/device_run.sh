@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -281,6 +281,13 @@ for step in "$@"; do
                2>&1 | tee "$OUT/session11c_tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed"
              timeout 100 python3 -m bench --shapes sweep --lengths 4096 --ops full --modes fwd,fwd+bwd \
                --providers fused,sdpa --no-plots --out "$RES" 2>&1 | grep -E "^\[|status" ;;
+    session11d) # the fused mix-softmax kernel's block and warps; the weight-gradient kernel at 64 rows with a
+             # 96-register cap on the whole path (0.154 against 0.165 ms per slab)
+             timeout 100 python3 scripts/tune.py mixsoftmax 2>&1 | tee "$OUT/tune_mixsoftmax.log" | grep "mix softmax"
+             for cfg in "wgrad.BR=32" "wgrad.BR=64 wgrad.maxnreg=96"; do
+               timeout 60 python3 scripts/bench_conv_config.py $cfg -- --shapes sweep --lengths 2048,4096 --ops full \
+                 --modes bwd --providers fused --no-plots --out "$RES" 2>&1 | grep -E "CONV_CONFIG|^\["
+             done ;;
     forwardchunks) # the chunked forward's chunk height through its budget: a causal chunk computes
              # all keys up to its last row for every row, so about 1 / (chunks + 1) of its GEMM,
              # mix and softmax work is on the future; smaller chunks waste less but add halo rows

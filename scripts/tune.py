@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [mixbwdsplits]   (all without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [mixbwdsplits] [mixsoftmax]   (all without arguments)"""
 import sys
 
 import torch
@@ -55,6 +55,22 @@ if "slabconv" in which:
     for cfg in SLAB_WEIGHT_GRAD_CONFIGS:
         slab_conv.WEIGHT_GRAD_CONFIG = cfg
         time_calls(cfg, ["weight_grad"])
+if "mixsoftmax" in which:
+    # the pre mix and softmax of one middle chunk of the chunked forward (rows 1365..2730 of L=4096,
+    # keys up to 2736), fused against the batched-matmul mix then the slab softmax
+    from mta_kernels import slab_softmax
+    from mta_kernels.slabs import mix_slab
+    rows, lo = 1365, 1365
+    x = torch.randn(B, H, rows, 2736, device="cuda")
+    w = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
+    t = triton.testing.do_bench(lambda: slab_softmax.softmax_rows_(mix_slab(x, w), lo, want_lse=True), return_mode="median")
+    print(f"mix softmax: batched matmul + slab softmax {t:.3f} ms", flush=True)
+    for elements, warps in [(8192, 8), (4096, 4), (4096, 8), (16384, 8), (2048, 4)]:
+        slab_softmax.MIX_SOFTMAX_CONFIG = dict(elements=elements, num_warps=warps)
+        y = x.clone()
+        t = triton.testing.do_bench(lambda: slab_softmax.mix_softmax_rows(y, w, lo, want_lse=True, precision="tf32", out=y),
+                                    return_mode="median")
+        print(f"mix softmax {slab_softmax.MIX_SOFTMAX_CONFIG}: {t:.3f} ms", flush=True)
 for cfg in [] if "flash" not in which else [dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3),
             dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=3),
             dict(BM=128, BN=64, num_warps=8, num_stages=2), dict(BM=128, BN=32, num_warps=4, num_stages=4)]:
