@@ -35,7 +35,11 @@ _NO_ZEROS = 2 ** 30
 # L=4096 5.62 / 18.61 ms forward / backward against 6.07 / 19.55 rolled.
 CONV_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=1, unroll="full")
 # (the weight gradient's column tiles are 2 * halo wide: 32 for the paper's convs)
-WEIGHT_GRAD_CONFIG = dict(BR=32, num_warps=4, num_stages=1, TILES=16)
+# At 2e57d89 (notes/tune_slabconv_h200_maxnreg_2e57d89.log) the weight gradient took 0.154 ms
+# at 64 rows capped at 96 registers against 0.165 at 32 rows (the conv itself gained nothing
+# from a cap: 0.131 at 96, 0.149 at 80, against 0.129); on the whole path at be43e22, full
+# MTA's backward 17.22 against 17.49 ms at L=4096 (4.96 against 5.03 at L=2048), one call.
+WEIGHT_GRAD_CONFIG = dict(BR=64, num_warps=4, num_stages=1, TILES=16, maxnreg=96)
 
 
 def _blocks(R, LC, config):

@@ -67,8 +67,11 @@ def softmax_rows_(x: torch.Tensor, zero_above=None, want_lse=False):
     return x, lse
 
 
-# mix_softmax_rows' key block holds about this many elements (heads x keys), and its warps
-MIX_SOFTMAX_CONFIG = dict(elements=8192, num_warps=8)
+# mix_softmax_rows' key block holds about this many elements (heads x keys), and its warps.
+# H200, one 1365-row chunk of 16 heads by 2736 keys (scripts/tune.py mixsoftmax,
+# notes/tune_mixsoftmax_h200_be43e22.log): 2048 / 4 warps 0.213 ms, 4096 / 4 0.226,
+# 8192 / 8 0.303, 16384 / 8 0.340; the batched-matmul mix and slab softmax 0.384.
+MIX_SOFTMAX_CONFIG = dict(elements=2048, num_warps=4)
 
 
 @triton.jit
