@@ -1,10 +1,10 @@
 """Run the benchmark with other launch configurations of the slab conv kernels, to time a
 choice on the whole path rather than on one slab (scripts/tune.py slabconv):
 
-    python scripts/bench_conv_config.py conv.BR=64 conv.prefetch=1 wgrad.prefetch=1 -- BENCH_ARGS
+    python scripts/bench_conv_config.py conv.BR=32 wgrad.BR=32 wgrad.maxnreg=0 -- BENCH_ARGS
 
 Each conv.KEY=VALUE sets slab_conv.CONV_CONFIG[KEY] and wgrad.KEY=VALUE
-slab_conv.WEIGHT_GRAD_CONFIG[KEY] (integers, or "full"); the rest of the configuration stays
+slab_conv.WEIGHT_GRAD_CONFIG[KEY] (integers, or "full"; maxnreg=0: no cap); the rest stays
 as committed. The configuration is recorded in the results only through this script's printout."""
 import sys
 
