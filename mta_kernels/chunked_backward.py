@@ -12,7 +12,8 @@ rows [lo, hi) of every (B, H, L, L) tensor. For the output rows [r0, r1) of a ch
 
 The convs and their gradients on the slabs are the Triton tensor-core kernels of
 conv_kernels.py (PyTorch's depthwise conv kernels were 80% of this backward's time on the
-H200), the head mixes batched matmuls, and for 16-bit inputs the matmuls run in TF32. Each
+H200), each head mix's backward with its weight gradient one kernel of slab_mix_backward.py
+(the pre mix's with the softmax's backward), and for 16-bit inputs the matmuls run in TF32. Each
 chunk adds its rows' share to dq, dk, dv and the weight gradients, so the sums run over the
 chunks in a fixed order, and nothing uses atomics: the result is deterministic.
 """
@@ -20,8 +21,8 @@ import torch
 
 from .forward import _precision
 from .slab_conv import key_query_conv_input_grad, key_query_conv_weight_grad
-from .slabs import (_matmul_precision, conv_halos, mix_slab, mix_slab_weight_grad, rows_per_chunk, slab_forward,
-                    slab_inputs)
+from .slab_mix_backward import mix_backward_rows
+from .slabs import _matmul_precision, conv_halos, mix_precision, rows_per_chunk, slab_forward, slab_inputs
 
 # (1, H, rows, L) slabs alive at once in a chunk (the chunk height's divisor): the chain frees
 # each slab after its last use, so at most five (the forward's s0, c, probs, a1, a; then
@@ -106,6 +107,7 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         # (j > lo + i); the conv kernels read them so (no masking pass) and skip the tiles there
         zero_above = lo if causal else None
         slab = dict(zero_above=zero_above, precision=prec)
+        mix = dict(zero_above=zero_above, precision=mix_precision(prec))
         s0, c, probs, a1, a, _ = slab_forward(qc, kc, vc, (pre_conv, pre_mix, post_conv, post_mix), lo, hi,
                                               causal=causal, pad_key=pad_key, precision=prec, keep=True)
         # causal: keys from hi on are in the future of every row of the slab, zero in every
@@ -122,11 +124,14 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         if not need_da:
             continue
         da = torch.matmul(do_slab, vc[:, :, :ke].transpose(-1, -2))
-        if post_mix is not None and need_w[3]:
-            dw[3] += mix_slab_weight_grad(da[:, :, mine], a1[:, :, mine], post_mix.shape[0])
-        a1 = None
         if post_mix is not None:
-            da = mix_slab(da, post_mix.transpose(-1, -2))
+            # the post mix's adjoint (in place) and weight gradient in one kernel; da counts as
+            # zero in the causal future, where a1 is zero and what follows reads it as zero
+            da, dw_post = mix_backward_rows(da, post_mix, x=a1 if need_w[3] else None, rows=(mine.start, mine.stop),
+                                            out=da, **mix)
+            if need_w[3]:
+                dw[3] += dw_post
+        a1 = None
         if need_w[2]:
             dw[2] += key_query_conv_weight_grad(da, probs, post_conv, pad_key, rows=(mine.start, mine.stop), **slab)
         if not need_dz:
@@ -135,16 +140,16 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         if post_conv is not None:
             dp = key_query_conv_input_grad(da, post_conv, pad_key, mask_output=True, **slab)
         da = None
-        # dz = P * (dP - Delta) with Delta = rowsum(P * dP): softmax's backward, one fused kernel
-        dz = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
-        dp = probs = None
-        if pre_mix is not None and need_w[1]:
-            dw[1] += mix_slab_weight_grad(dz[:, :, mine], c[:, :, mine], pre_mix.shape[0])
-        c = None
-        dc = dz
-        if pre_mix is not None and need_dc:
-            dc = mix_slab(dz, pre_mix.transpose(-1, -2))
-        dz = None
+        # dz = P * (dP - Delta) with Delta = rowsum(P * dP): softmax's backward; with a pre mix
+        # in one kernel with the mix's adjoint (in place) and weight gradient
+        if pre_mix is not None:
+            dc, dw_pre = mix_backward_rows(dp, pre_mix, x=c if need_w[1] else None, probs=probs,
+                                           rows=(mine.start, mine.stop), out=dp, **mix)
+            if need_w[1]:
+                dw[1] += dw_pre
+        else:
+            dc = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
+        dp = probs = c = None
         if need_w[0]:
             dw[0] += key_query_conv_weight_grad(dc, s0, pre_conv, pad_key, rows=(mine.start, mine.stop), **slab)
         s0 = None

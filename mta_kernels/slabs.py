@@ -58,6 +58,12 @@ def _matmul_precision(q):
         matmul.fp32_precision = old
 
 
+def mix_precision(precision):
+    """tl.dot precision of the fused mix kernels: the slab kernels' (tf32 beside 16-bit
+    inputs), but exact fp32 when TF32_MATMULS is off, as for the batched-matmul mixes."""
+    return precision if TF32_MATMULS else "ieee"
+
+
 def mix_slab(x, w):
     """``mta_reference.mix_heads`` as one batched matmul over (batch, group): x (B, H, R, L),
     w (G, ch, ch). The reference's einsum copies x into another layout when B > 1, and in
@@ -65,15 +71,6 @@ def mix_slab(x, w):
     B, H, R, L = x.shape
     G, ch, _ = w.shape
     return torch.matmul(w.to(x.dtype), x.reshape(B, G, ch, R * L)).view(B, H, R, L)
-
-
-def mix_slab_weight_grad(grad, x, groups):
-    """Gradient of ``mix_slab(x, w)`` with respect to w (G, ch, ch) for G = ``groups``, summed
-    over the batch: grad, x (B, H, R, L). (The gradient for x is ``mix_slab(grad, w^T)``.)"""
-    B, H, R, L = x.shape
-    ch = H // groups
-    g = grad.reshape(B, groups, ch, R * L)
-    return torch.matmul(g, x.reshape(B, groups, ch, R * L).transpose(-1, -2)).sum(0)
 
 
 # A slab (a chunk's rows and its halos) is never shorter than one row tile of the slab conv
@@ -153,8 +150,7 @@ def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, kee
     s0 = s0 if keep and pre_conv is not None else None
     if pre_mix is not None:
         # mixed and normalised in one kernel: over c itself unless the backward keeps it
-        mix_precision = precision if TF32_MATMULS else "ieee"
-        probs, lse = mix_softmax_rows(c, pre_mix, zero_above, want_lse=not keep, precision=mix_precision,
+        probs, lse = mix_softmax_rows(c, pre_mix, zero_above, want_lse=not keep, precision=mix_precision(precision),
                                       out=None if keep else c)
         c = c if keep else None
     else:

@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -295,6 +295,14 @@ for step in "$@"; do
                2>&1 | tee "$OUT/session11e_tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed"
              timeout 120 python3 -m bench --shapes sweep --lengths 2048,4096 --ops full --modes fwd,bwd,fwd+bwd \
                --providers fused,sdpa --no-plots --out "$RES" 2>&1 | grep -E "^\[|status" ;;
+    fusedmixbwd) # branch exp/fused-mix-backward: each head mix's backward with its weight gradient as one
+             # kernel (the pre mix's with the softmax's backward), against main (`git archive main |
+             # tar -x -C branches/before`); its block sizes; the GPU tests of the backward
+             conv_parts_ab main
+             timeout 100 python3 scripts/tune.py mixbackward 2>&1 | tee "$OUT/tune_mixbackward.log" | grep "mix backward"
+             timeout 200 python3 -m pytest tests/test_backward.py -q -rA -s \
+               -k "gradients_gpu or memory or (deterministic and full) or mix_backward_rows or mix_softmax" \
+               2>&1 | tee "$OUT/fusedmixbwd_tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed" ;;
     forwardchunks) # the chunked forward's chunk height through its budget: a causal chunk computes
              # all keys up to its last row for every row, so about 1 / (chunks + 1) of its GEMM,
              # mix and softmax work is on the future; smaller chunks waste less but add halo rows

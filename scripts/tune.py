@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [mixbwdsplits] [mixsoftmax]   (all without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [mixbwdsplits] [mixsoftmax] [mixbackward]   (all without arguments)"""
 import sys
 
 import torch
@@ -18,7 +18,7 @@ t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v,
 print(f"sdpa {t_sdpa:.3f} ms", flush=True)
 expect = F.scaled_dot_product_attention(q, k, v, is_causal=True)
 which = set(sys.argv[1:]) or {"flash", "flashbwd", "mixbwd", "mix", "mixsplits", "full", "slabconv", "mixbwdsplits",
-                              "mixsoftmax"}
+                              "mixsoftmax", "mixbackward"}
 
 if "slabconv" in which:
     # one middle slab of the chunked backward at this shape: rows lo..lo+R of (B, H, R, L) fp32
@@ -72,6 +72,28 @@ if "mixsoftmax" in which:
         t = triton.testing.do_bench(lambda: slab_softmax.mix_softmax_rows(y, w, lo, want_lse=True, precision="tf32", out=y),
                                     return_mode="median")
         print(f"mix softmax {slab_softmax.MIX_SOFTMAX_CONFIG}: {t:.3f} ms", flush=True)
+if "mixbackward" in which:
+    # the pre mix's backward through the softmax, with its weight gradient, on one middle chunk of
+    # the chunked backward (rows 1365..2730 of L=4096, keys up to 2736): fused against PyTorch
+    from mta_kernels import slab_mix_backward
+    from mta_kernels.slabs import mix_slab
+    rows, lo = 1365, 1365
+    dp, probs, c = (torch.randn(B, H, rows, 2736, device="cuda") for _ in range(3))
+    w = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
+
+    def torch_path():
+        dz = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
+        dw = torch.matmul(dz.reshape(B, 1, H, -1), c.reshape(B, 1, H, -1).transpose(-1, -2)).sum(0)
+        return mix_slab(dz, w.transpose(-1, -2)), dw
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    t = triton.testing.do_bench(torch_path, return_mode="median")
+    print(f"mix backward: softmax backward + batched matmuls {t:.3f} ms", flush=True)
+    for elements, warps in [(2048, 4), (1024, 4), (4096, 4), (4096, 8), (8192, 8)]:
+        slab_mix_backward.MIX_BACKWARD_CONFIG = dict(elements=elements, num_warps=warps)
+        y = dp.clone()
+        t = triton.testing.do_bench(lambda: slab_mix_backward.mix_backward_rows(
+            y, w, x=c, probs=probs, zero_above=lo, rows=(20, rows - 20), precision="tf32", out=y), return_mode="median")
+        print(f"mix backward {slab_mix_backward.MIX_BACKWARD_CONFIG}: {t:.3f} ms", flush=True)
 for cfg in [] if "flash" not in which else [dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3),
             dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=3),
             dict(BM=128, BN=64, num_warps=8, num_stages=2), dict(BM=128, BN=32, num_warps=4, num_stages=4)]:

@@ -86,10 +86,10 @@ def _peak_cpu_bytes(fn):
 def test_chunked_paths_keep_at_most_their_live_slabs(causal, monkeypatch):
     """At most LIVE_TENSORS slabs (rows plus halos by keys, fp32) are alive at once in the
     chunked backward and forward, which the chunk height's budget relies on. The slab conv
-    kernels are replaced by allocations of their outputs, the in-place softmax by its lse and
-    the fused mix-softmax by its output (in place or new, as asked) and lse (as on the GPU; the
-    interpreter would add copies of its arguments); everything else the call allocates counts
-    too."""
+    kernels are replaced by allocations of their outputs, the in-place softmax by its lse,
+    the fused mix-softmax and mix backward by their outputs (in place or new, as asked), lse
+    and weight gradient (as on the GPU; the interpreter would add copies of its arguments);
+    everything else the call allocates counts too."""
     from mta_kernels import chunked_backward as backward, chunked_forward as forward, slabs
     stub = lambda x, *args, **kwargs: torch.empty_like(x)
     monkeypatch.setattr(slabs, "key_query_conv", stub)
@@ -98,6 +98,8 @@ def test_chunked_paths_keep_at_most_their_live_slabs(causal, monkeypatch):
         torch.empty_like(x) if out is None else out, x[..., 0].clone() if want_lse else None))
     monkeypatch.setattr(backward, "key_query_conv_input_grad", stub)
     monkeypatch.setattr(backward, "key_query_conv_weight_grad", lambda g, x, w, *a, **kw: torch.zeros(w.shape))
+    monkeypatch.setattr(backward, "mix_backward_rows", lambda grad, w, x=None, out=None, **kw: (
+        torch.empty_like(grad) if out is None else out, None if x is None else torch.zeros(w.shape)))
     H, L, rows = 2, 512, 64
     case = Case(H=H, L=L, D=4, pre_conv=(3, 5), pre_mix=2, post_conv=(4, 5), post_mix=2, causal=causal)
     q, k, v, *w = make_inputs(case, torch.float32, "cpu")
@@ -188,20 +190,53 @@ def test_mix_softmax_rows_matches_torch(shape, groups, zero_above, in_place, dev
     assert mix_softmax_rows(x, w, zero_above)[1] is None
 
 
-def test_slab_mixing_matches_reference():
-    """The chunked backward's batched-matmul head mixing and its weight gradient against the
-    reference's einsums: B=2, two groups, a row slice of a slab as input (a strided view)."""
-    from mta_kernels.slabs import mix_slab, mix_slab_weight_grad
+@pytest.mark.parametrize("shape, groups", [((1, 16, 5, 600), 1), ((2, 6, 4, 37), 3)])
+@pytest.mark.parametrize("zero_above", [None, 0, 7])
+@pytest.mark.parametrize("softmax", [False, True])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_mix_backward_rows_matches_torch(shape, groups, zero_above, softmax, in_place, device):
+    """The fused backward of a slab's head mix (with the softmax's backward before it, or
+    not) against PyTorch's softmax backward and the reference's mix_heads_backward, the
+    weight gradient over a row range (fp64): the incoming gradient counts as zero above the
+    diagonal, inputs are strided views, in place or into a new tensor. On the GPU too."""
+    from mta_kernels.slab_mix_backward import mix_backward_rows
     from mta_reference.backward import mix_heads_backward
+    g = torch.Generator().manual_seed(6)
+    B, H, R, K = shape
+    big_grad, big_x, logits = (torch.randn(B, H, R + 2, K, generator=g, dtype=torch.float64).to(device)
+                               for _ in range(3))
+    grad, x = big_grad[:, :, 1:1 + R], big_x[:, :, 1:1 + R]
+    w = torch.randn(groups, H // groups, H // groups, generator=g, dtype=torch.float64).to(device)
+    rows, cols = torch.arange(R, device=device)[:, None], torch.arange(K, device=device)[None, :]
+    future = (cols - rows > zero_above) if zero_above is not None else torch.zeros_like(cols - rows, dtype=torch.bool)
+    probs = torch.softmax(logits[:, :, :R].masked_fill(future, float("-inf")), -1) if softmax else None
+    incoming = grad.masked_fill(future, 0.0)
+    if softmax:
+        incoming = torch._softmax_backward_data(grad, probs, -1, probs.dtype)
+    mine = slice(1, R - 1)
+    expected_dx = mix_heads_backward(incoming, x, w)[0]
+    expected_dw = mix_heads_backward(incoming[:, :, mine], x[:, :, mine], w)[1]
+    before = big_grad.clone()
+    dx, dw = mix_backward_rows(grad, w, x=x, probs=probs, zero_above=zero_above, rows=(mine.start, mine.stop),
+                               out=grad if in_place else None)
+    assert (dx.data_ptr() == grad.data_ptr()) == in_place
+    assert torch.allclose(dx, expected_dx, atol=1e-12, rtol=1e-10)
+    assert torch.allclose(dw, expected_dw, atol=1e-12, rtol=1e-10)
+    assert torch.equal(big_grad[:, :, [0, R + 1]], before[:, :, [0, R + 1]])
+    assert in_place or torch.equal(big_grad, before)
+    assert mix_backward_rows(grad, w, zero_above=zero_above)[1] is None
+
+
+def test_slab_mixing_matches_reference():
+    """The row-chunked paths' batched-matmul head mixing against the reference's einsums:
+    B=2, two groups, a row slice of a slab as input (a strided view)."""
+    from mta_kernels.slabs import mix_slab
 
     g = torch.Generator().manual_seed(3)
     x_full, grad_full = (torch.randn(2, 6, 9, 11, generator=g, dtype=torch.float64) for _ in range(2))
     x, grad = x_full[:, :, 2:7], grad_full[:, :, 2:7]
     w = torch.randn(2, 3, 3, generator=g, dtype=torch.float64)
-    dx, dw = mix_heads_backward(grad, x, w)
     assert torch.allclose(mix_slab(x, w), mta_reference.mix_heads(x, w), atol=1e-12, rtol=1e-10)
-    assert torch.allclose(mix_slab(grad, w.transpose(-1, -2)), dx, atol=1e-12, rtol=1e-10)
-    assert torch.allclose(mix_slab_weight_grad(grad, x, 2), dw, atol=1e-12, rtol=1e-10)
 
 
 GRAD_CASES = [
