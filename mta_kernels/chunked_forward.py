@@ -4,8 +4,9 @@ An alternative to the general fused kernel (forward_kernels.py) for calls with c
 built from the slab pieces it shares with the chunked backward. For the output rows [r0, r1)
 of a chunk it materializes rows [lo, r1) of every (B, H, L, L) intermediate, lo = r0 - HQ -
 HP being the rows the convs read above, and keys [0, r1) when causal (later keys are in
-every row's future); the convs are the Triton tensor-core slab kernels, the mixes batched
-matmuls, the matmuls TF32 for 16-bit inputs (slabs.slab_forward). Memory: O(rows x L)
+every row's future); the convs, the mixes and the softmax are the Triton slab kernels, the
+matmuls TF32 for 16-bit inputs, except A V, which the post mix's kernel feeds in q's dtype
+(slabs.slab_forward). Memory: O(rows x L)
 within the slabs' working-set budget (MTA_KERNELS_CHUNK_BYTES), one batch element at a time.
 
 When it runs (MTA_KERNELS_CHUNKED_FORWARD): 'auto' (the default) takes it for CUDA calls
@@ -82,12 +83,15 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
         for b in range(B):
             one = slice(b, b + 1)
             qc, kc, vc = slab_inputs(q[one], k[one], v[one], scale, cd)
+            # A V in q's dtype where the post mix writes A so (16-bit inputs): v repeated to q's heads
+            v_in = v[one].repeat_interleave(H // v.shape[1], dim=1) if q.dtype != cd else vc
             for r0 in range(0, L, R):
                 r1 = min(L, r0 + R)
                 lo = max(0, r0 - HQ - HP)
                 t = slab_forward(qc, kc, vc, weights, lo, r1, causal=causal, pad_key=pad_key,
-                                 precision=prec, keep=False)
-                out[one, :, r0:r1] = torch.matmul(t.a[:, :, r0 - lo:], vc[:, :, :t.a.shape[-1]]).to(q.dtype)
+                                 precision=prec, keep=False, a_dtype=q.dtype)
+                values = v_in if t.a.dtype == v_in.dtype else vc
+                out[one, :, r0:r1] = torch.matmul(t.a[:, :, r0 - lo:], values[:, :, :t.a.shape[-1]]).to(q.dtype)
                 lse[one, :, r0:r1] = t.lse[:, :, r0 - lo:]
                 del t    # before the next slab: LIVE_TENSORS counts none from the last
     return out, lse

@@ -2,7 +2,7 @@
 through the softmax that precedes it.
 
 The row-chunked backward (chunked_backward.py) holds slabs (B, H, R, K) of one batch
-element. For the mix out[o] = sum_c w[g, o, c] x[c] (slabs.mix_slab) with incoming
+element. For the mix out[o] = sum_c w[g, o, c] x[c] (``mta_reference.mix_heads``) with incoming
 gradient g it needs
 
     dx[c] = sum_o w[g, o, c] g[o]                      the adjoint, a slab
@@ -83,7 +83,7 @@ def mix_backward_rows_kernel(grad, probs, x, w, out, dw,
 
 def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, zero_above=None, rows=None,
                       precision="ieee", out=None):
-    """Backward of mix_slab(x, w) for slabs (B, H, R, K) and w (G, ch, ch), H = G * ch, with
+    """Backward of the head mix ``mta_reference.mix_heads(x, w)`` for slabs (B, H, R, K) and w (G, ch, ch), H = G * ch, with
     incoming gradient ``grad``, or, given ``probs`` (the softmax P the mix was applied to),
     the gradient before that softmax: P * (grad - rowsum(P * grad)). The incoming gradient is
     taken as zero where col - row > zero_above (None: nowhere), as the causal slabs are.

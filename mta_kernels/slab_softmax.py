@@ -124,7 +124,7 @@ def mix_softmax_rows_kernel(x, w, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, s
 
 def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse=False, precision="ieee",
                      out=None):
-    """softmax(mix_slab(x, w)) over the last dim: x (B, H, R, K), w (G, ch, ch) with H = G * ch,
+    """softmax(mta_reference.mix_heads(x, w)) over the last dim: x (B, H, R, K), w (G, ch, ch) with H = G * ch,
     entries where col - row > zero_above taken as -inf and written as zero (None: no mask).
     Written to ``out`` (B, H, R, K), which may be x itself (in place), or a new tensor.
     precision: tl.dot's for the mix of fp32 slabs ("tf32" or "ieee"; fp64 is exact).

@@ -4,8 +4,8 @@
 A slab holds query rows [lo, hi) of one batch element's scores, probabilities and their
 gradients, (1, H, hi - lo, K) for the K keys computed. Here: the working-set budget that
 sets the chunk height (MTA_KERNELS_CHUNK_BYTES), the TF32 switch for the slabs' fp32
-matmuls (MTA_KERNELS_CHUNKED_TF32), the head mixes as batched matmuls, and the forward on a
-slab with the Triton slab conv and softmax kernels (slab_conv.py, slab_softmax.py).
+matmuls (MTA_KERNELS_CHUNKED_TF32), and the forward on a slab with the Triton slab conv,
+softmax and mix kernels (slab_conv.py, slab_softmax.py, slab_mix.py).
 """
 import contextlib
 import functools
@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .slab_conv import CONV_CONFIG, key_query_conv
+from .slab_mix import mix_rows
 from .slab_softmax import mix_softmax_rows, softmax_rows_
 
 
@@ -60,17 +61,8 @@ def _matmul_precision(q):
 
 def mix_precision(precision):
     """tl.dot precision of the fused mix kernels: the slab kernels' (tf32 beside 16-bit
-    inputs), but exact fp32 when TF32_MATMULS is off, as for the batched-matmul mixes."""
+    inputs), but exact fp32 when TF32_MATMULS is off, as for the slabs' matmuls."""
     return precision if TF32_MATMULS else "ieee"
-
-
-def mix_slab(x, w):
-    """``mta_reference.mix_heads`` as one batched matmul over (batch, group): x (B, H, R, L),
-    w (G, ch, ch). The reference's einsum copies x into another layout when B > 1, and in
-    the H200 profiles its products ran on SIMT sgemm kernels."""
-    B, H, R, L = x.shape
-    G, ch, _ = w.shape
-    return torch.matmul(w.to(x.dtype), x.reshape(B, G, ch, R * L)).view(B, H, R, L)
 
 
 # A slab (a chunk's rows and its halos) is never shorter than one row tile of the slab conv
@@ -130,11 +122,12 @@ class SlabForward(NamedTuple):
     lse: Optional[torch.Tensor]     # (1, H, hi - lo): log-sum-exp of the masked pre-softmax logits
 
 
-def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, keep) -> SlabForward:
+def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, keep, a_dtype=None) -> SlabForward:
     """mta_reference.forward_intermediates on rows [lo, hi) of slab_inputs' tensors (one batch
     element) and keys [0, slab_keys(hi, L, causal)) (keys from hi on are in every row's future),
     with the slab conv kernels, the pre mix and the softmax as one kernel (the softmax alone,
-    in place, without a pre mix), the post mix as a batched matmul. Rows above
+    in place, without a pre mix), the post mix as one kernel writing ``a`` in ``a_dtype``
+    (default the slabs' dtype; without a post mix ``a`` is a1 in that dtype). Rows above
     lo read as zero, so rows from lo + the convs' row halos on are exact. Leaner than the
     reference: no masking pass, since the conv kernels read the causal future as zero (and
     zero it in the post conv's output) and the softmax kernel takes it as -inf. keep=False
@@ -159,6 +152,9 @@ def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, kee
         c = None
     a1 = conv(probs, post_conv, mask_output=True) if post_conv is not None else probs
     probs = probs if keep else None
-    a = mix_slab(a1, post_mix) if post_mix is not None else a1
+    if post_mix is not None:
+        a = mix_rows(a1, post_mix, zero_above, precision=mix_precision(precision), out_dtype=a_dtype)
+    else:
+        a = a1
     a1 = a1 if keep else None
     return SlabForward(s0, c, probs, a1, a, lse)

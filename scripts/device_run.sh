@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -19,6 +19,19 @@ RES=/tmp/results
 # scripts/device_commit` (git-ignored, so name it in the device call's carry list).
 export MTA_BENCH_COMMIT=$(cat scripts/device_commit 2>/dev/null || echo unknown)
 mkdir -p "$RES"
+
+# full MTA fwd / bwd / fwd+bwd at L=2048 and 4096 in this tree and in every tree under
+# branches/ (each labelled with its folder name)
+full_ab_trees() {
+  for tree in . branches/*; do
+    [ -d "$tree" ] || continue
+    echo "== full MTA in $tree"
+    label=$MTA_BENCH_COMMIT; [ "$tree" = . ] || label=$(basename $tree)
+    (cd $tree && MTA_BENCH_COMMIT=$label PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 120 python3 -m bench \
+      --shapes sweep --lengths 2048,4096 --ops full --modes fwd,bwd,fwd+bwd \
+      --providers fused --no-plots --out "$RES" 2>&1 | grep -E "^\[|status")
+  done
+}
 
 # full MTA and each conv alone, fwd / bwd / fwd+bwd at L=2048 and 4096, in this tree and in
 # branches/before (results labelled with the old tree's commit, $1)
@@ -295,6 +308,12 @@ for step in "$@"; do
                2>&1 | tee "$OUT/session11e_tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed"
              timeout 120 python3 -m bench --shapes sweep --lengths 2048,4096 --ops full --modes fwd,bwd,fwd+bwd \
                --providers fused,sdpa --no-plots --out "$RES" 2>&1 | grep -E "^\[|status" ;;
+    abtests) # this tree against each tree under branches/ (full MTA; `git archive REF | tar -x -C
+             # branches/NAME`), then this tree's GPU tests of the chunked paths and their kernels
+             full_ab_trees
+             timeout 250 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rA -s \
+               -k "gradients_gpu or memory or (deterministic and full) or forward_gpu or long_sequence_runs or mix_backward_rows or mix_softmax or mix_rows" \
+               2>&1 | tee "$OUT/abtests.log" | grep -E "GiB|FAIL|ERROR|passed|failed" ;;
     fusedmixbwd) # branch exp/fused-mix-backward: each head mix's backward with its weight gradient as one
              # kernel (the pre mix's with the softmax's backward), against main (`git archive main |
              # tar -x -C branches/before`); its block sizes; the GPU tests of the backward

@@ -87,7 +87,7 @@ def test_chunked_paths_keep_at_most_their_live_slabs(causal, monkeypatch):
     """At most LIVE_TENSORS slabs (rows plus halos by keys, fp32) are alive at once in the
     chunked backward and forward, which the chunk height's budget relies on. The slab conv
     kernels are replaced by allocations of their outputs, the in-place softmax by its lse,
-    the fused mix-softmax and mix backward by their outputs (in place or new, as asked), lse
+    the mix, the fused mix-softmax and mix backward by their outputs (in place or new, as asked), lse
     and weight gradient (as on the GPU; the interpreter would add copies of its arguments);
     everything else the call allocates counts too."""
     from mta_kernels import chunked_backward as backward, chunked_forward as forward, slabs
@@ -96,6 +96,7 @@ def test_chunked_paths_keep_at_most_their_live_slabs(causal, monkeypatch):
     monkeypatch.setattr(slabs, "softmax_rows_", lambda x, zero_above, want_lse: (x, x[..., 0].clone() if want_lse else None))
     monkeypatch.setattr(slabs, "mix_softmax_rows", lambda x, w, zero_above, want_lse, precision, out: (
         torch.empty_like(x) if out is None else out, x[..., 0].clone() if want_lse else None))
+    monkeypatch.setattr(slabs, "mix_rows", lambda x, w, zero_above, precision, out_dtype: torch.empty_like(x, dtype=out_dtype))
     monkeypatch.setattr(backward, "key_query_conv_input_grad", stub)
     monkeypatch.setattr(backward, "key_query_conv_weight_grad", lambda g, x, w, *a, **kw: torch.zeros(w.shape))
     monkeypatch.setattr(backward, "mix_backward_rows", lambda grad, w, x=None, out=None, **kw: (
@@ -162,19 +163,18 @@ def test_slab_softmax_matches_torch(shape, zero_above, dtype, device):
 @pytest.mark.parametrize("zero_above", [None, 0, 7])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_mix_softmax_rows_matches_torch(shape, groups, zero_above, in_place, device):
-    """The fused pre-mix and softmax kernel against mix_slab then torch.softmax of the masked
+    """The fused pre-mix and softmax kernel against mix_heads then torch.softmax of the masked
     slab (fp64): all 16 heads in one group with rows longer than one key block, three groups of
     two heads at B=2, a strided view as input; in place or into a new tensor; the log-sum-exp;
     masked entries exactly zero whatever the input held there. On the GPU too."""
     from mta_kernels.slab_softmax import mix_softmax_rows
-    from mta_kernels.slabs import mix_slab
     g = torch.Generator().manual_seed(5)
     B, H, R, K = shape
     big = 4 * torch.randn(B, H, R + 2, K, generator=g, dtype=torch.float64).to(device)
     x = big[:, :, 1:1 + R]
     w = torch.randn(groups, H // groups, H // groups, generator=g, dtype=torch.float64).to(device)
     rows, cols = torch.arange(R, device=device)[:, None], torch.arange(K, device=device)[None, :]
-    mixed = mix_slab(x, w)
+    mixed = mta_reference.mix_heads(x, w)
     masked = mixed if zero_above is None else mixed.masked_fill(cols - rows > zero_above, float("-inf"))
     expected, expected_lse = torch.softmax(masked, -1), torch.logsumexp(masked, -1)
     before = big.clone()
@@ -227,16 +227,28 @@ def test_mix_backward_rows_matches_torch(shape, groups, zero_above, softmax, in_
     assert mix_backward_rows(grad, w, zero_above=zero_above)[1] is None
 
 
-def test_slab_mixing_matches_reference():
-    """The row-chunked paths' batched-matmul head mixing against the reference's einsums:
-    B=2, two groups, a row slice of a slab as input (a strided view)."""
-    from mta_kernels.slabs import mix_slab
-
+@pytest.mark.parametrize("shape, groups", [((1, 16, 5, 1100), 1), ((2, 6, 4, 37), 3), ((1, 10, 3, 20), 1)])
+@pytest.mark.parametrize("zero_above", [None, 0, 7])
+def test_mix_rows_matches_reference(shape, groups, zero_above, device):
+    """The post mix's kernel against the reference's mix_heads (fp64) on a strided view: all
+    16 heads in one group with rows longer than one key block, three groups of two heads at
+    B=2, ten heads (padded to 16 in the kernel); entries above the diagonal read as zero when
+    zero_above says so, whatever x holds there; a 32-bit result rounded to the dtype asked for.
+    On the GPU too."""
+    from mta_kernels.slab_mix import mix_rows
     g = torch.Generator().manual_seed(3)
-    x_full, grad_full = (torch.randn(2, 6, 9, 11, generator=g, dtype=torch.float64) for _ in range(2))
-    x, grad = x_full[:, :, 2:7], grad_full[:, :, 2:7]
-    w = torch.randn(2, 3, 3, generator=g, dtype=torch.float64)
-    assert torch.allclose(mix_slab(x, w), mta_reference.mix_heads(x, w), atol=1e-12, rtol=1e-10)
+    B, H, R, K = shape
+    x = torch.randn(B, H, R + 2, K, generator=g, dtype=torch.float64).to(device)[:, :, 1:1 + R]
+    w = torch.randn(groups, H // groups, H // groups, generator=g, dtype=torch.float64).to(device)
+    rows, cols = torch.arange(R, device=device)[:, None], torch.arange(K, device=device)[None, :]
+    kept = x if zero_above is None else x.masked_fill(cols - rows > zero_above, 0.0)
+    expected = mta_reference.mix_heads(kept, w)
+    assert torch.allclose(mix_rows(x, w, zero_above), expected, atol=1e-12, rtol=1e-10)
+    y16 = mix_rows(x.float(), w.float(), zero_above, out_dtype=torch.float16)
+    assert y16.dtype == torch.float16
+    assert torch.allclose(y16.double(), expected, atol=1e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match="zero_above"):
+        mix_rows(x, w, -1)
 
 
 GRAD_CASES = [
