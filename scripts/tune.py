@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [mixbwdsplits] [mixsoftmax] [mixbackward]   (all without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows]   (all without arguments)"""
 import sys
 
 import torch
@@ -18,7 +18,16 @@ t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v,
 print(f"sdpa {t_sdpa:.3f} ms", flush=True)
 expect = F.scaled_dot_product_attention(q, k, v, is_causal=True)
 which = set(sys.argv[1:]) or {"flash", "flashbwd", "mixbwd", "mix", "mixsplits", "full", "slabconv", "mixbwdsplits",
-                              "mixsoftmax", "mixbackward"}
+                              "mixsoftmax", "mixbackward", "mixrows"}
+
+
+def mix_slab(x, w):
+    """The head mix of slabs x (B, H, R, K) by w (G, ch, ch) as one batched matmul (what the
+    chunked paths did before their mix kernels)."""
+    B, H, R, K = x.shape
+    G, ch, _ = w.shape
+    return torch.matmul(w.to(x.dtype), x.reshape(B, G, ch, R * K)).view(B, H, R, K)
+
 
 if "slabconv" in which:
     # one middle slab of the chunked backward at this shape: rows lo..lo+R of (B, H, R, L) fp32
@@ -60,7 +69,6 @@ if "mixsoftmax" in which:
     # the pre mix and softmax of one middle chunk of the chunked forward (rows 1365..2730 of L=4096,
     # keys up to 2736), fused against the batched-matmul mix then the slab softmax
     from mta_kernels import slab_softmax
-    from mta_kernels.slabs import mix_slab
     rows, lo = 1365, 1365
     x = torch.randn(B, H, rows, 2736, device="cuda")
     w = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
@@ -76,7 +84,6 @@ if "mixbackward" in which:
     # the pre mix's backward through the softmax, with its weight gradient, on one middle chunk of
     # the chunked backward (rows 1365..2730 of L=4096, keys up to 2736): fused against PyTorch
     from mta_kernels import slab_mix_backward
-    from mta_kernels.slabs import mix_slab
     rows, lo = 1365, 1365
     dp, probs, c = (torch.randn(B, H, rows, 2736, device="cuda") for _ in range(3))
     w = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
@@ -94,6 +101,22 @@ if "mixbackward" in which:
         t = triton.testing.do_bench(lambda: slab_mix_backward.mix_backward_rows(
             y, w, x=c, probs=probs, zero_above=lo, rows=(20, rows - 20), precision="tf32", out=y), return_mode="median")
         print(f"mix backward {slab_mix_backward.MIX_BACKWARD_CONFIG}: {t:.3f} ms", flush=True)
+if "mixrows" in which:
+    # the post mix of the last chunk of the chunked forward (rows 2730..4096 of L=4096, all keys),
+    # fp32 in, bf16 out, against the batched matmul
+    from mta_kernels import slab_mix
+    rows, lo = 1366, 2730
+    future = torch.arange(L, device="cuda")[None, :] - torch.arange(rows, device="cuda")[:, None] > lo
+    x = torch.randn(B, H, rows, L, device="cuda").masked_fill(future, 0.0)
+    w = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    t = triton.testing.do_bench(lambda: mix_slab(x, w), return_mode="median")
+    print(f"mix rows: batched matmul {t:.3f} ms", flush=True)
+    for elements, warps in [(2048, 4), (1024, 4), (4096, 4), (4096, 8), (8192, 8)]:
+        slab_mix.MIX_CONFIG = dict(elements=elements, num_warps=warps)
+        t = triton.testing.do_bench(lambda: slab_mix.mix_rows(x, w, lo, precision="tf32", out_dtype=torch.bfloat16),
+                                    return_mode="median")
+        print(f"mix rows {slab_mix.MIX_CONFIG}: {t:.3f} ms", flush=True)
 for cfg in [] if "flash" not in which else [dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3),
             dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=3),
             dict(BM=128, BN=64, num_warps=8, num_stages=2), dict(BM=128, BN=32, num_warps=4, num_stages=4)]:
