@@ -84,7 +84,8 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
             one = slice(b, b + 1)
             qc, kc, vc = slab_inputs(q[one], k[one], v[one], scale, cd)
             # A V in q's dtype where the post mix writes A so (16-bit inputs): v repeated to q's heads
-            v_in = v[one].repeat_interleave(H // v.shape[1], dim=1) if q.dtype != cd else vc
+            rep = H // v.shape[1]
+            v_in = vc if q.dtype == cd else v[one].repeat_interleave(rep, dim=1) if rep > 1 else v[one]
             for r0 in range(0, L, R):
                 r1 = min(L, r0 + R)
                 lo = max(0, r0 - HQ - HP)
