@@ -76,8 +76,13 @@ def rows_per_chunk(H, L, itemsize, halo, live, budget=CHUNK_BYTES):
     rows, above and below together, come on top), but at least MIN_SLAB_ROWS - halo, so the
     working set outgrows the budget only where the budget would leave less than one full conv
     tile (at H=16 with the paper's convs and the 1 GiB default, beyond L of about 64K for the
-    backward's 6 live slabs)."""
-    return max(16, MIN_SLAB_ROWS - halo, budget // (live * H * L * itemsize))
+    backward's 6 live slabs). The L rows are then shared evenly by as many chunks as that
+    height needs: 1365 rows at L=4096 made chunks of 1365, 1365, 1365 and 1 rows, where
+    four of 1024 compute fewer causal slab entries (the keys of a chunk end at its last row)
+    and no chunk is all halo."""
+    fit = max(16, MIN_SLAB_ROWS - halo, budget // (live * H * L * itemsize))
+    chunks = -(-L // fit)
+    return max(16, MIN_SLAB_ROWS - halo, -(-L // chunks))
 
 
 def conv_halos(pre_conv, post_conv):

@@ -53,9 +53,13 @@ def test_chunked_backward_matches_reference(rows, L, causal, pad_key):
 
 def test_chunk_height_fills_a_conv_tile():
     """The budget sets the chunk height, except that a slab (rows plus halos) is never shorter
-    than one row tile of the slab conv kernels."""
+    than one row tile of the slab conv kernels; the rows are shared evenly by the chunks."""
     from mta_kernels.slabs import MIN_SLAB_ROWS, rows_per_chunk
-    assert rows_per_chunk(16, 4096, 4, halo=20, live=6) == 682          # 1 GiB / (6 slabs * 16 * 4096 * 4 B)
+    # 1 GiB / (6 slabs * 16 * 4096 * 4 B) = 682 rows: 7 chunks, evenly 586 rows each (not 6 x 682 + 4)
+    assert rows_per_chunk(16, 4096, 4, halo=20, live=6) == 586
+    assert rows_per_chunk(16, 4096, 4, halo=10, live=3) == 1024         # 1365 rows: 4 chunks of 1024
+    assert rows_per_chunk(16, 2048, 4, halo=20, live=6) == 1024         # 1365 rows: 2 chunks
+    assert rows_per_chunk(16, 1000, 4, halo=20, live=6) == 1000         # one chunk
     assert rows_per_chunk(16, 65536, 4, halo=20, live=6) == MIN_SLAB_ROWS - 20   # the budget: 42 rows
     assert rows_per_chunk(16, 65536, 4, halo=0, live=6) == MIN_SLAB_ROWS
 
@@ -122,7 +126,7 @@ def test_chunk_budget_from_the_environment(monkeypatch):
     assert _chunk_bytes_from_env() == 1 << 30
     monkeypatch.setenv("MTA_KERNELS_CHUNK_BYTES", str(2 << 30))
     assert _chunk_bytes_from_env() == 2 << 30
-    assert rows_per_chunk(16, 4096, 4, halo=20, live=6, budget=2 << 30) == 1365   # twice the 1 GiB chunk
+    assert rows_per_chunk(16, 4096, 4, halo=20, live=6, budget=2 << 30) == 1024   # 1365 rows (twice 1 GiB's): 4 chunks
     for bad in ("2GiB", "0", "-5"):
         monkeypatch.setenv("MTA_KERNELS_CHUNK_BYTES", bad)
         with pytest.raises(ValueError, match="MTA_KERNELS_CHUNK_BYTES"):
