@@ -27,7 +27,9 @@ import os
 import torch
 
 from .forward import _precision, general_row_programs
-from .slabs import _matmul_precision, conv_halos, rows_per_chunk, slab_forward, slab_inputs
+from .pre_conv_matmul import conv_keys
+from .slabs import (_matmul_precision, conv_halos, rows_per_chunk, slab_forward, slab_inputs,
+                    use_pre_conv_matmul)
 
 
 def _mode_from_env() -> str:
@@ -86,11 +88,14 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
             # A V in q's dtype where the post mix writes A so (16-bit inputs): v repeated to q's heads
             rep = H // v.shape[1]
             v_in = vc if q.dtype == cd else v[one].repeat_interleave(rep, dim=1) if rep > 1 else v[one]
+            pre_conv_operands = None
+            if use_pre_conv_matmul(q, pre_conv):
+                pre_conv_operands = (q[one], conv_keys(k[one], pre_conv, pad_key, H, q.dtype), scale)
             for r0 in range(0, L, R):
                 r1 = min(L, r0 + R)
                 lo = max(0, r0 - HQ - HP)
                 t = slab_forward(qc, kc, vc, weights, lo, r1, causal=causal, pad_key=pad_key,
-                                 precision=prec, keep=False, a_dtype=q.dtype)
+                                 precision=prec, keep=False, a_dtype=q.dtype, pre_conv_operands=pre_conv_operands)
                 values = v_in if t.a.dtype == v_in.dtype else vc
                 out[one, :, r0:r1] = torch.matmul(t.a[:, :, r0 - lo:], values[:, :, :t.a.shape[-1]]).to(q.dtype)
                 lse[one, :, r0:r1] = t.lse[:, :, r0 - lo:]

@@ -81,14 +81,19 @@ def _chunks(base, src, c0, si, sj, R, LC, ZERO_ABOVE, HALO: tl.constexpr, BC: tl
 
 
 @triton.jit
-def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH,
+def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, BAND_LIMIT,
                    CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, TRANSPOSE: tl.constexpr,
-                   MASK_OUT: tl.constexpr, HALO: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                   PREC: tl.constexpr, UNROLL: tl.constexpr):
+                   MASK_OUT: tl.constexpr, BAND_ONLY: tl.constexpr, HALO: tl.constexpr, BR: tl.constexpr,
+                   BC: tl.constexpr, PREC: tl.constexpr, UNROLL: tl.constexpr):
     """out (B, H, R, LC) contiguous: the conv of x (B, H, R, LC) (any strides) with
     w (H, CQ, CK), or with TRANSPOSE its adjoint (the input gradient); with MASK_OUT, out is
-    zero where col - row > ZERO_ABOVE. HALO >= max(PL, CK - 1 - PL), a power of two >= 16.
-    UNROLL: the unroll factor of the loop over query offsets (1: none)."""
+    zero where col - row > ZERO_ABOVE. With BAND_ONLY only the tiles holding an entry with
+    col - row > BAND_LIMIT are written (the others are left as they are). HALO >= max(PL,
+    CK - 1 - PL), a power of two >= 16. UNROLL: the unroll factor of the loop over query
+    offsets (1: none)."""
+    if BAND_ONLY:
+        if tl.program_id(2) * BC + BC - 1 - tl.program_id(1) * BR <= BAND_LIMIT:
+            return
     i_bh = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(2) * BC
     rows = tl.program_id(1) * BR + tl.arange(0, BR)

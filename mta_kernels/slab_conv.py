@@ -82,31 +82,37 @@ def _prec(x, precision):
     return "ieee" if x.dtype == torch.float64 else precision
 
 
-def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision):
+def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None, band=False):
     B, H, R, LC = x.shape
     _, cq, ck = w.shape
     pl = left_pad(ck, pad_key)
-    out = torch.empty(B, H, R, LC, device=x.device, dtype=x.dtype)
+    out = torch.empty(B, H, R, LC, device=x.device, dtype=x.dtype) if out is None else out
     if out.numel() == 0:
         return out
     BR, BC, n_r, n_c, options = _blocks(R, LC, CONV_CONFIG)
     # how far toward the diagonal (column minus row) a tap reads
     reach = (cq - 1) + (ck - 1 - pl) if transpose else pl
+    zeros = _NO_ZEROS if zero_above is None else zero_above
     kq_conv_kernel[(B * H, n_r, n_c)](
-        x, w.to(x.dtype).contiguous(), out, *x.stride(), H, R, LC,
-        _NO_ZEROS if zero_above is None else zero_above, reach,
+        x, w.to(x.dtype).contiguous(), out, *x.stride(), H, R, LC, zeros, reach,
+        zeros - (cq - 1) - (ck - 1 - pl),
         CQ=cq, CK=ck, PL=pl, TRANSPOSE=transpose, MASK_OUT=mask_output and zero_above is not None,
-        HALO=_halo(ck, pl), BR=BR, BC=BC, PREC=_prec(x, precision), UNROLL=_unroll(cq, CONV_CONFIG),
-        **options)
+        BAND_ONLY=band, HALO=_halo(ck, pl), BR=BR, BC=BC, PREC=_prec(x, precision),
+        UNROLL=_unroll(cq, CONV_CONFIG), **options)
     return out
 
 
 def key_query_conv(x: torch.Tensor, w: torch.Tensor, pad_key: str, zero_above=None,
-                   mask_output=False, precision="ieee") -> torch.Tensor:
+                   mask_output=False, precision="ieee", out=None, band=False) -> torch.Tensor:
     """out[b, h, i, j] = sum_{a,t} w[h, a, t] x[b, h, i + a - (cq-1), j + t - pL]; x (B, H, R, L),
-    w (H, cq, ck); zero outside x. Returns (B, H, R, L) in x's dtype; with mask_output also
-    zero where j - i > zero_above."""
-    return _conv(x, w, pad_key, False, zero_above, mask_output, precision)
+    w (H, cq, ck); zero outside x. Returns (B, H, R, L) in x's dtype (``out`` if given, which
+    must be contiguous); with mask_output also zero where j - i > zero_above. band=True (with
+    zero_above and ``out``): only the tiles holding an entry whose conv window reaches above
+    that diagonal, j - i > zero_above - (cq-1) - (ck-1-pL), are written (pre_conv_matmul.py
+    makes the others)."""
+    if band and (zero_above is None or out is None):
+        raise ValueError("band=True needs zero_above and out")
+    return _conv(x, w, pad_key, False, zero_above, mask_output, precision, out=out, band=band)
 
 
 def key_query_conv_input_grad(grad: torch.Tensor, w: torch.Tensor, pad_key: str, zero_above=None,

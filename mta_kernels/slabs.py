@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .pre_conv_matmul import pre_conv_matmul
 from .slab_conv import CONV_CONFIG, key_query_conv
 from .slab_mix import mix_rows
 from .slab_softmax import mix_softmax_rows, softmax_rows_
@@ -43,6 +44,32 @@ CHUNK_BYTES = _chunk_bytes_from_env()
 # mantissas fit its 10), while A and dS are rounded to ~1e-3 relative, well inside the
 # spec's 2x-the-bf16-reference rule. MTA_KERNELS_CHUNKED_TF32=0 keeps full fp32.
 TF32_MATMULS = os.environ.get("MTA_KERNELS_CHUNKED_TF32", "1") == "1"
+
+
+def _pre_conv_matmul_mode_from_env() -> str:
+    """MTA_KERNELS_PRE_CONV_MATMUL as 'auto' (unset), '1' or '0'."""
+    text = os.environ.get("MTA_KERNELS_PRE_CONV_MATMUL", "").strip() or "auto"
+    if text not in ("auto", "1", "0"):
+        raise ValueError(f"MTA_KERNELS_PRE_CONV_MATMUL must be auto, 1 or 0, got {text!r}")
+    return text
+
+
+# The chunked forward's pre conv as one matmul (pre_conv_matmul.py) instead of the slab conv
+# kernel: 'auto' for 16-bit inputs while K~ (H x L x cq x D of q's dtype per batch element)
+# takes at most a quarter of the slab budget (L <= 8192 at H=16, D=128 with the paper's
+# 6-row convs); '1' always (tests); '0' never.
+PRE_CONV_MATMUL = _pre_conv_matmul_mode_from_env()
+
+
+def use_pre_conv_matmul(q, pre_conv) -> bool:
+    """Whether the chunked forward of q (B, H, L, D) makes its pre conv as one matmul."""
+    if pre_conv is None or PRE_CONV_MATMUL == "0":
+        return False
+    if PRE_CONV_MATMUL == "1":
+        return True
+    B, H, L, D = q.shape
+    k_tilde_bytes = H * L * pre_conv.shape[1] * D * q.element_size()
+    return q.dtype in (torch.float16, torch.bfloat16) and k_tilde_bytes <= CHUNK_BYTES // 4
 
 
 @contextlib.contextmanager
@@ -127,12 +154,15 @@ class SlabForward(NamedTuple):
     lse: Optional[torch.Tensor]     # (1, H, hi - lo): log-sum-exp of the masked pre-softmax logits
 
 
-def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, keep, a_dtype=None) -> SlabForward:
+def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, keep, a_dtype=None,
+                 pre_conv_operands=None) -> SlabForward:
     """mta_reference.forward_intermediates on rows [lo, hi) of slab_inputs' tensors (one batch
     element) and keys [0, slab_keys(hi, L, causal)) (keys from hi on are in every row's future),
     with the slab conv kernels, the pre mix and the softmax as one kernel (the softmax alone,
     in place, without a pre mix), the post mix as one kernel writing ``a`` in ``a_dtype``
-    (default the slabs' dtype; without a post mix ``a`` is a1 in that dtype). Rows above
+    (default the slabs' dtype; without a post mix ``a`` is a1 in that dtype). With
+    ``pre_conv_operands`` (q unscaled, K~ = pre_conv_matmul.conv_keys(...), scale) the pre
+    conv is one matmul, its tiles near a causal diagonal the slab conv kernel's. Rows above
     lo read as zero, so rows from lo + the convs' row halos on are exact. Leaner than the
     reference: no masking pass, since the conv kernels read the causal future as zero (and
     zero it in the post conv's output) and the softmax kernel takes it as -inf. keep=False
@@ -143,8 +173,16 @@ def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, kee
     keys = slab_keys(hi, kc.shape[2], causal)
     zero_above = lo if causal else None
     conv = functools.partial(key_query_conv, pad_key=pad_key, zero_above=zero_above, precision=precision)
-    s0 = torch.matmul(qc[:, :, lo:hi], kc[:, :, :keys].transpose(-1, -2))
-    c = conv(s0, pre_conv) if pre_conv is not None else s0
+    # the scores: the logits without a pre conv; else the conv's input (the band's, after a matmul)
+    need_s0 = pre_conv is None or pre_conv_operands is None or keep or causal
+    s0 = torch.matmul(qc[:, :, lo:hi], kc[:, :, :keys].transpose(-1, -2)) if need_s0 else None
+    if pre_conv is not None and pre_conv_operands is not None:
+        q_in, k_tilde, scale = pre_conv_operands
+        c = pre_conv_matmul(q_in, k_tilde, lo, hi, keys, scale, zero_above, precision=precision, dtype=qc.dtype)
+        if causal:
+            conv(s0, pre_conv, out=c, band=True)
+    else:
+        c = conv(s0, pre_conv) if pre_conv is not None else s0
     s0 = s0 if keep and pre_conv is not None else None
     if pre_mix is not None:
         # mixed and normalised in one kernel: over c itself unless the backward keeps it

@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, profileab, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -314,6 +314,7 @@ for step in "$@"; do
              timeout 250 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rA -s \
                -k "gradients_gpu or memory or (deterministic and full) or forward_gpu or long_sequence_runs or mix_backward_rows or mix_softmax or mix_rows" \
                2>&1 | tee "$OUT/abtests.log" | grep -E "GiB|FAIL|ERROR|passed|failed" ;;
+    preconvmatmul) timeout 150 python3 scripts/tune.py preconvmatmul 2>&1 | tee "$OUT/tune_preconvmatmul.log" | grep "pre conv matmul" ;;
     mixrows) timeout 100 python3 scripts/tune.py mixrows 2>&1 | tee "$OUT/tune_mixrows.log" | grep "mix rows" ;;
     profileab) # both chunked paths' kernel profile at L=4096, then full MTA at L=2048 in this tree and
              # in each under branches/ twice over (the L=2048 backward varied 4.35-4.93 ms between calls)

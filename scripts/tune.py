@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows]   (all without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows] [preconvmatmul]   (all without arguments)"""
 import sys
 
 import torch
@@ -18,7 +18,7 @@ t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v,
 print(f"sdpa {t_sdpa:.3f} ms", flush=True)
 expect = F.scaled_dot_product_attention(q, k, v, is_causal=True)
 which = set(sys.argv[1:]) or {"flash", "flashbwd", "mixbwd", "mix", "mixsplits", "full", "slabconv", "mixbwdsplits",
-                              "mixsoftmax", "mixbackward", "mixrows"}
+                              "mixsoftmax", "mixbackward", "mixrows", "preconvmatmul"}
 
 
 def mix_slab(x, w):
@@ -117,6 +117,37 @@ if "mixrows" in which:
         t = triton.testing.do_bench(lambda: slab_mix.mix_rows(x, w, lo, precision="tf32", out_dtype=torch.bfloat16),
                                     return_mode="median")
         print(f"mix rows {slab_mix.MIX_CONFIG}: {t:.3f} ms", flush=True)
+if "preconvmatmul" in which:
+    # the pre conv of the chunked forward's last chunk (rows 3062..4096 of L=4096, all keys) as one
+    # matmul plus the slab conv on the band tiles, against the slab conv alone
+    from mta_kernels import pre_conv_matmul as pcm
+    from mta_kernels.slab_conv import key_query_conv
+    lo, hi = 3062, 4096
+    w = R.identity_conv(H, 6, 11, device="cuda") + 0.01 * torch.randn(H, 6, 11, device="cuda")
+    s0 = torch.matmul(q[:, :, lo:hi].float() * scale, k.float().transpose(-1, -2))
+    expect_c = key_query_conv(s0, w, "both", zero_above=lo, precision="tf32")
+    t = triton.testing.do_bench(lambda: key_query_conv(s0, w, "both", zero_above=lo, precision="tf32"), return_mode="median")
+    print(f"pre conv matmul: slab conv {t:.3f} ms", flush=True)
+    t = triton.testing.do_bench(lambda: pcm.conv_keys(k, w, "both", H, q.dtype), return_mode="median")
+    print(f"pre conv matmul: K~ {t:.3f} ms (once per forward)", flush=True)
+    kt = pcm.conv_keys(k, w, "both", H, q.dtype)
+    band = lambda c: key_query_conv(s0, w, "both", zero_above=lo, precision="tf32", out=c, band=True)
+    c = pcm.pre_conv_matmul(q, kt, lo, hi, L, scale, lo, precision="tf32")
+    t = triton.testing.do_bench(lambda: band(c), return_mode="median")
+    print(f"pre conv matmul: band tiles {t:.3f} ms", flush=True)
+    valid = torch.arange(L, device="cuda")[None, :] <= torch.arange(lo, hi, device="cuda")[:, None]
+    for BM, BN, BD, warps, stages in [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3), (128, 64, 64, 4, 3),
+                                      (128, 128, 32, 8, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 2), (256, 64, 64, 8, 3)]:
+        pcm.MATMUL_CONFIG = dict(BM=BM, BN=BN, BD=BD, num_warps=warps, num_stages=stages)
+        try:
+            c = pcm.pre_conv_matmul(q, kt, lo, hi, L, scale, lo, precision="tf32")
+            band(c)
+            err = ((c - expect_c) * valid).abs().max().item()
+            t = triton.testing.do_bench(lambda: pcm.pre_conv_matmul(q, kt, lo, hi, L, scale, lo, precision="tf32"),
+                                        return_mode="median")
+            print(f"pre conv matmul {pcm.MATMUL_CONFIG}: {t:.3f} ms, max err {err:.1e}", flush=True)
+        except Exception as e:  # a config may not fit
+            print(f"pre conv matmul {pcm.MATMUL_CONFIG}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
 for cfg in [] if "flash" not in which else [dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3),
             dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=3),
             dict(BM=128, BN=64, num_warps=8, num_stages=2), dict(BM=128, BN=32, num_warps=4, num_stages=4)]:

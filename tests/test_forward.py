@@ -394,3 +394,93 @@ def test_chunked_forward_causality(pad_key, device):
     out2 = run(q2, k2, v2)
     assert torch.equal(out[:, :, :t], out2[:, :, :t])
     assert not torch.equal(out[:, :, t:], out2[:, :, t:])
+
+
+@pytest.mark.parametrize("pad_key", ["both", "left", "right"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_pre_conv_matmul_matches_the_conv(pad_key, causal, device):
+    """The pre conv as one matmul (q against K~, cq x D wide; GQA, D = 24, two batch elements)
+    with the slab conv kernel redoing the tiles near the diagonal, against the reference's conv
+    of the masked scores on a slab of rows [lo, hi) (fp64: exact); rows from lo + cq - 1 on
+    (above them the slab conv reads zeros), the causal future excluded. Without the band
+    tiles the causal result is wrong, so both kernels are checked."""
+    from mta_kernels.pre_conv_matmul import conv_keys, pre_conv_matmul
+    from mta_kernels.slab_conv import key_query_conv
+    g = torch.Generator().manual_seed(11)
+    B, H, Hkv, L, D, lo, hi = 2, 4, 2, 200, 24, 100, 200
+    q = torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(device)
+    k = torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64).to(device)
+    w = torch.randn(H, 3, 5, generator=g, dtype=torch.float64).to(device)
+    scores = 0.5 * q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2)
+    rows, cols = torch.arange(L, device=device)[:, None], torch.arange(L, device=device)[None, :]
+    if causal:
+        scores = scores.masked_fill(cols > rows, 0.0)
+    expected = mta_reference.key_query_conv(scores, w, pad_key)[:, :, lo:hi]
+    zero_above = lo if causal else None
+    c = pre_conv_matmul(q, conv_keys(k, w, pad_key, H, q.dtype), lo, hi, L, 0.5, zero_above, dtype=q.dtype)
+    if causal:
+        band = c.clone()
+        key_query_conv(scores[:, :, lo:hi], w, pad_key, zero_above=lo, out=band, band=True)
+        assert not torch.equal(band, c)
+        c = band
+    valid = (rows[lo:hi] >= lo + 2) & ((cols <= rows[lo:hi]) if causal else True)
+    assert torch.allclose(c * valid, expected * valid, atol=1e-11, rtol=1e-10)
+    if causal:
+        assert (c[:, :, :, lo + 64:].masked_select(cols[:, lo + 64:] - rows[lo:hi] > lo + 63) == 0).all()
+
+
+CHUNKED_MATMUL_CASES = [
+    Case(L=200, **FULL),
+    Case(L=150, causal=False, **FULL),
+    Case(B=2, H=4, Hkv=2, L=130, pad_key="left", **FULL),        # GQA, batch > 1
+    Case(D=96, L=140, pre_conv=(6, 11)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CHUNKED_MATMUL_CASES, ids=lambda c: c.id)
+def test_chunked_forward_with_the_pre_conv_matmul(case, dtype, device, monkeypatch):
+    """The row-chunked forward with its pre conv as one matmul (forced on, as 'auto' does for
+    16-bit inputs) against the reference, in chunks of 50 rows, long enough rows for tiles
+    the matmul keeps; the causal future does not reach the past (bit-identical outputs)."""
+    from mta_kernels import chunked_forward as chunked, slabs
+    calls = []
+    real = slabs.pre_conv_matmul
+    monkeypatch.setattr(slabs, "PRE_CONV_MATMUL", "1")
+    monkeypatch.setattr(slabs, "pre_conv_matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v, *w = make_inputs(case, dtype, device)
+    opts = dict(causal=case.causal, pad_key=case.pad_key)
+    out, _ = chunked.chunked_forward(q, k, v, *w, **opts, scale=case.D ** -0.5, rows=50)
+    assert calls
+    ref = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float64, **opts)
+    low = mta_reference.mta_attention(q, k, v, *w, compute_dtype=dtype, **opts)
+    check_rule("out", out, ref, low, dtype)
+    if case.causal:
+        t = 97
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for x in (q2, k2, v2):
+            x[:, :, t:] = torch.randn_like(x[:, :, t:]) * 3
+        out2, _ = chunked.chunked_forward(q2, k2, v2, *w, **opts, scale=case.D ** -0.5, rows=50)
+        assert torch.equal(out[:, :, :t], out2[:, :, :t])
+
+
+def test_pre_conv_matmul_choice(monkeypatch):
+    """'auto' takes the pre conv matmul for 16-bit inputs while K~ fits a quarter of the slab
+    budget (L = 8192 at H = 16, D = 128, cq = 6 with 1 GiB, not 16384), never for fp32 or
+    without a pre conv; '1' and '0' force it; a bad MTA_KERNELS_PRE_CONV_MATMUL is refused."""
+    from mta_kernels import slabs
+    conv = torch.empty(16, 6, 11, device="meta")
+    q = lambda L, dtype=torch.bfloat16: torch.empty(1, 16, L, 128, device="meta", dtype=dtype)
+    monkeypatch.setattr(slabs, "PRE_CONV_MATMUL", "auto")
+    monkeypatch.setattr(slabs, "CHUNK_BYTES", 1 << 30)
+    assert slabs.use_pre_conv_matmul(q(8192), conv) and slabs.use_pre_conv_matmul(q(4096, torch.float16), conv)
+    assert not slabs.use_pre_conv_matmul(q(16384), conv) and not slabs.use_pre_conv_matmul(q(4096, torch.float32), conv)
+    assert not slabs.use_pre_conv_matmul(q(4096), None)
+    monkeypatch.setattr(slabs, "PRE_CONV_MATMUL", "1")
+    assert slabs.use_pre_conv_matmul(q(16384, torch.float32), conv) and not slabs.use_pre_conv_matmul(q(64), None)
+    monkeypatch.setattr(slabs, "PRE_CONV_MATMUL", "0")
+    assert not slabs.use_pre_conv_matmul(q(4096), conv)
+    for bad in ("yes", "2"):
+        monkeypatch.setenv("MTA_KERNELS_PRE_CONV_MATMUL", bad)
+        with pytest.raises(ValueError, match="MTA_KERNELS_PRE_CONV_MATMUL"):
+            slabs._pre_conv_matmul_mode_from_env()
