@@ -312,7 +312,7 @@ for step in "$@"; do
              # branches/NAME`), then this tree's GPU tests of the chunked paths and their kernels
              full_ab_trees
              timeout 250 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rA -s \
-               -k "gradients_gpu or memory or (deterministic and full) or forward_gpu or long_sequence_runs or mix_backward_rows or mix_softmax or mix_rows" \
+               -k "gradients_gpu or memory or (deterministic and full) or forward_gpu or long_sequence_runs or mix_backward_rows or mix_softmax or mix_rows or pre_conv_matmul" \
                2>&1 | tee "$OUT/abtests.log" | grep -E "GiB|FAIL|ERROR|passed|failed" ;;
     preconvmatmul) timeout 150 python3 scripts/tune.py preconvmatmul 2>&1 | tee "$OUT/tune_preconvmatmul.log" | grep "pre conv matmul" ;;
     mixrows) timeout 100 python3 scripts/tune.py mixrows 2>&1 | tee "$OUT/tune_mixrows.log" | grep "mix rows" ;;
