@@ -22,7 +22,9 @@ import torch
 from .forward import _precision
 from .slab_conv import key_query_conv_input_grad, key_query_conv_weight_grad
 from .slab_mix_backward import mix_backward_rows
-from .slabs import _matmul_precision, conv_halos, mix_precision, rows_per_chunk, slab_forward, slab_inputs
+from .pre_conv_matmul import conv_keys
+from .slabs import (_matmul_precision, conv_halos, mix_precision, rows_per_chunk, slab_forward, slab_inputs,
+                    use_pre_conv_matmul)
 
 # (1, H, rows, L) slabs alive at once in a chunk (the chunk height's divisor): the chain frees
 # each slab after its last use, so at most five (the forward's s0, c, probs, a1, a; then
@@ -96,6 +98,9 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
     need_da = need_dz or need_w[2] or need_w[3]
 
     prec = _precision(q)
+    pre_conv_operands = None
+    if use_pre_conv_matmul(q, pre_conv):
+        pre_conv_operands = (q, conv_keys(k, pre_conv, pad_key, H, q.dtype), scale)
     for r0 in range(0, L, rows):
         # the last chunk's slabs go before this one's are made (the chain below frees each
         # slab after its last use; those left by a `continue` go here), so that at most
@@ -109,7 +114,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         slab = dict(zero_above=zero_above, precision=prec)
         mix = dict(zero_above=zero_above, precision=mix_precision(prec))
         s0, c, probs, a1, a, _ = slab_forward(qc, kc, vc, (pre_conv, pre_mix, post_conv, post_mix), lo, hi,
-                                              causal=causal, pad_key=pad_key, precision=prec, keep=True)
+                                              causal=causal, pad_key=pad_key, precision=prec, keep=True,
+                                              pre_conv_operands=pre_conv_operands)
         # causal: keys from hi on are in the future of every row of the slab, zero in every
         # slab tensor, so the slab stops there (about half the work over all chunks; rounded up
         # to a multiple of 16 keys, slabs.slab_keys)

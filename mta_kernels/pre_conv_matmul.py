@@ -21,40 +21,47 @@ from mta_reference.validate import left_pad
 
 from .forward import _next_pow2
 
-# GEMM tile [BM, BN], inner block BD (at most), warps and stages; untuned first guess
-MATMUL_CONFIG = dict(BM=128, BN=64, BD=64, num_warps=8, num_stages=3)
+# GEMM tile [BM, BN], inner block BD (at most), warps and stages. H200, the last 1034-row chunk
+# of L=4096, 16 heads, D=128, bf16 (scripts/tune.py preconvmatmul,
+# notes/tune_preconvmatmul_h200_02d1456.log): 128x128x64 with 8 warps and 3 stages 0.294 ms,
+# 64x128x64 / 4 warps 0.325, 128x128x32 / 8 warps / 4 stages 0.331, 128x64x64 0.346-0.350,
+# 256x64 0.408; the band tiles 0.050 more; the slab conv kernel 0.640.
+MATMUL_CONFIG = dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3)
 
 
 @triton.jit
 def conv_keys_kernel(k, w, out, skb, skh, skl, skd, H, HKV, L, D,
-                     CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, BL: tl.constexpr, DP: tl.constexpr,
-                     ACC: tl.constexpr):
+                     CQ: tl.constexpr, CQP: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
+                     BL: tl.constexpr, DP: tl.constexpr, ACC: tl.constexpr):
     """out (B, H, L, CQ, D) contiguous: out[b, h, j, a] = sum_t w[h, a, t] k[b, h * HKV // H, j + t - PL],
     k (B, HKV, L, D) any strides, zero outside [0, L); summed in ACC (fp32, or fp64), stored in
-    out's dtype. One program per (batch * head, block of BL rows, a)."""
+    out's dtype. One program per (batch * head, block of BL rows): each shifted block of k is
+    read once and feeds all CQ offsets ([CQP, BL, DP] sums, CQP = CQ rounded up to a power of 2)."""
     i_bh = tl.program_id(0).to(tl.int64)
-    a = tl.program_id(2)
     h = i_bh % H
     rows = tl.program_id(1) * BL + tl.arange(0, BL)
     d = tl.arange(0, DP)
+    a = tl.arange(0, CQP)
     base = k + (i_bh // H) * skb + (h // (H // HKV)) * skh
-    acc = tl.zeros([BL, DP], dtype=ACC)
+    acc = tl.zeros([CQP, BL, DP], dtype=ACC)
     for t in tl.static_range(CK):
         src = rows + (t - PL)
         ok = ((src >= 0) & (src < L))[:, None] & (d < D)[None, :]
-        x = tl.load(base + src[:, None].to(tl.int64) * skl + d[None, :] * skd, mask=ok, other=0.0)
-        acc += tl.load(w + (h * CQ + a) * CK + t).to(ACC) * x.to(ACC)
-    dst = out + ((i_bh * L + rows[:, None]) * CQ + a) * D + d[None, :]
-    tl.store(dst, acc.to(out.dtype.element_ty), mask=(rows < L)[:, None] & (d < D)[None, :])
+        x = tl.load(base + src[:, None].to(tl.int64) * skl + d[None, :] * skd, mask=ok, other=0.0).to(ACC)
+        w_t = tl.load(w + (h * CQ + a) * CK + t, mask=a < CQ, other=0.0).to(ACC)
+        acc += w_t[:, None, None] * x[None, :, :]
+    dst = out + ((i_bh * L + rows[None, :, None]) * CQ + a[:, None, None]) * D + d[None, None, :]
+    ok = (a < CQ)[:, None, None] & (rows < L)[None, :, None] & (d < D)[None, None, :]
+    tl.store(dst, acc.to(out.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def pre_conv_matmul_kernel(q, kt, out, sqb, sqh, sqi, sqd, H, R, K, L, D, LO, ZERO_ABOVE, scale,
+def pre_conv_matmul_kernel(q, kt, out, scale, sqb, sqh, sqi, sqd, H, R, K, L, D, LO, ZERO_ABOVE,
                            CQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                            PREC: tl.constexpr):
     """out (B, H, R, K) contiguous: out[b, h, r, j] = scale * sum_{a, d} q[b, h, LO + r - (CQ-1-a), d]
     * kt[b, h, j, a, d], q (B, H, L, D) any strides, zero above row 0, kt (B, H, L, CQ, D)
-    contiguous; accumulated in out's dtype. Tiles whose every entry has j - r > ZERO_ABOVE
+    contiguous; scale a one-element tensor of out's dtype; accumulated in out's dtype. Tiles whose every entry has j - r > ZERO_ABOVE
     are written as zero. One program per (batch * head, row tile, column tile)."""
     i_bh = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1) * BM + tl.arange(0, BM)
@@ -73,7 +80,7 @@ def pre_conv_matmul_kernel(q, kt, out, sqb, sqh, sqi, sqd, H, R, K, L, D, LO, ZE
             k_a = tl.load(k_base + (j[:, None].to(tl.int64) * CQ + a) * D + d[None, :],
                           mask=(j < K)[:, None] & (d < D)[None, :], other=0.0)
             acc += tl.dot(q_a, tl.trans(k_a), input_precision=PREC)
-        acc = acc * scale
+        acc = acc * tl.load(scale)
     tl.store(out + (i_bh * R + r[:, None]) * K + j[None, :], acc, mask=(r < R)[:, None] & (j < K)[None, :])
 
 
@@ -85,10 +92,11 @@ def conv_keys(k: torch.Tensor, w: torch.Tensor, pad_key: str, heads: int, dtype)
     out = torch.empty(B, heads, L, cq, D, device=k.device, dtype=dtype)
     if out.numel() == 0:
         return out
-    BL = 32
-    conv_keys_kernel[(B * heads, triton.cdiv(L, BL), cq)](
-        k, w.contiguous(), out, *k.stride(), heads, Hkv, L, D, CQ=cq, CK=ck, PL=left_pad(ck, pad_key),
-        BL=BL, DP=max(16, _next_pow2(D)), ACC=tl.float64 if dtype == torch.float64 else tl.float32, num_warps=4)
+    cqp, dp = _next_pow2(cq), max(16, _next_pow2(D))
+    BL = max(2, min(16, 16384 // (cqp * dp)))      # [cqp, BL, dp] sums: 16K elements at most
+    conv_keys_kernel[(B * heads, triton.cdiv(L, BL))](
+        k, w.contiguous(), out, *k.stride(), heads, Hkv, L, D, CQ=cq, CQP=cqp, CK=ck, PL=left_pad(ck, pad_key),
+        BL=BL, DP=dp, ACC=tl.float64 if dtype == torch.float64 else tl.float32, num_warps=8)
     return out
 
 
@@ -109,7 +117,8 @@ def pre_conv_matmul(q: torch.Tensor, kt: torch.Tensor, lo: int, hi: int, keys: i
     BN = min(cfg["BN"], max(16, _next_pow2(keys)))
     BD = min(cfg["BD"], max(16, _next_pow2(D)))
     pre_conv_matmul_kernel[(B * H, triton.cdiv(R, BM), triton.cdiv(keys, BN))](
-        q, kt, out, *q.stride(), H, R, keys, L, D, lo, 2 ** 30 if zero_above is None else zero_above, scale,
+        q, kt, out, torch.full((1,), scale, device=q.device, dtype=dtype), *q.stride(), H, R, keys, L, D, lo,
+        2 ** 30 if zero_above is None else zero_above,
         CQ=cq, BM=BM, BN=BN, BD=BD, PREC="ieee" if q.dtype == torch.float64 else precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

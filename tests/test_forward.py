@@ -411,13 +411,13 @@ def test_pre_conv_matmul_matches_the_conv(pad_key, causal, device):
     q = torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(device)
     k = torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64).to(device)
     w = torch.randn(H, 3, 5, generator=g, dtype=torch.float64).to(device)
-    scores = 0.5 * q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2)
+    scores = 0.37 * q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2)
     rows, cols = torch.arange(L, device=device)[:, None], torch.arange(L, device=device)[None, :]
     if causal:
         scores = scores.masked_fill(cols > rows, 0.0)
     expected = mta_reference.key_query_conv(scores, w, pad_key)[:, :, lo:hi]
     zero_above = lo if causal else None
-    c = pre_conv_matmul(q, conv_keys(k, w, pad_key, H, q.dtype), lo, hi, L, 0.5, zero_above, dtype=q.dtype)
+    c = pre_conv_matmul(q, conv_keys(k, w, pad_key, H, q.dtype), lo, hi, L, 0.37, zero_above, dtype=q.dtype)
     if causal:
         band = c.clone()
         key_query_conv(scores[:, :, lo:hi], w, pad_key, zero_above=lo, out=band, band=True)
