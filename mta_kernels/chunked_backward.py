@@ -32,6 +32,12 @@ from .slabs import (_matmul_precision, conv_halos, mix_precision, rows_per_chunk
 # allocations (tests/test_backward.py): 5.0-5.3 slabs at the peak; 14-15 before the frees.
 LIVE_TENSORS = 6
 
+# The forward recomputation's pre conv as one matmul, as the chunked forward makes it (exact
+# too), is off: on the H200 (bf16, L=4096, paper weights, one call at ed2937c) the backward took
+# 17.58 ms [16.81, 18.39] with it against 15.43 without, where the same kernels made the
+# forward 10% faster; not yet profiled.
+PRE_CONV_MATMUL_IN_BACKWARD = False
+
 
 def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,
                      scale, compute_dtype=torch.float32, rows=None, needs=(True,) * 7):
@@ -99,7 +105,7 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
 
     prec = _precision(q)
     pre_conv_operands = None
-    if use_pre_conv_matmul(q, pre_conv):
+    if PRE_CONV_MATMUL_IN_BACKWARD and use_pre_conv_matmul(q, pre_conv):
         pre_conv_operands = (q, conv_keys(k, pre_conv, pad_key, H, q.dtype), scale)
     for r0 in range(0, L, rows):
         # the last chunk's slabs go before this one's are made (the chain below frees each

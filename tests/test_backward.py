@@ -736,20 +736,21 @@ def test_slab_convs_skip_exactly_the_zero_tiles(pad_key, ck):
 
 
 @pytest.mark.parametrize("causal, pad_key", [(True, "both"), (False, "left"), (True, "right")])
-def test_chunked_backward_with_the_pre_conv_matmul(causal, pad_key, monkeypatch):
-    """The chunked backward with its forward's pre conv as one matmul (forced on, as 'auto'
-    does for 16-bit inputs) gives exactly the materialized backward (fp64): rows long enough
-    for tiles the matmul keeps, chunks of 40 rows, GQA."""
+def test_chunked_backward_with_the_pre_conv_matmul(causal, pad_key, device, monkeypatch):
+    """The chunked backward with its forward recomputation's pre conv as one matmul (switched
+    on, and forced as 'auto' would for 16-bit inputs) gives exactly the materialized backward
+    (fp64): rows long enough for tiles the matmul keeps, chunks of 40 rows, GQA."""
     from mta_kernels import chunked_backward as backward, slabs
     calls = []
     real = slabs.pre_conv_matmul
+    monkeypatch.setattr(backward, "PRE_CONV_MATMUL_IN_BACKWARD", True)
     monkeypatch.setattr(slabs, "PRE_CONV_MATMUL", "1")
     monkeypatch.setattr(slabs, "pre_conv_matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     ck = 5 if pad_key == "both" else 4
     case = Case(B=1, H=4, Hkv=2, L=160, D=8, pre_conv=(3, ck), pre_mix=4, post_conv=(2, ck), post_mix=2,
                 causal=causal, pad_key=pad_key)
-    inputs = make_inputs(case, torch.float64, "cpu")
-    grad = torch.randn(inputs[0].shape, dtype=torch.float64)
+    inputs = make_inputs(case, torch.float64, device)
+    grad = torch.randn(inputs[0].shape, dtype=torch.float64).to(device)
     expected = mta_reference.mta_attention_backward(grad, *inputs, causal=causal, pad_key=pad_key,
                                                     compute_dtype=torch.float64)
     got = backward.chunked_backward(grad, *inputs, causal=causal, pad_key=pad_key, scale=8 ** -0.5,
