@@ -13,7 +13,9 @@ rows [lo, hi) of every (B, H, L, L) tensor. For the output rows [r0, r1) of a ch
 The convs and their gradients on the slabs are the Triton tensor-core kernels of
 conv_kernels.py (PyTorch's depthwise conv kernels were 80% of this backward's time on the
 H200), each head mix's backward with its weight gradient one kernel of slab_mix_backward.py
-(the pre mix's with the softmax's backward), and for 16-bit inputs the matmuls run in TF32. Each
+(the pre mix's with the softmax's backward), the forward recomputation's pre conv for 16-bit
+inputs one matmul (pre_conv_matmul.py, as in the chunked forward), and for 16-bit inputs the
+matmuls run in TF32. Each
 chunk adds its rows' share to dq, dk, dv and the weight gradients, so the sums run over the
 chunks in a fixed order, and nothing uses atomics: the result is deterministic.
 """
@@ -32,11 +34,12 @@ from .slabs import (_matmul_precision, conv_halos, mix_precision, rows_per_chunk
 # allocations (tests/test_backward.py): 5.0-5.3 slabs at the peak; 14-15 before the frees.
 LIVE_TENSORS = 6
 
-# The forward recomputation's pre conv as one matmul, as the chunked forward makes it (exact
-# too), is off: on the H200 (bf16, L=4096, paper weights, one call at ed2937c) the backward took
-# 17.58 ms [16.81, 18.39] with it against 15.43 without, where the same kernels made the
-# forward 10% faster; not yet profiled.
-PRE_CONV_MATMUL_IN_BACKWARD = False
+# The forward recomputation's pre conv as one matmul where the chunked forward makes it so
+# (slabs.use_pre_conv_matmul; exact too). On the H200 (bf16, L=4096, paper weights, on and off
+# alternating in one call at 895f0ca): backward 14.89 / 14.89 ms against 15.42 / 15.44 without,
+# fwd+bwd 18.90 / 18.94 against 19.48 / 19.38. (A first A/B at ed2937c gave 17.58 ms with a
+# [16.81, 18.39] spread: the first tree timed in that call, an outlier.)
+PRE_CONV_MATMUL_IN_BACKWARD = True
 
 
 def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,
