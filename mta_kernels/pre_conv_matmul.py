@@ -20,6 +20,7 @@ import triton.language as tl
 from mta_reference.validate import left_pad
 
 from .forward import _next_pow2
+from .slab_conv import _NO_ZEROS
 
 # GEMM tile [BM, BN], inner block BD (at most), warps and stages. H200, the last 1034-row chunk
 # of L=4096, 16 heads, D=128, bf16 (scripts/tune.py preconvmatmul,
@@ -61,8 +62,9 @@ def pre_conv_matmul_kernel(q, kt, out, scale, sqb, sqh, sqi, sqd, H, R, K, L, D,
                            PREC: tl.constexpr):
     """out (B, H, R, K) contiguous: out[b, h, r, j] = scale * sum_{a, d} q[b, h, LO + r - (CQ-1-a), d]
     * kt[b, h, j, a, d], q (B, H, L, D) any strides, zero above row 0, kt (B, H, L, CQ, D)
-    contiguous; scale a one-element tensor of out's dtype; accumulated in out's dtype. Tiles whose every entry has j - r > ZERO_ABOVE
-    are written as zero. One program per (batch * head, row tile, column tile)."""
+    contiguous; scale a one-element tensor of out's dtype; accumulated in out's dtype. Tiles
+    whose every entry has j - r > ZERO_ABOVE are written as zero. One program per
+    (batch * head, row tile, column tile)."""
     i_bh = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1) * BM + tl.arange(0, BM)
     j = tl.program_id(2) * BN + tl.arange(0, BN)
@@ -118,7 +120,7 @@ def pre_conv_matmul(q: torch.Tensor, kt: torch.Tensor, lo: int, hi: int, keys: i
     BD = min(cfg["BD"], max(16, _next_pow2(D)))
     pre_conv_matmul_kernel[(B * H, triton.cdiv(R, BM), triton.cdiv(keys, BN))](
         q, kt, out, torch.full((1,), scale, device=q.device, dtype=dtype), *q.stride(), H, R, keys, L, D, lo,
-        2 ** 30 if zero_above is None else zero_above,
+        _NO_ZEROS if zero_above is None else zero_above,
         CQ=cq, BM=BM, BN=BN, BD=BD, PREC="ieee" if q.dtype == torch.float64 else precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -18,6 +18,16 @@ from .forward import _next_pow2
 # zero_above=None: no zero structure (any value beyond every column offset would do)
 _NO_ZEROS = 2 ** 30
 
+
+def row_kernel_zero_above(zero_above):
+    """ZERO_ABOVE for the row kernels of the slab softmax and mixes: _NO_ZEROS for None; a
+    negative value is refused (every row of a causal slab keeps its first key)."""
+    if zero_above is None:
+        return _NO_ZEROS
+    if zero_above < 0:
+        raise ValueError(f"zero_above must be >= 0 (every row keeps its first key), got {zero_above}")
+    return zero_above
+
 # Launch configurations: the largest tile [BR, BC], column tiles per weight-gradient program,
 # and Triton's options. H200, one causal slab of 302 x 4096, 16 heads, fp32 (scripts/tune.py
 # slabconv). At 1b475ba, after the loads were vectorized (notes/tune_slabconv_h200_1b475ba.log,

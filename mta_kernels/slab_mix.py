@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .forward import _next_pow2
-from .slab_conv import _NO_ZEROS
+from .slab_conv import row_kernel_zero_above
 
 # key block of about this many elements (heads x keys), and the warps
 MIX_CONFIG = dict(elements=2048, num_warps=4)
@@ -48,21 +48,20 @@ def mix_rows_kernel(x, w, out, sxb, sxh, sxi, sxj, sob, soh, soi, soj, H, R, K, 
 
 
 def mix_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, precision="ieee", out_dtype=None):
-    """The head mix of x, ``mta_reference.mix_heads(x, w)``, as a new tensor of ``out_dtype`` (default x's): x (B, H, R, K),
-    w (G, ch, ch) with H = G * ch; entries of x where col - row > zero_above are taken as zero
-    (None: all are read). precision: tl.dot's for fp32 slabs ("tf32" or "ieee"; fp64 is
-    exact). Returns (B, H, R, K)."""
+    """The head mix of x, ``mta_reference.mix_heads(x, w)``, as a new tensor of ``out_dtype``
+    (default x's): x (B, H, R, K), w (G, ch, ch) with H = G * ch; entries of x where
+    col - row > zero_above are taken as zero (None: all are read). precision: tl.dot's for
+    fp32 slabs ("tf32" or "ieee"; fp64 is exact). Returns (B, H, R, K)."""
     B, H, R, K = x.shape
     G, ch, _ = w.shape
-    if zero_above is not None and zero_above < 0:
-        raise ValueError(f"zero_above must be >= 0 (every row keeps its first key), got {zero_above}")
+    zeros = row_kernel_zero_above(zero_above)
     out = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype)
     if x.numel() == 0:
         return out
     chp = max(16, _next_pow2(ch))
     block = min(max(16, MIX_CONFIG["elements"] // chp), max(16, _next_pow2(K)))
     mix_rows_kernel[(B * G * R,)](
-        x, w.to(x.dtype).contiguous(), out, *x.stride(), *out.stride(), H, R, K,
-        _NO_ZEROS if zero_above is None else zero_above, CH=ch, CHP=chp, BLOCK=block,
-        PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=MIX_CONFIG["num_warps"])
+        x, w.to(x.dtype).contiguous(), out, *x.stride(), *out.stride(), H, R, K, zeros,
+        CH=ch, CHP=chp, BLOCK=block, PREC="ieee" if x.dtype == torch.float64 else precision,
+        num_warps=MIX_CONFIG["num_warps"])
     return out

@@ -2,8 +2,8 @@
 through the softmax that precedes it.
 
 The row-chunked backward (chunked_backward.py) holds slabs (B, H, R, K) of one batch
-element. For the mix out[o] = sum_c w[g, o, c] x[c] (``mta_reference.mix_heads``) with incoming
-gradient g it needs
+element. For the mix out[o] = sum_c w[g, o, c] x[c] (``mta_reference.mix_heads``) with
+incoming gradient g it needs
 
     dx[c] = sum_o w[g, o, c] g[o]                      the adjoint, a slab
     dw[g, o, c] = sum over rows and keys of g[o] x[c]   the weight gradient
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .forward import _next_pow2
-from .slab_conv import _NO_ZEROS
+from .slab_conv import row_kernel_zero_above
 
 # key block of about this many elements (heads x keys), and the warps
 MIX_BACKWARD_CONFIG = dict(elements=2048, num_warps=4)
@@ -83,10 +83,11 @@ def mix_backward_rows_kernel(grad, probs, x, w, out, dw,
 
 def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, zero_above=None, rows=None,
                       precision="ieee", out=None):
-    """Backward of the head mix ``mta_reference.mix_heads(x, w)`` for slabs (B, H, R, K) and w (G, ch, ch), H = G * ch, with
-    incoming gradient ``grad``, or, given ``probs`` (the softmax P the mix was applied to),
-    the gradient before that softmax: P * (grad - rowsum(P * grad)). The incoming gradient is
-    taken as zero where col - row > zero_above (None: nowhere), as the causal slabs are.
+    """Backward of the head mix ``mta_reference.mix_heads(x, w)`` for slabs (B, H, R, K) and
+    w (G, ch, ch), H = G * ch, with incoming gradient ``grad``, or, given ``probs`` (the
+    softmax P the mix was applied to), the gradient before that softmax: P * (grad -
+    rowsum(P * grad)). The incoming gradient is taken as zero where col - row > zero_above
+    (None: nowhere), as the causal slabs are.
 
     Returns (dx, dw): dx (B, H, R, K) written to ``out`` (grad itself allowed: in place) or
     a new tensor, zero where the gradient is; dw (G, ch, ch) summed over the batch, the rows
@@ -94,8 +95,7 @@ def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, z
     without x. precision: tl.dot's for fp32 slabs ("tf32" or "ieee"; fp64 is exact)."""
     B, H, R, K = grad.shape
     G, ch, _ = w.shape
-    if zero_above is not None and zero_above < 0:
-        raise ValueError(f"zero_above must be >= 0 (every row keeps its first key), got {zero_above}")
+    zeros = row_kernel_zero_above(zero_above)
     out = torch.empty_like(grad) if out is None else out
     lo, hi = rows or (0, R)
     dw = None if x is None else torch.zeros(G, ch, ch, device=grad.device, dtype=grad.dtype)
@@ -107,7 +107,7 @@ def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, z
     mix_backward_rows_kernel[(B * G * R,)](
         grad, grad if probs is None else probs, grad if x is None else x, w.to(grad.dtype).contiguous(), out, partial,
         *grad.stride(), *(grad if probs is None else probs).stride(), *(grad if x is None else x).stride(),
-        *out.stride(), H, R, K, _NO_ZEROS if zero_above is None else zero_above, lo, hi,
+        *out.stride(), H, R, K, zeros, lo, hi,
         CH=ch, CHP=chp, SOFTMAX=probs is not None, WANT_DW=x is not None, BLOCK=block,
         PREC="ieee" if grad.dtype == torch.float64 else precision, num_warps=MIX_BACKWARD_CONFIG["num_warps"])
     if x is not None:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .forward import _next_pow2
-from .slab_conv import _NO_ZEROS
+from .slab_conv import row_kernel_zero_above
 
 
 @triton.jit
@@ -55,14 +55,13 @@ def softmax_rows_(x: torch.Tensor, zero_above=None, want_lse=False):
     col - row > zero_above (a causal slab of rows lo.. has zero_above = lo) taken as -inf and
     written as zero; None: no mask. Returns (x, lse (B, H, R) in x's dtype or None)."""
     B, H, R, K = x.shape
-    if zero_above is not None and zero_above < 0:
-        raise ValueError(f"zero_above must be >= 0 (every row keeps its first key), got {zero_above}")
+    zeros = row_kernel_zero_above(zero_above)
     lse = torch.empty(B, H, R, device=x.device, dtype=x.dtype) if want_lse else None
     if x.numel() == 0:
         return x, lse
     block = min(2048, max(16, _next_pow2(K)))
     softmax_rows_kernel[(B * H * R,)](
-        x, lse if want_lse else x, *x.stride(), H, R, K, _NO_ZEROS if zero_above is None else zero_above,
+        x, lse if want_lse else x, *x.stride(), H, R, K, zeros,
         WRITE_LSE=want_lse, BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return x, lse
 
@@ -124,15 +123,14 @@ def mix_softmax_rows_kernel(x, w, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, s
 
 def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse=False, precision="ieee",
                      out=None):
-    """softmax(mta_reference.mix_heads(x, w)) over the last dim: x (B, H, R, K), w (G, ch, ch) with H = G * ch,
-    entries where col - row > zero_above taken as -inf and written as zero (None: no mask).
-    Written to ``out`` (B, H, R, K), which may be x itself (in place), or a new tensor.
+    """softmax(mta_reference.mix_heads(x, w)) over the last dim: x (B, H, R, K), w (G, ch, ch)
+    with H = G * ch, entries where col - row > zero_above taken as -inf and written as zero
+    (None: no mask). Written to ``out`` (B, H, R, K), which may be x itself (in place), or a new tensor.
     precision: tl.dot's for the mix of fp32 slabs ("tf32" or "ieee"; fp64 is exact).
     Returns (out, lse (B, H, R) in x's dtype or None)."""
     B, H, R, K = x.shape
     G, ch, _ = w.shape
-    if zero_above is not None and zero_above < 0:
-        raise ValueError(f"zero_above must be >= 0 (every row keeps its first key), got {zero_above}")
+    zeros = row_kernel_zero_above(zero_above)
     out = torch.empty_like(x) if out is None else out
     lse = torch.empty(B, H, R, device=x.device, dtype=x.dtype) if want_lse else None
     if x.numel() == 0:
@@ -141,6 +139,6 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
     block = min(max(16, MIX_SOFTMAX_CONFIG["elements"] // chp), max(16, _next_pow2(K)))
     mix_softmax_rows_kernel[(B * G * R,)](
         x, w.to(x.dtype).contiguous(), out, lse if want_lse else x, *x.stride(), *out.stride(), H, R, K,
-        _NO_ZEROS if zero_above is None else zero_above, CH=ch, CHP=chp, WRITE_LSE=want_lse, BLOCK=block,
+        zeros, CH=ch, CHP=chp, WRITE_LSE=want_lse, BLOCK=block,
         PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=MIX_SOFTMAX_CONFIG["num_warps"])
     return out, lse

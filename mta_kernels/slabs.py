@@ -54,7 +54,7 @@ def _pre_conv_matmul_mode_from_env() -> str:
     return text
 
 
-# The chunked forward's pre conv as one matmul (pre_conv_matmul.py) instead of the slab conv
+# The row-chunked paths' pre conv as one matmul (pre_conv_matmul.py) instead of the slab conv
 # kernel: 'auto' for 16-bit inputs while K~ (H x L x cq x D of q's dtype per batch element)
 # takes at most a quarter of the slab budget (L <= 8192 at H=16, D=128 with the paper's
 # 6-row convs); '1' always (tests); '0' never.
@@ -62,7 +62,8 @@ PRE_CONV_MATMUL = _pre_conv_matmul_mode_from_env()
 
 
 def use_pre_conv_matmul(q, pre_conv) -> bool:
-    """Whether the chunked forward of q (B, H, L, D) makes its pre conv as one matmul."""
+    """Whether the row-chunked paths for q (B, H, L, D) make the pre conv as one matmul (the
+    forward, and the backward's forward recomputation)."""
     if pre_conv is None or PRE_CONV_MATMUL == "0":
         return False
     if PRE_CONV_MATMUL == "1":
