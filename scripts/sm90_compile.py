@@ -76,7 +76,7 @@ SLAB_WEIGHT_GRAD_CONFIGS = [dict(BR=BR, num_warps=w, num_stages=1, TILES=16, max
 
 def launch(op, D, H=16, L=256):
     """Launch one path of the dispatcher (op: flash_fwd, mix_fwd, premix_fwd, full_fwd, flash_bwd,
-    mix_bwd, slab_conv, slab_softmax, slab_mix) with bf16 inputs of head size D, paper-sized MTA weights."""
+    mix_bwd, slab_conv, slab_softmax, slab_mix, pre_conv_matmul) with bf16 inputs of head size D, paper-sized MTA weights."""
     from mta_kernels import backward, forward
     import mta_reference as R
     q, k, v, do = (torch.randn(1, H, L, D, dtype=torch.bfloat16) for _ in range(4))
@@ -108,11 +108,23 @@ def launch(op, D, H=16, L=256):
         x = torch.randn(1, H, 64, L)
         mix_softmax_rows(x, mix, 5, want_lse=True, precision="tf32", out=x)
         try:
+            from mta_kernels.slab_mix import mix_rows
+        except ImportError:          # (before the post mix kernel)
+            return
+        mix_rows(x, mix, 5, precision="tf32", out_dtype=torch.bfloat16)
+        mix_rows(x, mix, 5, precision="tf32")
+        try:
             from mta_kernels.slab_mix_backward import mix_backward_rows
         except ImportError:          # (before the fused mix backward)
             return
         mix_backward_rows(x, mix, x=x, zero_above=5, rows=(5, 60), precision="tf32", out=x)
         mix_backward_rows(x, mix, x=x, probs=x, zero_above=5, rows=(5, 60), precision="tf32", out=x)
+    elif op == "pre_conv_matmul":
+        from mta_kernels import slab_conv
+        from mta_kernels.pre_conv_matmul import conv_keys, pre_conv_matmul
+        c = pre_conv_matmul(q, conv_keys(k, conv, "both", H, q.dtype), 10, L, L, scale, 10, precision="tf32")
+        slab_conv.key_query_conv(torch.randn(1, H, L - 10, L), conv, "both", zero_above=10, precision="tf32",
+                                 out=c, band=True)
     elif op == "slab_conv":
         from mta_kernels import slab_conv
         x = torch.randn(1, H, 64, L)

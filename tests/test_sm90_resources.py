@@ -15,7 +15,8 @@ PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "
 # The widest heads each path takes: flash and the general kernel up to D=256, register
 # mixing up to 128; plus the paper's D=96 through the mixing kernels.
 LAUNCHES = ["flash_fwd:256", "mix_fwd:128", "mix_fwd:96", "premix_fwd:128", "full_fwd:256", "full_fwd:128",
-            "flash_bwd:256", "flash_bwd:128", "mix_bwd:128", "mix_bwd:96", "slab_conv", "slab_mix"]
+            "flash_bwd:256", "flash_bwd:128", "mix_bwd:128", "mix_bwd:96", "slab_conv", "slab_mix",
+            "pre_conv_matmul:128", "pre_conv_matmul:96", "pre_conv_matmul:256"]
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="Triton's bundled ptxas is missing")
