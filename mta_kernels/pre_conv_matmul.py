@@ -28,6 +28,9 @@ from .slab_conv import _NO_ZEROS
 # 64x128x64 / 4 warps 0.325, 128x128x32 / 8 warps / 4 stages 0.331, 128x64x64 0.346-0.350,
 # 256x64 0.408; the band tiles 0.050 more; the slab conv kernel 0.640.
 MATMUL_CONFIG = dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3)
+# K~'s program: [cq rounded up, rows, D rounded up] sums of at most this many elements, and
+# its warps (untuned: 201 registers at D=128 on sm_90a, one program per SM)
+KEYS_CONFIG = dict(elements=16384, num_warps=8)
 
 
 @triton.jit
@@ -95,10 +98,10 @@ def conv_keys(k: torch.Tensor, w: torch.Tensor, pad_key: str, heads: int, dtype)
     if out.numel() == 0:
         return out
     cqp, dp = _next_pow2(cq), max(16, _next_pow2(D))
-    BL = max(2, min(16, 16384 // (cqp * dp)))      # [cqp, BL, dp] sums: 16K elements at most
+    BL = max(2, min(16, KEYS_CONFIG["elements"] // (cqp * dp)))
     conv_keys_kernel[(B * heads, triton.cdiv(L, BL))](
         k, w.contiguous(), out, *k.stride(), heads, Hkv, L, D, CQ=cq, CQP=cqp, CK=ck, PL=left_pad(ck, pad_key),
-        BL=BL, DP=dp, ACC=tl.float64 if dtype == torch.float64 else tl.float32, num_warps=8)
+        BL=BL, DP=dp, ACC=tl.float64 if dtype == torch.float64 else tl.float32, num_warps=KEYS_CONFIG["num_warps"])
     return out
 
 

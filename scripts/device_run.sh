@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -344,6 +344,14 @@ for step in "$@"; do
                2>&1 | tee "$OUT/final_tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed"
              timeout 90 python3 -c "import runpy, mta_kernels.chunked_backward as b; b.PRE_CONV_MATMUL_IN_BACKWARD = True; \
 runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$OUT/chunked_bwdmatmul.log" | grep -E "ms$|kernel" | cut -c1-60,150-200 ;;
+    trainab) # training with the pre conv matmul off and on (auto), alternating: was it what made the
+             # fused step slower at ed2937c (0.528x against 0.60x at a318c3c)? Then the K~ and tile sweep.
+             for mode in 0 auto 0 auto; do
+               echo "== MTA_KERNELS_PRE_CONV_MATMUL=$mode"
+               MTA_KERNELS_PRE_CONV_MATMUL=$mode timeout 130 python3 -m bench.train --providers baseline,fused \
+                 --out "$RES" 2>&1 | tee -a "$OUT/trainab.log" | grep -E "round|tokens/s \|"
+             done
+             timeout 150 python3 scripts/tune.py preconvmatmul 2>&1 | tee "$OUT/tune_preconvmatmul.log" | grep "pre conv matmul" ;;
     fusedmixbwd) # branch exp/fused-mix-backward: each head mix's backward with its weight gradient as one
              # kernel (the pre mix's with the softmax's backward), against main (`git archive main |
              # tar -x -C branches/before`); its block sizes; the GPU tests of the backward

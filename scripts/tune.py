@@ -128,8 +128,10 @@ if "preconvmatmul" in which:
     expect_c = key_query_conv(s0, w, "both", zero_above=lo, precision="tf32")
     t = triton.testing.do_bench(lambda: key_query_conv(s0, w, "both", zero_above=lo, precision="tf32"), return_mode="median")
     print(f"pre conv matmul: slab conv {t:.3f} ms", flush=True)
-    t = triton.testing.do_bench(lambda: pcm.conv_keys(k, w, "both", H, q.dtype), return_mode="median")
-    print(f"pre conv matmul: K~ {t:.3f} ms (once per forward)", flush=True)
+    for elements, warps in [(16384, 8), (8192, 8), (8192, 4), (4096, 4), (2048, 4)]:
+        pcm.KEYS_CONFIG = dict(elements=elements, num_warps=warps)
+        t = triton.testing.do_bench(lambda: pcm.conv_keys(k, w, "both", H, q.dtype), return_mode="median")
+        print(f"pre conv matmul: K~ {pcm.KEYS_CONFIG} {t:.3f} ms (once per forward)", flush=True)
     kt = pcm.conv_keys(k, w, "both", H, q.dtype)
     band = lambda c: key_query_conv(s0, w, "both", zero_above=lo, precision="tf32", out=c, band=True)
     c = pcm.pre_conv_matmul(q, kt, lo, hi, L, scale, lo, precision="tf32")
