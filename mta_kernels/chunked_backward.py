@@ -15,9 +15,9 @@ conv_kernels.py (PyTorch's depthwise conv kernels were 80% of this backward's ti
 H200), each head mix's backward with its weight gradient one kernel of slab_mix_backward.py
 (the pre mix's with the softmax's backward), the forward recomputation's pre conv for 16-bit
 inputs one matmul (pre_conv_matmul.py, as in the chunked forward), and for 16-bit inputs the
-matmuls run in TF32. Each
-chunk adds its rows' share to dq, dk, dv and the weight gradients, so the sums run over the
-chunks in a fixed order, and nothing uses atomics: the result is deterministic.
+matmuls run in TF32. Each chunk adds its rows' share to dq, dk, dv and the weight gradients,
+so the sums run over the chunks in a fixed order, and nothing uses atomics: the result is
+deterministic.
 """
 import torch
 
