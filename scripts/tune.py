@@ -152,6 +152,14 @@ if "preconvmatmul" in which:
             print(f"pre conv matmul {pcm.MATMUL_CONFIG}: {t:.3f} ms, max err {err:.1e}", flush=True)
         except Exception as e:  # a config may not fit
             print(f"pre conv matmul {pcm.MATMUL_CONFIG}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
+    # D=96 (the paper's 830M model): the default's 64-wide blocks leave half of the second empty
+    q96, k96 = (torch.randn(B, H, L, 96, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kt96 = pcm.conv_keys(k96, w, "both", H, q.dtype)
+    for BD in (64, 32):
+        pcm.MATMUL_CONFIG = dict(BM=128, BN=128, BD=BD, num_warps=8, num_stages=3)
+        t = triton.testing.do_bench(lambda: pcm.pre_conv_matmul(q96, kt96, lo, hi, L, 96 ** -0.5, lo, precision="tf32"),
+                                    return_mode="median")
+        print(f"pre conv matmul D=96 {pcm.MATMUL_CONFIG}: {t:.3f} ms", flush=True)
 for cfg in [] if "flash" not in which else [dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3),
             dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=3),
             dict(BM=128, BN=64, num_warps=8, num_stages=2), dict(BM=128, BN=32, num_warps=4, num_stages=4)]:
