@@ -747,7 +747,7 @@ def test_chunked_backward_with_the_pre_conv_matmul(causal, pad_key, device, monk
     monkeypatch.setattr(slabs, "PRE_CONV_MATMUL", "1")
     monkeypatch.setattr(slabs, "pre_conv_matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     ck = 5 if pad_key == "both" else 4
-    case = Case(B=1, H=4, Hkv=2, L=160, D=8, pre_conv=(3, ck), pre_mix=4, post_conv=(2, ck), post_mix=2,
+    case = Case(B=1, H=4, Hkv=2, L=128, D=8, pre_conv=(3, ck), pre_mix=4, post_conv=(2, ck), post_mix=2,
                 causal=causal, pad_key=pad_key)
     inputs = make_inputs(case, torch.float64, device)
     grad = torch.randn(inputs[0].shape, dtype=torch.float64).to(device)
