@@ -22,22 +22,17 @@ row blocks) 4.0-7.1 ms against 5.4-8.2 here; at B=1, H=16, L=4096 (1120) the pre
 against 3.58 here and the post conv 2.25 against 3.64. So the threshold sits between 607
 row blocks (full MTA at L=32768) and 1120: 8 per SM.
 """
-import os
-
 import torch
 
 from .forward import _precision, general_row_programs
 from .pre_conv_matmul import conv_keys
-from .slabs import (_matmul_precision, conv_halos, rows_per_chunk, slab_forward, slab_inputs,
-                    use_pre_conv_matmul)
+from .slabs import (_matmul_precision, auto_switch_from_env, conv_halos, rows_per_chunk, slab_forward,
+                    slab_inputs, use_pre_conv_matmul)
 
 
 def _mode_from_env() -> str:
     """MTA_KERNELS_CHUNKED_FORWARD as 'auto' (unset), '1' or '0'."""
-    text = os.environ.get("MTA_KERNELS_CHUNKED_FORWARD", "").strip() or "auto"
-    if text not in ("auto", "1", "0"):
-        raise ValueError(f"MTA_KERNELS_CHUNKED_FORWARD must be auto, 1 or 0, got {text!r}")
-    return text
+    return auto_switch_from_env("MTA_KERNELS_CHUNKED_FORWARD")
 
 
 CHUNKED_FORWARD = _mode_from_env()

@@ -21,21 +21,35 @@ MIX_CONFIG = dict(elements=2048, num_warps=4)
 
 
 @triton.jit
+def group_row_program(H, R, CH: tl.constexpr, CHP: tl.constexpr):
+    """(b, g, i, hh, head_ok) of this program where a program holds row i of the CH heads of
+    group g in batch element b of (B, H, R, K) slabs (the grid is B * H / CH * R programs):
+    hh = arange(CHP), the heads g * CH + hh, head_ok where hh < CH (CHP: CH padded)."""
+    n = tl.program_id(0)
+    G = H // CH
+    bg, i = n // R, n % R
+    hh = tl.arange(0, CHP)
+    return bg // G, bg % G, i, hh, hh < CH
+
+
+@triton.jit
+def group_row(ptr, b, g, i, hh, sb, sh, si, CH: tl.constexpr):
+    """[CHP, 1] pointers to row i of heads g * CH + hh of batch element b in a (B, H, R, K)
+    tensor with strides (sb, sh, si, .)."""
+    heads = (g * CH + hh)[:, None].to(tl.int64)
+    return ptr + b.to(tl.int64) * sb + heads * sh + i.to(tl.int64) * si
+
+
+@triton.jit
 def mix_rows_kernel(x, w, out, sxb, sxh, sxi, sxj, sob, soh, soi, soj, H, R, K, ZERO_ABOVE,
                     CH: tl.constexpr, CHP: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
     """out (B, H, R, K) = the head mix of x (B, H, R, K) with w (G, CH, CH): out[o] = sum_c
     w[g, o, c] x[c] within group g, x taken as zero where col - row > ZERO_ABOVE; any strides,
     out in its own dtype. One program per (batch, group, row); CHP: CH rounded up to a power
     of two >= 16."""
-    n = tl.program_id(0)
-    G = H // CH
-    bg, i = n // R, n % R
-    b, g = bg // G, bg % G
-    hh = tl.arange(0, CHP)
-    head_ok = hh < CH
-    heads = (g * CH + hh)[:, None].to(tl.int64)
-    src = x + b.to(tl.int64) * sxb + heads * sxh + i.to(tl.int64) * sxi
-    dst = out + b.to(tl.int64) * sob + heads * soh + i.to(tl.int64) * soi
+    b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
+    src = group_row(x, b, g, i, hh, sxb, sxh, sxi, CH)
+    dst = group_row(out, b, g, i, hh, sob, soh, soi, CH)
     w_ok = head_ok[:, None] & head_ok[None, :]
     w_g = tl.load(w + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0).to(x.dtype.element_ty)
     end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [end, K) are zero

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .forward import _next_pow2
 from .slab_conv import row_kernel_zero_above
+from .slab_mix import group_row, group_row_program
 
 # key block of about this many elements (heads x keys), and the warps
 MIX_BACKWARD_CONFIG = dict(elements=2048, num_warps=4)
@@ -44,18 +45,11 @@ def mix_backward_rows_kernel(grad, probs, x, w, out, dw,
     through w (G, CH, CH), zero there too; out may be grad (a program reads a block before
     it writes it). With WANT_DW and DW_LO <= i < DW_HI, dw (B, G, R, CH, CH) at this
     program gets sum over keys of gradient[o] * x[c] (other rows are left unwritten)."""
-    n = tl.program_id(0)
-    G = H // CH
-    bg, i = n // R, n % R
-    b, g = bg // G, bg % G
-    hh = tl.arange(0, CHP)
-    head_ok = hh < CH
-    heads = (g * CH + hh)[:, None].to(tl.int64)
-    b64, i64 = b.to(tl.int64), i.to(tl.int64)
-    g_row = grad + b64 * sgb + heads * sgh + i64 * sgi
-    p_row = probs + b64 * spb + heads * sph + i64 * spi
-    x_row = x + b64 * sxb + heads * sxh + i64 * sxi
-    o_row = out + b64 * sob + heads * soh + i64 * soi
+    b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
+    g_row = group_row(grad, b, g, i, hh, sgb, sgh, sgi, CH)
+    p_row = group_row(probs, b, g, i, hh, spb, sph, spi, CH)
+    x_row = group_row(x, b, g, i, hh, sxb, sxh, sxi, CH)
+    o_row = group_row(out, b, g, i, hh, sob, soh, soi, CH)
     # w_t[c, o] = w[g, o, c]: the adjoint's matrix
     w_ok = head_ok[:, None] & head_ok[None, :]
     w_t = tl.load(w + g * CH * CH + hh[None, :] * CH + hh[:, None], mask=w_ok, other=0.0).to(grad.dtype.element_ty)
@@ -78,7 +72,7 @@ def mix_backward_rows_kernel(grad, probs, x, w, out, dw,
         adjoint = tl.dot(w_t, grad_in, input_precision=PREC)
         tl.store(o_row + (c0 + cols)[None, :] * soj, adjoint, mask=head_ok[:, None] & (c0 + cols[None, :] < K))
     if WANT_DW & weight_rows:
-        tl.store(dw + (n.to(tl.int64) * CH + hh[:, None]) * CH + hh[None, :], dw_acc, mask=w_ok)
+        tl.store(dw + (tl.program_id(0).to(tl.int64) * CH + hh[:, None]) * CH + hh[None, :], dw_acc, mask=w_ok)
 
 
 def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, zero_above=None, rows=None,

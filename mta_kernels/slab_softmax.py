@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .forward import _next_pow2
 from .slab_conv import row_kernel_zero_above
+from .slab_mix import group_row, group_row_program
 
 
 @triton.jit
@@ -90,15 +91,10 @@ def mix_softmax_rows_kernel(x, w, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, s
     as -inf and written as zero; out may be x (each program reads a block of its rows before
     it writes it). With WRITE_LSE, lse (B, H, R) contiguous gets each row's log-sum-exp.
     One program per (batch, group, row); CHP: CH rounded up to a power of two >= 16."""
-    n = tl.program_id(0)
-    G = H // CH
-    bg, i = n // R, n % R
-    b, g = bg // G, bg % G
-    hh = tl.arange(0, CHP)
-    head_ok = hh < CH
+    b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
     heads = g * CH + hh
-    src = x + b.to(tl.int64) * sxb + heads[:, None].to(tl.int64) * sxh + i.to(tl.int64) * sxi
-    dst = out + b.to(tl.int64) * sob + heads[:, None].to(tl.int64) * soh + i.to(tl.int64) * soi
+    src = group_row(x, b, g, i, hh, sxb, sxh, sxi, CH)
+    dst = group_row(out, b, g, i, hh, sob, soh, soi, CH)
     w_ok = head_ok[:, None] & head_ok[None, :]
     w_g = tl.load(w + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0).to(x.dtype.element_ty)
     end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked

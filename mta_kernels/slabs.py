@@ -46,12 +46,18 @@ CHUNK_BYTES = _chunk_bytes_from_env()
 TF32_MATMULS = os.environ.get("MTA_KERNELS_CHUNKED_TF32", "1") == "1"
 
 
+def auto_switch_from_env(name: str) -> str:
+    """Environment variable ``name`` as 'auto' (unset or empty), '1' or '0'; anything else is
+    refused with an error that names it."""
+    text = os.environ.get(name, "").strip() or "auto"
+    if text not in ("auto", "1", "0"):
+        raise ValueError(f"{name} must be auto, 1 or 0, got {text!r}")
+    return text
+
+
 def _pre_conv_matmul_mode_from_env() -> str:
     """MTA_KERNELS_PRE_CONV_MATMUL as 'auto' (unset), '1' or '0'."""
-    text = os.environ.get("MTA_KERNELS_PRE_CONV_MATMUL", "").strip() or "auto"
-    if text not in ("auto", "1", "0"):
-        raise ValueError(f"MTA_KERNELS_PRE_CONV_MATMUL must be auto, 1 or 0, got {text!r}")
-    return text
+    return auto_switch_from_env("MTA_KERNELS_PRE_CONV_MATMUL")
 
 
 # The row-chunked paths' pre conv as one matmul (pre_conv_matmul.py) instead of the slab conv
