@@ -80,9 +80,12 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
         for b in range(B):
             one = slice(b, b + 1)
             qc, kc, vc = slab_inputs(q[one], k[one], v[one], scale, cd)
-            # A V in q's dtype where the post mix writes A so (16-bit inputs): v repeated to q's heads
-            rep = H // v.shape[1]
-            v_in = vc if q.dtype == cd else v[one].repeat_interleave(rep, dim=1) if rep > 1 else v[one]
+            # the post mix's kernel writes A in q's dtype, so A V takes v in it (repeated to q's
+            # heads); without a post mix A is in the slabs' dtype, as vc
+            values = vc
+            if post_mix is not None and q.dtype != cd:
+                rep = H // v.shape[1]
+                values = v[one].repeat_interleave(rep, dim=1) if rep > 1 else v[one]
             pre_conv_operands = None
             if use_pre_conv_matmul(q, pre_conv):
                 pre_conv_operands = (q[one], conv_keys(k[one], pre_conv, pad_key, H, q.dtype), scale)
@@ -91,7 +94,6 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
                 lo = max(0, r0 - HQ - HP)
                 t = slab_forward(qc, kc, vc, weights, lo, r1, causal=causal, pad_key=pad_key,
                                  precision=prec, keep=False, a_dtype=q.dtype, pre_conv_operands=pre_conv_operands)
-                values = v_in if t.a.dtype == v_in.dtype else vc
                 out[one, :, r0:r1] = torch.matmul(t.a[:, :, r0 - lo:], values[:, :, :t.a.shape[-1]]).to(q.dtype)
                 lse[one, :, r0:r1] = t.lse[:, :, r0 - lo:]
                 del t    # before the next slab: LIVE_TENSORS counts none from the last

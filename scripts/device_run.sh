@@ -19,6 +19,8 @@ RES=/tmp/results
 # scripts/device_commit` (git-ignored, so name it in the device call's carry list).
 export MTA_BENCH_COMMIT=$(cat scripts/device_commit 2>/dev/null || echo unknown)
 mkdir -p "$RES"
+# the GPU tests of the row-chunked paths and their kernels (abtests, session12c)
+SLAB_GPU_TESTS="gradients_gpu or memory or (deterministic and full) or forward_gpu or long_sequence_runs or mix_backward_rows or mix_softmax or mix_rows or pre_conv_matmul"
 
 # full MTA fwd / bwd / fwd+bwd at L=2048 and 4096 in this tree and in every tree under
 # branches/ (each labelled with its folder name)
@@ -312,7 +314,7 @@ for step in "$@"; do
              # branches/NAME`), then this tree's GPU tests of the chunked paths and their kernels
              full_ab_trees
              timeout 250 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rA -s \
-               -k "gradients_gpu or memory or (deterministic and full) or forward_gpu or long_sequence_runs or mix_backward_rows or mix_softmax or mix_rows or pre_conv_matmul" \
+               -k "$SLAB_GPU_TESTS" \
                2>&1 | tee "$OUT/abtests.log" | grep -E "GiB|FAIL|ERROR|passed|failed" ;;
     preconvmatmul) timeout 150 python3 scripts/tune.py preconvmatmul 2>&1 | tee "$OUT/tune_preconvmatmul.log" | grep "pre conv matmul" ;;
     mixrows) timeout 100 python3 scripts/tune.py mixrows 2>&1 | tee "$OUT/tune_mixrows.log" | grep "mix rows" ;;
@@ -335,7 +337,7 @@ for step in "$@"; do
              timeout 130 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -4
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
              timeout 200 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rA -s \
-               -k "gradients_gpu or memory or (deterministic and full) or forward_gpu or long_sequence_runs or mix_backward_rows or mix_softmax or mix_rows or pre_conv_matmul" \
+               -k "$SLAB_GPU_TESTS" \
                2>&1 | tee "$OUT/abtests.log" | grep -E "GiB|FAIL|ERROR|passed|failed" ;;
     session12d) # the final tree's forward GPU tests, then the chunked profile with the pre conv matmul
              # switched on in the backward too (measured slower there, not yet explained)
