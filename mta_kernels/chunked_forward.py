@@ -25,9 +25,8 @@ row blocks (full MTA at L=32768) and 1120: 8 per SM.
 import torch
 
 from .forward import _precision, general_row_programs
-from .pre_conv_matmul import conv_keys
-from .slabs import (_matmul_precision, auto_switch_from_env, conv_halos, rows_per_chunk, slab_forward,
-                    slab_inputs, use_pre_conv_matmul)
+from .slabs import (_matmul_precision, auto_switch_from_env, conv_halos, matmul_operands, rows_per_chunk,
+                    slab_forward, slab_inputs)
 
 
 def _mode_from_env() -> str:
@@ -38,15 +37,20 @@ def _mode_from_env() -> str:
 CHUNKED_FORWARD = _mode_from_env()
 CHUNKED_BELOW_SMS = 8
 
+# Talking heads (mixes without convs) through this path too (MTA_KERNELS_CHUNKED_TALKING_HEADS):
+# 'auto' (the default) never yet (untimed); '1' always; '0' never: the register-mixing kernel of
+# mix_kernels.py instead.
+CHUNKED_TALKING_HEADS = auto_switch_from_env("MTA_KERNELS_CHUNKED_TALKING_HEADS")
+
 
 def prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=None) -> bool:
-    """Whether the forward of this call takes the chunked path: only with convs; then as
-    CHUNKED_FORWARD says, 'auto' choosing it when the general kernel's row-block programs
-    (general_row_programs, per key split) are fewer than CHUNKED_BELOW_SMS x ``sms``, by
-    default q's CUDA device's SM count (never on the CPU, where the kernels run in the
-    interpreter)."""
+    """Whether the forward of this call takes the chunked path. Without convs, only head mixing
+    as CHUNKED_TALKING_HEADS says. With convs as CHUNKED_FORWARD says, 'auto' choosing it when
+    the general kernel's row-block programs (general_row_programs, per key split) are fewer
+    than CHUNKED_BELOW_SMS x ``sms``, by default q's CUDA device's SM count (never on the CPU,
+    where the kernels run in the interpreter)."""
     if pre_conv is None and post_conv is None:
-        return False
+        return (pre_mix is not None or post_mix is not None) and CHUNKED_TALKING_HEADS == "1"
     if CHUNKED_FORWARD != "auto":
         return CHUNKED_FORWARD == "1"
     if sms is None:
@@ -86,14 +90,12 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
             if post_mix is not None and q.dtype != cd:
                 rep = H // v.shape[1]
                 values = v[one].repeat_interleave(rep, dim=1) if rep > 1 else v[one]
-            pre_conv_operands = None
-            if use_pre_conv_matmul(q, pre_conv):
-                pre_conv_operands = (q[one], conv_keys(k[one], pre_conv, pad_key, H, q.dtype), scale)
+            operands = matmul_operands(q[one], k[one], pre_conv, pad_key, scale)
             for r0 in range(0, L, R):
                 r1 = min(L, r0 + R)
                 lo = max(0, r0 - HQ - HP)
                 t = slab_forward(qc, kc, vc, weights, lo, r1, causal=causal, pad_key=pad_key,
-                                 precision=prec, keep=False, a_dtype=q.dtype, pre_conv_operands=pre_conv_operands)
+                                 precision=prec, keep=False, a_dtype=q.dtype, matmul_operands=operands)
                 out[one, :, r0:r1] = torch.matmul(t.a[:, :, r0 - lo:], values[:, :, :t.a.shape[-1]]).to(q.dtype)
                 lse[one, :, r0:r1] = t.lse[:, :, r0 - lo:]
                 del t    # before the next slab: LIVE_TENSORS counts none from the last

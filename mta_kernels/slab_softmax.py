@@ -83,20 +83,26 @@ def _mixed_block(src, w_g, cols, end, head_ok, sj, PREC: tl.constexpr):
 
 
 @triton.jit
-def mix_softmax_rows_kernel(x, w, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, soj, H, R, K, ZERO_ABOVE,
-                            CH: tl.constexpr, CHP: tl.constexpr, WRITE_LSE: tl.constexpr,
+def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, soj, H, R, K, ZERO_ABOVE,
+                            CH: tl.constexpr, CHP: tl.constexpr, WRITE_LSE: tl.constexpr, POST_MIX: tl.constexpr,
                             BLOCK: tl.constexpr, PREC: tl.constexpr):
     """out (B, H, R, K) = softmax over keys of the head mix of x (B, H, R, K) with w (G, CH, CH)
     (out[o] = sum_c w[g, o, c] x[c] within group g), entries with col - row > ZERO_ABOVE taken
     as -inf and written as zero; out may be x (each program reads a block of its rows before
-    it writes it). With WRITE_LSE, lse (B, H, R) contiguous gets each row's log-sum-exp.
-    One program per (batch, group, row); CHP: CH rounded up to a power of two >= 16."""
+    it writes it). With POST_MIX, out is that softmax mixed again with w_post (G, CH, CH), in
+    out's dtype. With WRITE_LSE, lse (B, H, R) contiguous gets each row's log-sum-exp (of the
+    first mix's logits). One program per (batch, group, row); CHP: CH rounded up to a power of
+    two >= 16."""
     b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
     heads = g * CH + hh
     src = group_row(x, b, g, i, hh, sxb, sxh, sxi, CH)
     dst = group_row(out, b, g, i, hh, sob, soh, soi, CH)
     w_ok = head_ok[:, None] & head_ok[None, :]
     w_g = tl.load(w + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0).to(x.dtype.element_ty)
+    if POST_MIX:
+        # zero columns for the padding heads, whose softmax is not zero
+        w_post_g = tl.load(w_post + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok,
+                           other=0.0).to(x.dtype.element_ty)
     end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
     cols = tl.arange(0, BLOCK)
     # online max and sum per head over the unmasked columns (padding heads mix to zeros)
@@ -112,29 +118,37 @@ def mix_softmax_rows_kernel(x, w, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, s
     for c0 in range(0, K, BLOCK):
         m = _mixed_block(src, w_g, c0 + cols, end, head_ok, sxj, PREC)
         p = tl.exp(m - row_max[:, None]) * inv_sum[:, None]
-        tl.store(dst + (c0 + cols)[None, :] * soj, p, mask=head_ok[:, None] & (c0 + cols[None, :] < K))
+        if POST_MIX:
+            p = tl.dot(w_post_g, p, input_precision=PREC)
+        tl.store(dst + (c0 + cols)[None, :] * soj, p.to(out.dtype.element_ty), mask=head_ok[:, None] & (c0 + cols[None, :] < K))
     if WRITE_LSE:
         tl.store(lse + (b * H + heads).to(tl.int64) * R + i, row_max + tl.log(row_sum), mask=head_ok)
 
 
 def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse=False, precision="ieee",
-                     out=None):
+                     out=None, post_mix=None, out_dtype=None):
     """softmax(mta_reference.mix_heads(x, w)) over the last dim: x (B, H, R, K), w (G, ch, ch)
     with H = G * ch, entries where col - row > zero_above taken as -inf and written as zero
-    (None: no mask). Written to ``out`` (B, H, R, K), which may be x itself (in place), or a new tensor.
-    precision: tl.dot's for the mix of fp32 slabs ("tf32" or "ieee"; fp64 is exact).
+    (None: no mask); with post_mix (G, ch, ch) that softmax mixed again,
+    mix_heads(softmax(...), post_mix), without a slab in between. Written to ``out`` (B, H, R,
+    K), which may be x itself (in place), or a new tensor of ``out_dtype`` (default x's).
+    precision: tl.dot's for the mixes of fp32 slabs ("tf32" or "ieee"; fp64 is exact).
     Returns (out, lse (B, H, R) in x's dtype or None)."""
     B, H, R, K = x.shape
     G, ch, _ = w.shape
+    if post_mix is not None and post_mix.shape != w.shape:
+        raise ValueError(f"post_mix must have the pre mix's shape {tuple(w.shape)}, got {tuple(post_mix.shape)}")
     zeros = row_kernel_zero_above(zero_above)
-    out = torch.empty_like(x) if out is None else out
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype) if out is None else out
     lse = torch.empty(B, H, R, device=x.device, dtype=x.dtype) if want_lse else None
     if x.numel() == 0:
         return out, lse
     chp = max(16, _next_pow2(ch))
     block = min(max(16, MIX_SOFTMAX_CONFIG["elements"] // chp), max(16, _next_pow2(K)))
+    w_post = w if post_mix is None else post_mix
     mix_softmax_rows_kernel[(B * G * R,)](
-        x, w.to(x.dtype).contiguous(), out, lse if want_lse else x, *x.stride(), *out.stride(), H, R, K,
-        zeros, CH=ch, CHP=chp, WRITE_LSE=want_lse, BLOCK=block,
+        x, w.to(x.dtype).contiguous(), w_post.to(x.dtype).contiguous(), out, lse if want_lse else x,
+        *x.stride(), *out.stride(), H, R, K, zeros,
+        CH=ch, CHP=chp, WRITE_LSE=want_lse, POST_MIX=post_mix is not None, BLOCK=block,
         PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=MIX_SOFTMAX_CONFIG["num_warps"])
     return out, lse

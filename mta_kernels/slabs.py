@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .pre_conv_matmul import pre_conv_matmul
+from .pre_conv_matmul import conv_keys, pre_conv_matmul
 from .slab_conv import CONV_CONFIG, key_query_conv
 from .slab_mix import mix_rows
 from .slab_softmax import mix_softmax_rows, softmax_rows_
@@ -77,6 +77,33 @@ def use_pre_conv_matmul(q, pre_conv) -> bool:
     B, H, L, D = q.shape
     k_tilde_bytes = H * L * pre_conv.shape[1] * D * q.element_size()
     return q.dtype in (torch.float16, torch.bfloat16) and k_tilde_bytes <= CHUNK_BYTES // 4
+
+
+def _scores_matmul_mode_from_env() -> str:
+    """MTA_KERNELS_SCORES_MATMUL as 'auto' (unset), '1' or '0'."""
+    return auto_switch_from_env("MTA_KERNELS_SCORES_MATMUL")
+
+
+# Without a pre conv, the row-chunked paths' scores Q K^T as the same 16-bit tensor-core kernel
+# (K~ = k, one query offset), written in fp32 and skipping the tiles in the causal future,
+# instead of a TF32 torch.matmul of the slabs' fp32 copies: 'auto' for 16-bit inputs; '1'
+# always; '0' never.
+SCORES_MATMUL = _scores_matmul_mode_from_env()
+
+
+def matmul_operands(q, k, pre_conv, pad_key, scale):
+    """slab_forward's ``matmul_operands`` for one batch element's q (1, H, L, D) and k: with a
+    pre conv (where use_pre_conv_matmul says so) q, K~ = conv_keys(k, pre_conv) and scale; without
+    one (where SCORES_MATMUL allows) q, k with its heads repeated to q's as (1, H, L, 1, D), and
+    scale; else None (the scores by torch.matmul of the slabs' copies)."""
+    H = q.shape[1]
+    if pre_conv is not None:
+        return (q, conv_keys(k, pre_conv, pad_key, H, q.dtype), scale) if use_pre_conv_matmul(q, pre_conv) else None
+    if SCORES_MATMUL == "0" or (SCORES_MATMUL == "auto" and q.dtype not in (torch.float16, torch.bfloat16)):
+        return None
+    rep = H // k.shape[1]
+    keys = k.repeat_interleave(rep, dim=1) if rep > 1 else k
+    return (q, keys.to(q.dtype).unsqueeze(3).contiguous(), scale)
 
 
 @contextlib.contextmanager
@@ -162,15 +189,16 @@ class SlabForward(NamedTuple):
 
 
 def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, keep, a_dtype=None,
-                 pre_conv_operands=None) -> SlabForward:
+                 matmul_operands=None) -> SlabForward:
     """mta_reference.forward_intermediates on rows [lo, hi) of slab_inputs' tensors (one batch
     element) and keys [0, slab_keys(hi, L, causal)) (keys from hi on are in every row's future),
     with the slab conv kernels, the pre mix and the softmax as one kernel (the softmax alone,
     in place, without a pre mix), the post mix as one kernel writing ``a`` in ``a_dtype``
-    (default the slabs' dtype; without a post mix ``a`` is a1 in that dtype). With
-    ``pre_conv_operands`` (q unscaled, K~ = pre_conv_matmul.conv_keys(...), scale) the pre
-    conv is one matmul, its tiles near a causal diagonal the slab conv kernel's. Rows above
-    lo read as zero, so rows from lo + the convs' row halos on are exact. Leaner than the
+    (default the slabs' dtype; without a post mix ``a`` is a1 in that dtype); with keep=False,
+    both mixes of one group size and no post conv, the post mix in the softmax's kernel too. With
+    ``matmul_operands`` (from slabs.matmul_operands) the scores, or the pre conv's output, are
+    one 16-bit matmul, a pre conv's tiles near a causal diagonal the slab conv kernel's. Rows
+    above lo read as zero, so rows from lo + the convs' row halos on are exact. Leaner than the
     reference: no masking pass, since the conv kernels read the causal future as zero (and
     zero it in the post conv's output) and the softmax kernel takes it as -inf. keep=False
     drops each intermediate once the next is made and returns the log-sum-exp (what the
@@ -181,21 +209,29 @@ def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, kee
     zero_above = lo if causal else None
     conv = functools.partial(key_query_conv, pad_key=pad_key, zero_above=zero_above, precision=precision)
     # the scores: the logits without a pre conv; else the conv's input (the band's, after a matmul)
-    need_s0 = pre_conv is None or pre_conv_operands is None or keep or causal
+    need_s0 = matmul_operands is None or (pre_conv is not None and (keep or causal))
     s0 = torch.matmul(qc[:, :, lo:hi], kc[:, :, :keys].transpose(-1, -2)) if need_s0 else None
-    if pre_conv is not None and pre_conv_operands is not None:
-        q_in, k_tilde, scale = pre_conv_operands
+    if matmul_operands is not None:
+        q_in, k_tilde, scale = matmul_operands
         c = pre_conv_matmul(q_in, k_tilde, lo, hi, keys, scale, zero_above, precision=precision, dtype=qc.dtype)
-        if causal:
+        if pre_conv is not None and causal:
             conv(s0, pre_conv, out=c, band=True)
     else:
         c = conv(s0, pre_conv) if pre_conv is not None else s0
     s0 = s0 if keep and pre_conv is not None else None
+    # talking heads in the forward: the post mix inside the softmax's kernel, no probs slab
+    fused_post_mix = post_mix if (pre_mix is not None and post_mix is not None and post_conv is None
+                                  and post_mix.shape == pre_mix.shape and not keep) else None
     if pre_mix is not None:
-        # mixed and normalised in one kernel: over c itself unless the backward keeps it
+        # mixed and normalised in one kernel: over c itself unless the backward keeps it or
+        # the post mix writes a new slab
+        in_place = not keep and fused_post_mix is None
         probs, lse = mix_softmax_rows(c, pre_mix, zero_above, want_lse=not keep, precision=mix_precision(precision),
-                                      out=None if keep else c)
+                                      out=c if in_place else None, post_mix=fused_post_mix,
+                                      out_dtype=a_dtype if fused_post_mix is not None else None)
         c = c if keep else None
+        if fused_post_mix is not None:
+            return SlabForward(None, None, None, None, probs, lse)
     else:
         # in place: c (or s0 when no conv made c), which nothing reads again
         probs, lse = softmax_rows_(c, zero_above, want_lse=not keep)

@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -20,7 +20,7 @@ RES=/tmp/results
 export MTA_BENCH_COMMIT=$(cat scripts/device_commit 2>/dev/null || echo unknown)
 mkdir -p "$RES"
 # the GPU tests of the row-chunked paths and their kernels (abtests, session12c)
-SLAB_GPU_TESTS="gradients_gpu or memory or (deterministic and full) or forward_gpu or long_sequence_runs or mix_backward_rows or mix_softmax or mix_rows or pre_conv_matmul"
+SLAB_GPU_TESTS="gradients_gpu or memory or (deterministic and full) or forward_gpu or long_sequence_runs or mix_backward_rows or mix_softmax or mix_rows or pre_conv_matmul or with_the_matmul"
 
 # full MTA fwd / bwd / fwd+bwd at L=2048 and 4096 in this tree and in every tree under
 # branches/ (each labelled with its folder name)
@@ -344,7 +344,7 @@ for step in "$@"; do
              timeout 170 python3 -m pytest tests/test_forward.py tests/test_backward.py -q -rA -s \
                -k "forward_gpu or pre_conv_matmul or long_sequence_runs or memory" \
                2>&1 | tee "$OUT/final_tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed"
-             timeout 90 python3 -c "import runpy, mta_kernels.chunked_backward as b; b.PRE_CONV_MATMUL_IN_BACKWARD = True; \
+             timeout 90 python3 -c "import runpy, mta_kernels.chunked_backward as b; b.MATMUL_IN_BACKWARD = True; \
 runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$OUT/chunked_bwdmatmul.log" | grep -E "ms$|kernel" | cut -c1-60,150-200 ;;
     trainab) # training with the pre conv matmul off and on (auto), alternating: was it what made the
              # fused step slower at ed2937c (0.528x against 0.60x at a318c3c)? Then the K~ and tile sweep.
@@ -354,6 +354,17 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
                  --out "$RES" 2>&1 | tee -a "$OUT/trainab.log" | grep -E "round|tokens/s \|"
              done
              timeout 150 python3 scripts/tune.py preconvmatmul 2>&1 | tee "$OUT/tune_preconvmatmul.log" | grep "pre conv matmul" ;;
+    session13a) # talking heads through the register kernels and the chunked slabs (checks, then every
+             # pairing alternating); full MTA here against branches/*; training with the pre conv
+             # matmul off and on (auto)
+             timeout 200 python3 scripts/talking_heads_paths.py 2048 4096 8192 2>&1 | tee "$OUT/thpaths.log"
+             full_ab_trees 2>&1 | tee "$OUT/abtrees.log"
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
+             for mode in 0 auto; do
+               echo "== MTA_KERNELS_PRE_CONV_MATMUL=$mode"
+               MTA_KERNELS_PRE_CONV_MATMUL=$mode timeout 130 python3 -m bench.train --providers baseline,fused \
+                 --out "$RES" 2>&1 | tee -a "$OUT/trainab.log" | grep -E "round|tokens/s \|"
+             done ;;
     fusedmixbwd) # branch exp/fused-mix-backward: each head mix's backward with its weight gradient as one
              # kernel (the pre mix's with the softmax's backward), against main (`git archive main |
              # tar -x -C branches/before`); its block sizes; the GPU tests of the backward

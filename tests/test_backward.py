@@ -98,8 +98,8 @@ def test_chunked_paths_keep_at_most_their_live_slabs(causal, monkeypatch):
     stub = lambda x, *args, **kwargs: torch.empty_like(x)
     monkeypatch.setattr(slabs, "key_query_conv", stub)
     monkeypatch.setattr(slabs, "softmax_rows_", lambda x, zero_above, want_lse: (x, x[..., 0].clone() if want_lse else None))
-    monkeypatch.setattr(slabs, "mix_softmax_rows", lambda x, w, zero_above, want_lse, precision, out: (
-        torch.empty_like(x) if out is None else out, x[..., 0].clone() if want_lse else None))
+    monkeypatch.setattr(slabs, "mix_softmax_rows", lambda x, w, zero_above, want_lse, precision, out, post_mix, out_dtype: (
+        torch.empty_like(x, dtype=out_dtype) if out is None else out, x[..., 0].clone() if want_lse else None))
     monkeypatch.setattr(slabs, "mix_rows", lambda x, w, zero_above, precision, out_dtype: torch.empty_like(x, dtype=out_dtype))
     monkeypatch.setattr(backward, "key_query_conv_input_grad", stub)
     monkeypatch.setattr(backward, "key_query_conv_weight_grad", lambda g, x, w, *a, **kw: torch.zeros(w.shape))
@@ -192,6 +192,37 @@ def test_mix_softmax_rows_matches_torch(shape, groups, zero_above, in_place, dev
     assert torch.equal(big[:, :, [0, R + 1]], before[:, :, [0, R + 1]])
     assert in_place or torch.equal(big, before)
     assert mix_softmax_rows(x, w, zero_above)[1] is None
+
+
+@pytest.mark.parametrize("shape, groups", [((1, 16, 5, 1100), 1), ((2, 6, 4, 37), 3), ((1, 10, 3, 50), 1)])
+@pytest.mark.parametrize("zero_above", [None, 0, 7])
+@pytest.mark.parametrize("out_dtype", [torch.float64, torch.float16], ids=["fp64", "fp16"])
+def test_mix_softmax_rows_with_the_post_mix(shape, groups, zero_above, out_dtype, device):
+    """The pre mix, softmax and post mix in one kernel against mix_heads(softmax(mix_heads(x)))
+    of the masked slab (fp64 slabs), written in fp64 or rounded to fp16 (as the forward writes
+    A in q's dtype): all 16 heads in one group over rows longer than a key block, three groups
+    at B=2, ten heads padded to 16 (the padding heads' softmax must not leak into the mix); the
+    log-sum-exp; exact zeros on the masked entries; a post mix of another shape is refused."""
+    from mta_kernels.slab_softmax import mix_softmax_rows
+    g = torch.Generator().manual_seed(6)
+    B, H, R, K = shape
+    x = (4 * torch.randn(B, H, R + 2, K, generator=g, dtype=torch.float64))[:, :, 1:1 + R].to(device)
+    w, w_post = torch.randn(2, groups, H // groups, H // groups, generator=g, dtype=torch.float64).to(device)
+    rows, cols = torch.arange(R, device=device)[:, None], torch.arange(K, device=device)[None, :]
+    mixed = mta_reference.mix_heads(x, w)
+    masked = mixed if zero_above is None else mixed.masked_fill(cols - rows > zero_above, float("-inf"))
+    expected = mta_reference.mix_heads(torch.softmax(masked, -1), w_post)
+    y, lse = mix_softmax_rows(x, w, zero_above, want_lse=True, post_mix=w_post, out_dtype=out_dtype)
+    assert y.dtype == out_dtype
+    if out_dtype == torch.float64:
+        assert torch.allclose(y, expected, atol=1e-12, rtol=1e-10)
+    else:   # one fp16 rounding of each entry
+        assert torch.allclose(y.double(), expected, atol=1e-7, rtol=2 ** -11)
+    assert torch.allclose(lse, torch.logsumexp(masked, -1), atol=1e-12, rtol=1e-10)
+    if zero_above is not None:
+        assert (y.masked_select(cols - rows > zero_above) == 0).all()
+    with pytest.raises(ValueError, match="post_mix"):
+        mix_softmax_rows(x, w, zero_above, post_mix=w_post[..., :1])
 
 
 @pytest.mark.parametrize("shape, groups", [((1, 16, 5, 600), 1), ((2, 6, 4, 37), 3)])
@@ -735,20 +766,23 @@ def test_slab_convs_skip_exactly_the_zero_tiles(pad_key, ck):
             assert torch.allclose(got, expected, atol=1e-12, rtol=1e-10), (z, i)
 
 
-@pytest.mark.parametrize("causal, pad_key", [(True, "both"), (False, "left"), (True, "right")])
-def test_chunked_backward_with_the_pre_conv_matmul(causal, pad_key, device, monkeypatch):
-    """The chunked backward with its forward recomputation's pre conv as one matmul (switched
-    on, and forced as 'auto' would for 16-bit inputs) gives exactly the materialized backward
-    (fp64): rows long enough for tiles the matmul keeps, chunks of 40 rows, GQA."""
+@pytest.mark.parametrize("causal, pad_key, convs", [(True, "both", True), (False, "left", True), (True, "right", True),
+                                                   (True, "both", False)])
+def test_chunked_backward_with_the_matmul(causal, pad_key, convs, device, monkeypatch):
+    """The chunked backward with its forward recomputation's pre conv (or without convs, its
+    scores) as one matmul (switched on, and forced as 'auto' would for 16-bit inputs) gives
+    exactly the materialized backward (fp64): rows long enough for tiles the matmul keeps,
+    chunks of 40 rows, GQA; talking heads without convs."""
     from mta_kernels import chunked_backward as backward, slabs
     calls = []
     real = slabs.pre_conv_matmul
-    monkeypatch.setattr(backward, "PRE_CONV_MATMUL_IN_BACKWARD", True)
+    monkeypatch.setattr(backward, "MATMUL_IN_BACKWARD", True)
     monkeypatch.setattr(slabs, "PRE_CONV_MATMUL", "1")
+    monkeypatch.setattr(slabs, "SCORES_MATMUL", "1")
     monkeypatch.setattr(slabs, "pre_conv_matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     ck = 5 if pad_key == "both" else 4
-    case = Case(B=1, H=4, Hkv=2, L=128, D=8, pre_conv=(3, ck), pre_mix=4, post_conv=(2, ck), post_mix=2,
-                causal=causal, pad_key=pad_key)
+    conv = dict(pre_conv=(3, ck), post_conv=(2, ck)) if convs else {}
+    case = Case(B=1, H=4, Hkv=2, L=128, D=8, pre_mix=4, post_mix=2, causal=causal, pad_key=pad_key, **conv)
     inputs = make_inputs(case, torch.float64, device)
     grad = torch.randn(inputs[0].shape, dtype=torch.float64).to(device)
     expected = mta_reference.mta_attention_backward(grad, *inputs, causal=causal, pad_key=pad_key,
@@ -757,4 +791,5 @@ def test_chunked_backward_with_the_pre_conv_matmul(causal, pad_key, device, monk
                                     compute_dtype=torch.float64, rows=40)
     assert calls
     for name, e, g in zip(NAMES, expected, got):
-        assert torch.allclose(e, g, atol=1e-12, rtol=1e-10), name
+        assert (e is None) == (g is None), name
+        assert e is None or torch.allclose(e, g, atol=1e-12, rtol=1e-10), name

@@ -434,19 +434,26 @@ CHUNKED_MATMUL_CASES = [
     Case(L=150, causal=False, **FULL),
     Case(B=2, H=4, Hkv=2, L=100, pad_key="left", **FULL),        # GQA, batch > 1
     Case(D=96, L=120, pre_conv=(6, 11)),
+    # no pre conv: Q K^T as the same kernel (cq = 1); talking heads with the post mix in the
+    # softmax's kernel, GQA, and a post conv alone
+    Case(L=130, pre_mix=4, post_mix=4),
+    Case(H=10, Hkv=5, L=90, pre_mix=10, post_mix=5, causal=False),
+    Case(L=100, post_conv=(3, 5)),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", CHUNKED_MATMUL_CASES, ids=lambda c: c.id)
-def test_chunked_forward_with_the_pre_conv_matmul(case, dtype, device, monkeypatch):
-    """The row-chunked forward with its pre conv as one matmul (forced on, as 'auto' does for
-    16-bit inputs) against the reference, in chunks of 50 rows, long enough rows for tiles
-    the matmul keeps; the causal future does not reach the past (bit-identical outputs)."""
+def test_chunked_forward_with_the_matmul(case, dtype, device, monkeypatch):
+    """The row-chunked forward with its pre conv, or without one its scores, as one 16-bit
+    matmul kernel (forced on, as 'auto' does for 16-bit inputs) against the reference, in
+    chunks of 50 rows, long enough rows for tiles the matmul keeps; the causal future does not
+    reach the past (bit-identical outputs)."""
     from mta_kernels import chunked_forward as chunked, slabs
     calls = []
     real = slabs.pre_conv_matmul
     monkeypatch.setattr(slabs, "PRE_CONV_MATMUL", "1")
+    monkeypatch.setattr(slabs, "SCORES_MATMUL", "1")
     monkeypatch.setattr(slabs, "pre_conv_matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, v, *w = make_inputs(case, dtype, device)
     opts = dict(causal=case.causal, pad_key=case.pad_key)
