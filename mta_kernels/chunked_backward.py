@@ -24,7 +24,7 @@ import torch
 from .forward import _precision
 from .slab_conv import key_query_conv_input_grad, key_query_conv_weight_grad
 from .slab_mix_backward import mix_backward_rows
-from .slabs import (_matmul_precision, conv_halos, matmul_operands, mix_precision, rows_per_chunk, slab_forward,
+from .slabs import (_matmul_precision, conv_halos, mix_precision, pre_conv_operands, rows_per_chunk, slab_forward,
                     slab_inputs)
 
 # (1, H, rows, L) slabs alive at once in a chunk (the chunk height's divisor): the chain frees
@@ -33,12 +33,12 @@ from .slabs import (_matmul_precision, conv_halos, matmul_operands, mix_precisio
 # allocations (tests/test_backward.py): 5.0-5.3 slabs at the peak; 14-15 before the frees.
 LIVE_TENSORS = 6
 
-# The forward recomputation's scores or pre conv as one matmul where the chunked forward makes
-# them so (slabs.matmul_operands; exact too). On the H200 (bf16, L=4096, paper weights, on and off
+# The forward recomputation's pre conv as one matmul where the chunked forward makes it so
+# (slabs.pre_conv_operands; exact too). On the H200 (bf16, L=4096, paper weights, on and off
 # alternating in one call at 895f0ca): backward 14.89 / 14.89 ms against 15.42 / 15.44 without,
 # fwd+bwd 18.90 / 18.94 against 19.48 / 19.38. (A first A/B at ed2937c gave 17.58 ms with a
 # [16.81, 18.39] spread: the first tree timed in that call, an outlier.)
-MATMUL_IN_BACKWARD = True
+PRE_CONV_MATMUL_IN_BACKWARD = True
 
 
 def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,
@@ -106,7 +106,7 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
     need_da = need_dz or need_w[2] or need_w[3]
 
     prec = _precision(q)
-    operands = matmul_operands(q, k, pre_conv, pad_key, scale) if MATMUL_IN_BACKWARD else None
+    operands = pre_conv_operands(q, k, pre_conv, pad_key, scale) if PRE_CONV_MATMUL_IN_BACKWARD else None
     for r0 in range(0, L, rows):
         # the last chunk's slabs go before this one's are made (the chain below frees each
         # slab after its last use; those left by a `continue` go here), so that at most
@@ -121,7 +121,7 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         mix = dict(zero_above=zero_above, precision=mix_precision(prec))
         s0, c, probs, a1, a, _ = slab_forward(qc, kc, vc, (pre_conv, pre_mix, post_conv, post_mix), lo, hi,
                                               causal=causal, pad_key=pad_key, precision=prec, keep=True,
-                                              matmul_operands=operands)
+                                              pre_conv_operands=operands)
         # causal: keys from hi on are in the future of every row of the slab, zero in every
         # slab tensor, so the slab stops there (about half the work over all chunks; rounded up
         # to a multiple of 16 keys, slabs.slab_keys)

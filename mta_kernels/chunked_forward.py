@@ -24,8 +24,8 @@ row blocks (full MTA at L=32768) and 1120: 8 per SM.
 """
 import torch
 
-from .forward import _precision, general_row_programs
-from .slabs import (_matmul_precision, auto_switch_from_env, conv_halos, matmul_operands, rows_per_chunk,
+from .forward import _precision, general_row_programs, uses_register_mixing
+from .slabs import (_matmul_precision, auto_switch_from_env, conv_halos, pre_conv_operands, rows_per_chunk,
                     slab_forward, slab_inputs)
 
 
@@ -37,20 +37,38 @@ def _mode_from_env() -> str:
 CHUNKED_FORWARD = _mode_from_env()
 CHUNKED_BELOW_SMS = 8
 
-# Talking heads (mixes without convs) through this path too (MTA_KERNELS_CHUNKED_TALKING_HEADS):
-# 'auto' (the default) never yet (untimed); '1' always; '0' never: the register-mixing kernel of
-# mix_kernels.py instead.
+# Talking heads (head mixing without convs, where the register-mixing kernels of mix_kernels.py
+# and mix_bwd_kernels.py apply) through the row-chunked forward and backward instead
+# (MTA_KERNELS_CHUNKED_TALKING_HEADS): 'auto' (the default) for CUDA calls with L >=
+# CHUNKED_TALKING_HEADS_FROM; '1' always; '0' never. H200, B=1, H=16, D=128, bf16, causal, all 16
+# heads mixed (scripts/talking_heads_paths.py, two rounds alternating in one call at 1ef2392): the
+# forward 0.537 / 0.507 ms chunked against 0.492 / 0.587 register at L=2048, 1.203 against 1.585
+# at 4096, 4.16 against 6.05 at 8192; fwd+bwd with both chunked 3.90 / 4.01 against 2.48 / 2.47
+# at L=2048, 7.64 / 8.01 against 8.27 / 8.26 at 4096, 25.4 / 25.4 against 32.4 / 32.3 at 8192
+# (peak memory 1.13 against 0.76 GiB at 4096, 1.50 against 0.91 at 8192).
 CHUNKED_TALKING_HEADS = auto_switch_from_env("MTA_KERNELS_CHUNKED_TALKING_HEADS")
+CHUNKED_TALKING_HEADS_FROM = 4096
+
+
+def prefer_chunked_talking_heads(q, pre_conv, pre_mix, post_conv, post_mix, on_cuda=None) -> bool:
+    """Whether a talking-heads call (uses_register_mixing) takes the row-chunked forward and
+    backward instead of the register-mixing kernels, as CHUNKED_TALKING_HEADS says; False for
+    every other call. on_cuda: whether q is on a CUDA device (default: q.is_cuda)."""
+    if not uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, q.shape[-1]):
+        return False
+    if CHUNKED_TALKING_HEADS != "auto":
+        return CHUNKED_TALKING_HEADS == "1"
+    return (q.is_cuda if on_cuda is None else on_cuda) and q.shape[2] >= CHUNKED_TALKING_HEADS_FROM
 
 
 def prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=None) -> bool:
-    """Whether the forward of this call takes the chunked path. Without convs, only head mixing
-    as CHUNKED_TALKING_HEADS says. With convs as CHUNKED_FORWARD says, 'auto' choosing it when
-    the general kernel's row-block programs (general_row_programs, per key split) are fewer
-    than CHUNKED_BELOW_SMS x ``sms``, by default q's CUDA device's SM count (never on the CPU,
-    where the kernels run in the interpreter)."""
+    """Whether the forward of this call takes the chunked path. Without convs, talking heads as
+    prefer_chunked_talking_heads says. With convs as CHUNKED_FORWARD says, 'auto' choosing it
+    when the general kernel's row-block programs (general_row_programs, per key split) are
+    fewer than CHUNKED_BELOW_SMS x ``sms``, by default q's CUDA device's SM count (never on the
+    CPU, where the kernels run in the interpreter)."""
     if pre_conv is None and post_conv is None:
-        return (pre_mix is not None or post_mix is not None) and CHUNKED_TALKING_HEADS == "1"
+        return prefer_chunked_talking_heads(q, pre_conv, pre_mix, post_conv, post_mix)
     if CHUNKED_FORWARD != "auto":
         return CHUNKED_FORWARD == "1"
     if sms is None:
@@ -90,12 +108,12 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
             if post_mix is not None and q.dtype != cd:
                 rep = H // v.shape[1]
                 values = v[one].repeat_interleave(rep, dim=1) if rep > 1 else v[one]
-            operands = matmul_operands(q[one], k[one], pre_conv, pad_key, scale)
+            operands = pre_conv_operands(q[one], k[one], pre_conv, pad_key, scale)
             for r0 in range(0, L, R):
                 r1 = min(L, r0 + R)
                 lo = max(0, r0 - HQ - HP)
                 t = slab_forward(qc, kc, vc, weights, lo, r1, causal=causal, pad_key=pad_key,
-                                 precision=prec, keep=False, a_dtype=q.dtype, matmul_operands=operands)
+                                 precision=prec, keep=False, a_dtype=q.dtype, pre_conv_operands=operands)
                 out[one, :, r0:r1] = torch.matmul(t.a[:, :, r0 - lo:], values[:, :, :t.a.shape[-1]]).to(q.dtype)
                 lse[one, :, r0:r1] = t.lse[:, :, r0 - lo:]
                 del t    # before the next slab: LIVE_TENSORS counts none from the last

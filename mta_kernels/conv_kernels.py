@@ -33,12 +33,12 @@ def _tile(i_bh, H, sb, sh, si, sj):
 
 
 @triton.jit
-def _shifted(base, rows, cols, si, sj, R, LC, ZERO_ABOVE):
+def _shifted(base, rows, cols, si, sj, R, LC, ZERO_ABOVE, COL_LO=0):
     """Block of a (R, LC) plane at the given (possibly out-of-range) rows and cols, zero
-    outside the plane and where col - row > ZERO_ABOVE."""
+    outside the plane, left of column COL_LO and where col - row > ZERO_ABOVE."""
     # The causal zeros are selected after the load, not masked in it: a mask that changes
     # along a row keeps Triton from vectorizing the load (4-byte loads instead of 16-byte).
-    ok = (rows[:, None] >= 0) & (rows[:, None] < R) & (cols[None, :] >= 0) & (cols[None, :] < LC)
+    ok = (rows[:, None] >= 0) & (rows[:, None] < R) & (cols[None, :] >= COL_LO) & (cols[None, :] < LC)
     x = tl.load(base + rows[:, None].to(tl.int64) * si + cols[None, :] * sj, mask=ok, other=0.0)
     return tl.where(cols[None, :] - rows[:, None] > ZERO_ABOVE, 0.0, x)
 
@@ -70,25 +70,28 @@ def _source_rows(rows, a, CQ: tl.constexpr, TRANSPOSE: tl.constexpr):
 
 
 @triton.jit
-def _chunks(base, src, c0, si, sj, R, LC, ZERO_ABOVE, HALO: tl.constexpr, BC: tl.constexpr):
+def _chunks(base, src, c0, si, sj, R, LC, ZERO_ABOVE, COL_LO, HALO: tl.constexpr, BC: tl.constexpr):
     """The input at rows src in three column chunks: [c0 - HALO, c0), [c0, c0 + BC) and
     [c0 + BC, c0 + BC + HALO)."""
     halo = tl.arange(0, HALO)
-    left = _shifted(base, src, c0 - HALO + halo, si, sj, R, LC, ZERO_ABOVE)
-    main = _shifted(base, src, c0 + tl.arange(0, BC), si, sj, R, LC, ZERO_ABOVE)
-    right = _shifted(base, src, c0 + BC + halo, si, sj, R, LC, ZERO_ABOVE)
+    left = _shifted(base, src, c0 - HALO + halo, si, sj, R, LC, ZERO_ABOVE, COL_LO)
+    main = _shifted(base, src, c0 + tl.arange(0, BC), si, sj, R, LC, ZERO_ABOVE, COL_LO)
+    right = _shifted(base, src, c0 + BC + halo, si, sj, R, LC, ZERO_ABOVE, COL_LO)
     return left, main, right
 
 
 @triton.jit
-def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, BAND_LIMIT,
+def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, BAND_LIMIT, X_COL0,
                    CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, TRANSPOSE: tl.constexpr,
                    MASK_OUT: tl.constexpr, BAND_ONLY: tl.constexpr, HALO: tl.constexpr, BR: tl.constexpr,
                    BC: tl.constexpr, PREC: tl.constexpr, UNROLL: tl.constexpr):
     """out (B, H, R, LC) contiguous: the conv of x (B, H, R, LC) (any strides) with
-    w (H, CQ, CK), or with TRANSPOSE its adjoint (the input gradient); with MASK_OUT, out is
+    w (H, CQ, CK) in out's dtype (x may be narrower: it is read in out's dtype), or with
+    TRANSPOSE its adjoint (the input gradient); with MASK_OUT, out is
     zero where col - row > ZERO_ABOVE. With BAND_ONLY only the tiles holding an entry with
-    col - row > BAND_LIMIT are written (the others are left as they are). HALO >= max(PL,
+    col - row > BAND_LIMIT are written (the others are left as they are), and x may hold
+    only the columns [X_COL0, LC) (its column 0 is column X_COL0; those left of it read as
+    zero; 0 otherwise). HALO >= max(PL,
     CK - 1 - PL), a power of two >= 16. UNROLL: the unroll factor of the loop over query
     offsets (1: none)."""
     if BAND_ONLY:
@@ -98,7 +101,7 @@ def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, B
     c0 = tl.program_id(2) * BC
     rows = tl.program_id(1) * BR + tl.arange(0, BR)
     cols = c0 + tl.arange(0, BC)
-    base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj)
+    base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj) - X_COL0 * sxj
     w_head = w + (i_bh % H) * (CQ * CK)
     SIGN: tl.constexpr = -1 if TRANSPOSE else 1
     acc = tl.zeros([BR, BC], dtype=out.dtype.element_ty)
@@ -108,7 +111,8 @@ def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, B
             # off = -HALO, 0, BC; the tap of input column c0 + off + u for output column
             # c0 + m is PL + off + u - m (conv) or PL - off - (u - m) (transpose)
             x_left, x_main, x_right = _chunks(base, _source_rows(rows, a, CQ, TRANSPOSE), c0, sxi, sxj, R, LC,
-                                              ZERO_ABOVE, HALO, BC)
+                                              ZERO_ABOVE, X_COL0, HALO, BC)
+            x_left, x_main, x_right = x_left.to(acc.dtype), x_main.to(acc.dtype), x_right.to(acc.dtype)
             w_a = w_head + a * CK
             acc += tl.dot(x_left, _toeplitz(w_a, PL + SIGN * -HALO, SIGN, CK, HALO, BC), input_precision=PREC)
             acc += tl.dot(x_main, _toeplitz(w_a, PL, SIGN, CK, BC, BC), input_precision=PREC)

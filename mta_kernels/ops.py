@@ -4,7 +4,9 @@
 ``mta_kernels::mta_bwd`` returns the seven gradients. Without MTA parts the backward is a
 fused flash-attention backward (O(L) memory, deterministic); with head mixing alone
 (talking heads, D <= 128) a fused mixing backward (``backward.FUSED_MIX_BACKWARD``, on by
-default). With convs it is interim until fused conv backward kernels land:
+default), or from L = 4096 on CUDA the chunked one below, which is faster there
+(``chunked_forward.prefer_chunked_talking_heads``). With convs it is interim until fused conv
+backward kernels land:
 ``chunked_backward``, the reference backward one block of query rows at a time, with Triton
 tensor-core kernels for the convs (exact; O(rows x L) memory, not O(L^2); 4x faster than
 the materialized path at L=4096 on the H200, far from fused speed). Gradients are
@@ -63,7 +65,8 @@ def _kernel_context(x: Tensor):
 
 def forward_impl(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale):
     """(out (B, H, L, D) in q's dtype, lse (B, H, L) fp32; fp64 for fp64 inputs). The
-    row-chunked forward where chunked_forward.prefer_chunked_forward says so (with convs)."""
+    row-chunked forward where chunked_forward.prefer_chunked_forward says so (with convs, and
+    talking heads at long lengths)."""
     if _chunked.prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix):
         with _kernel_context(q):
             return _chunked.chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
@@ -121,7 +124,8 @@ def _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, o
     if all(w is None for w in inputs[3:]):
         dq, dk, dv = flash_backward(grad_out, q_k, k, v, out, lse, causal, scale_k)
         return _unfold_scale(dq, scale, scale_k), dk, dv, None, None, None, None
-    if backward.FUSED_MIX_BACKWARD and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, q.shape[-1]):
+    if (backward.FUSED_MIX_BACKWARD and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, q.shape[-1])
+            and not _chunked.prefer_chunked_talking_heads(q, pre_conv, pre_mix, post_conv, post_mix)):
         needs_mix = [needs_grad[i] for i in (0, 1, 2, 4, 6)]   # q, k, v, pre_mix, post_mix
         dq, dk, dv, d_pre_mix, d_post_mix = backward.mix_backward(
             grad_out, q_k, k, v, pre_mix, post_mix, lse, causal, scale_k, needs=needs_mix)

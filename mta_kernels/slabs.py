@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .pre_conv_matmul import conv_keys, pre_conv_matmul
-from .slab_conv import CONV_CONFIG, key_query_conv
+from .slab_conv import CONV_CONFIG, band_first_column, key_query_conv
 from .slab_mix import mix_rows
 from .slab_softmax import mix_softmax_rows, softmax_rows_
 
@@ -79,31 +79,14 @@ def use_pre_conv_matmul(q, pre_conv) -> bool:
     return q.dtype in (torch.float16, torch.bfloat16) and k_tilde_bytes <= CHUNK_BYTES // 4
 
 
-def _scores_matmul_mode_from_env() -> str:
-    """MTA_KERNELS_SCORES_MATMUL as 'auto' (unset), '1' or '0'."""
-    return auto_switch_from_env("MTA_KERNELS_SCORES_MATMUL")
-
-
-# Without a pre conv, the row-chunked paths' scores Q K^T as the same 16-bit tensor-core kernel
-# (K~ = k, one query offset), written in fp32 and skipping the tiles in the causal future,
-# instead of a TF32 torch.matmul of the slabs' fp32 copies: 'auto' for 16-bit inputs; '1'
-# always; '0' never.
-SCORES_MATMUL = _scores_matmul_mode_from_env()
-
-
-def matmul_operands(q, k, pre_conv, pad_key, scale):
-    """slab_forward's ``matmul_operands`` for one batch element's q (1, H, L, D) and k: with a
-    pre conv (where use_pre_conv_matmul says so) q, K~ = conv_keys(k, pre_conv) and scale; without
-    one (where SCORES_MATMUL allows) q, k with its heads repeated to q's as (1, H, L, 1, D), and
-    scale; else None (the scores by torch.matmul of the slabs' copies)."""
-    H = q.shape[1]
-    if pre_conv is not None:
-        return (q, conv_keys(k, pre_conv, pad_key, H, q.dtype), scale) if use_pre_conv_matmul(q, pre_conv) else None
-    if SCORES_MATMUL == "0" or (SCORES_MATMUL == "auto" and q.dtype not in (torch.float16, torch.bfloat16)):
+def pre_conv_operands(q, k, pre_conv, pad_key, scale):
+    """slab_forward's ``pre_conv_operands`` for one batch element's q (1, H, L, D) and k: q, K~ =
+    conv_keys(k, pre_conv) and scale where use_pre_conv_matmul says so; else None. (Without a
+    pre conv, Q K^T as the same 16-bit kernel, K~ = k, was no faster than the TF32 torch.matmul
+    of the slabs' copies: talking heads at L=4096 on the H200, 1.227 against 1.203 ms forward.)"""
+    if not use_pre_conv_matmul(q, pre_conv):
         return None
-    rep = H // k.shape[1]
-    keys = k.repeat_interleave(rep, dim=1) if rep > 1 else k
-    return (q, keys.to(q.dtype).unsqueeze(3).contiguous(), scale)
+    return (q, conv_keys(k, pre_conv, pad_key, q.shape[1], q.dtype), scale)
 
 
 @contextlib.contextmanager
@@ -189,16 +172,17 @@ class SlabForward(NamedTuple):
 
 
 def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, keep, a_dtype=None,
-                 matmul_operands=None) -> SlabForward:
+                 pre_conv_operands=None) -> SlabForward:
     """mta_reference.forward_intermediates on rows [lo, hi) of slab_inputs' tensors (one batch
     element) and keys [0, slab_keys(hi, L, causal)) (keys from hi on are in every row's future),
     with the slab conv kernels, the pre mix and the softmax as one kernel (the softmax alone,
     in place, without a pre mix), the post mix as one kernel writing ``a`` in ``a_dtype``
     (default the slabs' dtype; without a post mix ``a`` is a1 in that dtype); with keep=False,
     both mixes of one group size and no post conv, the post mix in the softmax's kernel too. With
-    ``matmul_operands`` (from slabs.matmul_operands) the scores, or the pre conv's output, are
-    one 16-bit matmul, a pre conv's tiles near a causal diagonal the slab conv kernel's. Rows
-    above lo read as zero, so rows from lo + the convs' row halos on are exact. Leaner than the
+    ``pre_conv_operands`` (from slabs.pre_conv_operands) the pre conv is one matmul, its tiles near a
+    causal diagonal the slab conv kernel's (which reads scores computed for the columns near
+    the diagonal only, unless keep). Rows above
+    lo read as zero, so rows from lo + the convs' row halos on are exact. Leaner than the
     reference: no masking pass, since the conv kernels read the causal future as zero (and
     zero it in the post conv's output) and the softmax kernel takes it as -inf. keep=False
     drops each intermediate once the next is made and returns the log-sum-exp (what the
@@ -208,27 +192,32 @@ def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, kee
     keys = slab_keys(hi, kc.shape[2], causal)
     zero_above = lo if causal else None
     conv = functools.partial(key_query_conv, pad_key=pad_key, zero_above=zero_above, precision=precision)
-    # the scores: the logits without a pre conv; else the conv's input (the band's, after a matmul)
-    need_s0 = matmul_operands is None or (pre_conv is not None and (keep or causal))
-    s0 = torch.matmul(qc[:, :, lo:hi], kc[:, :, :keys].transpose(-1, -2)) if need_s0 else None
-    if matmul_operands is not None:
-        q_in, k_tilde, scale = matmul_operands
+    scores = lambda first: torch.matmul(qc[:, :, lo:hi], kc[:, :, first:keys].transpose(-1, -2))
+    if pre_conv is not None and pre_conv_operands is not None:
+        q_in, k_tilde, scale = pre_conv_operands
         c = pre_conv_matmul(q_in, k_tilde, lo, hi, keys, scale, zero_above, precision=precision, dtype=qc.dtype)
-        if pre_conv is not None and causal:
-            conv(s0, pre_conv, out=c, band=True)
+        # the scores the slab conv reads for the tiles near the diagonal: from the first column
+        # they read on (all of them where the backward keeps s0 for the weight gradient)
+        s0 = scores(0) if keep else None
+        if causal:
+            first = 0 if keep else min(keys, band_first_column(zero_above, *pre_conv.shape[1:], pad_key))
+            conv(s0 if keep else scores(first), pre_conv, out=c, band=True, x_col0=first)
     else:
+        s0 = scores(0)
         c = conv(s0, pre_conv) if pre_conv is not None else s0
     s0 = s0 if keep and pre_conv is not None else None
     # talking heads in the forward: the post mix inside the softmax's kernel, no probs slab
     fused_post_mix = post_mix if (pre_mix is not None and post_mix is not None and post_conv is None
                                   and post_mix.shape == pre_mix.shape and not keep) else None
+    # the forward's probabilities (with a pre mix) in a_dtype where a post conv reads them: 16 bits halve
+    # the bytes its query offsets re-read (P rounded as flash attention rounds it for P V)
+    probs_dtype = a_dtype if fused_post_mix is not None or (post_conv is not None and not keep) else None
     if pre_mix is not None:
         # mixed and normalised in one kernel: over c itself unless the backward keeps it or
-        # the post mix writes a new slab
-        in_place = not keep and fused_post_mix is None
+        # the result is a new slab of another dtype
+        in_place = not keep and (probs_dtype or c.dtype) == c.dtype
         probs, lse = mix_softmax_rows(c, pre_mix, zero_above, want_lse=not keep, precision=mix_precision(precision),
-                                      out=c if in_place else None, post_mix=fused_post_mix,
-                                      out_dtype=a_dtype if fused_post_mix is not None else None)
+                                      out=c if in_place else None, post_mix=fused_post_mix, out_dtype=probs_dtype)
         c = c if keep else None
         if fused_post_mix is not None:
             return SlabForward(None, None, None, None, probs, lse)
@@ -236,7 +225,7 @@ def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, kee
         # in place: c (or s0 when no conv made c), which nothing reads again
         probs, lse = softmax_rows_(c, zero_above, want_lse=not keep)
         c = None
-    a1 = conv(probs, post_conv, mask_output=True) if post_conv is not None else probs
+    a1 = conv(probs, post_conv, mask_output=True, out_dtype=qc.dtype) if post_conv is not None else probs
     probs = probs if keep else None
     if post_mix is not None:
         a = mix_rows(a1, post_mix, zero_above, precision=mix_precision(precision), out_dtype=a_dtype)

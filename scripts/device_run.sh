@@ -20,7 +20,7 @@ RES=/tmp/results
 export MTA_BENCH_COMMIT=$(cat scripts/device_commit 2>/dev/null || echo unknown)
 mkdir -p "$RES"
 # the GPU tests of the row-chunked paths and their kernels (abtests, session12c)
-SLAB_GPU_TESTS="gradients_gpu or memory or (deterministic and full) or forward_gpu or long_sequence_runs or mix_backward_rows or mix_softmax or mix_rows or pre_conv_matmul or with_the_matmul"
+SLAB_GPU_TESTS="gradients_gpu or memory or (deterministic and full) or forward_gpu or long_sequence_runs or mix_backward_rows or mix_softmax or mix_rows or pre_conv_matmul"
 
 # full MTA fwd / bwd / fwd+bwd at L=2048 and 4096 in this tree and in every tree under
 # branches/ (each labelled with its folder name)
@@ -344,7 +344,7 @@ for step in "$@"; do
              timeout 170 python3 -m pytest tests/test_forward.py tests/test_backward.py -q -rA -s \
                -k "forward_gpu or pre_conv_matmul or long_sequence_runs or memory" \
                2>&1 | tee "$OUT/final_tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed"
-             timeout 90 python3 -c "import runpy, mta_kernels.chunked_backward as b; b.MATMUL_IN_BACKWARD = True; \
+             timeout 90 python3 -c "import runpy, mta_kernels.chunked_backward as b; b.PRE_CONV_MATMUL_IN_BACKWARD = True; \
 runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$OUT/chunked_bwdmatmul.log" | grep -E "ms$|kernel" | cut -c1-60,150-200 ;;
     trainab) # training with the pre conv matmul off and on (auto), alternating: was it what made the
              # fused step slower at ed2937c (0.528x against 0.60x at a318c3c)? Then the K~ and tile sweep.

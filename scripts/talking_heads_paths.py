@@ -1,6 +1,6 @@
 """Talking heads (pre_mix + post_mix over all heads) on the GPU through both paths: the
 register-mixing kernels (mix_kernels.py, mix_bwd_kernels.py) and the row-chunked slabs
-(chunked_forward.py with the scores matmul and the post mix in the softmax's kernel,
+(chunked_forward.py with the post mix in the softmax's kernel,
 chunked_backward.py). First each chunked path against the reference under the spec's rule
 (bf16), then medians of fwd and fwd+bwd for every pairing, alternating, in one process.
 
@@ -14,7 +14,7 @@ import torch
 import triton
 
 import mta_reference as R
-from mta_kernels import api, backward, chunked_forward, slabs
+from mta_kernels import api, backward, chunked_forward
 from tolerance import check_rule
 
 torch.manual_seed(0)
@@ -65,13 +65,10 @@ for L in ([] if sys.argv[1:] == ["check"] else [int(x) for x in sys.argv[1:]] or
     q, k, v, do = (torch.randn(B, H, L, D, device=dev, dtype=dtype).requires_grad_() for _ in range(4))
     for rnd in (1, 2):
         for fwd in ("register", "chunked"):
-            for matmul in (("auto", "0") if fwd == "chunked" else ("auto",)):
-                slabs.SCORES_MATMUL = matmul
-                set_paths(fwd, "register")
-                with torch.no_grad():
-                    t = triton.testing.do_bench(lambda: run(q, k, v), warmup=5, rep=50, return_mode="median")
-                print(f"round {rnd} L={L} fwd {fwd} scores_matmul={matmul}: {t:.3f} ms", flush=True)
-        slabs.SCORES_MATMUL = "auto"
+            set_paths(fwd, "register")
+            with torch.no_grad():
+                t = triton.testing.do_bench(lambda: run(q, k, v), warmup=5, rep=50, return_mode="median")
+            print(f"round {rnd} L={L} fwd {fwd}: {t:.3f} ms", flush=True)
         for fwd in ("register", "chunked"):
             for bwd in ("register", "chunked"):
                 set_paths(fwd, bwd)

@@ -276,6 +276,9 @@ CHUNKED_FORWARD_CASES = [
     Case(H=10, L=40, D=16, pre_conv=(2, 3), pre_mix=10, post_conv=(2, 3), post_mix=5),
     Case(D=96, L=50, **FULL),
     Case(L=60, layout="blhd", **FULL),                           # non-contiguous q, k, v
+    Case(L=70, pre_mix=4, post_mix=4),                           # talking heads: post mix in the softmax's kernel
+    Case(H=10, Hkv=5, L=40, pre_mix=10, post_mix=10, causal=False),
+    Case(H=6, L=40, pre_mix=3, post_mix=2),                      # mixes of two group sizes: no fusion
 ]
 
 
@@ -330,6 +333,48 @@ def test_chunked_forward_switch(device, monkeypatch):
     q, k, v, *_ = make_inputs(Case(L=20, pre_mix=4), torch.float32, device)
     mta_kernels.mta_attention(q, k, v, pre_mix=torch.eye(4)[None].to(device))
     assert len(calls) == 1                      # no convs: the fused forward
+
+
+def test_talking_heads_path_choice(device, monkeypatch):
+    """Talking heads (8+ heads mixed, no convs) take the row-chunked forward and backward where
+    prefer_chunked_talking_heads says so: 'auto' from CHUNKED_TALKING_HEADS_FROM on CUDA (never
+    under the interpreter), '1' always, '0' never; other calls never. Both paths give the same
+    output and gradients (fp32, up to rounding)."""
+    from mta_kernels import chunked_forward as chunked, ops
+    conv, mix, pairs = (torch.empty(*s, device="meta") for s in ((16, 6, 11), (1, 16, 16), (8, 2, 2)))
+
+    def chosen(L, D=128, on_cuda=True, pre_conv=None, pre_mix=mix, post_mix=mix):
+        q = torch.empty(1, 16, L, D, device="meta")
+        return chunked.prefer_chunked_talking_heads(q, pre_conv, pre_mix, None, post_mix, on_cuda=on_cuda)
+
+    monkeypatch.setattr(chunked, "CHUNKED_TALKING_HEADS", "auto")
+    assert chosen(4096) and chosen(8192) and chosen(4096, post_mix=None)
+    assert not chosen(2048) and not chosen(4096, on_cuda=False) and not chosen(4096, D=256)
+    assert not chosen(4096, pre_conv=conv) and not chosen(4096, pre_mix=pairs, post_mix=None)
+    monkeypatch.setattr(chunked, "CHUNKED_TALKING_HEADS", "1")
+    assert chosen(64, on_cuda=False) and not chosen(64, pre_conv=conv)
+    monkeypatch.setattr(chunked, "CHUNKED_TALKING_HEADS", "0")
+    assert not chosen(8192)
+
+    calls = []
+    for module, name in ((chunked, "chunked_forward"), (ops, "chunked_backward")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
+    case = Case(H=8, Hkv=4, L=40, pre_mix=8, post_mix=8)
+
+    def run(mode):
+        monkeypatch.setattr(chunked, "CHUNKED_TALKING_HEADS", mode)
+        q, k, v, *w = make_inputs(case, torch.float32, device, requires_grad=True)
+        out = mta_kernels.mta_attention(q, k, v, *w)
+        return out, torch.autograd.grad(out, (q, k, v, w[1], w[3]), torch.ones_like(out))
+
+    out_register, grads_register = run("0")
+    assert not calls
+    out_chunked, grads_chunked = run("1")
+    assert calls == ["chunked_forward", "chunked_backward"]
+    torch.testing.assert_close(out_chunked, out_register, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_chunked, grads_register):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_chunked_forward_auto_choice(monkeypatch):
@@ -403,9 +448,10 @@ def test_pre_conv_matmul_matches_the_conv(pad_key, causal, device):
     with the slab conv kernel redoing the tiles near the diagonal, against the reference's conv
     of the masked scores on a slab of rows [lo, hi) (fp64: exact); rows from lo + cq - 1 on
     (above them the slab conv reads zeros), the causal future excluded. Without the band
-    tiles the causal result is wrong, so both kernels are checked."""
+    tiles the causal result is wrong, so both kernels are checked; the band tiles read the
+    same from scores of only the columns right of band_first_column."""
     from mta_kernels.pre_conv_matmul import conv_keys, pre_conv_matmul
-    from mta_kernels.slab_conv import key_query_conv
+    from mta_kernels.slab_conv import band_first_column, key_query_conv
     g = torch.Generator().manual_seed(11)
     B, H, Hkv, L, D, lo, hi = 2, 4, 2, 200, 24, 100, 200
     q = torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(device)
@@ -422,6 +468,16 @@ def test_pre_conv_matmul_matches_the_conv(pad_key, causal, device):
         band = c.clone()
         key_query_conv(scores[:, :, lo:hi], w, pad_key, zero_above=lo, out=band, band=True)
         assert not torch.equal(band, c)
+        # the band tiles from the scores of the columns they read only: the same bits
+        first = band_first_column(lo, 3, 5, pad_key)
+        assert 0 < first < lo
+        narrow = c.clone()
+        key_query_conv(scores[:, :, lo:hi, first:].contiguous(), w, pad_key, zero_above=lo, out=narrow, band=True,
+                       x_col0=first)
+        assert torch.equal(narrow, band)
+        with pytest.raises(ValueError, match="x_col0"):
+            key_query_conv(scores[:, :, lo:hi, first + 16:], w, pad_key, zero_above=lo, out=narrow, band=True,
+                           x_col0=first + 16)
         c = band
     valid = (rows[lo:hi] >= lo + 2) & ((cols <= rows[lo:hi]) if causal else True)
     assert torch.allclose(c * valid, expected * valid, atol=1e-11, rtol=1e-10)
@@ -434,26 +490,19 @@ CHUNKED_MATMUL_CASES = [
     Case(L=150, causal=False, **FULL),
     Case(B=2, H=4, Hkv=2, L=100, pad_key="left", **FULL),        # GQA, batch > 1
     Case(D=96, L=120, pre_conv=(6, 11)),
-    # no pre conv: Q K^T as the same kernel (cq = 1); talking heads with the post mix in the
-    # softmax's kernel, GQA, and a post conv alone
-    Case(L=130, pre_mix=4, post_mix=4),
-    Case(H=10, Hkv=5, L=90, pre_mix=10, post_mix=5, causal=False),
-    Case(L=100, post_conv=(3, 5)),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", CHUNKED_MATMUL_CASES, ids=lambda c: c.id)
-def test_chunked_forward_with_the_matmul(case, dtype, device, monkeypatch):
-    """The row-chunked forward with its pre conv, or without one its scores, as one 16-bit
-    matmul kernel (forced on, as 'auto' does for 16-bit inputs) against the reference, in
-    chunks of 50 rows, long enough rows for tiles the matmul keeps; the causal future does not
-    reach the past (bit-identical outputs)."""
+def test_chunked_forward_with_the_pre_conv_matmul(case, dtype, device, monkeypatch):
+    """The row-chunked forward with its pre conv as one matmul (forced on, as 'auto' does for
+    16-bit inputs) against the reference, in chunks of 50 rows, long enough rows for tiles
+    the matmul keeps; the causal future does not reach the past (bit-identical outputs)."""
     from mta_kernels import chunked_forward as chunked, slabs
     calls = []
     real = slabs.pre_conv_matmul
     monkeypatch.setattr(slabs, "PRE_CONV_MATMUL", "1")
-    monkeypatch.setattr(slabs, "SCORES_MATMUL", "1")
     monkeypatch.setattr(slabs, "pre_conv_matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, v, *w = make_inputs(case, dtype, device)
     opts = dict(causal=case.causal, pad_key=case.pad_key)
