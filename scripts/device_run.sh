@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -365,6 +365,17 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
                MTA_KERNELS_PRE_CONV_MATMUL=$mode timeout 130 python3 -m bench.train --providers baseline,fused \
                  --out "$RES" 2>&1 | tee -a "$OUT/trainab.log" | grep -E "round|tokens/s \|"
              done ;;
+    session13b) # full MTA here (16-bit probabilities into the post conv) against branches/before (fp32
+             # ones); talking heads' paths at L=16384; the README's targets; the GPU tests
+             full_ab_trees 2>&1 | tee "$OUT/abtrees.log"
+             timeout 150 python3 scripts/talking_heads_paths.py 16384 2>&1 | tee "$OUT/thpaths.log" | grep round
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
+             timeout 150 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
+               --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote"
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
+             timeout 200 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rA -s \
+               -k "$SLAB_GPU_TESTS or talking_heads or narrower or post_mix" \
+               2>&1 | tee "$OUT/tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed" ;;
     fusedmixbwd) # branch exp/fused-mix-backward: each head mix's backward with its weight gradient as one
              # kernel (the pre mix's with the softmax's backward), against main (`git archive main |
              # tar -x -C branches/before`); its block sizes; the GPU tests of the backward
