@@ -86,8 +86,7 @@ def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, B
                    MASK_OUT: tl.constexpr, BAND_ONLY: tl.constexpr, HALO: tl.constexpr, BR: tl.constexpr,
                    BC: tl.constexpr, PREC: tl.constexpr, UNROLL: tl.constexpr):
     """out (B, H, R, LC) contiguous: the conv of x (B, H, R, LC) (any strides) with
-    w (H, CQ, CK) in out's dtype (x may be narrower: it is read in out's dtype), or with
-    TRANSPOSE its adjoint (the input gradient); with MASK_OUT, out is
+    w (H, CQ, CK), or with TRANSPOSE its adjoint (the input gradient); with MASK_OUT, out is
     zero where col - row > ZERO_ABOVE. With BAND_ONLY only the tiles holding an entry with
     col - row > BAND_LIMIT are written (the others are left as they are), and x may hold
     only the columns [X_COL0, LC) (its column 0 is column X_COL0; those left of it read as
@@ -112,7 +111,6 @@ def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, B
             # c0 + m is PL + off + u - m (conv) or PL - off - (u - m) (transpose)
             x_left, x_main, x_right = _chunks(base, _source_rows(rows, a, CQ, TRANSPOSE), c0, sxi, sxj, R, LC,
                                               ZERO_ABOVE, X_COL0, HALO, BC)
-            x_left, x_main, x_right = x_left.to(acc.dtype), x_main.to(acc.dtype), x_right.to(acc.dtype)
             w_a = w_head + a * CK
             acc += tl.dot(x_left, _toeplitz(w_a, PL + SIGN * -HALO, SIGN, CK, HALO, BC), input_precision=PREC)
             acc += tl.dot(x_main, _toeplitz(w_a, PL, SIGN, CK, BC, BC), input_precision=PREC)

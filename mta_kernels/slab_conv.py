@@ -92,13 +92,12 @@ def _prec(x, precision):
     return "ieee" if x.dtype == torch.float64 else precision
 
 
-def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None, band=False, x_col0=0,
-          out_dtype=None):
+def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None, band=False, x_col0=0):
     B, H, R, _ = x.shape
     LC = x_col0 + x.shape[-1]
     _, cq, ck = w.shape
     pl = left_pad(ck, pad_key)
-    out = torch.empty(B, H, R, LC, device=x.device, dtype=out_dtype or x.dtype) if out is None else out
+    out = torch.empty(B, H, R, LC, device=x.device, dtype=x.dtype) if out is None else out
     if out.numel() == 0:
         return out
     BR, BC, n_r, n_c, options = _blocks(R, LC, CONV_CONFIG)
@@ -106,20 +105,18 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None
     reach = (cq - 1) + (ck - 1 - pl) if transpose else pl
     zeros = _NO_ZEROS if zero_above is None else zero_above
     kq_conv_kernel[(B * H, n_r, n_c)](
-        x, w.to(out.dtype).contiguous(), out, *x.stride(), H, R, LC, zeros, reach,
+        x, w.to(x.dtype).contiguous(), out, *x.stride(), H, R, LC, zeros, reach,
         zeros - (cq - 1) - (ck - 1 - pl), x_col0,
         CQ=cq, CK=ck, PL=pl, TRANSPOSE=transpose, MASK_OUT=mask_output and zero_above is not None,
-        BAND_ONLY=band, HALO=_halo(ck, pl), BR=BR, BC=BC, PREC=_prec(out, precision),
+        BAND_ONLY=band, HALO=_halo(ck, pl), BR=BR, BC=BC, PREC=_prec(x, precision),
         UNROLL=_unroll(cq, CONV_CONFIG), **options)
     return out
 
 
 def key_query_conv(x: torch.Tensor, w: torch.Tensor, pad_key: str, zero_above=None,
-                   mask_output=False, precision="ieee", out=None, band=False, x_col0=0,
-                   out_dtype=None) -> torch.Tensor:
+                   mask_output=False, precision="ieee", out=None, band=False, x_col0=0) -> torch.Tensor:
     """out[b, h, i, j] = sum_{a,t} w[h, a, t] x[b, h, i + a - (cq-1), j + t - pL]; x (B, H, R, L),
-    w (H, cq, ck); zero outside x. Returns (B, H, R, L) in ``out_dtype`` (default x's; x may be
-    narrower, e.g. 16-bit probabilities read into an fp32 conv) or ``out`` if given (which
+    w (H, cq, ck); zero outside x. Returns (B, H, R, L) in x's dtype (``out`` if given, which
     must be contiguous); with mask_output also zero where j - i > zero_above. band=True (with
     zero_above and ``out``): only the tiles holding an entry whose conv window reaches above
     that diagonal, j - i > zero_above - (cq-1) - (ck-1-pL), are written (pre_conv_matmul.py
@@ -129,8 +126,7 @@ def key_query_conv(x: torch.Tensor, w: torch.Tensor, pad_key: str, zero_above=No
         raise ValueError("band=True needs zero_above and out")
     if x_col0 and not (band and x_col0 <= band_first_column(zero_above, w.shape[1], w.shape[2], pad_key)):
         raise ValueError("x_col0 > 0 needs band=True and at most band_first_column(...)")
-    return _conv(x, w, pad_key, False, zero_above, mask_output, precision, out=out, band=band, x_col0=x_col0,
-                 out_dtype=out_dtype)
+    return _conv(x, w, pad_key, False, zero_above, mask_output, precision, out=out, band=band, x_col0=x_col0)
 
 
 def band_first_column(zero_above: int, cq: int, ck: int, pad_key: str) -> int:

@@ -209,15 +209,13 @@ def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, kee
     # talking heads in the forward: the post mix inside the softmax's kernel, no probs slab
     fused_post_mix = post_mix if (pre_mix is not None and post_mix is not None and post_conv is None
                                   and post_mix.shape == pre_mix.shape and not keep) else None
-    # the forward's probabilities (with a pre mix) in a_dtype where a post conv reads them: 16 bits halve
-    # the bytes its query offsets re-read (P rounded as flash attention rounds it for P V)
-    probs_dtype = a_dtype if fused_post_mix is not None or (post_conv is not None and not keep) else None
     if pre_mix is not None:
-        # mixed and normalised in one kernel: over c itself unless the backward keeps it or
-        # the result is a new slab of another dtype
-        in_place = not keep and (probs_dtype or c.dtype) == c.dtype
+        # mixed and normalised in one kernel: over c itself unless the backward keeps it or the
+        # post mix makes a new slab in a_dtype
+        in_place = not keep and fused_post_mix is None
         probs, lse = mix_softmax_rows(c, pre_mix, zero_above, want_lse=not keep, precision=mix_precision(precision),
-                                      out=c if in_place else None, post_mix=fused_post_mix, out_dtype=probs_dtype)
+                                      out=c if in_place else None, post_mix=fused_post_mix,
+                                      out_dtype=a_dtype if fused_post_mix is not None else None)
         c = c if keep else None
         if fused_post_mix is not None:
             return SlabForward(None, None, None, None, probs, lse)
@@ -225,7 +223,9 @@ def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, kee
         # in place: c (or s0 when no conv made c), which nothing reads again
         probs, lse = softmax_rows_(c, zero_above, want_lse=not keep)
         c = None
-    a1 = conv(probs, post_conv, mask_output=True, out_dtype=qc.dtype) if post_conv is not None else probs
+    # (probabilities written in 16 bits for the post conv to read were slower: 4.03 against 3.88
+    # ms forward at L=4096 on the H200, the conv kernel converting them to fp32 as it reads them)
+    a1 = conv(probs, post_conv, mask_output=True) if post_conv is not None else probs
     probs = probs if keep else None
     if post_mix is not None:
         a = mix_rows(a1, post_mix, zero_above, precision=mix_precision(precision), out_dtype=a_dtype)

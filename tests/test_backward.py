@@ -693,20 +693,6 @@ def test_slab_convs_match_reference(shape, cq, ck, pad_key, zero_above):
         assert torch.allclose(got, expected, atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.parametrize("zero_above", [None, 5])
-def test_slab_conv_reads_a_narrower_input(zero_above, device):
-    """key_query_conv of a 16-bit slab into an fp32 result (the forward's post conv reading
-    16-bit probabilities) is the fp32 conv of the same values: bit-identical, non-contiguous
-    input, fp32 weights not rounded to the input's dtype."""
-    from mta_kernels import slab_conv
-    g = torch.Generator().manual_seed(3)
-    x = torch.rand(1, 2, 24, 70, generator=g).to(torch.float16).transpose(2, 3).contiguous().transpose(2, 3).to(device)
-    w = (1 + 1e-4 * torch.randn(2, 6, 11, generator=g)).to(device)
-    got = slab_conv.key_query_conv(x, w, "both", zero_above=zero_above, out_dtype=torch.float32)
-    assert got.dtype == torch.float32
-    assert torch.equal(got, slab_conv.key_query_conv(x.float(), w, "both", zero_above=zero_above))
-
-
 def test_slab_conv_unroll_factor():
     """The conv kernel's loop over query offsets: "full" unrolls cq offsets up to
     MAX_FULL_UNROLL and none beyond (wide kernels spill); a number is taken as it is."""
