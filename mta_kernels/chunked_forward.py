@@ -37,10 +37,11 @@ def _mode_from_env() -> str:
 CHUNKED_FORWARD = _mode_from_env()
 CHUNKED_BELOW_SMS = 8
 
-# Talking heads (head mixing without convs, where the register-mixing kernels of mix_kernels.py
-# and mix_bwd_kernels.py apply) through the row-chunked forward and backward instead
-# (MTA_KERNELS_CHUNKED_TALKING_HEADS): 'auto' (the default) for CUDA calls with L >=
-# CHUNKED_TALKING_HEADS_FROM; '1' always; '0' never. H200, B=1, H=16, D=128, bf16, causal, all 16
+# Talking heads (head mixing without convs over groups the register-mixing kernels of
+# mix_kernels.py and mix_bwd_kernels.py take, D <= 128) through the row-chunked forward and
+# backward instead (MTA_KERNELS_CHUNKED_TALKING_HEADS): 'auto' (the default) for CUDA calls with
+# L >= CHUNKED_TALKING_HEADS_FROM or heads too wide for those kernels in the inputs' dtype (fp32
+# beyond D=64); '1' always; '0' never. H200, B=1, H=16, D=128, bf16, causal, all 16
 # heads mixed (scripts/talking_heads_paths.py, two rounds alternating in one call at 1ef2392): the
 # forward 0.537 / 0.507 ms chunked against 0.492 / 0.587 register at L=2048, 1.203 against 1.585
 # at 4096, 4.16 against 6.05 at 8192; fwd+bwd with both chunked 3.90 / 4.01 against 2.48 / 2.47
@@ -51,14 +52,17 @@ CHUNKED_TALKING_HEADS_FROM = 4096
 
 
 def prefer_chunked_talking_heads(q, pre_conv, pre_mix, post_conv, post_mix, on_cuda=None) -> bool:
-    """Whether a talking-heads call (uses_register_mixing) takes the row-chunked forward and
-    backward instead of the register-mixing kernels, as CHUNKED_TALKING_HEADS says; False for
-    every other call. on_cuda: whether q is on a CUDA device (default: q.is_cuda)."""
-    if not uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, q.shape[-1]):
+    """Whether a talking-heads call (uses_register_mixing for 16-bit inputs) takes the
+    row-chunked forward and backward instead of the register-mixing kernels, as
+    CHUNKED_TALKING_HEADS says; False for every other call. on_cuda: whether q is on a CUDA
+    device (default: q.is_cuda)."""
+    D = q.shape[-1]
+    if not uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, D):
         return False
     if CHUNKED_TALKING_HEADS != "auto":
         return CHUNKED_TALKING_HEADS == "1"
-    return (q.is_cuda if on_cuda is None else on_cuda) and q.shape[2] >= CHUNKED_TALKING_HEADS_FROM
+    fits = uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, D, q.element_size())
+    return (q.is_cuda if on_cuda is None else on_cuda) and (q.shape[2] >= CHUNKED_TALKING_HEADS_FROM or not fits)
 
 
 def prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=None) -> bool:

@@ -14,16 +14,20 @@ from .mix_kernels import mta_mix_fwd_kernel
 # so smaller groups would waste most of its work).
 MIN_REGISTER_MIX_HEADS = 8
 # [16, BM, D] tiles of every head must fit the H200's shared memory (checked for sm_90a with
-# scripts/sm90_compile.py and tests/test_sm90_resources.py); wider heads take the general kernel.
+# scripts/sm90_compile.py and tests/test_sm90_resources.py): head dims padded to a power of two
+# of at most MAX_REGISTER_MIX_DIM 16-bit values, so half as many fp32 ones (fp32 inputs at D=96,
+# padded to 128, asked for 394 KB of the H200's 227). Wider heads take the other paths.
 MAX_REGISTER_MIX_DIM = 128
 
 
-def uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, head_dim) -> bool:
-    """Head mixing without convs over blocks of >= MIN_REGISTER_MIX_HEADS heads of at most
-    MAX_REGISTER_MIX_DIM dims: the register kernels of mix_kernels.py and mix_bwd_kernels.py."""
+def uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, head_dim, itemsize=2) -> bool:
+    """Head mixing without convs over blocks of >= MIN_REGISTER_MIX_HEADS heads whose dims,
+    padded to a power of two, take at most MAX_REGISTER_MIX_DIM 16-bit values' bytes for inputs
+    of ``itemsize`` bytes: the register kernels of mix_kernels.py and mix_bwd_kernels.py."""
     if pre_conv is not None or post_conv is not None or (pre_mix is None and post_mix is None):
         return False
-    return heads_per_program(pre_mix, post_mix) >= MIN_REGISTER_MIX_HEADS and head_dim <= MAX_REGISTER_MIX_DIM
+    row_bytes = max(16, _next_pow2(head_dim)) * itemsize
+    return heads_per_program(pre_mix, post_mix) >= MIN_REGISTER_MIX_HEADS and row_bytes <= 2 * MAX_REGISTER_MIX_DIM
 
 
 def _precision(q) -> str:
@@ -100,7 +104,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     general = bool(config and config.get("general"))
     if not general and pre_conv is None and pre_mix is None and post_conv is None and post_mix is None:
         return flash_forward(q, k, v, causal, scale)
-    if not general and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, q.shape[-1]):
+    if not general and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, D, q.element_size()):
         return mix_forward(q, k, v, pre_mix, post_mix, causal, scale)
     NH = heads_per_program(pre_mix, post_mix)
     NHP = max(16, _next_pow2(NH))

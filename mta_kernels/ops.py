@@ -124,7 +124,8 @@ def _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, o
     if all(w is None for w in inputs[3:]):
         dq, dk, dv = flash_backward(grad_out, q_k, k, v, out, lse, causal, scale_k)
         return _unfold_scale(dq, scale, scale_k), dk, dv, None, None, None, None
-    if (backward.FUSED_MIX_BACKWARD and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, q.shape[-1])
+    if (backward.FUSED_MIX_BACKWARD
+            and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, q.shape[-1], q.element_size())
             and not _chunked.prefer_chunked_talking_heads(q, pre_conv, pre_mix, post_conv, post_mix)):
         needs_mix = [needs_grad[i] for i in (0, 1, 2, 4, 6)]   # q, k, v, pre_mix, post_mix
         dq, dk, dv, d_pre_mix, d_post_mix = backward.mix_backward(
