@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -390,6 +390,12 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
              timeout 220 python3 -m pytest tests/test_backward.py tests/test_forward.py -x -q -rA -s --tb=short \
                -k "$SLAB_GPU_TESTS or talking_heads or post_mix" \
+               2>&1 | tee "$OUT/tests.log" | grep -E "GiB|FAIL|Error|passed|failed" ;;
+    session13d) # talking heads' two paths timed as the bench times them, in one process, with host
+             # times and the chunked paths' kernels; the GPU tests, stopping at the first failure
+             timeout 200 python3 scripts/talking_heads_ab.py 4096 2>&1 | tee "$OUT/thab.log" | grep -E "round|host|warm"
+             timeout 260 python3 -m pytest tests/test_backward.py tests/test_forward.py -x -q -rA -s --tb=short \
+               -k "$SLAB_GPU_TESTS or talking_heads or post_mix or fused_mix" \
                2>&1 | tee "$OUT/tests.log" | grep -E "GiB|FAIL|Error|passed|failed" ;;
     fusedmixbwd) # branch exp/fused-mix-backward: each head mix's backward with its weight gradient as one
              # kernel (the pre mix's with the softmax's backward), against main (`git archive main |
