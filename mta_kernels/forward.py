@@ -14,20 +14,21 @@ from .mix_kernels import mta_mix_fwd_kernel
 # so smaller groups would waste most of its work).
 MIN_REGISTER_MIX_HEADS = 8
 # [16, BM, D] tiles of every head must fit the H200's shared memory (checked for sm_90a with
-# scripts/sm90_compile.py and tests/test_sm90_resources.py): head dims padded to a power of two
-# of at most MAX_REGISTER_MIX_DIM 16-bit values, so half as many fp32 ones (fp32 inputs at D=96,
-# padded to 128, asked for 394 KB of the H200's 227). Wider heads take the other paths.
-MAX_REGISTER_MIX_DIM = 128
+# scripts/sm90_compile.py and tests/test_sm90_resources.py): the widest head dim (padded to a
+# power of two) per input element size in bytes. On the H200, 16-bit D=96 and 128 run; fp32 D=24
+# runs, while D=64 asked for 258 KB and D=96 for 394 KB of the 227 KB there; fp64 (gradchecks)
+# scaled from fp32. Wider heads take the other paths.
+MAX_REGISTER_MIX_DIM = {2: 128, 4: 32, 8: 16}
 
 
 def uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, head_dim, itemsize=2) -> bool:
     """Head mixing without convs over blocks of >= MIN_REGISTER_MIX_HEADS heads whose dims,
-    padded to a power of two, take at most MAX_REGISTER_MIX_DIM 16-bit values' bytes for inputs
-    of ``itemsize`` bytes: the register kernels of mix_kernels.py and mix_bwd_kernels.py."""
+    padded to a power of two, are at most MAX_REGISTER_MIX_DIM for inputs of ``itemsize``
+    bytes: the register kernels of mix_kernels.py and mix_bwd_kernels.py."""
     if pre_conv is not None or post_conv is not None or (pre_mix is None and post_mix is None):
         return False
-    row_bytes = max(16, _next_pow2(head_dim)) * itemsize
-    return heads_per_program(pre_mix, post_mix) >= MIN_REGISTER_MIX_HEADS and row_bytes <= 2 * MAX_REGISTER_MIX_DIM
+    fits = max(16, _next_pow2(head_dim)) <= MAX_REGISTER_MIX_DIM[itemsize]
+    return heads_per_program(pre_mix, post_mix) >= MIN_REGISTER_MIX_HEADS and fits
 
 
 def _precision(q) -> str:

@@ -4,7 +4,7 @@
 ``mta_kernels::mta_bwd`` returns the seven gradients. Without MTA parts the backward is a
 fused flash-attention backward (O(L) memory, deterministic); with head mixing alone
 (talking heads, D <= 128) a fused mixing backward (``backward.FUSED_MIX_BACKWARD``, on by
-default), or from L = 4096 on CUDA the chunked one below, which is faster there
+default), or from L = 8192 on CUDA the chunked one below, which is faster there
 (``chunked_forward.prefer_chunked_talking_heads``). With convs it is interim until fused conv
 backward kernels land:
 ``chunked_backward``, the reference backward one block of query rows at a time, with Triton
@@ -126,7 +126,7 @@ def _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, o
         return _unfold_scale(dq, scale, scale_k), dk, dv, None, None, None, None
     if (backward.FUSED_MIX_BACKWARD
             and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, q.shape[-1], q.element_size())
-            and not _chunked.prefer_chunked_talking_heads(q, pre_conv, pre_mix, post_conv, post_mix)):
+            and not _chunked.prefer_chunked_talking_heads(q, pre_conv, pre_mix, post_conv, post_mix, backward=True)):
         needs_mix = [needs_grad[i] for i in (0, 1, 2, 4, 6)]   # q, k, v, pre_mix, post_mix
         dq, dk, dv, d_pre_mix, d_post_mix = backward.mix_backward(
             grad_out, q_k, k, v, pre_mix, post_mix, lse, causal, scale_k, needs=needs_mix)
