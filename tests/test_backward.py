@@ -34,15 +34,15 @@ def test_reference_backward_matches_autograd(causal, pad_key):
 @pytest.mark.parametrize("rows, L, causal, pad_key", [
     (1, 12, True, "both"), (4, 23, True, "both"), (4, 23, False, "left"), (7, 23, True, "right"),
     (7, 23, False, "left"), (5, 23, True, "left"), (64, 23, True, "right")])
-def test_chunked_backward_matches_reference(rows, L, causal, pad_key):
+def test_chunked_backward_matches_reference(rows, L, causal, pad_key, device):
     """Row chunks with halos give exactly the materialized backward, whatever the chunk
     height (1 row, heights that do not divide L, one chunk for everything); causal slabs
     stop at their last row's key."""
     ck = 5 if pad_key == "both" else 4
     case = Case(B=2, H=4, Hkv=2, L=L, D=6, pre_conv=(3, ck), pre_mix=2, post_conv=(4, ck), post_mix=4,
                 causal=causal, pad_key=pad_key)
-    inputs = [x.double() for x in make_inputs(case, torch.float64, "cpu")]
-    grad = torch.randn(inputs[0].shape, dtype=torch.float64)
+    inputs = [x.double() for x in make_inputs(case, torch.float64, device)]
+    grad = torch.randn(inputs[0].shape, dtype=torch.float64).to(device)
     expected = mta_reference.mta_attention_backward(grad, *inputs, causal=causal, pad_key=pad_key,
                                                     compute_dtype=torch.float64)
     got = chunked_backward(grad, *inputs, causal=causal, pad_key=pad_key, scale=6 ** -0.5,
@@ -505,13 +505,13 @@ def test_autocast_changes_nothing(parts, chunked_forward, device, monkeypatch):
 
 @pytest.mark.parametrize("B, wanted", [(1, "q"), (1, "v"), (1, "k post_conv"), (1, "pre_conv pre_mix"),
                                         (1, "post_mix"), (1, "q k v"), (2, "v pre_conv")])
-def test_chunked_backward_skips_unwanted_gradients(B, wanted, monkeypatch):
+def test_chunked_backward_skips_unwanted_gradients(B, wanted, device, monkeypatch):
     """needs=: the chunked backward returns exactly the full call's gradients where asked and
     None elsewhere, and runs a conv weight-gradient kernel only for a conv weight asked for
     (once per chunk and batch element)."""
     case = Case(B=B, H=4, Hkv=2, L=15, D=6, pre_conv=(3, 5), pre_mix=2, post_conv=(4, 5), post_mix=4)
-    inputs = [x.double() for x in make_inputs(case, torch.float64, "cpu")]
-    grad = torch.randn(inputs[0].shape, dtype=torch.float64)
+    inputs = [x.double() for x in make_inputs(case, torch.float64, device)]
+    grad = torch.randn(inputs[0].shape, dtype=torch.float64).to(device)
     run = lambda needs: chunked_backward(grad, *inputs, causal=True, pad_key="both", scale=6 ** -0.5,
                                          compute_dtype=torch.float64, rows=8, needs=needs)
     expected = run((True,) * 7)
@@ -737,11 +737,11 @@ def test_slab_conv_masked_output_and_weight_grad_rows(transpose):
     assert torch.allclose(got, expected, atol=1e-12, rtol=1e-10)
 
 
-def test_chunked_backward_long_causal_slabs():
+def test_chunked_backward_long_causal_slabs(device):
     """Slabs several column tiles wide, so the slab convs skip the tiles above the diagonal."""
     case = Case(B=1, H=2, L=150, D=8, pre_conv=(3, 5), post_conv=(2, 5), post_mix=2)
-    inputs = make_inputs(case, torch.float64, "cpu")
-    grad = torch.randn(inputs[0].shape, dtype=torch.float64)
+    inputs = make_inputs(case, torch.float64, device)
+    grad = torch.randn(inputs[0].shape, dtype=torch.float64).to(device)
     expected = mta_reference.mta_attention_backward(grad, *inputs, compute_dtype=torch.float64)
     got = chunked_backward(grad, *inputs, causal=True, pad_key="both", scale=8 ** -0.5,
                            compute_dtype=torch.float64, rows=40)

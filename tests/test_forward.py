@@ -143,6 +143,7 @@ GPU_CASES = [
     Case(H=16, L=2048, D=96, **PAPER),
     Case(H=16, L=4096, D=128, **PAPER),
     Case(H=16, L=2048, D=128, pre_mix=16, post_mix=16),
+    Case(H=16, L=4096, D=128, pre_mix=16, post_mix=16),          # talking heads' chunked forward
     Case(H=16, L=4096, D=128),
     Case(B=2, H=16, Hkv=4, L=1000, D=128, **PAPER),
     Case(H=10, L=2048, D=128, pre_conv=(6, 11), pre_mix=10, post_conv=(6, 11), post_mix=10),
