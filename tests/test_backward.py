@@ -345,11 +345,12 @@ def _count_calls(monkeypatch, module, name):
     return calls
 
 
-def _assert_only_wanted(names, needs, expected, got):
-    """got holds expected's gradients bit for bit where needs says so, and None elsewhere."""
+def _assert_only_wanted(names, needs, expected, got, exact=True):
+    """got holds expected's gradients where needs says so (bit for bit if exact, else to fp64
+    rounding), and None elsewhere."""
     for name, need, e, g in zip(names, needs, expected, got):
         if need:
-            assert torch.equal(e, g), name
+            assert torch.equal(e, g) if exact else torch.allclose(e, g, atol=1e-12, rtol=1e-10), name
         else:
             assert g is None, name
 
@@ -506,9 +507,11 @@ def test_autocast_changes_nothing(parts, chunked_forward, device, monkeypatch):
 @pytest.mark.parametrize("B, wanted", [(1, "q"), (1, "v"), (1, "k post_conv"), (1, "pre_conv pre_mix"),
                                         (1, "post_mix"), (1, "q k v"), (2, "v pre_conv")])
 def test_chunked_backward_skips_unwanted_gradients(B, wanted, device, monkeypatch):
-    """needs=: the chunked backward returns exactly the full call's gradients where asked and
-    None elsewhere, and runs a conv weight-gradient kernel only for a conv weight asked for
-    (once per chunk and batch element)."""
+    """needs=: the chunked backward returns the full call's gradients where asked and None
+    elsewhere, and runs a conv weight-gradient kernel only for a conv weight asked for (once
+    per chunk and batch element). Bit for bit under the interpreter; on the GPU to fp64
+    rounding, since kernels compiled without their weight-gradient outputs may contract
+    multiply-adds differently (dq was not bit-identical on the H200, equal in the printed digits)."""
     case = Case(B=B, H=4, Hkv=2, L=15, D=6, pre_conv=(3, 5), pre_mix=2, post_conv=(4, 5), post_mix=4)
     inputs = [x.double() for x in make_inputs(case, torch.float64, device)]
     grad = torch.randn(inputs[0].shape, dtype=torch.float64).to(device)
@@ -517,7 +520,7 @@ def test_chunked_backward_skips_unwanted_gradients(B, wanted, device, monkeypatc
     expected = run((True,) * 7)
     calls = _count_calls(monkeypatch, mta_kernels.chunked_backward, "key_query_conv_weight_grad")
     needs = [name in wanted.split() for name in NAMES]
-    _assert_only_wanted(NAMES, needs, expected, run(needs))
+    _assert_only_wanted(NAMES, needs, expected, run(needs), exact=device == "cpu")
     conv_weights = sum(needs[i] for i in (3, 5))
     assert len(calls) == conv_weights * 2 * B   # per chunk of 8 of the 15 rows, per element
 
