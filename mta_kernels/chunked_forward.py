@@ -38,36 +38,34 @@ CHUNKED_FORWARD = _mode_from_env()
 CHUNKED_BELOW_SMS = 8
 
 # Talking heads (head mixing without convs over groups the register-mixing kernels of
-# mix_kernels.py and mix_bwd_kernels.py take, D <= 128) through the row-chunked forward (from
-# L = CHUNKED_TALKING_HEADS_FROM) and backward (from CHUNKED_TALKING_HEADS_BACKWARD_FROM) on CUDA,
-# and at any length where the heads are too wide for those kernels in the inputs' dtype (fp32
-# beyond D=32): MTA_KERNELS_CHUNKED_TALKING_HEADS 'auto' (the default); '1' both always; '0'
-# never. H200, B=1, H=16, D=128, bf16, causal, all 16 heads mixed, chunked against register:
-# forward 1.21 / 1.21 / 1.37 ms against 1.59 at L=4096 (scripts/talking_heads_ab.py, the bench's
-# timing, three rounds in one call at 250c5be), 0.51-0.54 against 0.49-0.59 at 2048, 4.16 against
-# 6.05 at 8192, 17.7 against 24.6 at 16384 (scripts/talking_heads_paths.py at 1ef2392 and
-# 8f50aee). The chunked backward is bound by its host time at L=4096: 8.3 ms of Python and
-# launches per fwd+bwd call against about 6.3 of GPU time, so fwd+bwd took 8.3-10.3 ms against
-# 8.3 register; at L=8192 25.4 against 32.4 (27.1 with the register forward), at 16384 126-140
-# against 132. Peak memory 0.69 against 0.33 GiB fwd+bwd at L=4096.
+# mix_kernels.py and mix_bwd_kernels.py take, D <= 128) through the row-chunked forward and
+# backward on CUDA from L = CHUNKED_TALKING_HEADS_FROM, and at any length where the heads are too
+# wide for those kernels in the inputs' dtype (fp32 beyond D=32): MTA_KERNELS_CHUNKED_TALKING_HEADS
+# 'auto' (the default); '1' always; '0' never. H200, B=1, H=16, D=128, bf16, causal, all 16 heads
+# mixed, chunked against register (scripts/talking_heads_paths.py and talking_heads_ab.py; notes/
+# thpaths_h200_1ef2392.log, thpaths16384_h200_8f50aee.log, talking_heads_ab_h200_250c5be.log):
+# forward 4.16 against 6.05 ms at L=8192, 17.7 against 24.6 at 16384; fwd+bwd 25.4 against 32.4
+# at 8192, 126-140 against 132 at 16384 (peak 1.50 against 0.91 GiB at 8192). At L=4096 the
+# chunked paths are bound by their host time (1.33 ms of Python and launches per forward against
+# 1.16 of GPU time, 8.3 against about 6.3 per fwd+bwd), so their times follow the host: the
+# forward took 1.21-1.37 ms against 1.59 in one process, 1.50 in the bench alone, and 1.92-2.25
+# in the bench's target runs after the materialized cases; fwd+bwd 8.3-10.8 against 8.3.
 CHUNKED_TALKING_HEADS = auto_switch_from_env("MTA_KERNELS_CHUNKED_TALKING_HEADS")
-CHUNKED_TALKING_HEADS_FROM = 4096
-CHUNKED_TALKING_HEADS_BACKWARD_FROM = 8192
+CHUNKED_TALKING_HEADS_FROM = 8192
 
 
-def prefer_chunked_talking_heads(q, pre_conv, pre_mix, post_conv, post_mix, backward=False, on_cuda=None) -> bool:
+def prefer_chunked_talking_heads(q, pre_conv, pre_mix, post_conv, post_mix, on_cuda=None) -> bool:
     """Whether a talking-heads call (uses_register_mixing for 16-bit inputs) takes the
-    row-chunked forward (or with backward=True, backward) instead of the register-mixing
-    kernels, as CHUNKED_TALKING_HEADS says; False for every other call. on_cuda: whether q is
-    on a CUDA device (default: q.is_cuda)."""
+    row-chunked forward and backward instead of the register-mixing kernels, as
+    CHUNKED_TALKING_HEADS says; False for every other call. on_cuda: whether q is on a CUDA
+    device (default: q.is_cuda)."""
     D = q.shape[-1]
     if not uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, D):
         return False
     if CHUNKED_TALKING_HEADS != "auto":
         return CHUNKED_TALKING_HEADS == "1"
     fits = uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, D, q.element_size())
-    long = q.shape[2] >= (CHUNKED_TALKING_HEADS_BACKWARD_FROM if backward else CHUNKED_TALKING_HEADS_FROM)
-    return (q.is_cuda if on_cuda is None else on_cuda) and (long or not fits)
+    return (q.is_cuda if on_cuda is None else on_cuda) and (q.shape[2] >= CHUNKED_TALKING_HEADS_FROM or not fits)
 
 
 def prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=None) -> bool:

@@ -126,7 +126,7 @@ def _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, o
         return _unfold_scale(dq, scale, scale_k), dk, dv, None, None, None, None
     if (backward.FUSED_MIX_BACKWARD
             and uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, q.shape[-1], q.element_size())
-            and not _chunked.prefer_chunked_talking_heads(q, pre_conv, pre_mix, post_conv, post_mix, backward=True)):
+            and not _chunked.prefer_chunked_talking_heads(q, pre_conv, pre_mix, post_conv, post_mix)):
         needs_mix = [needs_grad[i] for i in (0, 1, 2, 4, 6)]   # q, k, v, pre_mix, post_mix
         dq, dk, dv, d_pre_mix, d_post_mix = backward.mix_backward(
             grad_out, q_k, k, v, pre_mix, post_mix, lse, causal, scale_k, needs=needs_mix)

@@ -143,7 +143,6 @@ GPU_CASES = [
     Case(H=16, L=2048, D=96, **PAPER),
     Case(H=16, L=4096, D=128, **PAPER),
     Case(H=16, L=2048, D=128, pre_mix=16, post_mix=16),
-    Case(H=16, L=4096, D=128, pre_mix=16, post_mix=16),          # talking heads' chunked forward
     Case(H=16, L=4096, D=128),
     Case(B=2, H=16, Hkv=4, L=1000, D=128, **PAPER),
     Case(H=10, L=2048, D=128, pre_conv=(6, 11), pre_mix=10, post_conv=(6, 11), post_mix=10),
@@ -160,6 +159,16 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
 def test_forward_gpu(case, dtype):
     _run_and_check(case, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_chunked_talking_heads_gpu(dtype, monkeypatch):
+    """Talking heads through the row-chunked forward (the post mix in the softmax's kernel),
+    forced at L=4096 ('auto' takes it from CHUNKED_TALKING_HEADS_FROM), under the spec's rule."""
+    from mta_kernels import chunked_forward
+    monkeypatch.setattr(chunked_forward, "CHUNKED_TALKING_HEADS", "1")
+    _run_and_check(Case(H=16, L=4096, D=128, pre_mix=16, post_mix=16), dtype, "cuda")
 
 
 @pytest.mark.gpu
@@ -339,24 +348,21 @@ def test_chunked_forward_switch(device, monkeypatch):
 def test_talking_heads_path_choice(device, monkeypatch):
     """Talking heads (8+ heads mixed, no convs) take the row-chunked forward and backward where
     prefer_chunked_talking_heads says so: 'auto' on CUDA (never under the interpreter) from
-    CHUNKED_TALKING_HEADS_FROM on (the backward from CHUNKED_TALKING_HEADS_BACKWARD_FROM) or where
-    fp32 heads are too wide for the register kernels, '1' always, '0' never; other calls never. Both paths give the same
+    CHUNKED_TALKING_HEADS_FROM on or where fp32 heads are too wide for the register kernels, '1'
+    always, '0' never; other calls never. Both paths give the same
     output and gradients (fp32, up to rounding)."""
     from mta_kernels import chunked_forward as chunked, ops
     conv, mix, pairs = (torch.empty(*s, device="meta") for s in ((16, 6, 11), (1, 16, 16), (8, 2, 2)))
 
-    def chosen(L, D=128, on_cuda=True, pre_conv=None, pre_mix=mix, post_mix=mix, dtype=torch.bfloat16,
-               backward=False):
+    def chosen(L, D=128, on_cuda=True, pre_conv=None, pre_mix=mix, post_mix=mix, dtype=torch.bfloat16):
         q = torch.empty(1, 16, L, D, device="meta", dtype=dtype)
-        return chunked.prefer_chunked_talking_heads(q, pre_conv, pre_mix, None, post_mix, backward, on_cuda)
+        return chunked.prefer_chunked_talking_heads(q, pre_conv, pre_mix, None, post_mix, on_cuda)
 
     monkeypatch.setattr(chunked, "CHUNKED_TALKING_HEADS", "auto")
-    assert chosen(4096) and chosen(8192) and chosen(4096, post_mix=None)
-    assert not chosen(2048) and not chosen(4096, on_cuda=False) and not chosen(4096, D=256)
-    assert chosen(8192, backward=True) and not chosen(4096, backward=True)
+    assert chosen(8192) and chosen(16384) and chosen(8192, post_mix=None)
+    assert not chosen(4096) and not chosen(8192, on_cuda=False) and not chosen(8192, D=256)
     # fp32 heads wider than 32 do not fit the register kernels' shared memory: chunked at any length
     assert chosen(2048, D=64, dtype=torch.float32) and not chosen(2048, D=32, dtype=torch.float32)
-    assert chosen(2048, D=64, dtype=torch.float32, backward=True)
     assert not chosen(4096, pre_conv=conv) and not chosen(4096, pre_mix=pairs, post_mix=None)
     monkeypatch.setattr(chunked, "CHUNKED_TALKING_HEADS", "1")
     assert chosen(64, on_cuda=False) and not chosen(64, pre_conv=conv)
