@@ -55,6 +55,7 @@ def kernel_switches() -> str:
     from mta_kernels import backward, chunked_forward, slabs
     return " ".join([f"MTA_KERNELS_FUSED_MIX_BACKWARD={int(backward.FUSED_MIX_BACKWARD)}",
                      f"MTA_KERNELS_CHUNKED_FORWARD={chunked_forward.CHUNKED_FORWARD}",
+                     f"MTA_KERNELS_CHUNKED_TALKING_HEADS={chunked_forward.CHUNKED_TALKING_HEADS}",
                      f"MTA_KERNELS_CHUNK_BYTES={slabs.CHUNK_BYTES}",
                      f"MTA_KERNELS_CHUNKED_TF32={int(slabs.TF32_MATMULS)}",
                      f"MTA_KERNELS_PRE_CONV_MATMUL={slabs.PRE_CONV_MATMUL}"])
