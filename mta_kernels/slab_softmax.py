@@ -120,7 +120,8 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
         p = tl.exp(m - row_max[:, None]) * inv_sum[:, None]
         if POST_MIX:
             p = tl.dot(w_post_g, p, input_precision=PREC)
-        tl.store(dst + (c0 + cols)[None, :] * soj, p.to(out.dtype.element_ty), mask=head_ok[:, None] & (c0 + cols[None, :] < K))
+        tl.store(dst + (c0 + cols)[None, :] * soj, p.to(out.dtype.element_ty),
+                 mask=head_ok[:, None] & (c0 + cols[None, :] < K))
     if WRITE_LSE:
         tl.store(lse + (b * H + heads).to(tl.int64) * R + i, row_max + tl.log(row_sum), mask=head_ok)
 

@@ -1,8 +1,11 @@
 """Talking heads (pre_mix + post_mix over all heads) on the GPU through both paths: the
 register-mixing kernels (mix_kernels.py, mix_bwd_kernels.py) and the row-chunked slabs
-(chunked_forward.py with the post mix in the softmax's kernel,
-chunked_backward.py). First each chunked path against the reference under the spec's rule
-(bf16), then medians of fwd and fwd+bwd for every pairing, alternating, in one process.
+(chunked_forward.py with the post mix in the softmax's kernel, chunked_backward.py). First
+the chunked paths against the reference under the spec's rule (bf16), then medians of fwd and
+of fwd+bwd through the register kernels, the chunked ones, and the register forward with the
+chunked backward (MTA_KERNELS_FUSED_MIX_BACKWARD=0), alternating, in one process. (Before
+5705dce the switch chose each direction separately; notes/thpaths_h200_1ef2392.log also has
+the chunked forward with the register backward.)
 
 Usage: python scripts/talking_heads_paths.py [L ...]   (default 2048 4096 8192; "check": the checks
 alone, which also run on the CPU under the interpreter with MTA_DEVICE=cpu MTA_DTYPE=float16)
@@ -30,8 +33,10 @@ def run(q, k, v):
 
 
 def set_paths(fwd, bwd):
+    """Both directions chunked, or the register forward with either backward."""
     chunked_forward.CHUNKED_TALKING_HEADS = "1" if fwd == "chunked" else "0"
     backward.FUSED_MIX_BACKWARD = bwd == "register"
+    assert fwd == "register" or bwd == "chunked", "the chunked forward comes with the chunked backward"
 
 
 # exactness on the GPU: both chunked paths against the fp64 reference, with the bf16 one's error
@@ -65,16 +70,15 @@ for L in ([] if sys.argv[1:] == ["check"] else [int(x) for x in sys.argv[1:]] or
     q, k, v, do = (torch.randn(B, H, L, D, device=dev, dtype=dtype).requires_grad_() for _ in range(4))
     for rnd in (1, 2):
         for fwd in ("register", "chunked"):
-            set_paths(fwd, "register")
+            set_paths(fwd, fwd)
             with torch.no_grad():
                 t = triton.testing.do_bench(lambda: run(q, k, v), warmup=5, rep=50, return_mode="median")
             print(f"round {rnd} L={L} fwd {fwd}: {t:.3f} ms", flush=True)
-        for fwd in ("register", "chunked"):
-            for bwd in ("register", "chunked"):
-                set_paths(fwd, bwd)
-                torch.cuda.reset_peak_memory_stats()
-                t = triton.testing.do_bench(lambda: torch.autograd.grad(run(q, k, v), (q, k, v, pre_mix, post_mix), do),
-                                            warmup=2, rep=50, return_mode="median")
-                peak = torch.cuda.max_memory_allocated() / 2 ** 30
-                print(f"round {rnd} L={L} fwd+bwd {fwd} forward, {bwd} backward: {t:.3f} ms, peak {peak:.2f} GiB",
-                      flush=True)
+        for fwd, bwd in (("register", "register"), ("register", "chunked"), ("chunked", "chunked")):
+            set_paths(fwd, bwd)
+            torch.cuda.reset_peak_memory_stats()
+            t = triton.testing.do_bench(lambda: torch.autograd.grad(run(q, k, v), (q, k, v, pre_mix, post_mix), do),
+                                        warmup=2, rep=50, return_mode="median")
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+            print(f"round {rnd} L={L} fwd+bwd {fwd} forward, {bwd} backward: {t:.3f} ms, peak {peak:.2f} GiB",
+                  flush=True)

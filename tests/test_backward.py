@@ -98,8 +98,9 @@ def test_chunked_paths_keep_at_most_their_live_slabs(causal, monkeypatch):
     stub = lambda x, *args, **kwargs: torch.empty_like(x)
     monkeypatch.setattr(slabs, "key_query_conv", stub)
     monkeypatch.setattr(slabs, "softmax_rows_", lambda x, zero_above, want_lse: (x, x[..., 0].clone() if want_lse else None))
-    monkeypatch.setattr(slabs, "mix_softmax_rows", lambda x, w, zero_above, want_lse, precision, out, post_mix, out_dtype: (
-        torch.empty_like(x, dtype=out_dtype) if out is None else out, x[..., 0].clone() if want_lse else None))
+    monkeypatch.setattr(slabs, "mix_softmax_rows", lambda x, w, zero_above, want_lse, precision, out, post_mix,
+                        out_dtype: (torch.empty_like(x, dtype=out_dtype) if out is None else out,
+                                    x[..., 0].clone() if want_lse else None))
     monkeypatch.setattr(slabs, "mix_rows", lambda x, w, zero_above, precision, out_dtype: torch.empty_like(x, dtype=out_dtype))
     monkeypatch.setattr(backward, "key_query_conv_input_grad", stub)
     monkeypatch.setattr(backward, "key_query_conv_weight_grad", lambda g, x, w, *a, **kw: torch.zeros(w.shape))

@@ -349,8 +349,8 @@ def test_talking_heads_path_choice(device, monkeypatch):
     """Talking heads (8+ heads mixed, no convs) take the row-chunked forward and backward where
     prefer_chunked_talking_heads says so: 'auto' on CUDA (never under the interpreter) from
     CHUNKED_TALKING_HEADS_FROM on or where fp32 heads are too wide for the register kernels, '1'
-    always, '0' never; other calls never. Both paths give the same
-    output and gradients (fp32, up to rounding)."""
+    always, '0' never; other calls never. Both paths give the same output and gradients (fp32,
+    up to rounding)."""
     from mta_kernels import chunked_forward as chunked, ops
     conv, mix, pairs = (torch.empty(*s, device="meta") for s in ((16, 6, 11), (1, 16, 16), (8, 2, 2)))
 
