@@ -16,8 +16,9 @@ MIN_REGISTER_MIX_HEADS = 8
 # [16, BM, D] tiles of every head must fit the H200's shared memory (checked for sm_90a with
 # scripts/sm90_compile.py and tests/test_sm90_resources.py): the widest head dim (padded to a
 # power of two) per input element size in bytes. On the H200, 16-bit D=96 and 128 run; fp32 D=24
-# runs, while D=64 asked for 258 KB and D=96 for 394 KB of the 227 KB there; fp64 (gradchecks)
-# scaled from fp32. Wider heads take the other paths.
+# runs, while D=64 asked for 258 KB and D=96 for 394 KB of the 227 KB there (compiled for sm_90a,
+# fp32 at 32 and twice 32 are checked in tests/test_sm90_resources.py); fp64 (gradchecks) scaled
+# from fp32. Wider heads take the other paths.
 MAX_REGISTER_MIX_DIM = {2: 128, 4: 32, 8: 16}
 
 

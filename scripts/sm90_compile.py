@@ -76,10 +76,13 @@ SLAB_WEIGHT_GRAD_CONFIGS = [dict(BR=BR, num_warps=w, num_stages=1, TILES=16, max
 
 def launch(op, D, H=16, L=256):
     """Launch one path of the dispatcher (op: flash_fwd, mix_fwd, premix_fwd, full_fwd, flash_bwd,
-    mix_bwd, slab_conv, slab_softmax, slab_mix, pre_conv_matmul) with bf16 inputs of head size D, paper-sized MTA weights."""
+    mix_bwd, slab_conv, slab_softmax, slab_mix, pre_conv_matmul) with bf16 inputs of head size D,
+    paper-sized MTA weights; mix_fwd_fp32 and mix_bwd_fp32: the register-mixing kernels with fp32
+    inputs, launched directly (the dispatcher sends fp32 heads wider than they take elsewhere)."""
     from mta_kernels import backward, forward
     import mta_reference as R
-    q, k, v, do = (torch.randn(1, H, L, D, dtype=torch.bfloat16) for _ in range(4))
+    dtype = torch.float32 if op.endswith("_fp32") else torch.bfloat16
+    q, k, v, do = (torch.randn(1, H, L, D, dtype=dtype) for _ in range(4))
     lse = torch.zeros(1, H, L)
     mix, conv = R.identity_mix(H, H), R.identity_conv(H, 6, 11)
     scale = D ** -0.5
@@ -87,6 +90,10 @@ def launch(op, D, H=16, L=256):
         forward.mta_forward(q, k, v, None, None, None, None, True, "both", scale)
     elif op == "mix_fwd":
         forward.mta_forward(q, k, v, None, mix, None, mix, True, "both", scale)
+    elif op == "mix_fwd_fp32":
+        forward.mix_forward(q, k, v, mix, mix, True, scale)
+    elif op == "mix_bwd_fp32":
+        backward.mix_backward(do, q, k, v, mix, mix, lse, True, scale)
     elif op == "premix_fwd":
         forward.mta_forward(q, k, v, None, mix, None, None, True, "both", scale)
     elif op == "full_fwd":
