@@ -39,7 +39,9 @@ CHUNKED_BELOW_SMS = 8
 
 # Talking heads (head mixing without convs over groups the register-mixing kernels of
 # mix_kernels.py and mix_bwd_kernels.py take, D <= 128) through the row-chunked forward and
-# backward on CUDA from L = CHUNKED_TALKING_HEADS_FROM, and at any length where the heads are too
+# backward on CUDA for L in [CHUNKED_TALKING_HEADS_FROM, CHUNKED_TALKING_HEADS_UP_TO] (where they
+# were measured faster; longer sequences keep the register kernels, which the GPU tests run at
+# L=65536, while the slabs have not run there), and at any length where the heads are too
 # wide for those kernels in the inputs' dtype (fp32 beyond D=32): MTA_KERNELS_CHUNKED_TALKING_HEADS
 # 'auto' (the default); '1' always; '0' never. H200, B=1, H=16, D=128, bf16, causal, all 16 heads
 # mixed, chunked against register (scripts/talking_heads_paths.py and talking_heads_ab.py; notes/
@@ -52,6 +54,7 @@ CHUNKED_BELOW_SMS = 8
 # in the bench's target runs after the materialized cases; fwd+bwd 8.3-10.8 against 8.3.
 CHUNKED_TALKING_HEADS = auto_switch_from_env("MTA_KERNELS_CHUNKED_TALKING_HEADS")
 CHUNKED_TALKING_HEADS_FROM = 8192
+CHUNKED_TALKING_HEADS_UP_TO = 16384
 
 
 def prefer_chunked_talking_heads(q, pre_conv, pre_mix, post_conv, post_mix, on_cuda=None) -> bool:
@@ -65,7 +68,8 @@ def prefer_chunked_talking_heads(q, pre_conv, pre_mix, post_conv, post_mix, on_c
     if CHUNKED_TALKING_HEADS != "auto":
         return CHUNKED_TALKING_HEADS == "1"
     fits = uses_register_mixing(pre_conv, pre_mix, post_conv, post_mix, D, q.element_size())
-    return (q.is_cuda if on_cuda is None else on_cuda) and (q.shape[2] >= CHUNKED_TALKING_HEADS_FROM or not fits)
+    measured = CHUNKED_TALKING_HEADS_FROM <= q.shape[2] <= CHUNKED_TALKING_HEADS_UP_TO
+    return (q.is_cuda if on_cuda is None else on_cuda) and (measured or not fits)
 
 
 def prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=None) -> bool:

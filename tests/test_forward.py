@@ -348,8 +348,8 @@ def test_chunked_forward_switch(device, monkeypatch):
 def test_talking_heads_path_choice(device, monkeypatch):
     """Talking heads (8+ heads mixed, no convs) take the row-chunked forward and backward where
     prefer_chunked_talking_heads says so: 'auto' on CUDA (never under the interpreter) from
-    CHUNKED_TALKING_HEADS_FROM on or where fp32 heads are too wide for the register kernels, '1'
-    always, '0' never; other calls never. Both paths give the same output and gradients (fp32,
+    CHUNKED_TALKING_HEADS_FROM to CHUNKED_TALKING_HEADS_UP_TO or where fp32 heads are too wide for
+    the register kernels, '1' always, '0' never; other calls never. Both paths give the same output and gradients (fp32,
     up to rounding)."""
     from mta_kernels import chunked_forward as chunked, ops
     conv, mix, pairs = (torch.empty(*s, device="meta") for s in ((16, 6, 11), (1, 16, 16), (8, 2, 2)))
@@ -360,7 +360,7 @@ def test_talking_heads_path_choice(device, monkeypatch):
 
     monkeypatch.setattr(chunked, "CHUNKED_TALKING_HEADS", "auto")
     assert chosen(8192) and chosen(16384) and chosen(8192, post_mix=None)
-    assert not chosen(4096) and not chosen(8192, on_cuda=False) and not chosen(8192, D=256)
+    assert not chosen(4096) and not chosen(32768) and not chosen(8192, on_cuda=False) and not chosen(8192, D=256)
     # fp32 heads wider than 32 do not fit the register kernels' shared memory: chunked at any length
     assert chosen(2048, D=64, dtype=torch.float32) and not chosen(2048, D=32, dtype=torch.float32)
     assert not chosen(4096, pre_conv=conv) and not chosen(4096, pre_mix=pairs, post_mix=None)
