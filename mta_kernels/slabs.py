@@ -179,10 +179,10 @@ def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, kee
     in place, without a pre mix), the post mix as one kernel writing ``a`` in ``a_dtype``
     (default the slabs' dtype; without a post mix ``a`` is a1 in that dtype); with keep=False,
     both mixes of one group size and no post conv, the post mix in the softmax's kernel too. With
-    ``pre_conv_operands`` (from slabs.pre_conv_operands) the pre conv is one matmul, its tiles near a
-    causal diagonal the slab conv kernel's (which reads scores computed for the columns near
-    the diagonal only, unless keep). Rows above
-    lo read as zero, so rows from lo + the convs' row halos on are exact. Leaner than the
+    ``pre_conv_operands`` (from slabs.pre_conv_operands) the pre conv is one matmul, its tiles
+    near a causal diagonal the slab conv kernel's (which reads scores computed for the columns
+    near the diagonal only, unless keep). Rows above lo read as zero, so rows from lo + the
+    convs' row halos on are exact. Leaner than the
     reference: no masking pass, since the conv kernels read the causal future as zero (and
     zero it in the post conv's output) and the softmax kernel takes it as -inf. keep=False
     drops each intermediate once the next is made and returns the log-sum-exp (what the
