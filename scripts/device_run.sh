@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -397,6 +397,13 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 260 python3 -m pytest tests/test_backward.py tests/test_forward.py -x -q -rA -s --tb=short \
                -k "$SLAB_GPU_TESTS or talking_heads or post_mix or fused_mix" \
                2>&1 | tee "$OUT/tests.log" | grep -E "GiB|FAIL|Error|passed|failed" ;;
+    session14a) # the final tree's GPU-marked tests (forward first: full MTA through band-scores had not
+             # run against the reference on the GPU), then the chunked backward's needs test
+             timeout 270 python3 -m pytest tests/test_forward.py -m gpu -q -rfE -s --tb=short --durations=8 \
+               2>&1 | tee "$OUT/tests_forward.log" | grep -E "GiB|FAIL|Error|passed|failed|s call"
+             timeout 280 python3 -m pytest tests/test_backward.py -q -rfE -s --tb=short --durations=8 \
+               -m "gpu or not gpu" -k "gpu or memory or skips_unwanted or determin" \
+               2>&1 | tee "$OUT/tests_backward.log" | grep -E "GiB|FAIL|Error|passed|failed|s call" ;;
     session13e) # the final tree: the GPU tests of both chunked paths and the talking-heads paths (not
              # stopping at a failure), then the README's targets
              timeout 250 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE -s --tb=short \
