@@ -25,7 +25,7 @@ from .forward import _precision
 from .slab_conv import key_query_conv_input_grad, key_query_conv_weight_grad
 from .slab_mix_backward import mix_backward_rows
 from .slabs import (_matmul_precision, conv_halos, mix_precision, pre_conv_operands, rows_per_chunk, slab_forward,
-                    slab_inputs)
+                    slab_inputs, slab_weights)
 
 # (1, H, rows, L) slabs alive at once in a chunk (the chunk height's divisor): the chain frees
 # each slab after its last use, so at most five (the forward's s0, c, probs, a1, a; then
@@ -63,10 +63,11 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
             for x, need in zip((q, k, v), needs)]
     dw = [torch.zeros(w.shape, device=q.device, dtype=cd) if need else None
           for w, need in zip(weights, needs[3:])]
+    weights_cd = slab_weights(weights, cd)
     with _matmul_precision(q):
         for b in range(B):
             one = slice(b, b + 1)
-            grads = _chunked_backward(grad_out[one], q[one], k[one], v[one], *weights, causal=causal,
+            grads = _chunked_backward(grad_out[one], q[one], k[one], v[one], *weights_cd, causal=causal,
                                       pad_key=pad_key, scale=scale, compute_dtype=cd, rows=R, needs=needs)
             if B == 1:
                 dqkv = list(grads[:3])
@@ -95,10 +96,15 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
     HQ, HP = conv_halos(pre_conv, post_conv)
 
     need_q, need_k, need_v, *need_w = needs
-    dq, dk, dv = (torch.zeros(B, H, L, D, device=q.device, dtype=cd) if need else None
-                  for need in (need_q, need_k, need_v))
-    dw = [torch.zeros(w.shape, device=q.device, dtype=cd) if need else None
-          for w, need in zip((pre_conv, pre_mix, post_conv, post_mix), need_w)]
+    # (every chunk writes its rows of dq; dk and dv take sums)
+    dq = torch.empty(B, H, L, D, device=q.device, dtype=cd) if need_q else None
+    dk, dv = (torch.zeros(B, H, L, D, device=q.device, dtype=cd) if need else None for need in (need_k, need_v))
+    # the convs' weight gradients summed chunk by chunk; each mix's as one buffer of per-row
+    # shares (mix_backward_rows' dw_rows) that every chunk fills with its rows, summed once
+    dw = [torch.zeros(w.shape, device=q.device, dtype=cd) if need and i in (0, 2) else None
+          for i, (w, need) in enumerate(zip((pre_conv, pre_mix, post_conv, post_mix), need_w))]
+    mix_dw_rows = [torch.empty(B, w.shape[0], L, *w.shape[1:], device=q.device, dtype=cd) if need else None
+                   for w, need in zip((pre_mix, post_mix), (need_w[1], need_w[3]))]
     # how far back from dO the chain must go: dA -> (post mix) -> dP -> dZ -> (pre mix) -> dC -> dS
     need_ds = need_q or need_k
     need_dc = need_ds or need_w[0]
@@ -130,8 +136,9 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
 
         # backward on the slab: rows [lo, hi), keys [0, ke)
         do_slab = dout[:, :, lo:hi]
+        # (B = 1 here: dv, dk and dq take their rows' products in place, as 3-d batched matmuls)
         if need_v:
-            dv[:, :, :ke] += torch.matmul(a[:, :, mine].transpose(-1, -2), do_slab[:, :, mine])
+            dv[0, :, :ke].baddbmm_(a[0, :, mine].transpose(-1, -2), do_slab[0, :, mine])
         a = None
         if not need_da:
             continue
@@ -139,10 +146,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         if post_mix is not None:
             # the post mix's adjoint (in place) and weight gradient in one kernel; da counts as
             # zero in the causal future, where a1 is zero and what follows reads it as zero
-            da, dw_post = mix_backward_rows(da, post_mix, x=a1 if need_w[3] else None, rows=(mine.start, mine.stop),
-                                            out=da, **mix)
-            if need_w[3]:
-                dw[3] += dw_post
+            da, _ = mix_backward_rows(da, post_mix, x=a1 if need_w[3] else None, rows=(mine.start, mine.stop),
+                                      out=da, dw_rows=(mix_dw_rows[1], lo), **mix)
         a1 = None
         if need_w[2]:
             dw[2] += key_query_conv_weight_grad(da, probs, post_conv, pad_key, rows=(mine.start, mine.stop), **slab)
@@ -155,10 +160,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         # dz = P * (dP - Delta) with Delta = rowsum(P * dP): softmax's backward; with a pre mix
         # in one kernel with the mix's adjoint (in place) and weight gradient
         if pre_mix is not None:
-            dc, dw_pre = mix_backward_rows(dp, pre_mix, x=c if need_w[1] else None, probs=probs,
-                                           rows=(mine.start, mine.stop), out=dp, **mix)
-            if need_w[1]:
-                dw[1] += dw_pre
+            dc, _ = mix_backward_rows(dp, pre_mix, x=c if need_w[1] else None, probs=probs,
+                                      rows=(mine.start, mine.stop), out=dp, dw_rows=(mix_dw_rows[0], lo), **mix)
         else:
             dc = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
         dp = probs = c = None
@@ -173,10 +176,15 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         dc = None
         ds = ds[:, :, mine]
         if need_q:
-            dq[:, :, r0:r1] = torch.matmul(ds, kc[:, :, :ke]) * scale
+            torch.bmm(ds[0], kc[0, :, :ke], out=dq[0, :, r0:r1])     # times scale below
         if need_k:
-            dk[:, :, :ke] += torch.matmul(ds.transpose(-1, -2), qc[:, :, r0:r1])   # qc is scale * q
+            dk[0, :, :ke].baddbmm_(ds[0].transpose(-1, -2), qc[0, :, r0:r1])   # qc is scale * q
 
+    for i, rows_dw in ((1, mix_dw_rows[0]), (3, mix_dw_rows[1])):
+        if rows_dw is not None:
+            dw[i] = rows_dw.sum((0, 2))
+    if dq is not None:
+        dq *= scale
     if dk is not None:
         dk = dk.view(B, Hkv, rep, L, D).sum(2)
     if dv is not None:

@@ -26,7 +26,7 @@ import torch
 
 from .forward import _precision, general_row_programs, uses_register_mixing
 from .slabs import (_matmul_precision, auto_switch_from_env, conv_halos, pre_conv_operands, rows_per_chunk,
-                    slab_forward, slab_inputs)
+                    slab_forward, slab_inputs, slab_weights)
 
 
 def _mode_from_env() -> str:
@@ -107,7 +107,7 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8, HQ + HP, live=LIVE_TENSORS)
     out = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, L, device=q.device, dtype=cd)
-    weights = (pre_conv, pre_mix, post_conv, post_mix)
+    weights = slab_weights((pre_conv, pre_mix, post_conv, post_mix), cd)
     prec = _precision(q)
     with _matmul_precision(q):
         for b in range(B):
@@ -119,13 +119,17 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
             if post_mix is not None and q.dtype != cd:
                 rep = H // v.shape[1]
                 values = v[one].repeat_interleave(rep, dim=1) if rep > 1 else v[one]
-            operands = pre_conv_operands(q[one], k[one], pre_conv, pad_key, scale)
+            operands = pre_conv_operands(q[one], k[one], weights[0], pad_key, scale)
             for r0 in range(0, L, R):
                 r1 = min(L, r0 + R)
                 lo = max(0, r0 - HQ - HP)
                 t = slab_forward(qc, kc, vc, weights, lo, r1, causal=causal, pad_key=pad_key,
                                  precision=prec, keep=False, a_dtype=q.dtype, pre_conv_operands=operands)
-                out[one, :, r0:r1] = torch.matmul(t.a[:, :, r0 - lo:], values[:, :, :t.a.shape[-1]]).to(q.dtype)
+                a, vals = t.a[0, :, r0 - lo:], values[0, :, :t.a.shape[-1]]
+                if a.dtype == q.dtype:
+                    torch.bmm(a, vals, out=out[b, :, r0:r1])
+                else:
+                    out[b, :, r0:r1] = torch.bmm(a, vals).to(q.dtype)
                 lse[one, :, r0:r1] = t.lse[:, :, r0 - lo:]
-                del t    # before the next slab: LIVE_TENSORS counts none from the last
+                del t, a    # before the next slab: LIVE_TENSORS counts none from the last
     return out, lse

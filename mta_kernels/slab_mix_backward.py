@@ -36,15 +36,15 @@ def _row_block(base, cols, end, head_ok, sj):
 @triton.jit
 def mix_backward_rows_kernel(grad, probs, x, w, out, dw,
                              sgb, sgh, sgi, sgj, spb, sph, spi, spj, sxb, sxh, sxi, sxj, sob, soh, soi, soj,
-                             H, R, K, ZERO_ABOVE, DW_LO, DW_HI,
+                             H, R, K, ZERO_ABOVE, DW_LO, DW_HI, DW_ROW0, DW_ROWS,
                              CH: tl.constexpr, CHP: tl.constexpr, SOFTMAX: tl.constexpr, WANT_DW: tl.constexpr,
                              BLOCK: tl.constexpr, PREC: tl.constexpr):
     """One program per (batch, group, row i) of slabs (B, H, R, K), any strides. The mix's
     incoming gradient is grad, or with SOFTMAX P * (grad - rowsum(P * grad)) with P = probs;
     it is taken as zero where col - row > ZERO_ABOVE. out (B, H, R, K) gets its adjoint
     through w (G, CH, CH), zero there too; out may be grad (a program reads a block before
-    it writes it). With WANT_DW and DW_LO <= i < DW_HI, dw (B, G, R, CH, CH) at this
-    program gets sum over keys of gradient[o] * x[c] (other rows are left unwritten)."""
+    it writes it). With WANT_DW and DW_LO <= i < DW_HI, dw (B, G, DW_ROWS, CH, CH) at row
+    DW_ROW0 + i gets sum over keys of gradient[o] * x[c] (other rows are left unwritten)."""
     b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
     g_row = group_row(grad, b, g, i, hh, sgb, sgh, sgi, CH)
     p_row = group_row(probs, b, g, i, hh, spb, sph, spi, CH)
@@ -72,11 +72,12 @@ def mix_backward_rows_kernel(grad, probs, x, w, out, dw,
         adjoint = tl.dot(w_t, grad_in, input_precision=PREC)
         tl.store(o_row + (c0 + cols)[None, :] * soj, adjoint, mask=head_ok[:, None] & (c0 + cols[None, :] < K))
     if WANT_DW & weight_rows:
-        tl.store(dw + (tl.program_id(0).to(tl.int64) * CH + hh[:, None]) * CH + hh[None, :], dw_acc, mask=w_ok)
+        dw_row = (b * (H // CH) + g).to(tl.int64) * DW_ROWS + DW_ROW0 + i
+        tl.store(dw + (dw_row * CH + hh[:, None]) * CH + hh[None, :], dw_acc, mask=w_ok)
 
 
 def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, zero_above=None, rows=None,
-                      precision="ieee", out=None):
+                      precision="ieee", out=None, dw_rows=None):
     """Backward of the head mix ``mta_reference.mix_heads(x, w)`` for slabs (B, H, R, K) and
     w (G, ch, ch), H = G * ch, with incoming gradient ``grad``, or, given ``probs`` (the
     softmax P the mix was applied to), the gradient before that softmax: P * (grad -
@@ -86,24 +87,34 @@ def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, z
     Returns (dx, dw): dx (B, H, R, K) written to ``out`` (grad itself allowed: in place) or
     a new tensor, zero where the gradient is; dw (G, ch, ch) summed over the batch, the rows
     ``rows`` = (lo, hi) of the slab (all by default) and the keys, in a fixed order, or None
-    without x. precision: tl.dot's for fp32 slabs ("tf32" or "ieee"; fp64 is exact)."""
+    without x. With dw_rows = (buffer (B, G, N, ch, ch) contiguous, row0), each of those rows
+    i writes its share to row row0 + i of the buffer instead, and dw is None: the caller sums
+    the buffer once (the row-chunked backward, one sum for all its chunks). precision: tl.dot's
+    for fp32 slabs ("tf32" or "ieee"; fp64 is exact)."""
     B, H, R, K = grad.shape
     G, ch, _ = w.shape
     zeros = row_kernel_zero_above(zero_above)
     out = torch.empty_like(grad) if out is None else out
     lo, hi = rows or (0, R)
-    dw = None if x is None else torch.zeros(G, ch, ch, device=grad.device, dtype=grad.dtype)
+    summed = x is not None and dw_rows is None
     if grad.numel() == 0:
-        return out, dw
-    partial = torch.empty(B, G, R, ch, ch, device=grad.device, dtype=grad.dtype) if x is not None else grad
+        return out, torch.zeros(G, ch, ch, device=grad.device, dtype=grad.dtype) if summed else None
+    if x is None:
+        partial, row0 = grad, 0
+    elif dw_rows is not None:
+        partial, row0 = dw_rows
+        N = partial.shape[2] if partial.dim() == 5 else -1
+        if not partial.is_contiguous() or tuple(partial.shape) != (B, G, N, ch, ch) or N < row0 + hi:
+            raise ValueError(f"dw_rows must hold a contiguous ({B}, {G}, N, {ch}, {ch}) buffer with "
+                             f"N >= {row0 + hi}, got {tuple(partial.shape)}")
+    else:
+        partial, row0 = torch.empty(B, G, R, ch, ch, device=grad.device, dtype=grad.dtype), 0
     chp = max(16, _next_pow2(ch))
     block = min(max(16, MIX_BACKWARD_CONFIG["elements"] // chp), max(16, _next_pow2(K)))
     mix_backward_rows_kernel[(B * G * R,)](
         grad, grad if probs is None else probs, grad if x is None else x, w.to(grad.dtype).contiguous(), out, partial,
         *grad.stride(), *(grad if probs is None else probs).stride(), *(grad if x is None else x).stride(),
-        *out.stride(), H, R, K, zeros, lo, hi,
+        *out.stride(), H, R, K, zeros, lo, hi, row0, partial.shape[2] if x is not None else R,
         CH=ch, CHP=chp, SOFTMAX=probs is not None, WANT_DW=x is not None, BLOCK=block,
         PREC="ieee" if grad.dtype == torch.float64 else precision, num_warps=MIX_BACKWARD_CONFIG["num_warps"])
-    if x is not None:
-        dw = partial[:, :, lo:hi].sum((0, 2))
-    return out, dw
+    return out, partial[:, :, lo:hi].sum((0, 2)) if summed else None

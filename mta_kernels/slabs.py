@@ -157,6 +157,12 @@ def slab_inputs(q, k, v, scale, compute_dtype):
     return qc, kc, vc
 
 
+def slab_weights(weights, compute_dtype):
+    """The four weights (None where absent) in compute_dtype and contiguous, made once per call:
+    the slab kernels' own conversions are then no-ops (they had been a launch each per chunk)."""
+    return tuple(None if w is None else w.to(compute_dtype).contiguous() for w in weights)
+
+
 class SlabForward(NamedTuple):
     """The forward on rows [lo, hi) of one batch element, as (1, H, hi - lo, K) slabs for the
     K keys computed; with keep=False only ``a`` and ``lse`` (the others None), with keep

@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -404,6 +404,23 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 280 python3 -m pytest tests/test_backward.py -q -rfE -s --tb=short --durations=8 \
                -m "gpu or not gpu" -k "gpu or memory or skips_unwanted or determin" \
                2>&1 | tee "$OUT/tests_backward.log" | grep -E "GiB|FAIL|Error|passed|failed|s call" ;;
+    hostprofile) # host time per call and cProfile of talking heads (chunked) and plain attention
+             timeout 200 python3 scripts/host_profile.py 4096 2>&1 | tee "$OUT/host_profile.log" | grep "host time" ;;
+    hostab) # host time per call in this tree and in branches/before; talking heads' two paths timed
+             # in one process (this tree); full MTA here against branches/*; the GPU tests of the
+             # row-chunked backward and the talking-heads paths
+             ROOT=$PWD
+             for tree in . branches/before; do
+               [ -d "$tree" ] || continue
+               (cd $tree && PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 60 python3 $ROOT/scripts/host_profile.py 4096 \
+                 2>&1 | grep "host time" | sed "s|^|$tree |" | tee -a "$OUT/hostab.log")
+             done
+             timeout 150 python3 scripts/talking_heads_ab.py 4096 2>&1 | tee "$OUT/thab.log" | grep -E "round|host"
+             full_ab_trees 2>&1 | tee "$OUT/abtrees.log"
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
+             timeout 170 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE --tb=short \
+               -k "gradients_gpu or fused_mix or (deterministic) or chunked_talking_heads_gpu or skips or mix_backward_rows" \
+               2>&1 | tee "$OUT/tests.log" | grep -E "FAIL|Error|passed|failed" ;;
     session13e) # the final tree: the GPU tests of both chunked paths and the talking-heads paths (not
              # stopping at a failure), then the README's targets
              timeout 250 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE -s --tb=short \

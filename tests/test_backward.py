@@ -263,6 +263,25 @@ def test_mix_backward_rows_matches_torch(shape, groups, zero_above, softmax, in_
     assert mix_backward_rows(grad, w, zero_above=zero_above)[1] is None
 
 
+def test_mix_backward_rows_into_a_row_buffer(device):
+    """dw_rows: each weight row's share of the mix's weight gradient goes to its own row of a
+    caller's buffer, from row0 on (the row-chunked backward sums the buffer once), rows of
+    the buffer outside stay as they were; the buffer's shape is checked."""
+    from mta_kernels.slab_mix_backward import mix_backward_rows
+    g = torch.Generator().manual_seed(7)
+    B, H, R, K, groups = 2, 6, 5, 37, 3
+    grad, x = (torch.randn(B, H, R, K, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    w = torch.randn(groups, H // groups, H // groups, generator=g, dtype=torch.float64).to(device)
+    expected = mix_backward_rows(grad, w, x=x, zero_above=2, rows=(1, 4))[1]
+    buffer = torch.full((B, groups, 9, 2, 2), 7.0, dtype=torch.float64, device=device)
+    dx, dw = mix_backward_rows(grad, w, x=x, zero_above=2, rows=(1, 4), dw_rows=(buffer, 3))
+    assert dw is None
+    assert torch.allclose(buffer[:, :, 4:7].sum((0, 2)), expected, atol=1e-12, rtol=1e-10)
+    assert torch.equal(buffer[:, :, [0, 1, 2, 3, 7, 8]], torch.full_like(buffer[:, :, :6], 7.0))
+    with pytest.raises(ValueError, match="dw_rows"):
+        mix_backward_rows(grad, w, x=x, rows=(1, 4), dw_rows=(buffer, 6))
+
+
 @pytest.mark.parametrize("shape, groups", [((1, 16, 5, 1100), 1), ((2, 6, 4, 37), 3), ((1, 10, 3, 20), 1)])
 @pytest.mark.parametrize("zero_above", [None, 0, 7])
 def test_mix_rows_matches_reference(shape, groups, zero_above, device):
