@@ -48,12 +48,12 @@ CHUNKED_BELOW_SMS = 8
 # thpaths_h200_1ef2392.log, thpaths16384_h200_8f50aee.log, talking_heads_ab_h200_250c5be.log):
 # forward 4.16 against 6.05 ms at L=8192, 17.7 against 24.6 at 16384; fwd+bwd 25.4 against 32.4
 # at 8192, 126-140 against 132 at 16384 (peak 1.50 against 0.91 GiB at 8192). At L=4096 the
-# chunked paths are bound by their host time (1.33 ms of Python and launches per forward against
-# 1.16 of GPU time, 8.3 against about 6.3 per fwd+bwd), so their times follow the host: the
-# forward took 1.21-1.37 ms against 1.59 in one process, 1.50 in the bench alone, and 1.92-2.25
-# in the bench's target runs after the materialized cases; fwd+bwd 8.3-10.8 against 8.3.
+# chunked paths were bound by their host time until 73b356f trimmed their launches per chunk
+# (notes/hostab_h200_73b356f.log, one process, three rounds): forward 1.18-1.24 ms against
+# 1.59, fwd+bwd 5.98 / 6.21 against 8.33 (a first round 8.83, its spread 7.3-10.4 ms). At
+# L=2048 the register kernels' fwd+bwd is faster (2.47 against 3.9 ms, 1ef2392).
 CHUNKED_TALKING_HEADS = auto_switch_from_env("MTA_KERNELS_CHUNKED_TALKING_HEADS")
-CHUNKED_TALKING_HEADS_FROM = 8192
+CHUNKED_TALKING_HEADS_FROM = 4096
 CHUNKED_TALKING_HEADS_UP_TO = 16384
 
 

@@ -165,7 +165,7 @@ def test_forward_gpu(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_chunked_talking_heads_gpu(dtype, monkeypatch):
     """Talking heads through the row-chunked forward (the post mix in the softmax's kernel),
-    forced at L=4096 ('auto' takes it from CHUNKED_TALKING_HEADS_FROM), under the spec's rule."""
+    forced (as 'auto' takes it at L=4096 on CUDA), under the spec's rule."""
     from mta_kernels import chunked_forward
     monkeypatch.setattr(chunked_forward, "CHUNKED_TALKING_HEADS", "1")
     _run_and_check(Case(H=16, L=4096, D=128, pre_mix=16, post_mix=16), dtype, "cuda")
@@ -359,8 +359,8 @@ def test_talking_heads_path_choice(device, monkeypatch):
         return chunked.prefer_chunked_talking_heads(q, pre_conv, pre_mix, None, post_mix, on_cuda)
 
     monkeypatch.setattr(chunked, "CHUNKED_TALKING_HEADS", "auto")
-    assert chosen(8192) and chosen(16384) and chosen(8192, post_mix=None)
-    assert not chosen(4096) and not chosen(32768) and not chosen(8192, on_cuda=False) and not chosen(8192, D=256)
+    assert chosen(4096) and chosen(8192) and chosen(16384) and chosen(8192, post_mix=None)
+    assert not chosen(2048) and not chosen(32768) and not chosen(8192, on_cuda=False) and not chosen(8192, D=256)
     # fp32 heads wider than 32 do not fit the register kernels' shared memory: chunked at any length
     assert chosen(2048, D=64, dtype=torch.float32) and not chosen(2048, D=32, dtype=torch.float32)
     assert not chosen(4096, pre_conv=conv) and not chosen(4096, pre_mix=pairs, post_mix=None)
