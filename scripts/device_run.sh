@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -421,6 +421,24 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 170 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE --tb=short \
                -k "gradients_gpu or fused_mix or (deterministic) or chunked_talking_heads_gpu or skips or mix_backward_rows" \
                2>&1 | tee "$OUT/tests.log" | grep -E "FAIL|Error|passed|failed" ;;
+    session14c) # the README's targets (talking heads chunked from L=4096 now); talking heads in separate
+             # bench processes with the chunked paths auto (chunked) and off, alternating; training;
+             # the GPU tests of talking heads and the chunked backward
+             timeout 150 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
+               --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote"
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
+             for round in 1 2; do
+               for mode in 0 auto; do
+                 MTA_KERNELS_CHUNKED_TALKING_HEADS=$mode timeout 60 python3 -m bench --shapes sweep --lengths 4096 \
+                   --ops talking_heads --modes fwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
+                   | grep -E "^\[" | sed "s|^|chunked_talking_heads=$mode |" | tee -a "$OUT/thab.log"
+               done
+             done
+             timeout 130 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -4
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
+             timeout 170 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE --tb=short \
+               -k "talking_heads or pre_mix16-post_mix16 or skips or chunked_talking_heads_gpu or (deterministic and full)" \
+               -m gpu 2>&1 | tee "$OUT/tests.log" | grep -E "FAIL|Error|passed|failed" ;;
     session13e) # the final tree: the GPU tests of both chunked paths and the talking-heads paths (not
              # stopping at a failure), then the README's targets
              timeout 250 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE -s --tb=short \

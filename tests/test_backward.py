@@ -468,6 +468,19 @@ def test_fused_mix_backward_gpu(case, dtype, monkeypatch):
     assert calls
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_chunked_talking_heads_gradients_gpu(dtype, monkeypatch):
+    """Talking heads at L=4096 take the row-chunked forward and backward under 'auto' on CUDA;
+    every gradient against the reference under the spec's rule."""
+    from mta_kernels import chunked_forward
+    monkeypatch.setattr(chunked_forward, "CHUNKED_TALKING_HEADS", "auto")
+    case = Case(H=16, L=4096, D=128, pre_mix=16, post_mix=16)
+    q, _, _, _, pre_mix, _, post_mix = make_inputs(case, dtype, "cuda")
+    assert chunked_forward.prefer_chunked_talking_heads(q, None, pre_mix, None, post_mix)
+    test_gradients_match_reference(case, dtype, "cuda")
+
+
 @pytest.mark.parametrize("case, fused_mix", [(Case(L=32, **FULL), False),
                                              (Case(H=8, L=32, D=16, pre_mix=8, post_mix=8), True)],
                          ids=["full-reference-bwd", "talking-heads-fused-bwd"])
