@@ -125,7 +125,7 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         zero_above = lo if causal else None
         slab = dict(zero_above=zero_above, precision=prec)
         mix = dict(zero_above=zero_above, precision=mix_precision(prec))
-        s0, c, probs, a1, a, _ = slab_forward(qc, kc, vc, (pre_conv, pre_mix, post_conv, post_mix), lo, hi,
+        s0, c, probs, a1, a, _ = slab_forward(qc, kc, (pre_conv, pre_mix, post_conv, post_mix), lo, hi,
                                               causal=causal, pad_key=pad_key, precision=prec, keep=True,
                                               pre_conv_operands=operands)
         # causal: keys from hi on are in the future of every row of the slab, zero in every

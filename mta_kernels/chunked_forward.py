@@ -112,24 +112,28 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     with _matmul_precision(q):
         for b in range(B):
             one = slice(b, b + 1)
-            qc, kc, vc = slab_inputs(q[one], k[one], v[one], scale, cd)
             # the post mix's kernel writes A in q's dtype, so A V takes v in it (repeated to q's
             # heads); without a post mix A is in the slabs' dtype, as vc
+            a_in_q_dtype = post_mix is not None and q.dtype != cd
+            qc, kc, vc = slab_inputs(q[one], k[one], None if a_in_q_dtype else v[one], scale, cd)
             values = vc
-            if post_mix is not None and q.dtype != cd:
+            if a_in_q_dtype:
                 rep = H // v.shape[1]
                 values = v[one].repeat_interleave(rep, dim=1) if rep > 1 else v[one]
             operands = pre_conv_operands(q[one], k[one], weights[0], pad_key, scale)
             for r0 in range(0, L, R):
                 r1 = min(L, r0 + R)
                 lo = max(0, r0 - HQ - HP)
-                t = slab_forward(qc, kc, vc, weights, lo, r1, causal=causal, pad_key=pad_key,
-                                 precision=prec, keep=False, a_dtype=q.dtype, pre_conv_operands=operands)
+                # without conv halos (lo = r0) the mix-softmax kernel writes these rows' lse in place
+                lse_rows = lse[one, :, r0:r1] if lo == r0 else None
+                t = slab_forward(qc, kc, weights, lo, r1, causal=causal, pad_key=pad_key, precision=prec,
+                                 keep=False, a_dtype=q.dtype, pre_conv_operands=operands, lse_out=lse_rows)
                 a, vals = t.a[0, :, r0 - lo:], values[0, :, :t.a.shape[-1]]
                 if a.dtype == q.dtype:
                     torch.bmm(a, vals, out=out[b, :, r0:r1])
                 else:
                     out[b, :, r0:r1] = torch.bmm(a, vals).to(q.dtype)
-                lse[one, :, r0:r1] = t.lse[:, :, r0 - lo:]
+                if t.lse is not lse_rows:
+                    lse[one, :, r0:r1] = t.lse[:, :, r0 - lo:]
                 del t, a    # before the next slab: LIVE_TENSORS counts none from the last
     return out, lse

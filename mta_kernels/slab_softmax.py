@@ -83,15 +83,15 @@ def _mixed_block(src, w_g, cols, end, head_ok, sj, PREC: tl.constexpr):
 
 
 @triton.jit
-def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, soj, H, R, K, ZERO_ABOVE,
+def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, soj, slb, slh, H, R, K, ZERO_ABOVE,
                             CH: tl.constexpr, CHP: tl.constexpr, WRITE_LSE: tl.constexpr, POST_MIX: tl.constexpr,
                             BLOCK: tl.constexpr, PREC: tl.constexpr):
     """out (B, H, R, K) = softmax over keys of the head mix of x (B, H, R, K) with w (G, CH, CH)
     (out[o] = sum_c w[g, o, c] x[c] within group g), entries with col - row > ZERO_ABOVE taken
     as -inf and written as zero; out may be x (each program reads a block of its rows before
     it writes it). With POST_MIX, out is that softmax mixed again with w_post (G, CH, CH), in
-    out's dtype. With WRITE_LSE, lse (B, H, R) contiguous gets each row's log-sum-exp (of the
-    first mix's logits). One program per (batch, group, row); CHP: CH rounded up to a power of
+    out's dtype. With WRITE_LSE, lse (B, H, R) with strides (slb, slh, 1) gets each row's
+    log-sum-exp (of the first mix's logits). One program per (batch, group, row); CHP: CH rounded up to a power of
     two >= 16."""
     b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
     heads = g * CH + hh
@@ -123,25 +123,32 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
         tl.store(dst + (c0 + cols)[None, :] * soj, p.to(out.dtype.element_ty),
                  mask=head_ok[:, None] & (c0 + cols[None, :] < K))
     if WRITE_LSE:
-        tl.store(lse + (b * H + heads).to(tl.int64) * R + i, row_max + tl.log(row_sum), mask=head_ok)
+        tl.store(lse + b.to(tl.int64) * slb + heads.to(tl.int64) * slh + i, row_max + tl.log(row_sum), mask=head_ok)
 
 
 def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse=False, precision="ieee",
-                     out=None, post_mix=None, out_dtype=None):
+                     out=None, post_mix=None, out_dtype=None, lse_out=None):
     """softmax(mta_reference.mix_heads(x, w)) over the last dim: x (B, H, R, K), w (G, ch, ch)
     with H = G * ch, entries where col - row > zero_above taken as -inf and written as zero
     (None: no mask); with post_mix (G, ch, ch) that softmax mixed again,
     mix_heads(softmax(...), post_mix), without a slab in between. Written to ``out`` (B, H, R,
     K), which may be x itself (in place), or a new tensor of ``out_dtype`` (default x's).
     precision: tl.dot's for the mixes of fp32 slabs ("tf32" or "ieee"; fp64 is exact).
-    Returns (out, lse (B, H, R) in x's dtype or None)."""
+    Returns (out, lse (B, H, R) in x's dtype or None); with want_lse, ``lse_out`` (B, H, R) of
+    x's dtype with unit stride along R (a view into a longer lse, say) takes the lse instead of
+    a new tensor."""
     B, H, R, K = x.shape
     G, ch, _ = w.shape
     if post_mix is not None and post_mix.shape != w.shape:
         raise ValueError(f"post_mix must have the pre mix's shape {tuple(w.shape)}, got {tuple(post_mix.shape)}")
     zeros = row_kernel_zero_above(zero_above)
     out = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype) if out is None else out
-    lse = torch.empty(B, H, R, device=x.device, dtype=x.dtype) if want_lse else None
+    lse = None
+    if want_lse:
+        lse = torch.empty(B, H, R, device=x.device, dtype=x.dtype) if lse_out is None else lse_out
+        if lse.shape != (B, H, R) or lse.dtype != x.dtype or (R > 1 and lse.stride(2) != 1):
+            raise ValueError(f"lse_out must be ({B}, {H}, {R}) of {x.dtype} with unit stride along its last dim, "
+                             f"got {tuple(lse.shape)} of {lse.dtype}, strides {lse.stride()}")
     if x.numel() == 0:
         return out, lse
     chp = max(16, _next_pow2(ch))
@@ -149,7 +156,7 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
     w_post = w if post_mix is None else post_mix
     mix_softmax_rows_kernel[(B * G * R,)](
         x, w.to(x.dtype).contiguous(), w_post.to(x.dtype).contiguous(), out, lse if want_lse else x,
-        *x.stride(), *out.stride(), H, R, K, zeros,
+        *x.stride(), *out.stride(), *(lse.stride()[:2] if want_lse else (0, 0)), H, R, K, zeros,
         CH=ch, CHP=chp, WRITE_LSE=want_lse, POST_MIX=post_mix is not None, BLOCK=block,
         PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=MIX_SOFTMAX_CONFIG["num_warps"])
     return out, lse

@@ -149,12 +149,12 @@ def slab_keys(hi, L, causal):
 
 def slab_inputs(q, k, v, scale, compute_dtype):
     """q times the softmax scale (so that no slab is scaled), k and v, in compute_dtype with the
-    kv heads repeated to q's heads: made once per batch element, read by every chunk."""
+    kv heads repeated to q's heads: made once per batch element, read by every chunk. v may
+    be None (the chunked forward's A V in q's dtype reads v itself): then vc is None."""
     rep = q.shape[1] // k.shape[1]
-    qc, kc, vc = q.to(compute_dtype) * scale, k.to(compute_dtype), v.to(compute_dtype)
-    if rep > 1:
-        kc, vc = kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1)
-    return qc, kc, vc
+    repeat = lambda x: x.repeat_interleave(rep, dim=1) if rep > 1 else x
+    qc, kc = q.to(compute_dtype) * scale, repeat(k.to(compute_dtype))
+    return qc, kc, None if v is None else repeat(v.to(compute_dtype))
 
 
 def slab_weights(weights, compute_dtype):
@@ -177,8 +177,8 @@ class SlabForward(NamedTuple):
     lse: Optional[torch.Tensor]     # (1, H, hi - lo): log-sum-exp of the masked pre-softmax logits
 
 
-def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, keep, a_dtype=None,
-                 pre_conv_operands=None) -> SlabForward:
+def slab_forward(qc, kc, weights, lo, hi, *, causal, pad_key, precision, keep, a_dtype=None,
+                 pre_conv_operands=None, lse_out=None) -> SlabForward:
     """mta_reference.forward_intermediates on rows [lo, hi) of slab_inputs' tensors (one batch
     element) and keys [0, slab_keys(hi, L, causal)) (keys from hi on are in every row's future),
     with the slab conv kernels, the pre mix and the softmax as one kernel (the softmax alone,
@@ -193,7 +193,9 @@ def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, kee
     zero it in the post conv's output) and the softmax kernel takes it as -inf. keep=False
     drops each intermediate once the next is made and returns the log-sum-exp (what the
     forward needs); the backward keeps those its weight gradients read (s0 for the pre conv's,
-    c for the pre mix's; each None without that weight, since the softmax may overwrite it)."""
+    c for the pre mix's; each None without that weight, since the softmax may overwrite it).
+    ``lse_out`` (1, H, hi - lo), with keep=False and a pre mix: where the mix-softmax kernel
+    writes the log-sum-exp (the returned lse is then that tensor)."""
     pre_conv, pre_mix, post_conv, post_mix = weights
     keys = slab_keys(hi, kc.shape[2], causal)
     zero_above = lo if causal else None
@@ -221,7 +223,7 @@ def slab_forward(qc, kc, vc, weights, lo, hi, *, causal, pad_key, precision, kee
         in_place = not keep and fused_post_mix is None
         probs, lse = mix_softmax_rows(c, pre_mix, zero_above, want_lse=not keep, precision=mix_precision(precision),
                                       out=c if in_place else None, post_mix=fused_post_mix,
-                                      out_dtype=a_dtype if fused_post_mix is not None else None)
+                                      out_dtype=a_dtype if fused_post_mix is not None else None, lse_out=lse_out)
         c = c if keep else None
         if fused_post_mix is not None:
             return SlabForward(None, None, None, None, probs, lse)

@@ -99,7 +99,7 @@ def test_chunked_paths_keep_at_most_their_live_slabs(causal, monkeypatch):
     monkeypatch.setattr(slabs, "key_query_conv", stub)
     monkeypatch.setattr(slabs, "softmax_rows_", lambda x, zero_above, want_lse: (x, x[..., 0].clone() if want_lse else None))
     monkeypatch.setattr(slabs, "mix_softmax_rows", lambda x, w, zero_above, want_lse, precision, out, post_mix,
-                        out_dtype: (torch.empty_like(x, dtype=out_dtype) if out is None else out,
+                        out_dtype, lse_out: (torch.empty_like(x, dtype=out_dtype) if out is None else out,
                                     x[..., 0].clone() if want_lse else None))
     monkeypatch.setattr(slabs, "mix_rows", lambda x, w, zero_above, precision, out_dtype: torch.empty_like(x, dtype=out_dtype))
     monkeypatch.setattr(backward, "key_query_conv_input_grad", stub)
@@ -224,6 +224,14 @@ def test_mix_softmax_rows_with_the_post_mix(shape, groups, zero_above, out_dtype
         assert (y.masked_select(cols - rows > zero_above) == 0).all()
     with pytest.raises(ValueError, match="post_mix"):
         mix_softmax_rows(x, w, zero_above, post_mix=w_post[..., :1])
+    # the lse into rows of a longer one (the chunked forward's), the rows around it untouched
+    longer = torch.full((B, H, R + 3), 5.0, dtype=torch.float64, device=device)
+    _, lse_in_place = mix_softmax_rows(x, w, zero_above, want_lse=True, post_mix=w_post, out_dtype=out_dtype,
+                                       lse_out=longer[:, :, 1:1 + R])
+    assert lse_in_place.data_ptr() == longer[:, :, 1:].data_ptr() and torch.equal(lse_in_place, lse)
+    assert (longer[:, :, [0, R + 1, R + 2]] == 5.0).all()
+    with pytest.raises(ValueError, match="lse_out"):
+        mix_softmax_rows(x, w, zero_above, want_lse=True, lse_out=longer[:, :, :R].float())
 
 
 @pytest.mark.parametrize("shape, groups", [((1, 16, 5, 600), 1), ((2, 6, 4, 37), 3)])
