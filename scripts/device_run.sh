@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -439,6 +439,19 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 170 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE --tb=short \
                -k "talking_heads or pre_mix16-post_mix16 or skips or chunked_talking_heads_gpu or (deterministic and full)" \
                -m gpu 2>&1 | tee "$OUT/tests.log" | grep -E "FAIL|Error|passed|failed" ;;
+    session14d) # the final tree: the forward's GPU tests and the backward's of talking heads and full MTA,
+             # talking heads with the chunked paths auto and off in separate bench processes, the
+             # README's targets
+             timeout 150 python3 -m pytest tests/test_forward.py tests/test_backward.py -m gpu -q -rfE --tb=short \
+               -k "forward_gpu or talking_heads or pre_mix16-post_mix16 or deterministic or long_sequence_runs" \
+               2>&1 | tee "$OUT/tests.log" | grep -E "FAIL|Error|passed|failed"
+             for mode in 0 auto; do
+               MTA_KERNELS_CHUNKED_TALKING_HEADS=$mode timeout 60 python3 -m bench --shapes sweep --lengths 4096 \
+                 --ops talking_heads --modes fwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
+                 | grep -E "^\[" | sed "s|^|chunked_talking_heads=$mode |" | tee -a "$OUT/thab.log"
+             done
+             timeout 150 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
+               --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote" ;;
     session13e) # the final tree: the GPU tests of both chunked paths and the talking-heads paths (not
              # stopping at a failure), then the README's targets
              timeout 250 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE -s --tb=short \
