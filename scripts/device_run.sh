@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -452,6 +452,19 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              done
              timeout 150 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
                --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote" ;;
+    flashab) # the flash backward with unmasked off-diagonal tiles against branches/before, alternating
+             # (plain attention at L=4096 and 16384, with SDPA); then its GPU tests
+             for round in 1 2; do
+               for tree in . branches/before; do
+                 label=$MTA_BENCH_COMMIT; [ "$tree" = . ] || label=$(basename $tree)
+                 (cd $tree && MTA_BENCH_COMMIT=$label PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 60 python3 -m bench \
+                   --shapes sweep --lengths 4096,16384 --ops none --modes fwd,bwd,fwd+bwd --providers fused,sdpa --no-plots \
+                   --out "$RES" 2>&1 | grep -E "^\[" | sed "s|^|$label |" | tee -a "$OUT/flashab.log")
+               done
+             done
+             timeout 150 python3 -m pytest tests/test_backward.py -q -rfE --tb=short \
+               -k "flash or very_negative or (deterministic and flash) or match_reference" \
+               2>&1 | tee "$OUT/tests.log" | grep -E "FAIL|Error|passed|failed" ;;
     session13e) # the final tree: the GPU tests of both chunked paths and the talking-heads paths (not
              # stopping at a failure), then the README's targets
              timeout 250 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE -s --tb=short \
