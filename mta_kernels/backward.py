@@ -40,6 +40,8 @@ def mix_backward_splits(programs: int, tiles: int) -> int:
 # Launch configurations of the plain-attention backward (L > 32; shorter runs use one block).
 # H200, L=4096, H=16, D=128, bf16 (scripts/tune.py flashbwd): 64x64 with 4 warps for both
 # 0.667 ms (SDPA's backward 0.434); 32x128/8 warps for dk/dv 0.773, 64x32 for dq 0.703.
+# Masking only the tiles that cross the causal diagonal (e0cafa5, notes/flashab_h200_1958367.log)
+# was no faster: backward 0.652 against 0.646 ms at L=4096, 9.05 against 9.21 at 16384; not kept.
 FLASH_DKDV_CONFIG = dict(BM=64, BN=64, num_warps=4, num_stages=2)
 FLASH_DQ_CONFIG = dict(BM=64, BN=64, num_warps=4, num_stages=2)
 

@@ -117,44 +117,15 @@ def flash_bwd_preprocess_kernel(out, dout, delta, sob, soh, sol, sod, sdb, sdh, 
 
 @triton.jit
 def _flash_bwd_tile(b_q, b_k, b_v, b_do, b_lse, b_delta, rows, cols, scale, L,
-                    MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    """Recompute P [BM, BN] from the saved lse and return (P, dS = P * (dO v^T - delta)),
-    with MASK zero on keys past L and, when CAUSAL, right of the diagonal. Only the tiles that
-    hold such keys need it: rows past L load q, dO and lse as zero (their P is finite and
-    their dS zero), and dq's rows are independent of each other."""
+                    CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """Recompute P [BM, BN] from the saved lse and return (P, dS = P * (dO v^T - delta))."""
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
-    b_p = tl.exp(b_s - b_lse[:, None])
-    if MASK:
-        keep = cols[None, :] < L
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
-        b_p = tl.where(keep, b_p, 0.0)
+    keep = (rows[:, None] < L) & (cols[None, :] < L)
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= rows[:, None])
+    b_p = tl.where(keep, tl.exp(b_s - b_lse[:, None]), 0.0)
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
     return b_p, b_p * (b_dp - b_delta[:, None])
-
-
-@triton.jit
-def _dkdv_rows(b_k, b_v, b_dk, b_dv, q_base, do_base, lse_base, delta_base, cols, dims, row_lo, row_hi,
-               sql, sqd, sdl, sdd, L, D, scale, CAUSAL_MASK: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
-    """(dk, dv) [BN, DP] of one key block plus the query rows [row_lo, row_hi) of one head, in
-    BM-row tiles; the tiles are transposed, [BN, BM], so that the key rows stay the dots' M
-    dimension. With CAUSAL_MASK zero right of the diagonal; keys past L need no mask here,
-    as they only reach the rows of dk and dv that are not stored."""
-    for i0 in range(row_lo, row_hi, BM):
-        rows = i0 + tl.arange(0, BM)
-        b_q = _load_rows(q_base, rows, dims, sql, sqd, L, D)                  # [BM, DP]
-        b_do = _load_rows(do_base, rows, dims, sdl, sdd, L, D)                # [BM, DP]
-        b_lse = tl.load(lse_base + rows, mask=rows < L, other=0.0)
-        b_delta = tl.load(delta_base + rows, mask=rows < L, other=0.0)
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale
-        b_pt = tl.exp(b_st - b_lse[None, :])
-        if CAUSAL_MASK:
-            b_pt = tl.where(cols[:, None] <= rows[None, :], b_pt, 0.0)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
-    return b_dk, b_dv
 
 
 @triton.jit
@@ -179,22 +150,29 @@ def flash_bwd_dkdv_kernel(
     acc_t = delta.dtype.element_ty   # fp32, or fp64 for fp64 inputs
     b_dk = tl.zeros([BN, DP], dtype=acc_t)
     b_dv = tl.zeros([BN, DP], dtype=acc_t)
-    # causal: the row blocks from the key block's first row up to its last key cross the
-    # diagonal (masked), the rest lie below it (unmasked)
-    lo, diagonal_end = 0, 0
+    lo = 0
     if CAUSAL:
         lo = (i_n * BN // BM) * BM
-        diagonal_end = tl.minimum(L, tl.cdiv((i_n + 1) * BN, BM) * BM)
     for i_h in range(i_kv * rep, i_kv * rep + rep):
         q_base = q + i_b * sqb + i_h * sqh
         do_base = dout + i_b * sdb + i_h * sdh
         stat = (i_b * H + i_h) * L
-        args = (q_base, do_base, lse + stat, delta + stat, cols, dims)
-        if CAUSAL:
-            b_dk, b_dv = _dkdv_rows(b_k, b_v, b_dk, b_dv, *args, lo, diagonal_end, sql, sqd, sdl, sdd, L, D, scale,
-                                    CAUSAL_MASK=True, BM=BM, PREC=PREC)
-        b_dk, b_dv = _dkdv_rows(b_k, b_v, b_dk, b_dv, *args, diagonal_end, L, sql, sqd, sdl, sdd, L, D, scale,
-                                CAUSAL_MASK=False, BM=BM, PREC=PREC)
+        for i0 in range(lo, L, BM):
+            rows = i0 + tl.arange(0, BM)
+            b_q = _load_rows(q_base, rows, dims, sql, sqd, L, D)                  # [BM, DP]
+            b_do = _load_rows(do_base, rows, dims, sdl, sdd, L, D)                # [BM, DP]
+            b_lse = tl.load(lse + stat + rows, mask=rows < L, other=0.0)
+            b_delta = tl.load(delta + stat + rows, mask=rows < L, other=0.0)
+            # transposed tile [BN, BM]: the key rows stay the dots' M dimension
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale
+            keep = (cols[:, None] < L) & (rows[None, :] < L)
+            if CAUSAL:
+                keep = keep & (cols[:, None] <= rows[None, :])
+            b_pt = tl.where(keep, tl.exp(b_st - b_lse[None, :]), 0.0)
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
     mask = (cols[:, None] < L) & (dims[None, :] < D)
     offs = (i_bkv * L + cols[:, None].to(tl.int64)) * D + dims[None, :]
     tl.store(dk + offs, (b_dk * scale).to(dk.dtype.element_ty), mask=mask)
@@ -215,22 +193,14 @@ def flash_bwd_dq_kernel(
     b_lse = tl.load(lse + i_bh * L + rows, mask=rows < L, other=0.0)
     b_delta = tl.load(delta + i_bh * L + rows, mask=rows < L, other=0.0)
     b_dq = tl.zeros([BM, DP], dtype=delta.dtype.element_ty)
-    # unmasked key blocks: causal, those left of the first row; else all but a partial last
-    below, hi = (L // BN) * BN, L
+    hi = L
     if CAUSAL:
-        below = (i_m * BM // BN) * BN
         hi = tl.minimum(L, (i_m + 1) * BM)
-    for j0 in range(0, below, BN):
+    for j0 in range(0, hi, BN):
         cols = j0 + tl.arange(0, BN)
         b_k = _load_rows(k_base, cols, dims, skl, skd, L, D)
         b_v = _load_rows(v_base, cols, dims, svl, svd, L, D)
-        _, b_ds = _flash_bwd_tile(b_q, b_k, b_v, b_do, b_lse, b_delta, rows, cols, scale, L, False, CAUSAL, PREC)
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
-    for j0 in range(below, hi, BN):
-        cols = j0 + tl.arange(0, BN)
-        b_k = _load_rows(k_base, cols, dims, skl, skd, L, D)
-        b_v = _load_rows(v_base, cols, dims, svl, svd, L, D)
-        _, b_ds = _flash_bwd_tile(b_q, b_k, b_v, b_do, b_lse, b_delta, rows, cols, scale, L, True, CAUSAL, PREC)
+        _, b_ds = _flash_bwd_tile(b_q, b_k, b_v, b_do, b_lse, b_delta, rows, cols, scale, L, CAUSAL, PREC)
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
     offs = (i_bh * L + rows[:, None].to(tl.int64)) * D + dims[None, :]
     tl.store(dq + offs, (b_dq * scale).to(dq.dtype.element_ty), mask=(rows[:, None] < L) & (dims[None, :] < D))
