@@ -35,6 +35,18 @@ full_ab_trees() {
   done
 }
 
+# talking heads at L=4096 in bench processes of their own with the chunked paths off (0) and
+# auto, alternating over $1 rounds
+talking_heads_switch_ab() {
+  for round in $(seq "$1"); do
+    for mode in 0 auto; do
+      MTA_KERNELS_CHUNKED_TALKING_HEADS=$mode timeout 60 python3 -m bench --shapes sweep --lengths 4096 \
+        --ops talking_heads --modes fwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
+        | grep -E "^\[" | sed "s|^|chunked_talking_heads=$mode |" | tee -a "$OUT/thab.log"
+    done
+  done
+}
+
 # full MTA and each conv alone, fwd / bwd / fwd+bwd at L=2048 and 4096, in this tree and in
 # branches/before (results labelled with the old tree's commit, $1)
 conv_parts_ab() {
@@ -378,13 +390,7 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
                2>&1 | tee "$OUT/tests.log" | grep -E "GiB|FAIL|ERROR|passed|failed" ;;
     session13c) # talking heads in the bench with the chunked paths off (0) and auto, alternating; the
              # README's targets; the GPU tests, stopping at the first failure
-             for round in 1 2; do
-               for mode in 0 auto; do
-                 MTA_KERNELS_CHUNKED_TALKING_HEADS=$mode timeout 60 python3 -m bench --shapes sweep --lengths 4096 \
-                   --ops talking_heads --modes fwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
-                   | grep -E "^\[" | sed "s|^|chunked_talking_heads=$mode |" | tee -a "$OUT/thab.log"
-               done
-             done
+             talking_heads_switch_ab 2
              timeout 150 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
                --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote"
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
@@ -427,13 +433,7 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 150 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
                --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote"
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
-             for round in 1 2; do
-               for mode in 0 auto; do
-                 MTA_KERNELS_CHUNKED_TALKING_HEADS=$mode timeout 60 python3 -m bench --shapes sweep --lengths 4096 \
-                   --ops talking_heads --modes fwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
-                   | grep -E "^\[" | sed "s|^|chunked_talking_heads=$mode |" | tee -a "$OUT/thab.log"
-               done
-             done
+             talking_heads_switch_ab 2
              timeout 130 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -4
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
              timeout 170 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE --tb=short \
@@ -445,11 +445,7 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 150 python3 -m pytest tests/test_forward.py tests/test_backward.py -m gpu -q -rfE --tb=short \
                -k "forward_gpu or talking_heads or pre_mix16-post_mix16 or deterministic or long_sequence_runs" \
                2>&1 | tee "$OUT/tests.log" | grep -E "FAIL|Error|passed|failed"
-             for mode in 0 auto; do
-               MTA_KERNELS_CHUNKED_TALKING_HEADS=$mode timeout 60 python3 -m bench --shapes sweep --lengths 4096 \
-                 --ops talking_heads --modes fwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
-                 | grep -E "^\[" | sed "s|^|chunked_talking_heads=$mode |" | tee -a "$OUT/thab.log"
-             done
+             talking_heads_switch_ab 1
              timeout 150 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
                --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote" ;;
     flashab) # the flash backward with unmasked off-diagonal tiles against branches/before, alternating
