@@ -83,16 +83,16 @@ def _mixed_block(src, w_g, cols, end, head_ok, sj, PREC: tl.constexpr):
 
 
 @triton.jit
-def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, soj, slb, slh, H, R, K, ZERO_ABOVE,
-                            CH: tl.constexpr, CHP: tl.constexpr, WRITE_LSE: tl.constexpr, POST_MIX: tl.constexpr,
-                            BLOCK: tl.constexpr, PREC: tl.constexpr):
+def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, soj, slb, slh,
+                            H, R, K, ZERO_ABOVE, CH: tl.constexpr, CHP: tl.constexpr, WRITE_LSE: tl.constexpr,
+                            POST_MIX: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
     """out (B, H, R, K) = softmax over keys of the head mix of x (B, H, R, K) with w (G, CH, CH)
     (out[o] = sum_c w[g, o, c] x[c] within group g), entries with col - row > ZERO_ABOVE taken
     as -inf and written as zero; out may be x (each program reads a block of its rows before
     it writes it). With POST_MIX, out is that softmax mixed again with w_post (G, CH, CH), in
     out's dtype. With WRITE_LSE, lse (B, H, R) with strides (slb, slh, 1) gets each row's
-    log-sum-exp (of the first mix's logits). One program per (batch, group, row); CHP: CH rounded up to a power of
-    two >= 16."""
+    log-sum-exp (of the first mix's logits). One program per (batch, group, row); CHP: CH
+    rounded up to a power of two >= 16."""
     b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
     heads = g * CH + hh
     src = group_row(x, b, g, i, hh, sxb, sxh, sxi, CH)
