@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -461,6 +461,16 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 150 python3 -m pytest tests/test_backward.py -q -rfE --tb=short \
                -k "flash or very_negative or (deterministic and flash) or match_reference" \
                2>&1 | tee "$OUT/tests.log" | grep -E "FAIL|Error|passed|failed" ;;
+    thchunks) # talking heads at L=4096 with taller chunks (the budget 1, 1.25 and 1.5 GiB: 7, 5 and 4
+             # backward chunks, 4, 3 and 2 forward ones): fewer launches against more causal waste,
+             # alternating, in bench processes of their own
+             for round in 1 2; do
+               for bytes in 1073741824 1342177280 1610612736; do
+                 MTA_KERNELS_CHUNK_BYTES=$bytes timeout 60 python3 -m bench --shapes sweep --lengths 4096 \
+                   --ops talking_heads --modes fwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
+                   | grep -E "^\[" | sed "s|^|chunk_bytes=$bytes |" | tee -a "$OUT/thchunks.log"
+               done
+             done ;;
     session13e) # the final tree: the GPU tests of both chunked paths and the talking-heads paths (not
              # stopping at a failure), then the README's targets
              timeout 250 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE -s --tb=short \
