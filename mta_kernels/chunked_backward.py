@@ -24,14 +24,20 @@ import torch
 from .forward import _precision
 from .slab_conv import key_query_conv_input_grad, key_query_conv_weight_grad
 from .slab_mix_backward import mix_backward_rows
-from .slabs import (_matmul_precision, conv_halos, mix_precision, pre_conv_operands, rows_per_chunk, slab_forward,
-                    slab_inputs, slab_weights)
+from .slabs import (_matmul_precision, conv_halos, live_slabs, mix_precision, pre_conv_operands, rows_per_chunk,
+                    slab_forward, slab_inputs, slab_weights)
 
 # (1, H, rows, L) slabs alive at once in a chunk (the chunk height's divisor): the chain frees
 # each slab after its last use, so at most five (the forward's s0, c, probs, a1, a; then
 # fewer), and one for slack. Measured on the CPU with the conv kernels stubbed by their output
 # allocations (tests/test_backward.py): 5.0-5.3 slabs at the peak; 14-15 before the frees.
 LIVE_TENSORS = 6
+# Without convs (talking heads, one mix) at most three: the scores (kept as c for the pre mix's
+# weight gradient), probs and a, then probs, c and dA, each mix's adjoint in place; one more for
+# slack. Taller chunks, fewer launches: talking heads at L=4096 on the H200 (bf16, B=1, H=16,
+# D=128; 1 and 1.5 GiB budgets at 6 slabs, i.e. 7 and 4 chunks, two rounds at cb11dd1,
+# notes/thchunks_h200_cb11dd1.log) took 9.50 / 6.52 ms fwd+bwd in 7 chunks, 6.76 / 5.83 in 4.
+LIVE_TENSORS_WITHOUT_CONVS = 4
 
 # The forward recomputation's pre conv as one matmul where the chunked forward makes it so
 # (slabs.pre_conv_operands; exact too). On the H200 (bf16, L=4096, paper weights, on and off
@@ -55,7 +61,7 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
     B, H, L, D = q.shape
     cd = compute_dtype
     halo = 2 * sum(conv_halos(pre_conv, post_conv))   # above and below
-    R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8, halo, live=LIVE_TENSORS)
+    R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8, halo, live=live_slabs(pre_conv, post_conv, LIVE_TENSORS, LIVE_TENSORS_WITHOUT_CONVS))
     weights = (pre_conv, pre_mix, post_conv, post_mix)
     needs = [bool(n) and x is not None for n, x in zip(needs, (q, k, v, *weights))]
     # B > 1: each element's dq, dk, dv go into these; B = 1: its own are the result (no copy)
@@ -116,7 +122,7 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
     for r0 in range(0, L, rows):
         # the last chunk's slabs go before this one's are made (the chain below frees each
         # slab after its last use; those left by a `continue` go here), so that at most
-        # LIVE_TENSORS slabs are alive at once
+        # live_slabs() slabs are alive at once
         s0 = c = probs = a1 = a = da = dp = dz = dc = ds = None
         r1 = min(L, r0 + rows)
         lo, hi = max(0, r0 - HQ - HP), min(L, r1 + HQ + HP)

@@ -25,8 +25,8 @@ row blocks (full MTA at L=32768) and 1120: 8 per SM.
 import torch
 
 from .forward import _precision, general_row_programs, uses_register_mixing
-from .slabs import (_matmul_precision, auto_switch_from_env, conv_halos, pre_conv_operands, rows_per_chunk,
-                    slab_forward, slab_inputs, slab_weights)
+from .slabs import (_matmul_precision, auto_switch_from_env, conv_halos, live_slabs, pre_conv_operands,
+                    rows_per_chunk, slab_forward, slab_inputs, slab_weights)
 
 
 def _mode_from_env() -> str:
@@ -93,6 +93,12 @@ def prefer_chunked_forward(q, pre_conv, pre_mix, post_conv, post_mix, sms=None) 
 # (convs and mixes write new tensors; the softmax works in place), and one more
 # for the matmuls' and the allocator's slack.
 LIVE_TENSORS = 3
+# Without convs two: the scores and the probabilities after the post mix (in q's dtype when the
+# softmax's kernel mixes them; the softmax alone works in place). Talking heads at L=4096 on the
+# H200 (bf16, B=1, H=16, D=128, two rounds at cb11dd1, notes/thchunks_h200_cb11dd1.log): forward
+# 1.81 / 1.33 ms in 4 chunks (1 GiB at 3 slabs), 1.20 / 1.20 in 2 (1.5 GiB).
+LIVE_TENSORS_WITHOUT_CONVS = 2
+
 
 
 def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key, scale,
@@ -104,7 +110,7 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     B, H, L, D = q.shape
     cd = compute_dtype
     HQ, HP = conv_halos(pre_conv, post_conv)
-    R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8, HQ + HP, live=LIVE_TENSORS)
+    R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8, HQ + HP, live=live_slabs(pre_conv, post_conv, LIVE_TENSORS, LIVE_TENSORS_WITHOUT_CONVS))
     out = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, L, device=q.device, dtype=cd)
     weights = slab_weights((pre_conv, pre_mix, post_conv, post_mix), cd)
@@ -135,5 +141,5 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
                     out[b, :, r0:r1] = torch.bmm(a, vals).to(q.dtype)
                 if t.lse is not lse_rows:
                     lse[one, :, r0:r1] = t.lse[:, :, r0 - lo:]
-                del t, a    # before the next slab: LIVE_TENSORS counts none from the last
+                del t, a    # before the next slab: live_slabs counts none from the last
     return out, lse

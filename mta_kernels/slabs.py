@@ -129,6 +129,12 @@ def rows_per_chunk(H, L, itemsize, halo, live, budget=CHUNK_BYTES):
     return max(16, MIN_SLAB_ROWS - halo, -(-L // chunks))
 
 
+def live_slabs(pre_conv, post_conv, with_convs, without_convs) -> int:
+    """Slabs alive at once in a chunk (rows_per_chunk's ``live``): ``with_convs`` for a call with
+    a conv (pre_conv or post_conv not None), else ``without_convs``."""
+    return with_convs if pre_conv is not None or post_conv is not None else without_convs
+
+
 def conv_halos(pre_conv, post_conv):
     """(HQ, HP): the rows above (or below, transposed) that the pre and post convs reach."""
     return tuple(w.shape[1] - 1 if w is not None else 0 for w in (pre_conv, post_conv))

@@ -86,10 +86,12 @@ def _peak_cpu_bytes(fn):
     return peak
 
 
+@pytest.mark.parametrize("convs", [True, False], ids=["full", "talking-heads"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_chunked_paths_keep_at_most_their_live_slabs(causal, monkeypatch):
-    """At most LIVE_TENSORS slabs (rows plus halos by keys, fp32) are alive at once in the
-    chunked backward and forward, which the chunk height's budget relies on. The slab conv
+def test_chunked_paths_keep_at_most_their_live_slabs(causal, convs, monkeypatch):
+    """At most live_slabs slabs (rows plus halos by keys, fp32) are alive at once in the
+    chunked backward and forward, which the chunk height's budget relies on (fewer without
+    convs, whose chunks are taller for it). The slab conv
     kernels are replaced by allocations of their outputs, the in-place softmax by its lse,
     the mix, the fused mix-softmax and mix backward by their outputs (in place or new, as asked), lse
     and weight gradient (as on the GPU; the interpreter would add copies of its arguments);
@@ -107,16 +109,21 @@ def test_chunked_paths_keep_at_most_their_live_slabs(causal, monkeypatch):
     monkeypatch.setattr(backward, "mix_backward_rows", lambda grad, w, x=None, out=None, **kw: (
         torch.empty_like(grad) if out is None else out, None if x is None else torch.zeros(w.shape)))
     H, L, rows = 2, 512, 64
-    case = Case(H=H, L=L, D=4, pre_conv=(3, 5), pre_mix=2, post_conv=(4, 5), post_mix=2, causal=causal)
+    conv = (lambda cq: (cq, 5)) if convs else (lambda cq: None)
+    case = Case(H=H, L=L, D=4, pre_conv=conv(3), pre_mix=2, post_conv=conv(4), post_mix=2, causal=causal)
     q, k, v, *w = make_inputs(case, torch.float32, "cpu")
     grad = torch.randn_like(q)
     opts = dict(causal=causal, pad_key="both", scale=0.5, rows=rows)
-    slab_bytes = lambda halo: H * (rows + halo) * L * 4      # HQ + HP = 5 rows above, as many below
+    halo = 5 if convs else 0        # HQ + HP rows above, as many below in the backward
+    slab_bytes = lambda halo: H * (rows + halo) * L * 4
+    inputs = 3 * H * L * 4 * 4       # q, k, v in fp32 (slab_inputs): O(L), outside the slab budget
+    live = lambda module: module.live_slabs(w[0], w[2], module.LIVE_TENSORS, module.LIVE_TENSORS_WITHOUT_CONVS)
     peak_backward = _peak_cpu_bytes(lambda: backward.chunked_backward(grad, q, k, v, *w, **opts))
     peak_forward = _peak_cpu_bytes(lambda: forward.chunked_forward(q, k, v, *w, **opts))
-    assert peak_backward > 4 * slab_bytes(10)        # the measurement sees the slabs
-    assert peak_backward <= backward.LIVE_TENSORS * slab_bytes(10)
-    assert peak_forward <= forward.LIVE_TENSORS * slab_bytes(5)
+    assert peak_backward > (4 if convs else 2) * slab_bytes(2 * halo)    # the measurement sees the slabs
+    assert peak_backward <= live(backward) * slab_bytes(2 * halo) + inputs
+    assert peak_forward <= live(forward) * slab_bytes(halo) + inputs
+    assert live(backward) == (6 if convs else 4) and live(forward) == (3 if convs else 2)
 
 
 def test_chunk_budget_from_the_environment(monkeypatch):
