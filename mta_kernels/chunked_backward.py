@@ -61,7 +61,8 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
     B, H, L, D = q.shape
     cd = compute_dtype
     halo = 2 * sum(conv_halos(pre_conv, post_conv))   # above and below
-    R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8, halo, live=live_slabs(pre_conv, post_conv, LIVE_TENSORS, LIVE_TENSORS_WITHOUT_CONVS))
+    live = live_slabs(pre_conv, post_conv, LIVE_TENSORS, LIVE_TENSORS_WITHOUT_CONVS)
+    R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8, halo, live=live)
     weights = (pre_conv, pre_mix, post_conv, post_mix)
     needs = [bool(n) and x is not None for n, x in zip(needs, (q, k, v, *weights))]
     # B > 1: each element's dq, dk, dv go into these; B = 1: its own are the result (no copy)

@@ -22,6 +22,8 @@ row blocks) 4.0-7.1 ms against 5.4-8.2 here; at B=1, H=16, L=4096 (1120) the pre
 against 3.58 here and the post conv 2.25 against 3.64. So the threshold sits between 607
 row blocks (full MTA at L=32768) and 1120: 8 per SM.
 """
+import os
+
 import torch
 
 from .forward import _precision, general_row_programs, uses_register_mixing
@@ -101,6 +103,21 @@ LIVE_TENSORS_WITHOUT_CONVS = 2
 
 
 
+# Talking heads' scores Q K^T in bf16 for bf16 inputs (rounded once, as the bf16 reference
+# rounds them; the softmax scale goes into the pre mix, whose kernel mixes and normalises in
+# fp32) instead of fp32 copies through TF32: half the slab bytes written and read twice, and a
+# bf16 matmul. MTA_KERNELS_BF16_SCORES=0 keeps fp32 scores. (fp16 inputs keep them: Q K^T
+# before the scale could overflow fp16.)
+BF16_SCORES = os.environ.get("MTA_KERNELS_BF16_SCORES", "1") == "1"
+
+
+def bf16_scores(q, pre_conv, pre_mix, post_conv, post_mix) -> bool:
+    """Whether the chunked forward makes this call's scores in bf16: talking heads (both mixes,
+    of one group size, and no conv) for bf16 inputs, as BF16_SCORES says."""
+    return (BF16_SCORES and q.dtype == torch.bfloat16 and pre_conv is None and post_conv is None
+            and pre_mix is not None and post_mix is not None and pre_mix.shape == post_mix.shape)
+
+
 def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key, scale,
                     compute_dtype=torch.float32, rows=None):
     """MTA forward as ``mta_reference.mta_attention`` (same shapes; scale already resolved to
@@ -109,11 +126,17 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     each row of the masked pre-softmax logits, as the fused forward returns it)."""
     B, H, L, D = q.shape
     cd = compute_dtype
+    # the scores' dtype: q's (bf16) with the scale in the pre mix, or the slabs' with it in qc
+    scores16 = bf16_scores(q, pre_conv, pre_mix, post_conv, post_mix)
+    sd, q_scale = (q.dtype, 1.0) if scores16 else (cd, scale)
     HQ, HP = conv_halos(pre_conv, post_conv)
-    R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8, HQ + HP, live=live_slabs(pre_conv, post_conv, LIVE_TENSORS, LIVE_TENSORS_WITHOUT_CONVS))
+    live = live_slabs(pre_conv, post_conv, LIVE_TENSORS, LIVE_TENSORS_WITHOUT_CONVS)
+    R = rows or rows_per_chunk(H, L, sd.itemsize, HQ + HP, live=live)
     out = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, L, device=q.device, dtype=cd)
     weights = slab_weights((pre_conv, pre_mix, post_conv, post_mix), cd)
+    if scores16:
+        weights = (None, weights[1] * scale, None, weights[3])
     prec = _precision(q)
     with _matmul_precision(q):
         for b in range(B):
@@ -121,7 +144,7 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
             # the post mix's kernel writes A in q's dtype, so A V takes v in it (repeated to q's
             # heads); without a post mix A is in the slabs' dtype, as vc
             a_in_q_dtype = post_mix is not None and q.dtype != cd
-            qc, kc, vc = slab_inputs(q[one], k[one], None if a_in_q_dtype else v[one], scale, cd)
+            qc, kc, vc = slab_inputs(q[one], k[one], None if a_in_q_dtype else v[one], q_scale, sd)
             values = vc
             if a_in_q_dtype:
                 rep = H // v.shape[1]

@@ -76,8 +76,9 @@ MIX_SOFTMAX_CONFIG = dict(elements=2048, num_warps=4)
 
 @triton.jit
 def _mixed_block(src, w_g, cols, end, head_ok, sj, PREC: tl.constexpr):
-    """[CHP, BLOCK] mixed logits sum_c w_g[o, c] x[c, cols] of one row, -inf at cols >= end."""
-    x = tl.load(src + cols[None, :] * sj, mask=head_ok[:, None] & (cols[None, :] < end), other=0.0)
+    """[CHP, BLOCK] mixed logits sum_c w_g[o, c] x[c, cols] of one row in w_g's dtype, -inf at
+    cols >= end."""
+    x = tl.load(src + cols[None, :] * sj, mask=head_ok[:, None] & (cols[None, :] < end), other=0.0).to(w_g.dtype)
     m = tl.dot(w_g, x, input_precision=PREC)
     return tl.where(cols[None, :] < end, m, float("-inf"))
 
@@ -91,18 +92,17 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
     as -inf and written as zero; out may be x (each program reads a block of its rows before
     it writes it). With POST_MIX, out is that softmax mixed again with w_post (G, CH, CH), in
     out's dtype. With WRITE_LSE, lse (B, H, R) with strides (slb, slh, 1) gets each row's
-    log-sum-exp (of the first mix's logits). One program per (batch, group, row); CHP: CH
-    rounded up to a power of two >= 16."""
+    log-sum-exp (of the first mix's logits). The math runs in w's dtype (fp32 for 16-bit x).
+    One program per (batch, group, row); CHP: CH rounded up to a power of two >= 16."""
     b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
     heads = g * CH + hh
     src = group_row(x, b, g, i, hh, sxb, sxh, sxi, CH)
     dst = group_row(out, b, g, i, hh, sob, soh, soi, CH)
     w_ok = head_ok[:, None] & head_ok[None, :]
-    w_g = tl.load(w + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0).to(x.dtype.element_ty)
+    w_g = tl.load(w + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0)
     if POST_MIX:
         # zero columns for the padding heads, whose softmax is not zero
-        w_post_g = tl.load(w_post + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok,
-                           other=0.0).to(x.dtype.element_ty)
+        w_post_g = tl.load(w_post + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0)
     end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
     cols = tl.arange(0, BLOCK)
     # online max and sum per head over the unmasked columns (padding heads mix to zeros)
@@ -133,21 +133,23 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
     (None: no mask); with post_mix (G, ch, ch) that softmax mixed again,
     mix_heads(softmax(...), post_mix), without a slab in between. Written to ``out`` (B, H, R,
     K), which may be x itself (in place), or a new tensor of ``out_dtype`` (default x's).
-    precision: tl.dot's for the mixes of fp32 slabs ("tf32" or "ieee"; fp64 is exact).
-    Returns (out, lse (B, H, R) in x's dtype or None); with want_lse, ``lse_out`` (B, H, R) of
-    x's dtype with unit stride along R (a view into a longer lse, say) takes the lse instead of
-    a new tensor."""
+    x may be 16-bit (scores rounded once, as a 16-bit reference rounds them): the mixes, the
+    softmax and the lse then run in fp32. precision: tl.dot's for the mixes of fp32 math
+    ("tf32" or "ieee"; fp64 is exact). Returns (out, lse (B, H, R) in the math's dtype or None);
+    with want_lse, ``lse_out`` (B, H, R) of that dtype with unit stride along R (a view into a
+    longer lse, say) takes the lse instead of a new tensor."""
     B, H, R, K = x.shape
     G, ch, _ = w.shape
+    cd = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     if post_mix is not None and post_mix.shape != w.shape:
         raise ValueError(f"post_mix must have the pre mix's shape {tuple(w.shape)}, got {tuple(post_mix.shape)}")
     zeros = row_kernel_zero_above(zero_above)
     out = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype) if out is None else out
     lse = None
     if want_lse:
-        lse = torch.empty(B, H, R, device=x.device, dtype=x.dtype) if lse_out is None else lse_out
-        if lse.shape != (B, H, R) or lse.dtype != x.dtype or (R > 1 and lse.stride(2) != 1):
-            raise ValueError(f"lse_out must be ({B}, {H}, {R}) of {x.dtype} with unit stride along its last dim, "
+        lse = torch.empty(B, H, R, device=x.device, dtype=cd) if lse_out is None else lse_out
+        if lse.shape != (B, H, R) or lse.dtype != cd or (R > 1 and lse.stride(2) != 1):
+            raise ValueError(f"lse_out must be ({B}, {H}, {R}) of {cd} with unit stride along its last dim, "
                              f"got {tuple(lse.shape)} of {lse.dtype}, strides {lse.stride()}")
     if x.numel() == 0:
         return out, lse
@@ -155,7 +157,7 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
     block = min(max(16, MIX_SOFTMAX_CONFIG["elements"] // chp), max(16, _next_pow2(K)))
     w_post = w if post_mix is None else post_mix
     mix_softmax_rows_kernel[(B * G * R,)](
-        x, w.to(x.dtype).contiguous(), w_post.to(x.dtype).contiguous(), out, lse if want_lse else x,
+        x, w.to(cd).contiguous(), w_post.to(cd).contiguous(), out, lse if want_lse else x,
         *x.stride(), *out.stride(), *(lse.stride()[:2] if want_lse else (0, 0)), H, R, K, zeros,
         CH=ch, CHP=chp, WRITE_LSE=want_lse, POST_MIX=post_mix is not None, BLOCK=block,
         PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=MIX_SOFTMAX_CONFIG["num_warps"])

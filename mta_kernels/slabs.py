@@ -155,11 +155,13 @@ def slab_keys(hi, L, causal):
 
 def slab_inputs(q, k, v, scale, compute_dtype):
     """q times the softmax scale (so that no slab is scaled), k and v, in compute_dtype with the
-    kv heads repeated to q's heads: made once per batch element, read by every chunk. v may
-    be None (the chunked forward's A V in q's dtype reads v itself): then vc is None."""
+    kv heads repeated to q's heads: made once per batch element, read by every chunk (q, k, v
+    themselves where nothing changes them). v may be None (the chunked forward's A V in q's
+    dtype reads v itself): then vc is None."""
     rep = q.shape[1] // k.shape[1]
     repeat = lambda x: x.repeat_interleave(rep, dim=1) if rep > 1 else x
-    qc, kc = q.to(compute_dtype) * scale, repeat(k.to(compute_dtype))
+    qc, kc = q.to(compute_dtype), repeat(k.to(compute_dtype))
+    qc = qc * scale if scale != 1 else qc
     return qc, kc, None if v is None else repeat(v.to(compute_dtype))
 
 

@@ -318,6 +318,41 @@ def test_chunked_forward_matches_reference(case, dtype, rows, device):
                _reference_lse(q, k, v, w, opts, dtype), dtype)
 
 
+BF16_SCORES_CASES = [
+    Case(L=70, pre_mix=4, post_mix=4),
+    Case(H=16, L=100, D=96, pre_mix=16, post_mix=16),                # all heads mixed, D = 96
+    Case(B=2, H=10, Hkv=5, L=40, pre_mix=10, post_mix=10, causal=False, layout="blhd"),
+]
+
+
+@pytest.mark.parametrize("rows", [None, 16], ids=["one-chunk", "16-rows"])
+@pytest.mark.parametrize("case", BF16_SCORES_CASES, ids=lambda c: c.id)
+def test_chunked_talking_heads_with_bf16_scores(case, rows, device):
+    """Talking heads in bf16 make their scores in bf16 (the scale in the pre mix, whose kernel
+    mixes and normalises in fp32): output and lse within the spec rule of the bf16 reference,
+    and the causal future does not reach the past. (The interpreter's bf16 tl.dot is wrong, but
+    this path's dots run in fp32.)"""
+    from mta_kernels.chunked_forward import bf16_scores, chunked_forward
+    q, k, v, *w = make_inputs(case, torch.bfloat16, device)
+    assert bf16_scores(q, *w)
+    opts = dict(causal=case.causal, pad_key=case.pad_key)
+    scale = case.D ** -0.5
+    out, lse = chunked_forward(q, k, v, *w, **opts, scale=scale, rows=rows)
+    ref = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float64, **opts)
+    low = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.bfloat16, **opts)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    check_rule("out", out, ref, low, torch.bfloat16)
+    check_rule("lse", lse, _reference_lse(q, k, v, w, opts, torch.float64),
+               _reference_lse(q, k, v, w, opts, torch.bfloat16), torch.bfloat16)
+    if case.causal:
+        t = 2 * case.L // 3
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for x in (q2, k2, v2):
+            x[:, :, t:] = torch.randn_like(x[:, :, t:]) * 3
+        out2, _ = chunked_forward(q2, k2, v2, *w, **opts, scale=scale, rows=rows)
+        assert torch.equal(out[:, :, :t], out2[:, :, :t])
+
+
 def test_chunked_forward_switch(device, monkeypatch):
     """With CHUNKED_FORWARD '1', calls with convs take the chunked forward, calls without them
     do not, and gradients are bit-identical to the fused forward's (the backward recomputes
