@@ -28,6 +28,10 @@ from .slabs import _matmul_precision, mix_precision, rows_per_chunk, slab_keys, 
 # (1, H, rows, K) slabs alive at once: S and A, then S and dA (dS over it); one for slack.
 LIVE_TENSORS = 3
 
+# dA = dO V^T in bf16 where the scores are (rounded once, as the bf16 reference rounds it):
+# half its bytes, read twice by the backward kernel, and a bf16 matmul.
+BF16_DA = True
+
 
 def takes_talking_heads_backward(pre_conv, pre_mix, post_conv, post_mix) -> bool:
     """Whether talking_heads_backward computes this call's gradients: both mixes, of one group
@@ -73,7 +77,10 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
             ks = repeat(k[one].to(sd))
             # dq = dS K and dk = dS^T Q in cd (TF32 for 16-bit inputs), with dS that of qs K^T
             q_cd, k_cd = (qs, ks) if sd == cd else (q[one].to(cd), repeat(k[one].to(cd)))
-            v_cd, dout = repeat(v[one].to(cd)), grad_out[one].to(cd)
+            dout = grad_out[one].to(cd)
+            # dA's operands: dO and V in bf16, or in cd
+            da16 = BF16_DA and scores16 and grad_out.dtype == q.dtype
+            da_lhs, da_rhs = (grad_out[one], repeat(v[one])) if da16 else (dout, repeat(v[one].to(cd)))
             element = [None if x is None else x[one] for x in dw_rows]
             for r0 in range(0, L, R):
                 r1 = min(L, r0 + R)
@@ -88,9 +95,10 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
                     del a
                 if not need_ds:
                     continue
-                da = torch.matmul(dout[:, :, r0:r1], v_cd[:, :, :keys].transpose(-1, -2))
+                da = torch.matmul(da_lhs[:, :, r0:r1], da_rhs[:, :, :keys].transpose(-1, -2))
                 ds = talking_heads_backward_rows(da, s, lse_rows, w_pre, w_post, zero_above, precision=prec,
-                                                 out=da, dw_pre_rows=element[0], dw_post_rows=element[1], row0=r0)
+                                                 out=None if da16 else da, dw_pre_rows=element[0],
+                                                 dw_post_rows=element[1], row0=r0)
                 del s
                 if need_q:
                     torch.bmm(ds[0], k_cd[0, :, :keys], out=dq[b, :, r0:r1])

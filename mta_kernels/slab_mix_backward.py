@@ -186,6 +186,10 @@ def talking_heads_backward_rows_kernel(da, s, lse, w_pre, w_post, out, dw_pre, d
         tl.store(dw_post + (dw_row * CH + hh[:, None]) * CH + hh[None, :], dw_post_acc, mask=w_ok)
 
 
+# talking_heads_backward_rows' key block (heads x keys elements) and warps
+TALKING_HEADS_BACKWARD_CONFIG = dict(elements=2048, num_warps=4)
+
+
 def _row_buffer(buffer, B, G, ch, rows_needed, name):
     """Checks a per-row weight-gradient buffer (B, G, N, ch, ch), contiguous, N >= rows_needed."""
     N = buffer.shape[2] if buffer.dim() == 5 else -1
@@ -202,8 +206,8 @@ def talking_heads_backward_rows(da: torch.Tensor, s: torch.Tensor, lse: torch.Te
     mix's input) from da, the gradient of A = mix_heads(softmax(mix_heads(s, w_pre)), w_post),
     with the softmax's rows given by the forward's log-sum-exp ``lse`` (B, H, R) (unit stride
     along R), entries where col - row > zero_above masked (None: none). w_pre, w_post (G, ch,
-    ch); s may be 16-bit (the math runs in w_pre's dtype). Written to ``out`` (da itself
-    allowed: in place) or a new tensor of da's dtype. dw_pre_rows / dw_post_rows: buffers
+    ch); s and da may be 16-bit (the math runs in w_pre's dtype). Written to ``out`` (da itself
+    allowed: in place) or a new tensor of w_pre's dtype. dw_pre_rows / dw_post_rows: buffers
     (B, G, N, ch, ch) whose rows row0 + i (i < R) get each slab row's share of the weight
     gradients (None: not computed); the caller sums them. precision: tl.dot's for fp32 math
     ("tf32" or "ieee"; fp64 is exact). Returns out."""
@@ -215,7 +219,7 @@ def talking_heads_backward_rows(da: torch.Tensor, s: torch.Tensor, lse: torch.Te
     if lse.shape != (B, H, R) or (R > 1 and lse.stride(2) != 1):
         raise ValueError(f"lse must be ({B}, {H}, {R}) with unit stride along its last dim, got "
                          f"{tuple(lse.shape)}, strides {lse.stride()}")
-    out = torch.empty_like(da) if out is None else out
+    out = torch.empty(da.shape, device=da.device, dtype=w_pre.dtype) if out is None else out
     if da.numel() == 0:
         return out
     buffers = [None if x is None else _row_buffer(x, B, G, ch, row0 + R, name)
@@ -226,12 +230,13 @@ def talking_heads_backward_rows(da: torch.Tensor, s: torch.Tensor, lse: torch.Te
                          f"and {tuple(buffers[1].shape)}")
     cd = w_pre.dtype
     chp = max(16, _next_pow2(ch))
-    block = min(max(16, MIX_BACKWARD_CONFIG["elements"] // chp), max(16, _next_pow2(K)))
+    config = TALKING_HEADS_BACKWARD_CONFIG
+    block = min(max(16, config["elements"] // chp), max(16, _next_pow2(K)))
     talking_heads_backward_rows_kernel[(B * G * R,)](
         da, s, lse, w_pre.contiguous(), w_post.to(cd).contiguous(), out,
         da if buffers[0] is None else buffers[0], da if buffers[1] is None else buffers[1],
         *da.stride(), *s.stride(), *lse.stride()[:2], *out.stride(), H, R, K, row_kernel_zero_above(zero_above),
         row0, 0 if dw_rows is None else dw_rows.shape[2],
         CH=ch, CHP=chp, WANT_DW_PRE=buffers[0] is not None, WANT_DW_POST=buffers[1] is not None, BLOCK=block,
-        PREC="ieee" if cd == torch.float64 else precision, num_warps=MIX_BACKWARD_CONFIG["num_warps"])
+        PREC="ieee" if cd == torch.float64 else precision, num_warps=config["num_warps"])
     return out
