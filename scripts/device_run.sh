@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -489,6 +489,14 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
                | grep -E "FAIL|Error|passed|failed" ;;
     thprofile) timeout 120 python3 scripts/profile_talking_heads.py 2>&1 | tee "$OUT/thprofile.log" | grep -E "talking heads|kernel|gemm|Kernel|elementwise|reduce" ;;
     thtune) timeout 200 python3 scripts/tune.py thbackward 2>&1 | tee "$OUT/tune_thbackward.log" | grep "talking heads" ;;
+    thchunks2) # talking heads with bf16 scores under chunk budgets of 0.5, 1 and 1.5 GiB (forward 2 / 1 / 1
+             # chunks, backward 6 / 4 / 2), fwd and bwd, in processes of their own; then out_dtype matmuls
+             for bytes in 536870912 1073741824 1610612736 1073741824; do
+               MTA_KERNELS_CHUNK_BYTES=$bytes timeout 60 python3 -m bench --shapes sweep --lengths 4096 \
+                 --ops talking_heads --modes fwd,bwd --providers fused --no-plots --out "$RES" 2>&1 \
+                 | grep -E "^\[" | sed "s|^|chunk_bytes=$bytes |" | tee -a "$OUT/thchunks2.log"
+             done
+             timeout 60 python3 scripts/bench_out_dtype.py 2>&1 | tee "$OUT/out_dtype.log" ;;
     thchunks) # talking heads at L=4096 with taller chunks (the budget 1, 1.25 and 1.5 GiB: 7, 5 and 4
              # backward chunks, 4, 3 and 2 forward ones): fewer launches against more causal waste,
              # alternating, in bench processes of their own
