@@ -131,7 +131,9 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     sd, q_scale = (q.dtype, 1.0) if scores16 else (cd, scale)
     HQ, HP = conv_halos(pre_conv, post_conv)
     live = live_slabs(pre_conv, post_conv, LIVE_TENSORS, LIVE_TENSORS_WITHOUT_CONVS)
-    R = rows or rows_per_chunk(H, L, sd.itemsize, HQ + HP, live=live)
+    # (bf16 scores would fit twice the rows; counted as fp32, causal chunks waste fewer keys: at
+    # L=4096 on the H200 two chunks took 0.743 ms, one 0.84-0.85, notes/thchunks2_h200_efb9e19.log)
+    R = rows or rows_per_chunk(H, L, cd.itemsize, HQ + HP, live=live)
     out = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, L, device=q.device, dtype=cd)
     weights = slab_weights((pre_conv, pre_mix, post_conv, post_mix), cd)

@@ -15,7 +15,9 @@ need far fewer. Per chunk of rows [r0, r1) and keys [0, K):
 
 so about 10 slab passes, and two slabs alive at once (S, and A or dA). The scores are those
 of the forward (chunked_forward.bf16_scores: bf16 with the softmax scale in w_pre for bf16
-inputs), so that its lse normalises them exactly.
+inputs), so that its lse normalises them exactly. For bf16 inputs dA is bf16 too, and on CUDA
+A and dS are, so that the four matmuls run on bf16 operands with fp32 results (out_dtype),
+each rounding once where the bf16 reference rounds.
 """
 import torch
 
@@ -25,8 +27,10 @@ from .slab_mix_backward import talking_heads_backward_rows
 from .slab_softmax import mix_softmax_rows
 from .slabs import _matmul_precision, mix_precision, rows_per_chunk, slab_keys, slab_weights
 
-# (1, H, rows, K) slabs alive at once: S and A, then S and dA (dS over it); one for slack.
-LIVE_TENSORS = 3
+# (1, H, rows, K) slabs of fp32 alive at once: S and A, then S and dA (dS over it, or beside it
+# when dA is bf16). H200, L=4096, bf16 (notes/thchunks2_h200_efb9e19.log): the backward took
+# 2.56 ms in two chunks (budget for three slabs at 1.5 GiB), 2.67 / 2.85 in four (at 1 GiB).
+LIVE_TENSORS = 2
 
 # dA = dO V^T in bf16 where the scores are (rounded once, as the bf16 reference rounds it):
 # half its bytes, read twice by the backward kernel, and a bf16 matmul. H200, L=4096, B=1,
@@ -40,6 +44,17 @@ def takes_talking_heads_backward(pre_conv, pre_mix, post_conv, post_mix) -> bool
     size, and no conv."""
     return (pre_conv is None and post_conv is None and pre_mix is not None and post_mix is not None
             and pre_mix.shape == post_mix.shape)
+
+
+def _product_into(out, a, b, accumulate):
+    """out = a @ b, or out += a @ b, for batched a, b; 16-bit a and b with an fp32 out go through
+    out_dtype (CUDA: bf16 tensor cores, fp32 accumulation, twice TF32's speed on the H200,
+    notes/out_dtype_h200_efb9e19.log)."""
+    extra = {} if a.dtype == out.dtype else dict(out_dtype=out.dtype)
+    if accumulate:
+        torch.baddbmm(out, a, b, out=out, **extra)
+    else:
+        torch.bmm(a, b, out=out, **extra)
 
 
 def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal, scale,
@@ -58,8 +73,12 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
     need_q, need_k, need_v, need_pre, need_post = needs
     need_ds = need_q or need_k or need_pre or need_post
     scores16 = bf16_scores(q, None, pre_mix, None, post_mix)
-    # the scores' operands: bf16 q and k with the scale in w_pre, or copies in cd with it in q
+    # bf16 scores with the scale in w_pre (or cd with it in q); dA in bf16 with them; on CUDA A
+    # and dS in bf16 too, for bf16 matmuls with fp32 results
+    da16 = scores16 and BF16_DA and grad_out.dtype == q.dtype
+    gemm16 = da16 and q.is_cuda
     sd, q_scale = (q.dtype, 1.0) if scores16 else (cd, scale)
+    md = q.dtype if gemm16 else cd          # the operands of the matmuls into dq, dk, dv
     w_pre, w_post = slab_weights((pre_mix, post_mix), cd)
     w_pre = w_pre * scale if scores16 else w_pre
     R = rows or rows_per_chunk(H, L, cd.itemsize, 0, live=LIVE_TENSORS)
@@ -77,11 +96,9 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
             qs = q[one].to(sd)
             qs = qs * q_scale if q_scale != 1 else qs
             ks = repeat(k[one].to(sd))
-            # dq = dS K and dk = dS^T Q in cd (TF32 for 16-bit inputs), with dS that of qs K^T
-            q_cd, k_cd = (qs, ks) if sd == cd else (q[one].to(cd), repeat(k[one].to(cd)))
-            dout = grad_out[one].to(cd)
-            # dA's operands: dO and V in bf16, or in cd
-            da16 = BF16_DA and scores16 and grad_out.dtype == q.dtype
+            # the matmuls' operands: dS is the gradient of qs K^T, so dk takes qs
+            q_m, k_m = (qs, ks) if sd == md else (q[one].to(md), repeat(k[one].to(md)))
+            dout = grad_out[one].to(md)
             da_lhs, da_rhs = (grad_out[one], repeat(v[one])) if da16 else (dout, repeat(v[one].to(cd)))
             element = [None if x is None else x[one] for x in dw_rows]
             for r0 in range(0, L, R):
@@ -91,22 +108,22 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
                 lse_rows = lse[one, :, r0:r1]
                 s = torch.matmul(qs[:, :, r0:r1], ks[:, :, :keys].transpose(-1, -2))
                 if need_v:
-                    a = mix_softmax_rows(s, w_pre, zero_above, precision=prec, post_mix=w_post, out_dtype=cd,
+                    a = mix_softmax_rows(s, w_pre, zero_above, precision=prec, post_mix=w_post, out_dtype=md,
                                          lse_in=lse_rows)[0]
-                    dv[b, :, :keys].baddbmm_(a[0].transpose(-1, -2), dout[0, :, r0:r1])
+                    _product_into(dv[b, :, :keys], a[0].transpose(-1, -2), dout[0, :, r0:r1], accumulate=True)
                     del a
                 if not need_ds:
                     continue
                 da = torch.matmul(da_lhs[:, :, r0:r1], da_rhs[:, :, :keys].transpose(-1, -2))
-                ds = talking_heads_backward_rows(da, s, lse_rows, w_pre, w_post, zero_above, precision=prec,
-                                                 out=None if da16 else da, dw_pre_rows=element[0],
-                                                 dw_post_rows=element[1], row0=r0)
-                del s
+                ds = torch.empty(da.shape, device=q.device, dtype=md) if da.dtype != md else da
+                talking_heads_backward_rows(da, s, lse_rows, w_pre, w_post, zero_above, precision=prec, out=ds,
+                                            dw_pre_rows=element[0], dw_post_rows=element[1], row0=r0)
+                del s, da
                 if need_q:
-                    torch.bmm(ds[0], k_cd[0, :, :keys], out=dq[b, :, r0:r1])
+                    _product_into(dq[b, :, r0:r1], ds[0], k_m[0, :, :keys], accumulate=False)
                 if need_k:
-                    dk[b, :, :keys].baddbmm_(ds[0].transpose(-1, -2), q_cd[0, :, r0:r1])
-                del ds, da
+                    _product_into(dk[b, :, :keys], ds[0].transpose(-1, -2), q_m[0, :, r0:r1], accumulate=True)
+                del ds
     # dS is the gradient of qs K^T: qs = q * scale (dq takes the scale) or q with w_pre = scale * pre_mix
     # (the pre mix's gradient takes it)
     if dq is not None and q_scale != 1:

@@ -188,9 +188,10 @@ def talking_heads_backward_rows_kernel(da, s, lse, w_pre, w_post, out, dw_pre, d
 
 # talking_heads_backward_rows' key block (heads x keys elements) and warps. H200, one chunk of
 # 1024 rows by 3072 keys of L=4096, 16 heads, bf16 scores (scripts/tune.py thbackward,
-# notes/tune_thbackward_h200_4fae9fb.log): bf16 dA 0.301 ms at 1024 / 2 warps, 0.424 at 2048 / 4,
-# 0.441 at 1024 / 4, 0.426 at 512 / 1, 0.532 at 4096 / 4, 0.92 at 4096 / 8; fp32 dA 0.42-0.58.
-TALKING_HEADS_BACKWARD_CONFIG = dict(elements=1024, num_warps=2)
+# notes/tune_thbackward_h200_4fae9fb.log and _efb9e19.log): bf16 dA 0.275 ms at 1024 / 1 warp,
+# 0.301 at 1024 / 2, 0.329 at 2048 / 2, 0.424 at 2048 / 4, 0.441 at 1024 / 4, 0.426-0.435 at 512 / 1
+# and 512 / 2, 0.532 at 4096 / 4, 0.64 at 256 / 1, 0.92 at 4096 / 8; fp32 dA 0.42-0.58.
+TALKING_HEADS_BACKWARD_CONFIG = dict(elements=1024, num_warps=1)
 
 
 def _row_buffer(buffer, B, G, ch, rows_needed, name):
