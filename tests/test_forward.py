@@ -405,7 +405,7 @@ def test_talking_heads_path_choice(device, monkeypatch):
     assert not chosen(8192)
 
     calls = []
-    for module, name in ((chunked, "chunked_forward"), (ops, "chunked_backward")):
+    for module, name in ((chunked, "chunked_forward"), (ops, "talking_heads_backward")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
     case = Case(H=8, Hkv=4, L=40, pre_mix=8, post_mix=8)
@@ -419,7 +419,7 @@ def test_talking_heads_path_choice(device, monkeypatch):
     out_register, grads_register = run("0")
     assert not calls
     out_chunked, grads_chunked = run("1")
-    assert calls == ["chunked_forward", "chunked_backward"]
+    assert calls == ["chunked_forward", "talking_heads_backward"]
     torch.testing.assert_close(out_chunked, out_register, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_chunked, grads_register):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

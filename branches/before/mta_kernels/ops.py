@@ -5,7 +5,8 @@
 fused flash-attention backward (O(L) memory, deterministic); with head mixing alone
 (talking heads, D <= 128 in 16 bits, 32 in fp32) a fused mixing backward
 (``backward.FUSED_MIX_BACKWARD``, on by default), or for L = 4096 .. 16384 on CUDA the
-chunked one below, which is faster there (``chunked_forward.prefer_chunked_talking_heads``).
+row-chunked one of ``chunked_talking_heads``, which is faster there and reuses the chunked
+forward's lse (``chunked_forward.prefer_chunked_talking_heads``).
 With convs it is interim until fused conv backward kernels land:
 ``chunked_backward``, the reference backward one block of query rows at a time, with Triton
 tensor-core kernels for the convs (exact; O(rows x L) memory, not O(L^2); 4x faster than
@@ -35,6 +36,7 @@ from . import backward
 from . import chunked_forward as _chunked
 from .backward import flash_backward
 from .chunked_backward import chunked_backward
+from .chunked_talking_heads import takes_talking_heads_backward, talking_heads_backward
 from .forward import acc_dtype, mta_forward, uses_register_mixing
 
 
@@ -131,6 +133,13 @@ def _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, o
         dq, dk, dv, d_pre_mix, d_post_mix = backward.mix_backward(
             grad_out, q_k, k, v, pre_mix, post_mix, lse, causal, scale_k, needs=needs_mix)
         dq = None if dq is None else _unfold_scale(dq, scale, scale_k)
+        return dq, dk, dv, None, d_pre_mix, None, d_post_mix
+    if (_chunked.prefer_chunked_talking_heads(q, pre_conv, pre_mix, post_conv, post_mix)
+            and takes_talking_heads_backward(pre_conv, pre_mix, post_conv, post_mix)):
+        # the forward was chunked_forward's, whose lse (and scores) this backward reuses
+        dq, dk, dv, d_pre_mix, d_post_mix = talking_heads_backward(
+            grad_out, q, k, v, pre_mix, post_mix, lse, causal=causal, scale=scale, compute_dtype=acc_dtype(q),
+            needs=[needs_grad[i] for i in (0, 1, 2, 4, 6)])
         return dq, dk, dv, None, d_pre_mix, None, d_post_mix
     return chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
                             causal=causal, pad_key=pad_key, scale=scale, compute_dtype=acc_dtype(q),

@@ -103,10 +103,7 @@ def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, z
         partial, row0 = grad, 0
     elif dw_rows is not None:
         partial, row0 = dw_rows
-        N = partial.shape[2] if partial.dim() == 5 else -1
-        if not partial.is_contiguous() or tuple(partial.shape) != (B, G, N, ch, ch) or N < row0 + hi:
-            raise ValueError(f"dw_rows must hold a contiguous ({B}, {G}, N, {ch}, {ch}) buffer with "
-                             f"N >= {row0 + hi}, got {tuple(partial.shape)}")
+        _row_buffer(partial, B, G, ch, row0 + hi, "dw_rows")
     else:
         partial, row0 = torch.empty(B, G, R, ch, ch, device=grad.device, dtype=grad.dtype), 0
     chp = max(16, _next_pow2(ch))
@@ -118,3 +115,131 @@ def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, z
         CH=ch, CHP=chp, SOFTMAX=probs is not None, WANT_DW=x is not None, BLOCK=block,
         PREC="ieee" if grad.dtype == torch.float64 else precision, num_warps=MIX_BACKWARD_CONFIG["num_warps"])
     return out, partial[:, :, lo:hi].sum((0, 2)) if summed else None
+
+
+@triton.jit
+def _talking_heads_probs(s_row, w_pre, row_lse, cols, end, head_ok, ssj, PREC: tl.constexpr):
+    """A block of one row's scores s [CHP, BLOCK] (zero at cols >= end) in w_pre's dtype, and
+    the probabilities exp(w_pre s - lse) there (zero at cols >= end and for padding heads)."""
+    ok = head_ok[:, None] & (cols[None, :] < end)
+    s = tl.load(s_row + cols[None, :] * ssj, mask=ok, other=0.0).to(w_pre.dtype)
+    p = tl.where(ok, tl.exp(tl.dot(w_pre, s, input_precision=PREC) - row_lse[:, None]), 0.0)
+    return s, p
+
+
+@triton.jit
+def talking_heads_backward_rows_kernel(da, s, lse, w_pre, w_post, out, dw_pre, dw_post,
+                                       sdb, sdh, sdi, sdj, ssb, ssh, ssi, ssj, slb, slh, sob, soh, soi, soj,
+                                       H, R, K, ZERO_ABOVE, DW_ROW0, DW_ROWS,
+                                       CH: tl.constexpr, CHP: tl.constexpr, WANT_DW_PRE: tl.constexpr,
+                                       WANT_DW_POST: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
+    """Talking heads' backward from dA to the scores, one program per (batch, group, row i) of
+    slabs (B, H, R, K), any strides: with P = exp(w_pre s - lse) (the forward's log-sum-exp;
+    zero where col - row > ZERO_ABOVE), A = w_post P and da = dL/dA,
+
+        dP = w_post^T da,  dZ = P * (dP - rowsum(P * dP)),  out = dL/ds = w_pre^T dZ,
+
+    out (zero in the causal future) may be da itself (a program reads a block before it writes
+    it). With WANT_DW_PRE / WANT_DW_POST, row DW_ROW0 + i of dw_pre / dw_post (B, G, DW_ROWS,
+    CH, CH) gets sum over keys of dZ[o] s[c] / da[o] P[c]. Two sweeps over the row's keys:
+    rowsum(P * dP) first, then dZ."""
+    b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
+    da_row = group_row(da, b, g, i, hh, sdb, sdh, sdi, CH)
+    s_row = group_row(s, b, g, i, hh, ssb, ssh, ssi, CH)
+    o_row = group_row(out, b, g, i, hh, sob, soh, soi, CH)
+    w_ok = head_ok[:, None] & head_ok[None, :]
+    w_at = g * CH * CH + hh[:, None] * CH + hh[None, :]          # [o, c]
+    w_at_t = g * CH * CH + hh[None, :] * CH + hh[:, None]        # [c, o]: the adjoints' matrices
+    w_pre_g = tl.load(w_pre + w_at, mask=w_ok, other=0.0)
+    w_pre_t = tl.load(w_pre + w_at_t, mask=w_ok, other=0.0)
+    w_post_t = tl.load(w_post + w_at_t, mask=w_ok, other=0.0)
+    heads = (g * CH + hh).to(tl.int64)
+    row_lse = tl.load(lse + b.to(tl.int64) * slb + heads * slh + i, mask=head_ok, other=0.0)
+    end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
+    cols = tl.arange(0, BLOCK)
+    delta = tl.zeros([CHP], dtype=w_pre_g.dtype)
+    dw_post_acc = tl.zeros([CHP, CHP], dtype=w_pre_g.dtype)
+    for c0 in range(0, end, BLOCK):
+        _, p = _talking_heads_probs(s_row, w_pre_g, row_lse, c0 + cols, end, head_ok, ssj, PREC)
+        da_blk = _row_block(da_row, c0 + cols, end, head_ok, sdj).to(w_pre_g.dtype)
+        delta += tl.sum(p * tl.dot(w_post_t, da_blk, input_precision=PREC), axis=1)
+        if WANT_DW_POST:
+            dw_post_acc += tl.dot(da_blk, tl.trans(p), input_precision=PREC)
+    dw_pre_acc = tl.zeros([CHP, CHP], dtype=w_pre_g.dtype)
+    for c0 in range(0, end, BLOCK):
+        s_blk, p = _talking_heads_probs(s_row, w_pre_g, row_lse, c0 + cols, end, head_ok, ssj, PREC)
+        da_blk = _row_block(da_row, c0 + cols, end, head_ok, sdj).to(w_pre_g.dtype)
+        dz = p * (tl.dot(w_post_t, da_blk, input_precision=PREC) - delta[:, None])
+        if WANT_DW_PRE:
+            dw_pre_acc += tl.dot(dz, tl.trans(s_blk), input_precision=PREC)
+        ds = tl.dot(w_pre_t, dz, input_precision=PREC)
+        tl.store(o_row + (c0 + cols)[None, :] * soj, ds.to(out.dtype.element_ty),
+                 mask=head_ok[:, None] & (c0 + cols[None, :] < K))
+    # the causal future past the last block holding a key of the row: zeros
+    for c0 in range(tl.cdiv(end, BLOCK) * BLOCK, K, BLOCK):
+        tl.store(o_row + (c0 + cols)[None, :] * soj, tl.zeros([CHP, BLOCK], dtype=out.dtype.element_ty),
+                 mask=head_ok[:, None] & (c0 + cols[None, :] < K))
+    dw_row = (b * (H // CH) + g).to(tl.int64) * DW_ROWS + DW_ROW0 + i
+    if WANT_DW_PRE:
+        tl.store(dw_pre + (dw_row * CH + hh[:, None]) * CH + hh[None, :], dw_pre_acc, mask=w_ok)
+    if WANT_DW_POST:
+        tl.store(dw_post + (dw_row * CH + hh[:, None]) * CH + hh[None, :], dw_post_acc, mask=w_ok)
+
+
+# talking_heads_backward_rows' key block (heads x keys elements) and warps. H200, one chunk of
+# 1024 rows by 3072 keys of L=4096, 16 heads, bf16 scores (scripts/tune.py thbackward,
+# notes/tune_thbackward_h200_4fae9fb.log): bf16 dA 0.301 ms at 1024 / 2 warps, 0.424 at 2048 / 4,
+# 0.441 at 1024 / 4, 0.426 at 512 / 1, 0.532 at 4096 / 4, 0.92 at 4096 / 8; fp32 dA 0.42-0.58.
+TALKING_HEADS_BACKWARD_CONFIG = dict(elements=1024, num_warps=2)
+
+
+def _row_buffer(buffer, B, G, ch, rows_needed, name):
+    """Checks a per-row weight-gradient buffer (B, G, N, ch, ch), contiguous, N >= rows_needed."""
+    N = buffer.shape[2] if buffer.dim() == 5 else -1
+    if not buffer.is_contiguous() or tuple(buffer.shape) != (B, G, N, ch, ch) or N < rows_needed:
+        raise ValueError(f"{name} must hold a contiguous ({B}, {G}, N, {ch}, {ch}) buffer with "
+                         f"N >= {rows_needed}, got {tuple(buffer.shape)}")
+    return buffer
+
+
+def talking_heads_backward_rows(da: torch.Tensor, s: torch.Tensor, lse: torch.Tensor, w_pre: torch.Tensor,
+                                w_post: torch.Tensor, zero_above=None, precision="ieee", out=None,
+                                dw_pre_rows=None, dw_post_rows=None, row0=0) -> torch.Tensor:
+    """Talking heads' backward on slabs (B, H, R, K): the gradient of the scores s (the pre
+    mix's input) from da, the gradient of A = mix_heads(softmax(mix_heads(s, w_pre)), w_post),
+    with the softmax's rows given by the forward's log-sum-exp ``lse`` (B, H, R) (unit stride
+    along R), entries where col - row > zero_above masked (None: none). w_pre, w_post (G, ch,
+    ch); s and da may be 16-bit (the math runs in w_pre's dtype). Written to ``out`` (da itself
+    allowed: in place) or a new tensor of w_pre's dtype. dw_pre_rows / dw_post_rows: buffers
+    (B, G, N, ch, ch) whose rows row0 + i (i < R) get each slab row's share of the weight
+    gradients (None: not computed); the caller sums them. precision: tl.dot's for fp32 math
+    ("tf32" or "ieee"; fp64 is exact). Returns out."""
+    B, H, R, K = da.shape
+    G, ch, _ = w_pre.shape
+    if s.shape != da.shape or w_post.shape != w_pre.shape:
+        raise ValueError(f"s must have da's shape {tuple(da.shape)} and w_post w_pre's {tuple(w_pre.shape)}, "
+                         f"got {tuple(s.shape)} and {tuple(w_post.shape)}")
+    if lse.shape != (B, H, R) or (R > 1 and lse.stride(2) != 1):
+        raise ValueError(f"lse must be ({B}, {H}, {R}) with unit stride along its last dim, got "
+                         f"{tuple(lse.shape)}, strides {lse.stride()}")
+    out = torch.empty(da.shape, device=da.device, dtype=w_pre.dtype) if out is None else out
+    if da.numel() == 0:
+        return out
+    buffers = [None if x is None else _row_buffer(x, B, G, ch, row0 + R, name)
+               for x, name in ((dw_pre_rows, "dw_pre_rows"), (dw_post_rows, "dw_post_rows"))]
+    dw_rows = next((x for x in buffers if x is not None), None)
+    if all(x is not None for x in buffers) and buffers[0].shape != buffers[1].shape:
+        raise ValueError(f"dw_pre_rows and dw_post_rows must have one shape, got {tuple(buffers[0].shape)} "
+                         f"and {tuple(buffers[1].shape)}")
+    cd = w_pre.dtype
+    chp = max(16, _next_pow2(ch))
+    config = TALKING_HEADS_BACKWARD_CONFIG
+    block = min(max(16, config["elements"] // chp), max(16, _next_pow2(K)))
+    talking_heads_backward_rows_kernel[(B * G * R,)](
+        da, s, lse, w_pre.contiguous(), w_post.to(cd).contiguous(), out,
+        da if buffers[0] is None else buffers[0], da if buffers[1] is None else buffers[1],
+        *da.stride(), *s.stride(), *lse.stride()[:2], *out.stride(), H, R, K, row_kernel_zero_above(zero_above),
+        row0, 0 if dw_rows is None else dw_rows.shape[2],
+        CH=ch, CHP=chp, WANT_DW_PRE=buffers[0] is not None, WANT_DW_POST=buffers[1] is not None, BLOCK=block,
+        PREC="ieee" if cd == torch.float64 else precision, num_warps=config["num_warps"])
+    return out

@@ -86,13 +86,16 @@ def _mixed_block(src, w_g, cols, end, head_ok, sj, PREC: tl.constexpr):
 @triton.jit
 def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, soj, slb, slh,
                             H, R, K, ZERO_ABOVE, CH: tl.constexpr, CHP: tl.constexpr, WRITE_LSE: tl.constexpr,
-                            POST_MIX: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
+                            READ_LSE: tl.constexpr, POST_MIX: tl.constexpr, BLOCK: tl.constexpr,
+                            PREC: tl.constexpr):
     """out (B, H, R, K) = softmax over keys of the head mix of x (B, H, R, K) with w (G, CH, CH)
     (out[o] = sum_c w[g, o, c] x[c] within group g), entries with col - row > ZERO_ABOVE taken
     as -inf and written as zero; out may be x (each program reads a block of its rows before
     it writes it). With POST_MIX, out is that softmax mixed again with w_post (G, CH, CH), in
     out's dtype. With WRITE_LSE, lse (B, H, R) with strides (slb, slh, 1) gets each row's
-    log-sum-exp (of the first mix's logits). The math runs in w's dtype (fp32 for 16-bit x).
+    log-sum-exp (of the first mix's logits); with READ_LSE it holds them already (from the
+    forward), and one sweep over the keys normalises with them. The math runs in w's dtype
+    (fp32 for 16-bit x).
     One program per (batch, group, row); CHP: CH rounded up to a power of two >= 16."""
     b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
     heads = g * CH + hh
@@ -105,16 +108,21 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
         w_post_g = tl.load(w_post + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0)
     end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
     cols = tl.arange(0, BLOCK)
-    # online max and sum per head over the unmasked columns (padding heads mix to zeros)
-    m = _mixed_block(src, w_g, cols, end, head_ok, sxj, PREC)
-    row_max = tl.max(m, axis=1)
-    row_sum = tl.sum(tl.exp(m - row_max[:, None]), axis=1)
-    for c0 in range(BLOCK, end, BLOCK):
-        m = _mixed_block(src, w_g, c0 + cols, end, head_ok, sxj, PREC)
-        new_max = tl.maximum(row_max, tl.max(m, axis=1))
-        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(m - new_max[:, None]), axis=1)
-        row_max = new_max
-    inv_sum = 1.0 / row_sum
+    lse_at = lse + b.to(tl.int64) * slb + heads.to(tl.int64) * slh + i
+    if READ_LSE:
+        row_max = tl.load(lse_at, mask=head_ok, other=0.0)
+        inv_sum = tl.full([CHP], 1.0, dtype=row_max.dtype)
+    else:
+        # online max and sum per head over the unmasked columns (padding heads mix to zeros)
+        m = _mixed_block(src, w_g, cols, end, head_ok, sxj, PREC)
+        row_max = tl.max(m, axis=1)
+        row_sum = tl.sum(tl.exp(m - row_max[:, None]), axis=1)
+        for c0 in range(BLOCK, end, BLOCK):
+            m = _mixed_block(src, w_g, c0 + cols, end, head_ok, sxj, PREC)
+            new_max = tl.maximum(row_max, tl.max(m, axis=1))
+            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(m - new_max[:, None]), axis=1)
+            row_max = new_max
+        inv_sum = 1.0 / row_sum
     for c0 in range(0, K, BLOCK):
         m = _mixed_block(src, w_g, c0 + cols, end, head_ok, sxj, PREC)
         p = tl.exp(m - row_max[:, None]) * inv_sum[:, None]
@@ -123,11 +131,11 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
         tl.store(dst + (c0 + cols)[None, :] * soj, p.to(out.dtype.element_ty),
                  mask=head_ok[:, None] & (c0 + cols[None, :] < K))
     if WRITE_LSE:
-        tl.store(lse + b.to(tl.int64) * slb + heads.to(tl.int64) * slh + i, row_max + tl.log(row_sum), mask=head_ok)
+        tl.store(lse_at, row_max + tl.log(row_sum), mask=head_ok)
 
 
 def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse=False, precision="ieee",
-                     out=None, post_mix=None, out_dtype=None, lse_out=None):
+                     out=None, post_mix=None, out_dtype=None, lse_out=None, lse_in=None):
     """softmax(mta_reference.mix_heads(x, w)) over the last dim: x (B, H, R, K), w (G, ch, ch)
     with H = G * ch, entries where col - row > zero_above taken as -inf and written as zero
     (None: no mask); with post_mix (G, ch, ch) that softmax mixed again,
@@ -137,7 +145,9 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
     softmax and the lse then run in fp32. precision: tl.dot's for the mixes of fp32 math
     ("tf32" or "ieee"; fp64 is exact). Returns (out, lse (B, H, R) in the math's dtype or None);
     with want_lse, ``lse_out`` (B, H, R) of that dtype with unit stride along R (a view into a
-    longer lse, say) takes the lse instead of a new tensor."""
+    longer lse, say) takes the lse instead of a new tensor. ``lse_in``, of the same layout:
+    the rows' log-sum-exp, known (the backward's recomputation has the forward's), so that one
+    sweep over the keys does (not with want_lse)."""
     B, H, R, K = x.shape
     G, ch, _ = w.shape
     cd = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -145,20 +155,24 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
         raise ValueError(f"post_mix must have the pre mix's shape {tuple(w.shape)}, got {tuple(post_mix.shape)}")
     zeros = row_kernel_zero_above(zero_above)
     out = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype) if out is None else out
+    if want_lse and lse_in is not None:
+        raise ValueError("lse_in gives the log-sum-exp: want_lse must be False with it")
     lse = None
     if want_lse:
         lse = torch.empty(B, H, R, device=x.device, dtype=cd) if lse_out is None else lse_out
-        if lse.shape != (B, H, R) or lse.dtype != cd or (R > 1 and lse.stride(2) != 1):
-            raise ValueError(f"lse_out must be ({B}, {H}, {R}) of {cd} with unit stride along its last dim, "
-                             f"got {tuple(lse.shape)} of {lse.dtype}, strides {lse.stride()}")
+    for given, name in ((lse, "lse_out"), (lse_in, "lse_in")):
+        if given is not None and (given.shape != (B, H, R) or given.dtype != cd or (R > 1 and given.stride(2) != 1)):
+            raise ValueError(f"{name} must be ({B}, {H}, {R}) of {cd} with unit stride along its last dim, "
+                             f"got {tuple(given.shape)} of {given.dtype}, strides {given.stride()}")
+    stats = lse if want_lse else lse_in
     if x.numel() == 0:
         return out, lse
     chp = max(16, _next_pow2(ch))
     block = min(max(16, MIX_SOFTMAX_CONFIG["elements"] // chp), max(16, _next_pow2(K)))
     w_post = w if post_mix is None else post_mix
     mix_softmax_rows_kernel[(B * G * R,)](
-        x, w.to(cd).contiguous(), w_post.to(cd).contiguous(), out, lse if want_lse else x,
-        *x.stride(), *out.stride(), *(lse.stride()[:2] if want_lse else (0, 0)), H, R, K, zeros,
-        CH=ch, CHP=chp, WRITE_LSE=want_lse, POST_MIX=post_mix is not None, BLOCK=block,
+        x, w.to(cd).contiguous(), w_post.to(cd).contiguous(), out, x if stats is None else stats,
+        *x.stride(), *out.stride(), *((0, 0) if stats is None else stats.stride()[:2]), H, R, K, zeros,
+        CH=ch, CHP=chp, WRITE_LSE=want_lse, READ_LSE=lse_in is not None, POST_MIX=post_mix is not None, BLOCK=block,
         PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=MIX_SOFTMAX_CONFIG["num_warps"])
     return out, lse

@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -473,6 +473,22 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 200 python3 -m pytest tests/test_forward.py tests/test_backward.py -m gpu -q -rfE --tb=short \
                -k "talking or pre_mix16-post_mix16 or pre_mix10-post_mix10 or long_sequence" 2>&1 | tee "$OUT/tests_th.log" \
                | grep -E "FAIL|Error|passed|failed" ;;
+    thbwdab) # talking heads' backward through chunked_talking_heads (this tree) against the generic chunked
+             # backward (branches/before), fwd+bwd at L=4096 and 8192, alternating trees, in processes of their own;
+             # then the talking-heads GPU tests (gradients at L=4096, determinism of the chunked path)
+             for round in 1 2; do
+               for tree in . branches/before; do
+                 [ -d "$tree" ] || continue
+                 (cd $tree && PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 90 python3 -m bench --shapes sweep \
+                   --lengths 4096,8192 --ops talking_heads --modes fwd,bwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
+                   | grep -E "^\[" | sed "s|^|tree=$tree |" | tee -a "$OUT/thbwdab.log")
+               done
+             done
+             timeout 300 python3 -m pytest tests/test_backward.py -m gpu -q -rfE --tb=short \
+               -k "talking or pre_mix16-post_mix16 or pre_mix10-post_mix10" 2>&1 | tee "$OUT/tests_thbwd.log" \
+               | grep -E "FAIL|Error|passed|failed" ;;
+    thprofile) timeout 120 python3 scripts/profile_talking_heads.py 2>&1 | tee "$OUT/thprofile.log" | grep -E "talking heads|kernel|gemm|Kernel|elementwise|reduce" ;;
+    thtune) timeout 200 python3 scripts/tune.py thbackward 2>&1 | tee "$OUT/tune_thbackward.log" | grep "talking heads" ;;
     thchunks) # talking heads at L=4096 with taller chunks (the budget 1, 1.25 and 1.5 GiB: 7, 5 and 4
              # backward chunks, 4, 3 and 2 forward ones): fewer launches against more causal waste,
              # alternating, in bench processes of their own

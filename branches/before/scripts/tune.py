@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows] [preconvmatmul]   (all without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows] [preconvmatmul] [thbackward]   (all without arguments)"""
 import sys
 
 import torch
@@ -18,7 +18,7 @@ t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v,
 print(f"sdpa {t_sdpa:.3f} ms", flush=True)
 expect = F.scaled_dot_product_attention(q, k, v, is_causal=True)
 which = set(sys.argv[1:]) or {"flash", "flashbwd", "mixbwd", "mix", "mixsplits", "full", "slabconv", "mixbwdsplits",
-                              "mixsoftmax", "mixbackward", "mixrows", "preconvmatmul"}
+                              "mixsoftmax", "mixbackward", "mixrows", "preconvmatmul", "thbackward"}
 
 
 def mix_slab(x, w):
@@ -101,6 +101,42 @@ if "mixbackward" in which:
         t = triton.testing.do_bench(lambda: slab_mix_backward.mix_backward_rows(
             y, w, x=c, probs=probs, zero_above=lo, rows=(20, rows - 20), precision="tf32", out=y), return_mode="median")
         print(f"mix backward {slab_mix_backward.MIX_BACKWARD_CONFIG}: {t:.3f} ms", flush=True)
+if "thbackward" in which:
+    # talking heads' backward kernel on the third of four chunks of the chunked backward (rows
+    # 2048..3072 of L=4096, keys up to 3072): bf16 scores, dA in bf16 and in fp32
+    from mta_kernels import slab_mix_backward, slab_softmax
+    rows, lo, keys = 1024, 2048, 3072
+    s16 = torch.randn(B, H, rows, keys, device="cuda", dtype=torch.bfloat16)
+    w_pre, w_post = (R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda") for _ in range(2))
+    w_pre = w_pre * scale
+    lse = slab_softmax.mix_softmax_rows(s16, w_pre, lo, want_lse=True, precision="tf32")[1]
+    buffers = [torch.empty(B, 1, rows, H, H, device="cuda") for _ in range(2)]
+    # (4fae9fb: 2048/4, 1024/4, 4096/4, 4096/8, 8192/8 and 512/1 were slower than 1024/2 in both dtypes)
+    for elements, warps in [(1024, 2), (1024, 1), (512, 2), (2048, 2), (256, 1)]:
+        slab_mix_backward.TALKING_HEADS_BACKWARD_CONFIG = dict(elements=elements, num_warps=warps)
+        for da_dtype in (torch.bfloat16,):
+            da = torch.randn(B, H, rows, keys, device="cuda", dtype=da_dtype)
+            t = triton.testing.do_bench(lambda: slab_mix_backward.talking_heads_backward_rows(
+                da, s16, lse, w_pre, w_post, lo, precision="tf32", out=None if da_dtype != torch.float32 else da,
+                dw_pre_rows=buffers[0], dw_post_rows=buffers[1]), return_mode="median")
+            print(f"talking heads backward {slab_mix_backward.TALKING_HEADS_BACKWARD_CONFIG} dA {da_dtype}: {t:.3f} ms",
+                  flush=True)
+if "thbackward" in which:
+    # the mix-softmax kernel on bf16 scores: the forward's (lse out, post mix, one chunk of all 4096
+    # rows) and the backward's recomputation (lse in, post mix, fp32 out; the chunk above)
+    from mta_kernels import slab_softmax
+    x_fwd = torch.randn(B, H, L, L, device="cuda", dtype=torch.bfloat16)
+    for elements, warps in [(2048, 4), (1024, 2), (1024, 4), (2048, 2), (4096, 4), (512, 1)]:
+        slab_softmax.MIX_SOFTMAX_CONFIG = dict(elements=elements, num_warps=warps)
+        t_fwd = triton.testing.do_bench(lambda: slab_softmax.mix_softmax_rows(
+            x_fwd, w_pre, 0, want_lse=True, precision="tf32", post_mix=w_post, out_dtype=torch.bfloat16),
+            return_mode="median")
+        t_bwd = triton.testing.do_bench(lambda: slab_softmax.mix_softmax_rows(
+            s16, w_pre, lo, precision="tf32", post_mix=w_post, out_dtype=torch.float32, lse_in=lse),
+            return_mode="median")
+        print(f"talking heads mix softmax {slab_softmax.MIX_SOFTMAX_CONFIG}: forward {t_fwd:.3f} ms, "
+              f"backward's recomputation {t_bwd:.3f} ms", flush=True)
+    del x_fwd
 if "mixrows" in which:
     # the post mix of the last chunk of the chunked forward (rows 2730..4096 of L=4096, all keys),
     # fp32 in, bf16 out, against the batched matmul

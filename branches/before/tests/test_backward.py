@@ -126,6 +126,28 @@ def test_chunked_paths_keep_at_most_their_live_slabs(causal, convs, monkeypatch)
     assert live(backward) == (6 if convs else 4) and live(forward) == (3 if convs else 2)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_chunked_talking_heads_keep_at_most_their_live_slabs(causal, monkeypatch):
+    """talking_heads_backward keeps at most its LIVE_TENSORS slabs alive (fp32, rows by keys),
+    beyond O(L) copies of its inputs and the weight gradients' row buffers; the kernels are
+    replaced by their outputs' allocations."""
+    from mta_kernels import chunked_forward, chunked_talking_heads as th
+    monkeypatch.setattr(th, "mix_softmax_rows", lambda x, w, zero_above, precision, post_mix, out_dtype, lse_in:
+                        (torch.empty_like(x, dtype=out_dtype), None))
+    monkeypatch.setattr(th, "talking_heads_backward_rows", lambda da, s, lse, w_pre, w_post, zero_above, out,
+                        **kw: out)
+    H, L, D, rows = 4, 512, 4, 64
+    case = Case(H=H, L=L, D=D, pre_mix=4, post_mix=4, causal=causal)
+    q, k, v, _, pre_mix, _, post_mix = make_inputs(case, torch.float32, "cpu")
+    lse = torch.zeros(1, H, L)
+    grad = torch.randn_like(q)
+    peak = _peak_cpu_bytes(lambda: th.talking_heads_backward(grad, q, k, v, pre_mix, post_mix, lse, causal=causal,
+                                                             scale=0.5, rows=rows))
+    slab = H * rows * L * 4
+    inputs = 7 * H * L * D * 4 + 2 * L * H * H * 4     # q, k, v, dO, dq, dk, dv in fp32; two (L, 4, 4) buffers
+    assert 2 * slab < peak <= th.LIVE_TENSORS * slab + inputs
+
+
 def test_chunk_budget_from_the_environment(monkeypatch):
     """MTA_KERNELS_CHUNK_BYTES sets the working-set budget; anything but a positive integer
     is refused with an error that names the variable."""
@@ -239,6 +261,13 @@ def test_mix_softmax_rows_with_the_post_mix(shape, groups, zero_above, out_dtype
     assert (longer[:, :, [0, R + 1, R + 2]] == 5.0).all()
     with pytest.raises(ValueError, match="lse_out"):
         mix_softmax_rows(x, w, zero_above, want_lse=True, lse_out=longer[:, :, :R].float())
+    # with the lse known (the backward's recomputation) one sweep gives the same probabilities
+    y_known, none = mix_softmax_rows(x, w, zero_above, post_mix=w_post, out_dtype=out_dtype, lse_in=lse)
+    assert none is None and torch.allclose(y_known.double(), y.double(), atol=1e-12, rtol=1e-10)
+    with pytest.raises(ValueError, match="lse_in"):
+        mix_softmax_rows(x, w, zero_above, lse_in=lse.float())
+    with pytest.raises(ValueError, match="lse_in"):
+        mix_softmax_rows(x, w, zero_above, want_lse=True, lse_in=lse)
 
 
 @pytest.mark.parametrize("shape, groups", [((1, 16, 5, 600), 1), ((2, 6, 4, 37), 3)])
@@ -295,6 +324,50 @@ def test_mix_backward_rows_into_a_row_buffer(device):
     assert torch.equal(buffer[:, :, [0, 1, 2, 3, 7, 8]], torch.full_like(buffer[:, :, :6], 7.0))
     with pytest.raises(ValueError, match="dw_rows"):
         mix_backward_rows(grad, w, x=x, rows=(1, 4), dw_rows=(buffer, 6))
+
+
+@pytest.mark.parametrize("shape, groups", [((1, 16, 5, 600), 1), ((2, 6, 4, 37), 3), ((1, 10, 3, 50), 1)])
+@pytest.mark.parametrize("zero_above", [None, 0, 7])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_talking_heads_backward_rows_matches_autograd(shape, groups, zero_above, in_place, device):
+    """Talking heads' backward kernel (dA to the scores through the post mix, the softmax
+    from a given lse and the pre mix, with both weight gradients into row buffers) against
+    autograd through mix_heads(softmax(mix_heads(s))) of a masked slab (fp64): all 16 heads in
+    a group over rows longer than a key block, three groups at B=2, ten heads padded to 16;
+    strided inputs, in place or not; exact zeros in the causal future; bad buffers refused."""
+    from mta_kernels.slab_mix_backward import talking_heads_backward_rows
+    g = torch.Generator().manual_seed(8)
+    B, H, R, K = shape
+    big_da, big_s = (3 * torch.randn(B, H, R + 2, K, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    da, s = big_da[:, :, 1:1 + R], big_s[:, :, 1:1 + R]
+    w_pre, w_post = (torch.randn(groups, H // groups, H // groups, generator=g, dtype=torch.float64)
+                     .to(device).requires_grad_() for _ in range(2))
+    rows, cols = torch.arange(R, device=device)[:, None], torch.arange(K, device=device)[None, :]
+    future = (cols - rows > zero_above) if zero_above is not None else torch.zeros(R, K, dtype=torch.bool,
+                                                                                  device=device)
+    s_leaf = s.clone().requires_grad_()
+    logits = mta_reference.mix_heads(s_leaf, w_pre).masked_fill(future, float("-inf"))
+    a = mta_reference.mix_heads(torch.softmax(logits, -1), w_post)
+    expected = torch.autograd.grad(a, (s_leaf, w_pre, w_post), da)
+    lse = torch.logsumexp(logits, -1).detach()
+    buffers = [torch.full((B, groups, R + 4, H // groups, H // groups), 7.0, dtype=torch.float64, device=device)
+               for _ in range(2)]
+    before = big_da.clone()
+    ds = talking_heads_backward_rows(da, s, lse, w_pre.detach(), w_post.detach(), zero_above,
+                                     out=da if in_place else None, dw_pre_rows=buffers[0],
+                                     dw_post_rows=buffers[1], row0=3)
+    assert (ds.data_ptr() == da.data_ptr()) == in_place
+    assert torch.allclose(ds, expected[0], atol=1e-12, rtol=1e-10)
+    for buffer, e in zip(buffers, expected[1:]):
+        assert torch.allclose(buffer[:, :, 3:3 + R].sum((0, 2)), e, atol=1e-10, rtol=1e-10)
+        assert (buffer[:, :, :3] == 7.0).all() and (buffer[:, :, 3 + R:] == 7.0).all()
+    assert (ds.masked_select(future) == 0).all()
+    assert torch.equal(big_da[:, :, [0, R + 1]], before[:, :, [0, R + 1]])
+    assert in_place or torch.equal(big_da, before)
+    with pytest.raises(ValueError, match="dw_pre_rows"):
+        talking_heads_backward_rows(da, s, lse, w_pre.detach(), w_post.detach(), dw_pre_rows=buffers[0], row0=5)
+    with pytest.raises(ValueError, match="lse"):
+        talking_heads_backward_rows(da, s, lse[:, :, :1], w_pre.detach(), w_post.detach())
 
 
 @pytest.mark.parametrize("shape, groups", [((1, 16, 5, 1100), 1), ((2, 6, 4, 37), 3), ((1, 10, 3, 20), 1)])
@@ -510,6 +583,63 @@ def test_fused_mix_backward_gpu(case, dtype, monkeypatch):
     assert calls
 
 
+CHUNKED_TALKING_HEADS_CASES = [
+    Case(H=16, L=50, D=96, pre_mix=16, post_mix=16),                       # all heads mixed, D = 96
+    Case(B=2, H=10, Hkv=5, L=40, D=16, pre_mix=10, post_mix=10, causal=False, layout="blhd"),
+    Case(H=16, L=37, D=16, pre_mix=8, post_mix=8),                         # two groups
+]
+
+
+def _use_chunked_talking_heads(monkeypatch):
+    """Send talking heads through the row-chunked forward and its backward (chunked_talking_heads)
+    and record that backward's calls."""
+    from mta_kernels import chunked_forward
+    monkeypatch.setattr(chunked_forward, "CHUNKED_TALKING_HEADS", "1")
+    return _count_calls(monkeypatch, mta_kernels.ops, "talking_heads_backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", CHUNKED_TALKING_HEADS_CASES, ids=lambda c: c.id)
+def test_chunked_talking_heads_backward(case, dtype, device, monkeypatch):
+    """Talking heads through the row-chunked forward and the backward that reuses its lse (and,
+    for bf16, its bf16 scores): every gradient against the reference under the spec's rule.
+    (bf16 runs under the interpreter too: this path's dots are fp32.)"""
+    calls = _use_chunked_talking_heads(monkeypatch)
+    test_gradients_match_reference(case, dtype, device)
+    assert calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunked_talking_heads_backward_chunks_and_needs(dtype, device):
+    """Chunks of 16 rows (L = 45: a short last one) give one chunk's gradients to fp32 rounding,
+    at B = 2 with GQA; each subset of wanted gradients gets exactly those (bit for bit), the
+    others None."""
+    from mta_kernels.chunked_forward import chunked_forward
+    from mta_kernels.chunked_talking_heads import talking_heads_backward
+    case = Case(B=2, H=8, Hkv=2, L=45, D=16, pre_mix=8, post_mix=8)
+    q, k, v, _, pre_mix, _, post_mix = make_inputs(case, dtype, device)
+    scale = case.D ** -0.5
+    out, lse = chunked_forward(q, k, v, None, pre_mix, None, post_mix, causal=True, pad_key="both", scale=scale)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    run = lambda **kw: talking_heads_backward(grad, q, k, v, pre_mix, post_mix, lse, causal=True, scale=scale, **kw)
+    whole, chunks = run(), run(rows=16)
+    for name, a, b in zip(["q", "k", "v", "pre_mix", "post_mix"], whole, chunks):
+        assert torch.allclose(a.double(), b.double(), atol=1e-5, rtol=1e-4 if dtype == torch.float32 else 2 ** -7), name
+    for wanted in ([1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1], [0, 0, 1, 1, 0]):
+        _assert_only_wanted(["q", "k", "v", "pre_mix", "post_mix"], wanted, whole, run(needs=[bool(n) for n in wanted]))
+
+
+def test_chunked_talking_heads_gradcheck(device, monkeypatch):
+    """fp64 gradcheck through the fused op with the row-chunked talking-heads forward and backward."""
+    calls = _use_chunked_talking_heads(monkeypatch)
+    case = Case(H=8, Hkv=4, L=6, D=4, pre_mix=8, post_mix=8)
+    q, k, v, _, pre_mix, _, post_mix = [None if x is None else x.detach().double().requires_grad_()
+                                        for x in make_inputs(case, torch.float64, device)]
+    fn = lambda *xs: mta_kernels.mta_attention(xs[0], xs[1], xs[2], pre_mix=xs[3], post_mix=xs[4])
+    assert torch.autograd.gradcheck(fn, [q, k, v, pre_mix, post_mix], fast_mode=True, atol=1e-7, rtol=1e-5)
+    assert calls
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_chunked_talking_heads_gradients_gpu(dtype, monkeypatch):
@@ -524,11 +654,14 @@ def test_chunked_talking_heads_gradients_gpu(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("case, fused_mix", [(Case(L=32, **FULL), False),
-                                             (Case(H=8, L=32, D=16, pre_mix=8, post_mix=8), True)],
-                         ids=["full-reference-bwd", "talking-heads-fused-bwd"])
+                                             (Case(H=8, L=32, D=16, pre_mix=8, post_mix=8), True),
+                                             (Case(H=8, L=32, D=16, pre_mix=8, post_mix=8), "chunked")],
+                         ids=["full-reference-bwd", "talking-heads-fused-bwd", "talking-heads-chunked"])
 def test_gradient_causality(case, fused_mix, device, monkeypatch):
     """A loss on outputs before t gives zero gradient to q, k, v at t and after."""
-    if fused_mix:
+    if fused_mix == "chunked":
+        _use_chunked_talking_heads(monkeypatch)
+    elif fused_mix:
         _use_fused_mix_backward(monkeypatch)
     q, k, v, *w = make_inputs(case, torch.float32, device, requires_grad=True)
     t = 19
@@ -679,8 +812,9 @@ def test_flash_gradients_gpu(case, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [Case(B=2, H=16, Hkv=4, L=2048, D=128),
                                   Case(B=2, H=16, Hkv=4, L=1024, D=128, pre_mix=16, post_mix=16),
-                                  Case(B=2, H=16, Hkv=4, L=512, D=128, **PAPER)],
-                         ids=["flash", "talking-heads", "full"])
+                                  Case(B=2, H=16, Hkv=4, L=512, D=128, **PAPER),
+                                  Case(H=16, L=4096, D=128, pre_mix=16, post_mix=16)],
+                         ids=["flash", "talking-heads", "full", "talking-heads-chunked"])
 def test_backward_is_deterministic(case):
     """50 backward passes give bitwise-identical gradients: no atomics on any path, partial
     sums reduced in a fixed order."""

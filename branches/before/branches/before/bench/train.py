@@ -1,0 +1,563 @@
+"""python -m bench.train: training throughput and peak memory of the paper's models.
+
+Trains one of the paper's models (spec section 6) for a fixed number of AdamW steps on
+random tokens, three ways (each of them --rounds times, in turn), and reports tokens/s and
+peak GPU memory:
+
+    baseline   the same transformer without MTA parts, attention through
+               F.scaled_dot_product_attention (the speed and memory bar)
+    reference  the MTA model (variant 'mta') on backend 'reference': mta_reference,
+               materialized (B, H, L, L) scores, as the authors' code
+    fused      the MTA model on backend 'fused': the mta_kernels custom op
+
+    python -m bench.train                          # GPU: 830M, 24 layers, seq 2048, bf16
+    python -m bench.train --model 300M             # the smaller model at the same seq
+    python -m bench.train --layers 8               # fewer blocks, to fit a time budget
+    python -m bench.train --report RUN_train.csv   # redo the markdown from a CSV
+
+Writes ``<out>/<date>_<time>_<gpu>_train.csv`` (one row per provider, flushed as it
+goes) and ``<run>_train.md`` with the fused/baseline ratios next to the paper's
+(0.105x tokens/s, 4.2x memory) and the targets (>= 0.5x, <= 1.3x). Without a GPU the
+default is a tiny fp32 model under the Triton interpreter: a harness check whose
+timings are NOT performance numbers. See bench/README.md.
+"""
+import os
+
+import torch
+
+# Triton decides when a kernel is decorated whether it is compiled or interpreted, so
+# the interpreter must be switched on before anything imports mta_kernels.
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import functools  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import statistics  # noqa: E402
+from collections import OrderedDict  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from . import env, report  # noqa: E402
+from .timing import free_memory, is_oom  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROVIDERS = ("baseline", "reference", "fused")
+PROVIDER_NOTES = {
+    "baseline": "variant 'baseline' (no MTA parts, no head norm or gate), attention = "
+                "F.scaled_dot_product_attention(is_causal=True)",
+    "reference": "variant 'mta', backend 'reference' (mta_reference, materialized scores)",
+    "fused": "variant 'mta', backend 'fused' (mta_kernels.mta_attention)",
+}
+DTYPES = ("bf16", "fp32")
+DTYPE_NOTES = {
+    "bf16": "fp32 parameters, gradients and AdamW states; forward and loss under "
+            "torch.autocast(bfloat16) (mixed precision, as the authors' bf16 training)",
+    "fp32": "fp32 throughout, no autocast",
+}
+MTA_PARTS = ("pre_conv", "pre_mix", "post_conv", "post_mix")
+LR = 1e-4
+
+# Tiny model of the CPU default: 3 blocks, so that block 2 carries the convs (full MTA)
+# and blocks 0 and 1 only mix heads, as in the paper's models.
+TINY = dict(dim=64, n_layers=3, n_heads=4)
+TINY_VOCAB = 256
+MODELS = ("tiny", "300M", "550M", "830M", "1B")
+
+# Defaults of the flags: (GPU, no GPU).
+DEFAULTS = {
+    True: dict(model="830M", seq=2048, batch=1, steps=10, warmup=3, dtype="bf16", rounds=3),
+    False: dict(model="tiny", seq=32, batch=1, steps=2, warmup=1, dtype="fp32", rounds=1),
+}
+
+# The paper's 880M model (the 830M config) on H200s, and the issue's target for fused MTA.
+PAPER = dict(mta_tokens_per_s=5.7e3, mta_gb=73.8, base_tokens_per_s=54.3e3, base_gb=17.5)
+PAPER_SPEED_RATIO = PAPER["mta_tokens_per_s"] / PAPER["base_tokens_per_s"]   # 0.105x
+PAPER_MEMORY_RATIO = PAPER["mta_gb"] / PAPER["base_gb"]                      # 4.2x
+TARGET_SPEED_RATIO = 0.5    # fused tokens/s >= 0.5x the baseline's
+TARGET_MEMORY_RATIO = 1.3   # fused peak memory <= 1.3x the baseline's
+
+COLUMNS = ("gpu", "torch", "triton", "commit", "date", "model", "layers", "seq", "batch", "steps",
+           "provider", "dtype", "tokens_per_s", "peak_mem_gib", "status",
+           "warmup", "vocab", "params_m", "step_ms", "loss", "round")
+INT_COLUMNS = ("layers", "seq", "batch", "steps", "warmup", "vocab", "round")
+FLOAT_COLUMNS = ("tokens_per_s", "peak_mem_gib", "params_m", "step_ms", "loss")
+CPU_WARNING = ("CPU run under the Triton interpreter: these timings are NOT performance numbers; "
+               "they only show that the training harness works.")
+
+
+# ---------------------------------------------------------------- models
+
+def model_config(model: str, variant: str, layers: int, vocab: int):
+    """MTATransformerConfig of ``model`` ('tiny' or a paper model) with ``layers`` blocks.
+
+    variant 'mta' or 'baseline' (MTATransformerConfig's variants). MTA convs are 6x11 in
+    blocks 2, 6, 10, ... (0-based) for every model, the tiny one included.
+    """
+    from mta_kernels.models import MTATransformerConfig
+    if model == "tiny":
+        sizes = {**TINY, "n_layers": layers}
+        return MTATransformerConfig(vocab_size=vocab, variant=variant, **sizes)
+    return MTATransformerConfig.paper(model, variant, vocab_size=vocab, n_layers=layers)
+
+
+def default_layers(model: str) -> int:
+    """Number of blocks of ``model`` ('tiny' or a paper model)."""
+    from mta_kernels.layer import PAPER_MODELS
+    return TINY["n_layers"] if model == "tiny" else PAPER_MODELS[model]["n_layers"]
+
+
+def default_vocab(model: str) -> int:
+    """Vocabulary of ``model``: the paper's Llama 3 tokenizer (128256), 256 for 'tiny'."""
+    from mta_kernels.models import LLAMA3_VOCAB
+    return TINY_VOCAB if model == "tiny" else LLAMA3_VOCAB
+
+
+def sdpa_attention(config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain causal attention: q (B, H, S, D), k, v (B, Hkv, S, D) -> (B, H, S, D) via SDPA."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=config.causal,
+                                          enable_gqa=config.Hkv != config.H)
+
+
+def use_sdpa(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every attention layer of ``model`` call SDPA instead of its backend; returns it.
+
+    Only for layers without MTA parts: it replaces ``MultiTokenAttention.attention`` on
+    each instance (projections, RoPE and the output projection stay the layer's own).
+    """
+    from mta_kernels.layer import MultiTokenAttention
+    for layer in model.modules():
+        if isinstance(layer, MultiTokenAttention):
+            parts = [p for p in MTA_PARTS if getattr(layer, p) is not None]
+            if parts:
+                raise ValueError(f"use_sdpa needs layers without MTA parts; this one has {parts}")
+            layer.attention = functools.partial(sdpa_attention, layer.config)
+    return model
+
+
+def build_model(provider: str, model: str, layers: int, vocab: int, device) -> torch.nn.Module:
+    """The provider's MTATransformer on ``device``, weights from seed 0, fp32 parameters."""
+    from mta_kernels.models import MTATransformer
+    variant = "baseline" if provider == "baseline" else "mta"
+    backend = "fused" if provider == "fused" else "reference"
+    torch.manual_seed(0)
+    with torch.device(device):   # initialise in place: no host copy of a 1B model
+        net = MTATransformer(model_config(model, variant, layers, vocab), backend=backend)
+    return use_sdpa(net) if provider == "baseline" else net
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Distinct parameters (the tied embedding/output weight counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- training
+
+def random_batches(n: int, batch: int, seq: int, vocab: int, device) -> torch.Tensor:
+    """n batches of uniform random tokens, (n, batch, seq + 1) int64: each step trains on
+    ``seq`` input tokens and predicts the next one at every position."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    return torch.randint(0, vocab, (n, batch, seq + 1), generator=gen).to(device)
+
+
+def autocast_context(dtype: str, device: torch.device):
+    """Context factory for the forward: torch.autocast(bf16) for 'bf16', nothing for 'fp32'."""
+    if dtype == "bf16":
+        return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dtype: str, device):
+    """One training step as a closure: tokens (batch, seq + 1) -> loss (0-d tensor, not synced).
+
+    zero_grad, forward and next-token loss under the dtype's autocast, backward, AdamW step.
+    """
+    autocast = autocast_context(dtype, device)
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = model.loss(tokens)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+    return step
+
+
+def synchronize(device: torch.device):
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(step, batches: torch.Tensor, warmup: int, device: torch.device) -> dict:
+    """Run ``warmup`` untimed steps, then one step per remaining batch, timed.
+
+    batches (warmup + steps, batch, seq + 1). Returns elapsed_s of the timed steps (from
+    a synchronized start to a synchronized end), peak_gib (torch.cuda.max_memory_allocated
+    during the timed steps, reset after warm-up; it includes parameters, gradients and
+    AdamW states; None on CPU) and loss (float, the last step's).
+    """
+    for tokens in batches[:warmup]:
+        step(tokens)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    loss = None
+    start = time.perf_counter()
+    for tokens in batches[warmup:]:
+        loss = step(tokens)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return dict(elapsed_s=elapsed, peak_gib=peak, loss=float("nan") if loss is None else loss.item())
+
+
+def train_provider(provider: str, args, device: torch.device) -> dict:
+    """Build the provider's model and AdamW(lr 1e-4), train it; returns the measured columns.
+
+    tokens_per_s = batch * seq * steps / elapsed; step_ms = elapsed / steps; status 'ok',
+    or 'error: non-finite loss' when the last loss is NaN or inf (numbers kept).
+    """
+    model = build_model(provider, args.model, args.layers, args.vocab, device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    batches = random_batches(args.warmup + args.steps, args.batch, args.seq, args.vocab, device)
+    m = timed_steps(make_step(model, optimizer, args.dtype, device), batches, args.warmup, device)
+    status = "ok" if math.isfinite(m["loss"]) else f"error: non-finite loss {m['loss']}"
+    return dict(tokens_per_s=args.batch * args.seq * args.steps / m["elapsed_s"],
+                peak_mem_gib=m["peak_gib"], step_ms=1e3 * m["elapsed_s"] / args.steps,
+                loss=m["loss"], params_m=count_params(model) / 1e6, status=status)
+
+
+def failure_status(exc: BaseException) -> str:
+    """'oom' for CUDA out-of-memory, else 'error: <type>: <message, one line, <= 200 chars>'."""
+    if is_oom(exc):
+        return "oom"
+    msg = " ".join(str(exc).split())[:200]
+    return f"error: {type(exc).__name__}: {msg}" if msg else f"error: {type(exc).__name__}"
+
+
+def run_provider(provider: str, args, device: torch.device) -> dict:
+    """train_provider, with a failure recorded as a status; memory is freed afterwards."""
+    try:
+        result = train_provider(provider, args, device)
+    except Exception as exc:  # a provider failure is a result, not a crash
+        result = dict(status=failure_status(exc))
+    free_memory(device.type == "cuda")   # after the except block: the traceback is gone
+    return result
+
+
+# ---------------------------------------------------------------- CSV
+
+def csv_path_for(out: Path, info: dict) -> Path:
+    """<out>/<date>_<time>_<gpu>_train.csv, as bench's runs are named."""
+    stamp = info["date"].replace(":", "").replace("T", "_")
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", info["gpu"]).strip("-")
+    return out / f"{stamp}_{gpu}_train.csv"
+
+
+def csv_log(path: Path, comments) -> report.CsvLog:
+    """The run's CSV, in the kernel benchmark's format with this benchmark's columns."""
+    return report.CsvLog(path, comments, columns=COLUMNS)
+
+
+def read_csv(path: Path):
+    """(comment lines, rows with numbers parsed) of a training-benchmark CSV."""
+    return report.read_csv(path, INT_COLUMNS, FLOAT_COLUMNS)
+
+
+# ---------------------------------------------------------------- markdown summary
+
+def _ok(r) -> bool:
+    return r is not None and r["status"] == "ok"
+
+
+def _round(r) -> int:
+    return r.get("round") or 1    # CSVs written before rounds existed have one
+
+
+def speed_ratio(r, base):
+    """r's tokens/s over base's, or None unless both ran ok."""
+    return r["tokens_per_s"] / base["tokens_per_s"] if _ok(r) and _ok(base) else None
+
+
+def memory_ratio(r, base):
+    """r's peak memory over base's, or None unless both ran ok with a memory figure."""
+    if not (_ok(r) and _ok(base)) or not r["peak_mem_gib"] or not base["peak_mem_gib"]:
+        return None
+    return r["peak_mem_gib"] / base["peak_mem_gib"]
+
+
+def paired_speed_ratios(rows, base_rows) -> list:
+    """Per round, rows' tokens/s over the baseline's of the same round (both ok), in round
+    order. The providers alternate within a round, so a ratio compares runs made minutes
+    apart: the H200 host's speed drifts between runs (baseline 75-109 ms/step in one session)."""
+    base = {_round(b): b for b in base_rows}
+    ratios = [speed_ratio(r, base.get(_round(r))) for r in rows]
+    return [x for x in ratios if x is not None]
+
+
+def combine_rounds(rows) -> dict:
+    """One provider's rounds as one row: median tokens/s and ms/step, their range, the
+    largest peak memory, the last round's loss; status 'ok' only if every round was ok,
+    else the first failure with how many rounds failed."""
+    ok = [r for r in rows if _ok(r)]
+    bad = [r for r in rows if not _ok(r)]
+    status = "ok" if not bad else f"{bad[0]['status']} ({len(bad)} of {len(rows)} rounds)"
+    if not ok:
+        return dict(status=status, tokens_per_s=None, tokens_range=None, step_ms=None, peak_mem_gib=None,
+                    params_m=None, loss=None, rounds=len(rows))
+    tokens = [r["tokens_per_s"] for r in ok]
+    peaks = [r["peak_mem_gib"] for r in ok if r["peak_mem_gib"] is not None]
+    return dict(status=status, tokens_per_s=statistics.median(tokens), tokens_range=(min(tokens), max(tokens)),
+                step_ms=statistics.median(r["step_ms"] for r in ok), peak_mem_gib=max(peaks) if peaks else None,
+                params_m=ok[-1]["params_m"], loss=ok[-1]["loss"], rounds=len(rows))
+
+
+def _by_provider(rows) -> "OrderedDict[str, list]":
+    groups = OrderedDict()
+    for r in rows:
+        groups.setdefault(r["provider"], []).append(r)
+    return groups
+
+
+def _median_ratio(ratios):
+    return statistics.median(ratios) if ratios else None
+
+
+def _x(ratio) -> str:
+    return "-" if ratio is None else f"{ratio:.3g}x"
+
+
+def _x_range(ratios) -> str:
+    """'0.48x' for one round, '0.48x (0.39-0.52)' for several: median and range."""
+    if len(ratios) < 2:
+        return _x(_median_ratio(ratios))
+    return f"{_x(_median_ratio(ratios))} ({min(ratios):.3g}-{max(ratios):.3g})"
+
+
+def _num(x, fmt) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _met(ratio, bound, at_least: bool) -> str:
+    if ratio is None:
+        return "-"
+    return "yes" if (ratio >= bound if at_least else ratio <= bound) else "no"
+
+
+def _run_key(r):
+    return (r["model"], r["layers"], r["seq"], r["batch"], r["vocab"], r["dtype"], r["steps"], r["warmup"])
+
+
+def provider_table(rows) -> list:
+    """Markdown lines: one row per provider, its rounds combined (combine_rounds), with the
+    median over rounds of its tokens/s ratio to the baseline of the same round."""
+    groups = _by_provider(rows)
+    base_rows = groups.get("baseline", [])
+    base = combine_rounds(base_rows) if base_rows else None
+    out = ["| provider | tokens/s | ms/step | peak GiB | tokens/s vs baseline | memory vs baseline "
+           "| params (M) | last loss | rounds | status |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for provider, group in groups.items():
+        c = combine_rounds(group)
+        tokens = _num(c["tokens_per_s"], ",.0f")
+        if c["tokens_range"] and c["rounds"] > 1:
+            tokens += f" ({c['tokens_range'][0]:,.0f}-{c['tokens_range'][1]:,.0f})"
+        out.append(f"| {provider} | {tokens} | {_num(c['step_ms'], '.4g')} "
+                   f"| {_num(c['peak_mem_gib'], '.2f')} | {_x_range(paired_speed_ratios(group, base_rows))} "
+                   f"| {_x(memory_ratio(c, base))} | {_num(c['params_m'], '.1f')} "
+                   f"| {_num(c['loss'], '.4g')} | {c['rounds']} | {c['status'].replace('|', '/')} |")
+    return out
+
+
+def ratio_table(rows) -> list:
+    """Markdown lines: MTA/baseline ratios here (tokens/s: median over rounds of the paired
+    ratios, with their range), the paper's, and the target for fused."""
+    groups = _by_provider(rows)
+    base_rows = groups.get("baseline", [])
+    base = combine_rounds(base_rows) if base_rows else None
+    fused, ref = groups.get("fused", []), groups.get("reference", [])
+    s_fused, s_ref = paired_speed_ratios(fused, base_rows), paired_speed_ratios(ref, base_rows)
+    m = memory_ratio(combine_rounds(fused), base) if fused else None
+    m_ref = memory_ratio(combine_rounds(ref), base) if ref else None
+    return ["| MTA / baseline | fused | reference | paper (materialized MTA) | target (fused) | fused meets target |",
+            "|---|---:|---:|---:|---:|---|",
+            f"| tokens/s | {_x_range(s_fused)} | {_x_range(s_ref)} | {PAPER_SPEED_RATIO:.3f}x "
+            f"(5.7k / 54.3k) | >= {TARGET_SPEED_RATIO}x | {_met(_median_ratio(s_fused), TARGET_SPEED_RATIO, True)} |",
+            f"| peak memory | {_x(m)} | {_x(m_ref)} | {PAPER_MEMORY_RATIO:.1f}x "
+            f"(73.8 / 17.5 GB) | <= {TARGET_MEMORY_RATIO}x | {_met(m, TARGET_MEMORY_RATIO, False)} |"]
+
+
+def markdown(rows, comments) -> str:
+    """The run's summary: per configuration, the provider table and the ratio table."""
+    first = rows[0] if rows else {}
+    out = [f"# MTA training benchmark: {first.get('gpu', '?')}, {first.get('date', '?')}", "",
+           f"torch {first.get('torch')}, triton {first.get('triton')}, commit {first.get('commit')}.", ""]
+    if first.get("gpu") == "cpu":
+        out += [f"**{CPU_WARNING}**", ""]
+    out += [f"- {c}" for c in comments] + [""]
+    groups = OrderedDict()
+    for r in rows:
+        groups.setdefault(_run_key(r), []).append(r)
+    for (model, layers, seq, batch, vocab, dtype, steps, warmup), group in groups.items():
+        out += [f"## {model}, {layers} layers, seq {seq}, batch {batch}, vocab {vocab}, {dtype}, "
+                f"{steps} steps after {warmup} warm-up", ""]
+        out += provider_table(group) + [""] + ratio_table(group) + [""]
+    out += ["Peak memory is absolute (parameters, gradients, AdamW states and activations of one "
+            "GPU); the paper's figures come from its own multi-GPU setup, so only the ratios compare.", ""]
+    return "\n".join(out)
+
+
+def write_summary(csv_path: Path) -> Path:
+    """Write <run>.md next to ``csv_path`` from its rows; returns its path."""
+    comments, rows = read_csv(csv_path)
+    md = csv_path.with_suffix(".md")
+    md.write_text(markdown(rows, comments))
+    return md
+
+
+# ---------------------------------------------------------------- command line
+
+def _providers(text):
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in items if x not in PROVIDERS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(PROVIDERS)}")
+    return items
+
+
+def _int_at_least(lowest, what):
+    """argparse type: an integer >= lowest, described as ``what`` in the error."""
+    def parse(text):
+        try:
+            n = int(text)
+        except ValueError:
+            n = lowest - 1
+        if n < lowest:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}")
+        return n
+    return parse
+
+
+_positive = _int_at_least(1, "a positive integer")
+_non_negative = _int_at_least(0, "a non-negative integer")
+
+
+def parse_args(argv):
+    d = DEFAULTS[ON_GPU]
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.train",
+        description="Training throughput (tokens/s) and peak memory of the paper's MTA models: SDPA "
+                    "baseline, reference MTA, fused MTA. Without a GPU: a tiny fp32 model under the "
+                    "Triton interpreter (a harness check; its timings are not performance numbers).")
+    ap.add_argument("--model", choices=MODELS, default=d["model"],
+                    help=f"paper model, or tiny (default {d['model']})")
+    ap.add_argument("--layers", type=_positive, help="number of blocks (default: the model's)")
+    ap.add_argument("--seq", type=_positive, default=d["seq"], help=f"sequence length (default {d['seq']})")
+    ap.add_argument("--batch", type=_positive, default=d["batch"], help=f"sequences per step (default {d['batch']})")
+    ap.add_argument("--steps", type=_positive, default=d["steps"], help=f"timed steps (default {d['steps']})")
+    ap.add_argument("--warmup", type=_non_negative, default=d["warmup"],
+                    help=f"untimed steps before them (default {d['warmup']})")
+    ap.add_argument("--rounds", type=_positive, default=d["rounds"],
+                    help=f"times every provider trains, alternating within each round; the summary "
+                         f"takes medians over rounds (default {d['rounds']})")
+    ap.add_argument("--providers", type=_providers, default=PROVIDERS,
+                    help=f"comma list of {', '.join(PROVIDERS)} (default all)")
+    ap.add_argument("--dtype", choices=DTYPES, default=d["dtype"],
+                    help=f"bf16: fp32 params + autocast(bf16); fp32 (default {d['dtype']})")
+    ap.add_argument("--vocab", type=_positive, help="vocabulary size (default: the model's; smaller saves memory)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    ap.add_argument("--report", type=Path, metavar="CSV", help="only rewrite the markdown of this run's CSV")
+    args = ap.parse_args(argv)
+    args.layers = args.layers or default_layers(args.model)
+    args.vocab = args.vocab or default_vocab(args.model)
+    return args
+
+
+def describe_model(args) -> str:
+    """'830M: dim 1536, 24 layers, 16 heads of D=96, vocab 128256' for the chosen sizes."""
+    c = model_config(args.model, "mta", args.layers, args.vocab)
+    return (f"{args.model}: dim {c.dim}, {c.n_layers} layers, {c.n_heads} heads of D={c.dim // c.n_heads}, "
+            f"vocab {c.vocab_size}, MTA convs {c.conv[0]}x{c.conv[1]} in blocks 2, 6, 10, ... (0-based), "
+            f"head mixing in every block")
+
+
+def header_comments(args, argv) -> list:
+    """The '#' lines of the CSV: command, what ran, how it was measured."""
+    lines = ["MTA training benchmark: python -m bench.train " + " ".join(argv),
+             "model " + describe_model(args)]
+    lines += [f"{p}: {PROVIDER_NOTES[p]}" for p in args.providers]
+    lines += [f"dtype {args.dtype}: {DTYPE_NOTES[args.dtype]}",
+              f"AdamW(lr={LR:g}), other arguments default; random uniform tokens, a new batch per step; "
+              f"each provider's model from seed 0",
+              "tokens_per_s = batch * seq * steps / elapsed (synchronized) over the steps after warm-up",
+              f"{args.rounds} round(s): in each, every provider builds its model and trains in turn; the "
+              f"summary gives medians over rounds and, for ratios, the median of the per-round ratios",
+              "peak_mem_gib = torch.cuda.max_memory_allocated over the timed steps, reset after warm-up "
+              "(absolute: parameters, gradients, AdamW states, activations)",
+              "switches: " + env.kernel_switches()]
+    if not ON_GPU:
+        lines.append(CPU_WARNING)
+    return lines
+
+
+def progress_line(provider: str, r: dict) -> str:
+    """One line per provider: tokens/s, ms/step, peak memory, loss, or the failure status."""
+    if "tokens_per_s" not in r:
+        return f"{provider}: {r['status']}"
+    mem = "" if r["peak_mem_gib"] is None else f", peak {r['peak_mem_gib']:.2f} GiB"
+    return (f"{provider}: {r['tokens_per_s']:,.0f} tokens/s ({r['step_ms']:.4g} ms/step){mem}, "
+            f"loss {r['loss']:.4g}, {r['params_m']:.1f}M params: {r['status']}")
+
+
+def run(args, argv) -> Path:
+    """Train every provider ``args.rounds`` times, alternating (round 1: baseline, reference,
+    fused; round 2: ...), one CSV row and one printed line each; returns the CSV's path."""
+    device = torch.device("cuda" if ON_GPU else "cpu")
+    info = env.run_info(ON_GPU)
+    csv_path = csv_path_for(args.out, info)
+    if not ON_GPU:
+        print(f"NOTE: no GPU. {CPU_WARNING}", flush=True)
+    print(f"{describe_model(args)}; seq {args.seq}, batch {args.batch}, {args.steps} steps after "
+          f"{args.warmup} warm-up, {args.rounds} round(s), {args.dtype} ({DTYPE_NOTES[args.dtype]}); {info['gpu']}, torch "
+          f"{info['torch']}, triton {info['triton']}, commit {info['commit']} -> {csv_path}", flush=True)
+    log = csv_log(csv_path, header_comments(args, argv))
+    fixed = dict(info, model=args.model, layers=args.layers, seq=args.seq, batch=args.batch,
+                 steps=args.steps, warmup=args.warmup, vocab=args.vocab, dtype=args.dtype)
+    runs = [(rnd, provider) for rnd in range(1, args.rounds + 1) for provider in args.providers]
+    try:
+        for i, (rnd, provider) in enumerate(runs, 1):
+            print(f"[{i}/{len(runs)}] " + (f"round {rnd}, " if args.rounds > 1 else ""), end="", flush=True)
+            result = run_provider(provider, args, device)
+            log.write(dict(fixed, provider=provider, round=rnd, **result))
+            print(progress_line(provider, result), flush=True)
+    finally:
+        log.close()
+    return csv_path
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.report:
+        print(f"wrote {write_summary(args.report)}")
+        return 0
+    csv_path = run(args, argv)
+    md = write_summary(csv_path)
+    print("\n".join(ratio_table(read_csv(csv_path)[1])))
+    print(f"wrote {csv_path}\nwrote {md}")
+    if not ON_GPU:
+        print(f"NOTE: {CPU_WARNING}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The key-query convolution on materialized slabs of scores, and its two gradients, on
+tensor cores.
+
+Used by the row-chunked backward (chunked_backward.py), which holds (B, H, R, L) slabs of
+the forward's intermediates. With pL the kernel's left padding, for x (R, L) of one
+(batch, head):
+
+    conv:         out[i, j] = sum_{a,t} w[a, t] x[i + a - (CQ-1), j + t - pL]
+    input grad:   out[i, j] = sum_{a,t} w[a, t] g[i - a + (CQ-1), j - t + pL]     (TRANSPOSE)
+    weight grad:  dw[a, t]  = sum_{i,j} g[i, j] x[i + a - (CQ-1), j + t - pL]
+
+Reads outside [0, R) x [0, L) are zero, as in mta_reference.key_query_conv.
+
+For each query offset a, the key direction is a product with a Toeplitz matrix of w[a]: a
+program owns a [BR, BC] output tile and reads the row-shifted input at its own BC columns
+and at HALO columns on either side (HALO >= how far a tap reaches), three tl.dot calls per
+offset instead of CQ * CK multiply-adds per score. The weight gradient is the transposed
+product M = G^T X_a (M[j, u] pairs gradient column j with input column u), summed over
+the tiles of a row and then along its diagonals u - j = t - pL (one gather and one sum).
+
+Causal slabs are zero above a diagonal: x[i, j] is read as zero whenever j - i > ZERO_ABOVE
+(a slab of rows lo.. has ZERO_ABOVE = lo), and a tile whose every tap reads only there is
+skipped: REACH is how far above the diagonal a tap can read.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(i_bh, H, sb, sh, si, sj):
+    """Offset of (batch, head) i_bh in a (B, H, R, L) tensor with strides (sb, sh, si, sj)."""
+    return (i_bh // H) * sb + (i_bh % H) * sh
+
+
+@triton.jit
+def _shifted(base, rows, cols, si, sj, R, LC, ZERO_ABOVE, COL_LO=0):
+    """Block of a (R, LC) plane at the given (possibly out-of-range) rows and cols, zero
+    outside the plane, left of column COL_LO and where col - row > ZERO_ABOVE."""
+    # The causal zeros are selected after the load, not masked in it: a mask that changes
+    # along a row keeps Triton from vectorizing the load (4-byte loads instead of 16-byte).
+    ok = (rows[:, None] >= 0) & (rows[:, None] < R) & (cols[None, :] >= COL_LO) & (cols[None, :] < LC)
+    x = tl.load(base + rows[:, None].to(tl.int64) * si + cols[None, :] * sj, mask=ok, other=0.0)
+    return tl.where(cols[None, :] - rows[:, None] > ZERO_ABOVE, 0.0, x)
+
+
+@triton.jit
+def _toeplitz(w_a, first, SIGN: tl.constexpr, CK: tl.constexpr, KU: tl.constexpr, BC: tl.constexpr):
+    """[KU, BC] matrix T[u, m] = w_a[first + SIGN * (u - m)], zero where that tap index
+    leaves [0, CK): input column u of a chunk times T gives output column m."""
+    u = tl.arange(0, KU)
+    m = tl.arange(0, BC)
+    t = first + SIGN * (u[:, None] - m[None, :])
+    return tl.load(w_a + t, mask=(t >= 0) & (t < CK), other=0.0)
+
+
+@triton.jit
+def _above_diagonal(ZERO_ABOVE, REACH, BR: tl.constexpr, BC: tl.constexpr):
+    """Whether this program's tile (program_id 1 and 2) reads only where the input is zero."""
+    first_col = tl.program_id(2) * BC
+    last_row = tl.program_id(1) * BR + BR - 1
+    return first_col - last_row > ZERO_ABOVE + REACH
+
+
+@triton.jit
+def _source_rows(rows, a, CQ: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """The input rows that query offset a reads for output rows `rows` (conv or its adjoint)."""
+    if TRANSPOSE:
+        return rows + (CQ - 1 - a)
+    return rows + (a - (CQ - 1))
+
+
+@triton.jit
+def _chunks(base, src, c0, si, sj, R, LC, ZERO_ABOVE, COL_LO, HALO: tl.constexpr, BC: tl.constexpr):
+    """The input at rows src in three column chunks: [c0 - HALO, c0), [c0, c0 + BC) and
+    [c0 + BC, c0 + BC + HALO)."""
+    halo = tl.arange(0, HALO)
+    left = _shifted(base, src, c0 - HALO + halo, si, sj, R, LC, ZERO_ABOVE, COL_LO)
+    main = _shifted(base, src, c0 + tl.arange(0, BC), si, sj, R, LC, ZERO_ABOVE, COL_LO)
+    right = _shifted(base, src, c0 + BC + halo, si, sj, R, LC, ZERO_ABOVE, COL_LO)
+    return left, main, right
+
+
+@triton.jit
+def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, BAND_LIMIT, X_COL0,
+                   CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, TRANSPOSE: tl.constexpr,
+                   MASK_OUT: tl.constexpr, BAND_ONLY: tl.constexpr, HALO: tl.constexpr, BR: tl.constexpr,
+                   BC: tl.constexpr, PREC: tl.constexpr, UNROLL: tl.constexpr):
+    """out (B, H, R, LC) contiguous: the conv of x (B, H, R, LC) (any strides) with
+    w (H, CQ, CK), or with TRANSPOSE its adjoint (the input gradient); with MASK_OUT, out is
+    zero where col - row > ZERO_ABOVE. With BAND_ONLY only the tiles holding an entry with
+    col - row > BAND_LIMIT are written (the others are left as they are), and x may hold
+    only the columns [X_COL0, LC) (its column 0 is column X_COL0; those left of it read as
+    zero; 0 otherwise). HALO >= max(PL,
+    CK - 1 - PL), a power of two >= 16. UNROLL: the unroll factor of the loop over query
+    offsets (1: none)."""
+    if BAND_ONLY:
+        if tl.program_id(2) * BC + BC - 1 - tl.program_id(1) * BR <= BAND_LIMIT:
+            return
+    i_bh = tl.program_id(0).to(tl.int64)
+    c0 = tl.program_id(2) * BC
+    rows = tl.program_id(1) * BR + tl.arange(0, BR)
+    cols = c0 + tl.arange(0, BC)
+    base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj) - X_COL0 * sxj
+    w_head = w + (i_bh % H) * (CQ * CK)
+    SIGN: tl.constexpr = -1 if TRANSPOSE else 1
+    acc = tl.zeros([BR, BC], dtype=out.dtype.element_ty)
+    if not _above_diagonal(ZERO_ABOVE, REACH, BR, BC):
+        for a in tl.range(CQ, loop_unroll_factor=UNROLL):
+            # three column chunks of the input at the offset's rows, starting at c0 + off for
+            # off = -HALO, 0, BC; the tap of input column c0 + off + u for output column
+            # c0 + m is PL + off + u - m (conv) or PL - off - (u - m) (transpose)
+            x_left, x_main, x_right = _chunks(base, _source_rows(rows, a, CQ, TRANSPOSE), c0, sxi, sxj, R, LC,
+                                              ZERO_ABOVE, X_COL0, HALO, BC)
+            w_a = w_head + a * CK
+            acc += tl.dot(x_left, _toeplitz(w_a, PL + SIGN * -HALO, SIGN, CK, HALO, BC), input_precision=PREC)
+            acc += tl.dot(x_main, _toeplitz(w_a, PL, SIGN, CK, BC, BC), input_precision=PREC)
+            acc += tl.dot(x_right, _toeplitz(w_a, PL + SIGN * BC, SIGN, CK, HALO, BC), input_precision=PREC)
+    if MASK_OUT:
+        acc = tl.where(cols[None, :] - rows[:, None] > ZERO_ABOVE, 0.0, acc)
+    ok = (rows[:, None] < R) & (cols[None, :] < LC)
+    tl.store(out + (i_bh * R + rows[:, None]) * LC + cols[None, :], acc, mask=ok)
+
+
+@triton.jit
+def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi, sxj, H, R, LC,
+                               ZERO_ABOVE, G_LO, G_HI, n_col_groups,
+                               CQ: tl.constexpr, CK: tl.constexpr, CKP: tl.constexpr, PL: tl.constexpr,
+                               HALO: tl.constexpr, BR: tl.constexpr, TILES: tl.constexpr,
+                               PREC: tl.constexpr, UNROLL: tl.constexpr):
+    """partial (B * H, CQ, n_row_tiles * n_col_groups, CK), zero-filled: program
+    (i_bh, a, row tile * n_col_groups + group) writes the share of dw[a, t] =
+    sum g[i, j] x[i + a - (CQ-1), j + t - PL] of its rows and TILES column tiles; the host
+    sums it in a fixed order. Only rows G_LO <= i < G_HI of g count, and g and x are read as
+    zero where j - i > ZERO_ABOVE (tiles where g is zero are skipped). Column tiles are BC = 2 * HALO wide,
+    so that a tile's input window, HALO columns on either side, is 4 * HALO (a power of two)
+    wide. CKP: CK rounded up to a power of two. UNROLL: the unroll factor of the loop over
+    column tiles (1: none)."""
+    BC: tl.constexpr = 2 * HALO
+    KW: tl.constexpr = 2 * BC
+    i_bh = tl.program_id(0).to(tl.int64)
+    a = tl.program_id(1)
+    r0 = (tl.program_id(2) // n_col_groups) * BR
+    first_tile = (tl.program_id(2) % n_col_groups) * TILES
+    dst = partial + ((i_bh * CQ + a) * tl.num_programs(2) + tl.program_id(2)) * CK
+    if (r0 + BR <= G_LO) | (r0 >= G_HI):
+        return
+    rows = r0 + tl.arange(0, BR)
+    g_rows = tl.where((rows >= G_LO) & (rows < G_HI), rows, -1)   # -1 reads as zero
+    src = rows + (a - (CQ - 1))
+    window = tl.arange(0, KW) - HALO
+    g_base = g + _tile(i_bh, H, sgb, sgh, sgi, sgj)
+    x_base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj)
+    # M[j, u] = sum_i g[i, c0 + j] x[src_i, c0 - HALO + u], summed over this program's column
+    # tiles (the same relative geometry in every tile)
+    m = tl.zeros([BC, KW], dtype=partial.dtype.element_ty)
+    end_tile = tl.minimum(tl.minimum(tl.cdiv(LC, BC), (r0 + BR - 1 + ZERO_ABOVE) // BC + 1), first_tile + TILES)
+    if first_tile >= end_tile:
+        return
+    for i_c in tl.range(first_tile, end_tile, loop_unroll_factor=UNROLL):
+        c0 = i_c * BC
+        g_tile = _shifted(g_base, g_rows, c0 + tl.arange(0, BC), sgi, sgj, R, LC, ZERO_ABOVE)
+        x_tile = _shifted(x_base, src, c0 + window, sxi, sxj, R, LC, ZERO_ABOVE)
+        m += tl.dot(tl.trans(g_tile), x_tile, input_precision=PREC)
+    # gradient column c0 + j pairs with input column c0 + j + t - PL, that is u = j + t - PL + HALO:
+    # dw[t] sums M along that diagonal (u stays inside the window for t < CK since HALO covers
+    # the taps; the padding taps t >= CK are clamped and not stored)
+    t = tl.arange(0, CKP)
+    u = tl.minimum(tl.arange(0, BC)[:, None] + t[None, :] + (HALO - PL), KW - 1)
+    tl.store(dst + t, tl.sum(tl.gather(m, u, axis=1), axis=0), mask=t < CK)

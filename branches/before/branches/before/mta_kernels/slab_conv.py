@@ -1,0 +1,170 @@
+"""Host side of conv_kernels.py: drop-in replacements for mta_reference's key-query conv and
+its gradients (same leading arguments), for slabs of materialized scores (B, H, R, L).
+
+Common keyword arguments:
+  zero_above: an int Z; the inputs (x and the gradient) are read as zero wherever
+      col - row > Z (a causal slab of rows lo.. has Z = lo), and tiles that would read only
+      there are skipped. None: no such structure.
+  precision: tl.dot input precision for fp32 slabs, "tf32" or "ieee" (fp64 is always exact).
+"""
+import torch
+import triton
+
+from mta_reference.validate import left_pad
+
+from .conv_kernels import kq_conv_kernel, kq_conv_weight_grad_kernel
+from .forward import _next_pow2
+
+# zero_above=None: no zero structure (any value beyond every column offset would do)
+_NO_ZEROS = 2 ** 30
+
+
+def row_kernel_zero_above(zero_above):
+    """ZERO_ABOVE for the row kernels of the slab softmax and mixes: _NO_ZEROS for None; a
+    negative value is refused (every row of a causal slab keeps its first key)."""
+    if zero_above is None:
+        return _NO_ZEROS
+    if zero_above < 0:
+        raise ValueError(f"zero_above must be >= 0 (every row keeps its first key), got {zero_above}")
+    return zero_above
+
+# Launch configurations: the largest tile [BR, BC], column tiles per weight-gradient program,
+# and Triton's options. H200, one causal slab of 302 x 4096, 16 heads, fp32 (scripts/tune.py
+# slabconv). At 1b475ba, after the loads were vectorized (notes/tune_slabconv_h200_1b475ba.log,
+# two runs): conv 0.142 / 0.132 ms and its input gradient 0.149 / 0.137 at 64x32 with 4 warps
+# and 1 stage (64x64 0.162-0.164 / 0.157-0.181, 128x32 0.171-0.179 / 0.160-0.169, 128x64 with
+# 8 warps 0.189-0.240, 128x16 0.196-0.203); weight gradient 0.209-0.210 ms at 32 rows, 16 tiles
+# per program, 4 warps, 1 stage (64 rows 0.230-0.235, with 2 stages 0.209-0.211, 8 tiles
+# 0.246-0.247, 128 rows with 8 warps 0.311-0.312). Before that, with 4-byte loads, 64x64 was
+# best (0.197 / 0.210 ms, notes/tune_slabconv_h200_c96e620.log). Toeplitz matrices built on the
+# host and loaded per tile were slower both times (0892a2f: 0.295 ms; branch
+# exp/conv-toeplitz-table, contiguous 16-byte loads: 0.266 against 0.164 ms at 64x64).
+# At b78801e (notes/tune_slabconv_h200_b78801e.log) unrolling the loop over query offsets
+# fully (unroll = CQ, 6 here) took the 64x32 conv to 0.129 ms (0.128 input gradient) against
+# 0.142 (0.149) rolled; unroll 2 or 3 0.18, 2 stages 0.157; on the whole path full MTA at
+# L=4096 5.62 / 18.61 ms forward / backward against 6.07 / 19.55 rolled.
+CONV_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=1, unroll="full")
+# (the weight gradient's column tiles are 2 * halo wide: 32 for the paper's convs)
+# At 2e57d89 (notes/tune_slabconv_h200_maxnreg_2e57d89.log) the weight gradient took 0.154 ms
+# at 64 rows capped at 96 registers against 0.165 at 32 rows (the conv itself gained nothing
+# from a cap: 0.131 at 96, 0.149 at 80, against 0.129); on the whole path at be43e22, full
+# MTA's backward 17.22 against 17.49 ms at L=4096 (4.96 against 5.03 at L=2048), one call.
+WEIGHT_GRAD_CONFIG = dict(BR=64, num_warps=4, num_stages=1, TILES=16, maxnreg=96)
+
+
+def _blocks(R, LC, config):
+    """Tile [BR, BC] (each 16..config's, for tl.dot), the row/col tile counts of a (R, LC)
+    plane, and the launch options."""
+    BR = min(config["BR"], max(16, _next_pow2(R)))
+    BC = min(config["BC"], max(16, _next_pow2(LC)))
+    return BR, BC, triton.cdiv(R, BR), triton.cdiv(LC, BC), _launch_options(config)
+
+
+def _launch_options(config):
+    """Triton's launch options in a config: warps, stages and, if given, a register cap
+    (maxnreg: more programs per SM, or spills)."""
+    options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if config.get("maxnreg"):
+        options["maxnreg"] = config["maxnreg"]
+    return options
+
+
+# "full" unrolls the conv kernel's loop over query offsets up to this many: compiled for
+# sm_90a, a 12x35 conv's input-gradient kernel spills 1304 B unrolled (104 B rolled), 8x35 none.
+MAX_FULL_UNROLL = 8
+
+
+def _unroll(cq, config):
+    """The conv kernel's unroll factor for its loop over the cq query offsets: config's
+    'unroll' (default 1), "full" meaning cq up to MAX_FULL_UNROLL and 1 beyond."""
+    unroll = config.get("unroll", 1)
+    if unroll == "full":
+        return cq if cq <= MAX_FULL_UNROLL else 1
+    return unroll
+
+
+def _halo(ck, pl):
+    """Key columns read beside a tile: a power of two >= 16 covering the taps on both sides."""
+    return max(16, _next_pow2(max(pl, ck - 1 - pl)))
+
+
+def _prec(x, precision):
+    return "ieee" if x.dtype == torch.float64 else precision
+
+
+def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None, band=False, x_col0=0):
+    B, H, R, _ = x.shape
+    LC = x_col0 + x.shape[-1]
+    _, cq, ck = w.shape
+    pl = left_pad(ck, pad_key)
+    out = torch.empty(B, H, R, LC, device=x.device, dtype=x.dtype) if out is None else out
+    if out.numel() == 0:
+        return out
+    BR, BC, n_r, n_c, options = _blocks(R, LC, CONV_CONFIG)
+    # how far toward the diagonal (column minus row) a tap reads
+    reach = (cq - 1) + (ck - 1 - pl) if transpose else pl
+    zeros = _NO_ZEROS if zero_above is None else zero_above
+    kq_conv_kernel[(B * H, n_r, n_c)](
+        x, w.to(x.dtype).contiguous(), out, *x.stride(), H, R, LC, zeros, reach,
+        zeros - (cq - 1) - (ck - 1 - pl), x_col0,
+        CQ=cq, CK=ck, PL=pl, TRANSPOSE=transpose, MASK_OUT=mask_output and zero_above is not None,
+        BAND_ONLY=band, HALO=_halo(ck, pl), BR=BR, BC=BC, PREC=_prec(x, precision),
+        UNROLL=_unroll(cq, CONV_CONFIG), **options)
+    return out
+
+
+def key_query_conv(x: torch.Tensor, w: torch.Tensor, pad_key: str, zero_above=None,
+                   mask_output=False, precision="ieee", out=None, band=False, x_col0=0) -> torch.Tensor:
+    """out[b, h, i, j] = sum_{a,t} w[h, a, t] x[b, h, i + a - (cq-1), j + t - pL]; x (B, H, R, L),
+    w (H, cq, ck); zero outside x. Returns (B, H, R, L) in x's dtype (``out`` if given, which
+    must be contiguous); with mask_output also zero where j - i > zero_above. band=True (with
+    zero_above and ``out``): only the tiles holding an entry whose conv window reaches above
+    that diagonal, j - i > zero_above - (cq-1) - (ck-1-pL), are written (pre_conv_matmul.py
+    makes the others), and x may hold only the slab's columns from x_col0 on (at most
+    band_first_column(...), the first that those tiles read)."""
+    if band and (zero_above is None or out is None):
+        raise ValueError("band=True needs zero_above and out")
+    if x_col0 and not (band and x_col0 <= band_first_column(zero_above, w.shape[1], w.shape[2], pad_key)):
+        raise ValueError("x_col0 > 0 needs band=True and at most band_first_column(...)")
+    return _conv(x, w, pad_key, False, zero_above, mask_output, precision, out=out, band=band, x_col0=x_col0)
+
+
+def band_first_column(zero_above: int, cq: int, ck: int, pad_key: str) -> int:
+    """The first slab column that key_query_conv(..., band=True) reads (0 or more): its tiles
+    (CONV_CONFIG's [BR, BC] at row 0 or below) hold an entry with j - i > zero_above - (cq-1) -
+    (ck-1-pL), so none starts left of zero_above - (cq-1) - (ck-1-pL) - BC + 1, and each
+    reads a halo left of its first column. Rounded down to a multiple of 16."""
+    pl = left_pad(ck, pad_key)
+    first = zero_above - (cq - 1) - (ck - 1 - pl) - CONV_CONFIG["BC"] + 1 - _halo(ck, pl)
+    return max(0, first // 16 * 16)
+
+
+def key_query_conv_input_grad(grad: torch.Tensor, w: torch.Tensor, pad_key: str, zero_above=None,
+                              mask_output=False, precision="ieee") -> torch.Tensor:
+    """Gradient of key_query_conv with respect to x: the transposed conv of grad (B, H, R, L)."""
+    return _conv(grad, w, pad_key, True, zero_above, mask_output, precision)
+
+
+def key_query_conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, pad_key: str,
+                               zero_above=None, rows=None, precision="ieee") -> torch.Tensor:
+    """Gradient of key_query_conv(x, w) with respect to w: (H, cq, ck) in grad's dtype, summed
+    over batch and positions in a fixed order (deterministic). rows=(lo, hi): only grad's rows
+    lo..hi-1 count (the others are read as zero)."""
+    B, H, R, LC = x.shape
+    _, cq, ck = w.shape
+    if x.numel() == 0:
+        return torch.zeros(H, cq, ck, device=x.device, dtype=grad.dtype)
+    pl = left_pad(ck, pad_key)
+    halo = _halo(ck, pl)
+    cfg = WEIGHT_GRAD_CONFIG
+    BR = min(cfg["BR"], max(16, _next_pow2(R)))
+    n_r, n_c = triton.cdiv(R, BR), triton.cdiv(LC, 2 * halo)   # column tiles of 2 * halo (the kernel's)
+    n_groups = triton.cdiv(n_c, cfg["TILES"])
+    g_lo, g_hi = rows or (0, R)
+    partial = torch.zeros(B * H, cq, n_r * n_groups, ck, device=x.device, dtype=grad.dtype)
+    kq_conv_weight_grad_kernel[(B * H, cq, n_r * n_groups)](
+        grad, x, partial, *grad.stride(), *x.stride(), H, R, LC,
+        _NO_ZEROS if zero_above is None else zero_above, g_lo, g_hi, n_groups,
+        CQ=cq, CK=ck, CKP=_next_pow2(ck), PL=pl, HALO=halo, BR=BR, TILES=cfg["TILES"],
+        PREC=_prec(grad, precision), UNROLL=cfg.get("unroll", 1), **_launch_options(cfg))
+    return partial.view(B, H, cq, n_r * n_groups, ck).sum((0, 3))

@@ -1,0 +1,81 @@
+"""The post-softmax head mix of a slab as one Triton kernel that can write a 16-bit result.
+
+The row-chunked paths (slabs.slab_forward) mix slabs (B, H, R, K) of one batch element:
+out[o] = sum_c w[g, o, c] x[c] within each group g of ch heads. As a batched matmul that
+read and wrote fp32 slabs (about 0.24 ms per 1365-row chunk at L=4096 on the H200), and the
+product with V then read the fp32 result again. Here a program holds one row of every head
+of a group, mixes a block of keys per tl.dot ([heads, heads] x [heads, keys]), skips the
+keys a causal slab holds as zero, and writes the result in the dtype asked for: q's 16-bit
+dtype in the forward, so that A V runs on 16-bit tensor cores, as flash attention rounds P
+before P V.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .forward import _next_pow2
+from .slab_conv import row_kernel_zero_above
+
+# key block of about this many elements (heads x keys), and the warps
+MIX_CONFIG = dict(elements=2048, num_warps=4)
+
+
+@triton.jit
+def group_row_program(H, R, CH: tl.constexpr, CHP: tl.constexpr):
+    """(b, g, i, hh, head_ok) of this program where a program holds row i of the CH heads of
+    group g in batch element b of (B, H, R, K) slabs (the grid is B * H / CH * R programs):
+    hh = arange(CHP), the heads g * CH + hh, head_ok where hh < CH (CHP: CH padded)."""
+    n = tl.program_id(0)
+    G = H // CH
+    bg, i = n // R, n % R
+    hh = tl.arange(0, CHP)
+    return bg // G, bg % G, i, hh, hh < CH
+
+
+@triton.jit
+def group_row(ptr, b, g, i, hh, sb, sh, si, CH: tl.constexpr):
+    """[CHP, 1] pointers to row i of heads g * CH + hh of batch element b in a (B, H, R, K)
+    tensor with strides (sb, sh, si, .)."""
+    heads = (g * CH + hh)[:, None].to(tl.int64)
+    return ptr + b.to(tl.int64) * sb + heads * sh + i.to(tl.int64) * si
+
+
+@triton.jit
+def mix_rows_kernel(x, w, out, sxb, sxh, sxi, sxj, sob, soh, soi, soj, H, R, K, ZERO_ABOVE,
+                    CH: tl.constexpr, CHP: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
+    """out (B, H, R, K) = the head mix of x (B, H, R, K) with w (G, CH, CH): out[o] = sum_c
+    w[g, o, c] x[c] within group g, x taken as zero where col - row > ZERO_ABOVE; any strides,
+    out in its own dtype. One program per (batch, group, row); CHP: CH rounded up to a power
+    of two >= 16."""
+    b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
+    src = group_row(x, b, g, i, hh, sxb, sxh, sxi, CH)
+    dst = group_row(out, b, g, i, hh, sob, soh, soi, CH)
+    w_ok = head_ok[:, None] & head_ok[None, :]
+    w_g = tl.load(w + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0).to(x.dtype.element_ty)
+    end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [end, K) are zero
+    cols = tl.arange(0, BLOCK)
+    for c0 in range(0, K, BLOCK):
+        c = c0 + cols
+        block = tl.load(src + c[None, :] * sxj, mask=head_ok[:, None] & (c[None, :] < end), other=0.0)
+        mixed = tl.dot(w_g, block, input_precision=PREC)
+        tl.store(dst + c[None, :] * soj, mixed.to(out.dtype.element_ty), mask=head_ok[:, None] & (c[None, :] < K))
+
+
+def mix_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, precision="ieee", out_dtype=None):
+    """The head mix of x, ``mta_reference.mix_heads(x, w)``, as a new tensor of ``out_dtype``
+    (default x's): x (B, H, R, K), w (G, ch, ch) with H = G * ch; entries of x where
+    col - row > zero_above are taken as zero (None: all are read). precision: tl.dot's for
+    fp32 slabs ("tf32" or "ieee"; fp64 is exact). Returns (B, H, R, K)."""
+    B, H, R, K = x.shape
+    G, ch, _ = w.shape
+    zeros = row_kernel_zero_above(zero_above)
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype)
+    if x.numel() == 0:
+        return out
+    chp = max(16, _next_pow2(ch))
+    block = min(max(16, MIX_CONFIG["elements"] // chp), max(16, _next_pow2(K)))
+    mix_rows_kernel[(B * G * R,)](
+        x, w.to(x.dtype).contiguous(), out, *x.stride(), *out.stride(), H, R, K, zeros,
+        CH=ch, CHP=chp, BLOCK=block, PREC="ieee" if x.dtype == torch.float64 else precision,
+        num_warps=MIX_CONFIG["num_warps"])
+    return out

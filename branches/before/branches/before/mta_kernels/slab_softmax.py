@@ -1,0 +1,164 @@
+"""The softmax over the keys of a slab of logits, in place, with the causal mask built in.
+
+The row-chunked paths (slabs.slab_forward) normalise slabs of pre-mixed logits (B, H, R, K):
+rows lo.. of one batch element, keys 0..K-1. In PyTorch that took a masking pass, a max, a
+subtraction, an exp, a sum and a division, each a pass over the slab (2.5 of the 9.5 ms of
+full MTA's forward at L=4096 on the H200). Here one program per row reads the row's
+unmasked part twice (online max and sum, then the normalised values) and writes it once,
+zero on the future, and can return the row's log-sum-exp.
+
+With head mixing before the softmax, mix_softmax_rows does both in one kernel: a program
+holds one row of every head of a mixing group and mixes each block of keys as it reads it
+(a [heads, heads] x [heads, keys] tl.dot), so the mixed logits never go to memory (a
+batched matmul over the slab wrote and re-read them: about 0.18 ms per 1365-row chunk at
+L=4096 on the H200).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .forward import _next_pow2
+from .slab_conv import row_kernel_zero_above
+from .slab_mix import group_row, group_row_program
+
+
+@triton.jit
+def softmax_rows_kernel(x, lse, sb, sh, si, sj, H, R, K, ZERO_ABOVE,
+                        WRITE_LSE: tl.constexpr, BLOCK: tl.constexpr):
+    """x (B, H, R, K), any strides, overwritten row by row with softmax(x) over its last dim,
+    where entries with col - row > ZERO_ABOVE count as -inf (and are written as zero);
+    with WRITE_LSE, lse (B, H, R) contiguous gets each row's log-sum-exp. One program per
+    row; every row must keep column 0 (ZERO_ABOVE >= 0)."""
+    n = tl.program_id(0)
+    bh, i = n // R, n % R
+    row = x + (bh // H).to(tl.int64) * sb + (bh % H).to(tl.int64) * sh + i.to(tl.int64) * si
+    end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
+    cols = tl.arange(0, BLOCK)
+    # online max and sum over the unmasked columns
+    v = tl.load(row + cols * sj, mask=cols < end, other=float("-inf"))
+    row_max = tl.max(v, axis=0)
+    row_sum = tl.sum(tl.exp(v - row_max), axis=0)
+    for c0 in range(BLOCK, end, BLOCK):
+        v = tl.load(row + (c0 + cols) * sj, mask=c0 + cols < end, other=float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(v, axis=0))
+        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(v - new_max), axis=0)
+        row_max = new_max
+    inv_sum = 1.0 / row_sum
+    for c0 in range(0, K, BLOCK):
+        v = tl.load(row + (c0 + cols) * sj, mask=c0 + cols < end, other=float("-inf"))
+        tl.store(row + (c0 + cols) * sj, tl.exp(v - row_max) * inv_sum, mask=c0 + cols < K)
+    if WRITE_LSE:
+        tl.store(lse + n, row_max + tl.log(row_sum))
+
+
+def softmax_rows_(x: torch.Tensor, zero_above=None, want_lse=False):
+    """Softmax of x (B, H, R, K) over its last dim, written over x, with entries where
+    col - row > zero_above (a causal slab of rows lo.. has zero_above = lo) taken as -inf and
+    written as zero; None: no mask. Returns (x, lse (B, H, R) in x's dtype or None)."""
+    B, H, R, K = x.shape
+    zeros = row_kernel_zero_above(zero_above)
+    lse = torch.empty(B, H, R, device=x.device, dtype=x.dtype) if want_lse else None
+    if x.numel() == 0:
+        return x, lse
+    block = min(2048, max(16, _next_pow2(K)))
+    softmax_rows_kernel[(B * H * R,)](
+        x, lse if want_lse else x, *x.stride(), H, R, K, zeros,
+        WRITE_LSE=want_lse, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    return x, lse
+
+
+# mix_softmax_rows' key block holds about this many elements (heads x keys), and its warps.
+# H200, one 1365-row chunk of 16 heads by 2736 keys (scripts/tune.py mixsoftmax,
+# notes/tune_mixsoftmax_h200_be43e22.log): 2048 / 4 warps 0.213 ms, 4096 / 4 0.226,
+# 8192 / 8 0.303, 16384 / 8 0.340; the batched-matmul mix and slab softmax 0.384.
+MIX_SOFTMAX_CONFIG = dict(elements=2048, num_warps=4)
+
+
+@triton.jit
+def _mixed_block(src, w_g, cols, end, head_ok, sj, PREC: tl.constexpr):
+    """[CHP, BLOCK] mixed logits sum_c w_g[o, c] x[c, cols] of one row in w_g's dtype, -inf at
+    cols >= end."""
+    x = tl.load(src + cols[None, :] * sj, mask=head_ok[:, None] & (cols[None, :] < end), other=0.0).to(w_g.dtype)
+    m = tl.dot(w_g, x, input_precision=PREC)
+    return tl.where(cols[None, :] < end, m, float("-inf"))
+
+
+@triton.jit
+def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, soj, slb, slh,
+                            H, R, K, ZERO_ABOVE, CH: tl.constexpr, CHP: tl.constexpr, WRITE_LSE: tl.constexpr,
+                            POST_MIX: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
+    """out (B, H, R, K) = softmax over keys of the head mix of x (B, H, R, K) with w (G, CH, CH)
+    (out[o] = sum_c w[g, o, c] x[c] within group g), entries with col - row > ZERO_ABOVE taken
+    as -inf and written as zero; out may be x (each program reads a block of its rows before
+    it writes it). With POST_MIX, out is that softmax mixed again with w_post (G, CH, CH), in
+    out's dtype. With WRITE_LSE, lse (B, H, R) with strides (slb, slh, 1) gets each row's
+    log-sum-exp (of the first mix's logits). The math runs in w's dtype (fp32 for 16-bit x).
+    One program per (batch, group, row); CHP: CH rounded up to a power of two >= 16."""
+    b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
+    heads = g * CH + hh
+    src = group_row(x, b, g, i, hh, sxb, sxh, sxi, CH)
+    dst = group_row(out, b, g, i, hh, sob, soh, soi, CH)
+    w_ok = head_ok[:, None] & head_ok[None, :]
+    w_g = tl.load(w + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0)
+    if POST_MIX:
+        # zero columns for the padding heads, whose softmax is not zero
+        w_post_g = tl.load(w_post + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0)
+    end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
+    cols = tl.arange(0, BLOCK)
+    # online max and sum per head over the unmasked columns (padding heads mix to zeros)
+    m = _mixed_block(src, w_g, cols, end, head_ok, sxj, PREC)
+    row_max = tl.max(m, axis=1)
+    row_sum = tl.sum(tl.exp(m - row_max[:, None]), axis=1)
+    for c0 in range(BLOCK, end, BLOCK):
+        m = _mixed_block(src, w_g, c0 + cols, end, head_ok, sxj, PREC)
+        new_max = tl.maximum(row_max, tl.max(m, axis=1))
+        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(m - new_max[:, None]), axis=1)
+        row_max = new_max
+    inv_sum = 1.0 / row_sum
+    for c0 in range(0, K, BLOCK):
+        m = _mixed_block(src, w_g, c0 + cols, end, head_ok, sxj, PREC)
+        p = tl.exp(m - row_max[:, None]) * inv_sum[:, None]
+        if POST_MIX:
+            p = tl.dot(w_post_g, p, input_precision=PREC)
+        tl.store(dst + (c0 + cols)[None, :] * soj, p.to(out.dtype.element_ty),
+                 mask=head_ok[:, None] & (c0 + cols[None, :] < K))
+    if WRITE_LSE:
+        tl.store(lse + b.to(tl.int64) * slb + heads.to(tl.int64) * slh + i, row_max + tl.log(row_sum), mask=head_ok)
+
+
+def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse=False, precision="ieee",
+                     out=None, post_mix=None, out_dtype=None, lse_out=None):
+    """softmax(mta_reference.mix_heads(x, w)) over the last dim: x (B, H, R, K), w (G, ch, ch)
+    with H = G * ch, entries where col - row > zero_above taken as -inf and written as zero
+    (None: no mask); with post_mix (G, ch, ch) that softmax mixed again,
+    mix_heads(softmax(...), post_mix), without a slab in between. Written to ``out`` (B, H, R,
+    K), which may be x itself (in place), or a new tensor of ``out_dtype`` (default x's).
+    x may be 16-bit (scores rounded once, as a 16-bit reference rounds them): the mixes, the
+    softmax and the lse then run in fp32. precision: tl.dot's for the mixes of fp32 math
+    ("tf32" or "ieee"; fp64 is exact). Returns (out, lse (B, H, R) in the math's dtype or None);
+    with want_lse, ``lse_out`` (B, H, R) of that dtype with unit stride along R (a view into a
+    longer lse, say) takes the lse instead of a new tensor."""
+    B, H, R, K = x.shape
+    G, ch, _ = w.shape
+    cd = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    if post_mix is not None and post_mix.shape != w.shape:
+        raise ValueError(f"post_mix must have the pre mix's shape {tuple(w.shape)}, got {tuple(post_mix.shape)}")
+    zeros = row_kernel_zero_above(zero_above)
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype) if out is None else out
+    lse = None
+    if want_lse:
+        lse = torch.empty(B, H, R, device=x.device, dtype=cd) if lse_out is None else lse_out
+        if lse.shape != (B, H, R) or lse.dtype != cd or (R > 1 and lse.stride(2) != 1):
+            raise ValueError(f"lse_out must be ({B}, {H}, {R}) of {cd} with unit stride along its last dim, "
+                             f"got {tuple(lse.shape)} of {lse.dtype}, strides {lse.stride()}")
+    if x.numel() == 0:
+        return out, lse
+    chp = max(16, _next_pow2(ch))
+    block = min(max(16, MIX_SOFTMAX_CONFIG["elements"] // chp), max(16, _next_pow2(K)))
+    w_post = w if post_mix is None else post_mix
+    mix_softmax_rows_kernel[(B * G * R,)](
+        x, w.to(cd).contiguous(), w_post.to(cd).contiguous(), out, lse if want_lse else x,
+        *x.stride(), *out.stride(), *(lse.stride()[:2] if want_lse else (0, 0)), H, R, K, zeros,
+        CH=ch, CHP=chp, WRITE_LSE=want_lse, POST_MIX=post_mix is not None, BLOCK=block,
+        PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=MIX_SOFTMAX_CONFIG["num_warps"])
+    return out, lse
