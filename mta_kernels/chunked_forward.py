@@ -27,8 +27,8 @@ import os
 import torch
 
 from .forward import _precision, general_row_programs, uses_register_mixing
-from .slabs import (_matmul_precision, auto_switch_from_env, conv_halos, live_slabs, pre_conv_operands,
-                    rows_per_chunk, slab_forward, slab_inputs, slab_weights)
+from .slabs import (_matmul_precision, auto_switch_from_env, conv_halos, is_talking_heads, live_slabs,
+                    pre_conv_operands, rows_per_chunk, slab_forward, slab_inputs, slab_weights)
 
 
 def _mode_from_env() -> str:
@@ -102,7 +102,6 @@ LIVE_TENSORS = 3
 LIVE_TENSORS_WITHOUT_CONVS = 2
 
 
-
 # Talking heads' scores Q K^T in bf16 for bf16 inputs (rounded once, as the bf16 reference
 # rounds them; the softmax scale goes into the pre mix, whose kernel mixes and normalises in
 # fp32) instead of fp32 copies through TF32: half the slab bytes written and read twice, and a
@@ -114,8 +113,7 @@ BF16_SCORES = os.environ.get("MTA_KERNELS_BF16_SCORES", "1") == "1"
 def bf16_scores(q, pre_conv, pre_mix, post_conv, post_mix) -> bool:
     """Whether the chunked forward makes this call's scores in bf16: talking heads (both mixes,
     of one group size, and no conv) for bf16 inputs, as BF16_SCORES says."""
-    return (BF16_SCORES and q.dtype == torch.bfloat16 and pre_conv is None and post_conv is None
-            and pre_mix is not None and post_mix is not None and pre_mix.shape == post_mix.shape)
+    return BF16_SCORES and q.dtype == torch.bfloat16 and is_talking_heads(pre_conv, pre_mix, post_conv, post_mix)
 
 
 def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key, scale,

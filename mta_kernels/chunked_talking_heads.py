@@ -1,5 +1,5 @@
-"""The row-chunked backward of talking heads (both head mixes, of one group size, no convs),
-from the forward's log-sum-exp.
+"""The row-chunked backward of talking heads (slabs.is_talking_heads: both head mixes, of one
+group size, no convs), from the forward's log-sum-exp.
 
 chunked_backward.py recomputes every intermediate of a chunk's rows and runs the chain back
 one stage per kernel: about 19 passes over (1, H, rows, keys) slabs per chunk. Talking heads
@@ -37,13 +37,6 @@ LIVE_TENSORS = 2
 # H=16, D=128 (scripts/profile_talking_heads.py, notes/thprofile_h200_4fae9fb.log, alternating
 # in one process): backward 3.01 / 3.62 / 3.01 ms against 3.61 / 3.61 / 3.61 with fp32 dA.
 BF16_DA = True
-
-
-def takes_talking_heads_backward(pre_conv, pre_mix, post_conv, post_mix) -> bool:
-    """Whether talking_heads_backward computes this call's gradients: both mixes, of one group
-    size, and no conv."""
-    return (pre_conv is None and post_conv is None and pre_mix is not None and post_mix is not None
-            and pre_mix.shape == post_mix.shape)
 
 
 def _product_into(out, a, b, accumulate):

@@ -36,8 +36,9 @@ from . import backward
 from . import chunked_forward as _chunked
 from .backward import flash_backward
 from .chunked_backward import chunked_backward
-from .chunked_talking_heads import takes_talking_heads_backward, talking_heads_backward
+from .chunked_talking_heads import talking_heads_backward
 from .forward import acc_dtype, mta_forward, uses_register_mixing
+from .slabs import is_talking_heads
 
 
 def _kernel_scale(q: Tensor, scale: float):
@@ -135,7 +136,7 @@ def _backward_grads(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, o
         dq = None if dq is None else _unfold_scale(dq, scale, scale_k)
         return dq, dk, dv, None, d_pre_mix, None, d_post_mix
     if (_chunked.prefer_chunked_talking_heads(q, pre_conv, pre_mix, post_conv, post_mix)
-            and takes_talking_heads_backward(pre_conv, pre_mix, post_conv, post_mix)):
+            and is_talking_heads(pre_conv, pre_mix, post_conv, post_mix)):
         # the forward was chunked_forward's, whose lse (and scores) this backward reuses
         dq, dk, dv, d_pre_mix, d_post_mix = talking_heads_backward(
             grad_out, q, k, v, pre_mix, post_mix, lse, causal=causal, scale=scale, compute_dtype=acc_dtype(q),

@@ -129,6 +129,14 @@ def rows_per_chunk(H, L, itemsize, halo, live, budget=CHUNK_BYTES):
     return max(16, MIN_SLAB_ROWS - halo, -(-L // chunks))
 
 
+def is_talking_heads(pre_conv, pre_mix, post_conv, post_mix) -> bool:
+    """Both head mixes, of one group size, and no conv: the calls whose chunked forward mixes,
+    normalises and mixes again in one kernel, and which have a backward of their own
+    (chunked_talking_heads.py)."""
+    return (pre_conv is None and post_conv is None and pre_mix is not None and post_mix is not None
+            and pre_mix.shape == post_mix.shape)
+
+
 def live_slabs(pre_conv, post_conv, with_convs, without_convs) -> int:
     """Slabs alive at once in a chunk (rows_per_chunk's ``live``): ``with_convs`` for a call with
     a conv (pre_conv or post_conv not None), else ``without_convs``."""
