@@ -28,7 +28,7 @@ import torch
 
 from .forward import _precision, general_row_programs, uses_register_mixing
 from .slabs import (_matmul_precision, auto_switch_from_env, conv_halos, is_talking_heads, live_slabs,
-                    pre_conv_operands, rows_per_chunk, slab_forward, slab_inputs, slab_weights)
+                    pre_conv_operands, repeat_kv_heads, rows_per_chunk, slab_forward, slab_inputs, slab_weights)
 
 
 def _mode_from_env() -> str:
@@ -145,10 +145,7 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
             # heads); without a post mix A is in the slabs' dtype, as vc
             a_in_q_dtype = post_mix is not None and q.dtype != cd
             qc, kc, vc = slab_inputs(q[one], k[one], None if a_in_q_dtype else v[one], q_scale, sd)
-            values = vc
-            if a_in_q_dtype:
-                rep = H // v.shape[1]
-                values = v[one].repeat_interleave(rep, dim=1) if rep > 1 else v[one]
+            values = repeat_kv_heads(v[one], H) if a_in_q_dtype else vc
             operands = pre_conv_operands(q[one], k[one], weights[0], pad_key, scale)
             for r0 in range(0, L, R):
                 r1 = min(L, r0 + R)

@@ -25,7 +25,8 @@ from .chunked_forward import bf16_scores
 from .forward import _precision
 from .slab_mix_backward import talking_heads_backward_rows
 from .slab_softmax import mix_softmax_rows
-from .slabs import _matmul_precision, mix_precision, rows_per_chunk, slab_keys, slab_weights
+from .slabs import (_matmul_precision, mix_precision, repeat_kv_heads, rows_per_chunk, slab_inputs, slab_keys,
+                    slab_weights)
 
 # (1, H, rows, K) slabs of fp32 alive at once: S and A, then S and dA (dS over it, or beside it
 # when dA is bf16). H200, L=4096, bf16 (notes/thchunks2_h200_efb9e19.log): the backward took
@@ -75,7 +76,6 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
     w_pre, w_post = slab_weights((pre_mix, post_mix), cd)
     w_pre = w_pre * scale if scores16 else w_pre
     R = rows or rows_per_chunk(H, L, cd.itemsize, 0, live=LIVE_TENSORS)
-    repeat = lambda x: x.repeat_interleave(rep, dim=1) if rep > 1 else x
 
     dq = torch.empty(B, H, L, D, device=q.device, dtype=cd) if need_q else None
     dk, dv = (torch.zeros(B, H, L, D, device=q.device, dtype=cd) if need else None for need in (need_k, need_v))
@@ -86,13 +86,12 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
     with _matmul_precision(q):
         for b in range(B):
             one = slice(b, b + 1)
-            qs = q[one].to(sd)
-            qs = qs * q_scale if q_scale != 1 else qs
-            ks = repeat(k[one].to(sd))
+            qs, ks, _ = slab_inputs(q[one], k[one], None, q_scale, sd)
             # the matmuls' operands: dS is the gradient of qs K^T, so dk takes qs
-            q_m, k_m = (qs, ks) if sd == md else (q[one].to(md), repeat(k[one].to(md)))
+            q_m, k_m = (qs, ks) if sd == md else slab_inputs(q[one], k[one], None, 1.0, md)[:2]
             dout = grad_out[one].to(md)
-            da_lhs, da_rhs = (grad_out[one], repeat(v[one])) if da16 else (dout, repeat(v[one].to(cd)))
+            da_lhs = grad_out[one] if da16 else dout
+            da_rhs = repeat_kv_heads(v[one] if da16 else v[one].to(cd), H)
             element = [None if x is None else x[one] for x in dw_rows]
             for r0 in range(0, L, R):
                 r1 = min(L, r0 + R)

@@ -161,16 +161,22 @@ def slab_keys(hi, L, causal):
     return min(L, -(-hi // KEY_ALIGN) * KEY_ALIGN) if causal else L
 
 
+def repeat_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """x (B, Hkv, L, D) with each kv head repeated for the heads // Hkv query heads that share it
+    (x itself without GQA)."""
+    rep = heads // x.shape[1]
+    return x.repeat_interleave(rep, dim=1) if rep > 1 else x
+
+
 def slab_inputs(q, k, v, scale, compute_dtype):
     """q times the softmax scale (so that no slab is scaled), k and v, in compute_dtype with the
     kv heads repeated to q's heads: made once per batch element, read by every chunk (q, k, v
     themselves where nothing changes them). v may be None (the chunked forward's A V in q's
     dtype reads v itself): then vc is None."""
-    rep = q.shape[1] // k.shape[1]
-    repeat = lambda x: x.repeat_interleave(rep, dim=1) if rep > 1 else x
-    qc, kc = q.to(compute_dtype), repeat(k.to(compute_dtype))
+    H = q.shape[1]
+    qc, kc = q.to(compute_dtype), repeat_kv_heads(k.to(compute_dtype), H)
     qc = qc * scale if scale != 1 else qc
-    return qc, kc, None if v is None else repeat(v.to(compute_dtype))
+    return qc, kc, None if v is None else repeat_kv_heads(v.to(compute_dtype), H)
 
 
 def slab_weights(weights, compute_dtype):
