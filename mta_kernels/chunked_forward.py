@@ -53,9 +53,13 @@ CHUNKED_BELOW_SMS = 8
 # chunked paths were bound by their host time until 73b356f trimmed their launches per chunk
 # (notes/hostab_h200_73b356f.log, one process, three rounds): forward 1.18-1.24 ms against
 # 1.59, fwd+bwd 5.98 / 6.21 against 8.33 (a first round 8.83, its spread 7.3-10.4 ms). At
-# L=2048 the register kernels' fwd+bwd is faster (2.47 against 3.9 ms, 1ef2392).
+# L=2048 the register kernels' fwd+bwd was faster (2.47 against 3.9 ms, 1ef2392) until talking
+# heads got their own chunked backward (chunked_talking_heads.py): at 2cb71b1, in bench
+# processes of their own, two rounds (notes/thswitch_h200_2cb71b1.log), chunked against
+# register fwd+bwd 2.35 / 2.03 against 2.49 / 2.48 ms at L=2048 (forward 0.56 / 0.30 against
+# 0.49 / 0.50, host-bound), but 2.28 / 2.38 against 1.88 / 1.63 at L=1024.
 CHUNKED_TALKING_HEADS = auto_switch_from_env("MTA_KERNELS_CHUNKED_TALKING_HEADS")
-CHUNKED_TALKING_HEADS_FROM = 4096
+CHUNKED_TALKING_HEADS_FROM = 2048
 CHUNKED_TALKING_HEADS_UP_TO = 16384
 
 

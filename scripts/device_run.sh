@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -35,12 +35,12 @@ full_ab_trees() {
   done
 }
 
-# talking heads at L=4096 in bench processes of their own with the chunked paths off (0) and
-# auto, alternating over $1 rounds
+# talking heads in bench processes of their own with the chunked paths off (0) and ${3:-auto},
+# alternating over $1 rounds, at the lengths $2 (default 4096)
 talking_heads_switch_ab() {
   for round in $(seq "$1"); do
-    for mode in 0 auto; do
-      MTA_KERNELS_CHUNKED_TALKING_HEADS=$mode timeout 60 python3 -m bench --shapes sweep --lengths 4096 \
+    for mode in 0 ${3:-auto}; do
+      MTA_KERNELS_CHUNKED_TALKING_HEADS=$mode timeout 60 python3 -m bench --shapes sweep --lengths ${2:-4096} \
         --ops talking_heads --modes fwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
         | grep -E "^\[" | sed "s|^|chunked_talking_heads=$mode |" | tee -a "$OUT/thab.log"
     done
@@ -403,6 +403,10 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 260 python3 -m pytest tests/test_backward.py tests/test_forward.py -x -q -rA -s --tb=short \
                -k "$SLAB_GPU_TESTS or talking_heads or post_mix or fused_mix" \
                2>&1 | tee "$OUT/tests.log" | grep -E "GiB|FAIL|Error|passed|failed" ;;
+    session16a) # talking heads below L=4096, register kernels (0) against the chunked paths (1), two rounds;
+             # then the final tree's GPU-marked tests (session14a)
+             talking_heads_switch_ab 2 1024,2048 1
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;&
     session14a) # the final tree's GPU-marked tests (forward first: full MTA through band-scores had not
              # run against the reference on the GPU), then the chunked backward's needs test
              timeout 270 python3 -m pytest tests/test_forward.py -m gpu -q -rfE -s --tb=short --durations=8 \

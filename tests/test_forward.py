@@ -394,10 +394,10 @@ def test_talking_heads_path_choice(device, monkeypatch):
         return chunked.prefer_chunked_talking_heads(q, pre_conv, pre_mix, None, post_mix, on_cuda)
 
     monkeypatch.setattr(chunked, "CHUNKED_TALKING_HEADS", "auto")
-    assert chosen(4096) and chosen(8192) and chosen(16384) and chosen(8192, post_mix=None)
-    assert not chosen(2048) and not chosen(32768) and not chosen(8192, on_cuda=False) and not chosen(8192, D=256)
+    assert chosen(2048) and chosen(4096) and chosen(16384) and chosen(8192, post_mix=None)
+    assert not chosen(1024) and not chosen(32768) and not chosen(8192, on_cuda=False) and not chosen(8192, D=256)
     # fp32 heads wider than 32 do not fit the register kernels' shared memory: chunked at any length
-    assert chosen(2048, D=64, dtype=torch.float32) and not chosen(2048, D=32, dtype=torch.float32)
+    assert chosen(1024, D=64, dtype=torch.float32) and not chosen(1024, D=32, dtype=torch.float32)
     assert not chosen(4096, pre_conv=conv) and not chosen(4096, pre_mix=pairs, post_mix=None)
     monkeypatch.setattr(chunked, "CHUNKED_TALKING_HEADS", "1")
     assert chosen(64, on_cuda=False) and not chosen(64, pre_conv=conv)
