@@ -4,7 +4,7 @@
 ``mta_kernels::mta_bwd`` returns the seven gradients. Without MTA parts the backward is a
 fused flash-attention backward (O(L) memory, deterministic); with head mixing alone
 (talking heads, D <= 128 in 16 bits, 32 in fp32) a fused mixing backward
-(``backward.FUSED_MIX_BACKWARD``, on by default), or for L = 4096 .. 16384 on CUDA the
+(``backward.FUSED_MIX_BACKWARD``, on by default), or for L = 2048 .. 16384 on CUDA the
 row-chunked one of ``chunked_talking_heads``, which is faster there and reuses the chunked
 forward's lse (``chunked_forward.prefer_chunked_talking_heads``).
 With convs it is interim until fused conv backward kernels land:
