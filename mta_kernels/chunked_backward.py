@@ -24,8 +24,9 @@ import torch
 from .forward import _precision
 from .slab_conv import key_query_conv_input_grad, key_query_conv_weight_grad
 from .slab_mix_backward import mix_backward_rows
-from .slabs import (_matmul_precision, conv_halos, live_slabs, mix_precision, pre_conv_operands, rows_per_chunk,
-                    slab_forward, slab_inputs, slab_weights)
+from .chunked_forward import slab_dtype, slab_weights_and_scale
+from .slabs import (_matmul_precision, conv_halos, live_slabs, matmul_into, mix_precision, pre_conv_operands,
+                    rows_per_chunk, slab_forward, slab_inputs)
 
 # (1, H, rows, L) slabs alive at once in a chunk (the chunk height's divisor): the chain frees
 # each slab after its last use, so at most five (the forward's s0, c, probs, a1, a; then
@@ -48,11 +49,13 @@ PRE_CONV_MATMUL_IN_BACKWARD = True
 
 
 def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,
-                     scale, compute_dtype=torch.float32, rows=None, needs=(True,) * 7):
+                     scale, compute_dtype=torch.float32, rows=None, needs=(True,) * 7, slabs_dtype=None):
     """Gradients (dq, dk, dv, d_pre_conv, d_pre_mix, d_post_conv, d_post_mix) of MTA, each in its
     input's dtype (None for absent weights and where ``needs``, seven bools in that order, is
     False: no work is spent on those, e.g. no weight-gradient kernels for frozen weights).
-    Shapes as ``mta_reference.mta_attention``; ``rows`` overrides the chunk height (for tests).
+    Shapes as ``mta_reference.mta_attention``; ``rows`` overrides the chunk height (for tests),
+    ``slabs_dtype`` the slabs' dtype (chunked_forward.slab_dtype by default: bf16 for bf16
+    inputs on CUDA, the matmuls into dq, dk, dv then on bf16 operands with fp32 results).
 
     The batch elements go one after another, each in chunks as tall as the budget allows for
     one element: sharing the budget across the batch made the chunks B times shorter (73 rows
@@ -70,12 +73,15 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
             for x, need in zip((q, k, v), needs)]
     dw = [torch.zeros(w.shape, device=q.device, dtype=cd) if need else None
           for w, need in zip(weights, needs[3:])]
-    weights_cd = slab_weights(weights, cd)
+    # (the CPU keeps fp32 slabs: there the interpreter's bf16 tl.dot is wrong)
+    sd = slabs_dtype or (slab_dtype(q, *weights, cd) if q.is_cuda else cd)
+    weights_sd, q_scale, scaled = slab_weights_and_scale(weights, q, scale, sd, cd)
     with _matmul_precision(q):
         for b in range(B):
             one = slice(b, b + 1)
-            grads = _chunked_backward(grad_out[one], q[one], k[one], v[one], *weights_cd, causal=causal,
-                                      pad_key=pad_key, scale=scale, compute_dtype=cd, rows=R, needs=needs)
+            grads = _chunked_backward(grad_out[one], q[one], k[one], v[one], *weights_sd, causal=causal,
+                                      pad_key=pad_key, scale=q_scale, compute_dtype=cd, slabs_dtype=sd, rows=R,
+                                      needs=needs)
             if B == 1:
                 dqkv = list(grads[:3])
             else:
@@ -85,21 +91,24 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
             for total, g in zip(dw, grads[3:]):
                 if total is not None:
                     total += g
+    if scaled is not None and dw[scaled] is not None:
+        dw[scaled] *= scale     # that weight's slab copy took the scale
     return (*dqkv, *[None if g is None else g.to(w.dtype) for g, w in zip(dw, weights)])
 
 
 def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key,
-                      scale, compute_dtype, rows, needs):
-    """chunked_backward for one batch element (B = 1) in chunks of ``rows`` rows: dq, dk, dv in
-    the inputs' dtypes, the weight gradients in compute_dtype; None where ``needs`` (seven
-    bools, False for absent weights) is False. Each step of the chain back from dO runs only
-    if a wanted gradient lies further along it."""
+                      scale, compute_dtype, slabs_dtype, rows, needs):
+    """chunked_backward for one batch element (B = 1) in chunks of ``rows`` rows, with slabs of
+    ``slabs_dtype`` and q scaled by ``scale`` (slab_weights_and_scale's): dq, dk, dv in the
+    inputs' dtypes, the weight gradients in compute_dtype; None where ``needs`` (seven bools,
+    False for absent weights) is False. Each step of the chain back from dO runs only if a
+    wanted gradient lies further along it."""
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     cd = compute_dtype
     rep = H // Hkv
-    dout = grad_out.to(cd)
-    qc, kc, vc = slab_inputs(q, k, v, scale, cd)
+    dout = grad_out.to(slabs_dtype)
+    qc, kc, vc = slab_inputs(q, k, v, scale, slabs_dtype)
     HQ, HP = conv_halos(pre_conv, post_conv)
 
     need_q, need_k, need_v, *need_w = needs
@@ -145,7 +154,7 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         do_slab = dout[:, :, lo:hi]
         # (B = 1 here: dv, dk and dq take their rows' products in place, as 3-d batched matmuls)
         if need_v:
-            dv[0, :, :ke].baddbmm_(a[0, :, mine].transpose(-1, -2), do_slab[0, :, mine])
+            matmul_into(dv[0, :, :ke], a[0, :, mine].transpose(-1, -2), do_slab[0, :, mine], accumulate=True)
         a = None
         if not need_da:
             continue
@@ -183,14 +192,14 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         dc = None
         ds = ds[:, :, mine]
         if need_q:
-            torch.bmm(ds[0], kc[0, :, :ke], out=dq[0, :, r0:r1])     # times scale below
+            matmul_into(dq[0, :, r0:r1], ds[0], kc[0, :, :ke], accumulate=False)     # times scale below
         if need_k:
-            dk[0, :, :ke].baddbmm_(ds[0].transpose(-1, -2), qc[0, :, r0:r1])   # qc is scale * q
+            matmul_into(dk[0, :, :ke], ds[0].transpose(-1, -2), qc[0, :, r0:r1], accumulate=True)  # qc: scale * q
 
     for i, rows_dw in ((1, mix_dw_rows[0]), (3, mix_dw_rows[1])):
         if rows_dw is not None:
             dw[i] = rows_dw.sum((0, 2))
-    if dq is not None:
+    if dq is not None and scale != 1:
         dq *= scale
     if dk is not None:
         dk = dk.view(B, Hkv, rep, L, D).sum(2)

@@ -113,44 +113,75 @@ LIVE_TENSORS_WITHOUT_CONVS = 2
 # before the scale could overflow fp16.)
 BF16_SCORES = os.environ.get("MTA_KERNELS_BF16_SCORES", "1") == "1"
 
+# Every slab of the chunked forward in bf16 for bf16 inputs on CUDA when a pre conv or a pre mix
+# takes the softmax scale (the scores, the convs' outputs, the probabilities, A), each rounded
+# once where the bf16 reference rounds it; the convs and mixes then run on bf16 tensor cores
+# with fp32 sums, the softmax in fp32. (Under the interpreter bf16 tl.dot is wrong, so the CPU
+# keeps fp32 slabs there; the tests run this path with fp16 slabs.) MTA_KERNELS_BF16_SLABS=0
+# keeps fp32 slabs.
+BF16_SLABS = os.environ.get("MTA_KERNELS_BF16_SLABS", "1") == "1"
 
-def bf16_scores(q, pre_conv, pre_mix, post_conv, post_mix) -> bool:
-    """Whether the chunked forward makes this call's scores in bf16: talking heads (both mixes,
-    of one group size, and no conv) for bf16 inputs, as BF16_SCORES says."""
-    return BF16_SCORES and q.dtype == torch.bfloat16 and is_talking_heads(pre_conv, pre_mix, post_conv, post_mix)
+
+def slab_dtype(q, pre_conv, pre_mix, post_conv, post_mix, compute_dtype=torch.float32):
+    """The dtype of the chunked forward's slabs for this call: bf16 for bf16 q where
+    BF16_SCORES (talking heads) or BF16_SLABS (on CUDA, with a pre conv or pre mix) says so,
+    else compute_dtype."""
+    if q.dtype != torch.bfloat16:
+        return compute_dtype
+    if is_talking_heads(pre_conv, pre_mix, post_conv, post_mix):
+        return q.dtype if BF16_SCORES else compute_dtype
+    takes_scale = pre_conv is not None or pre_mix is not None
+    return q.dtype if BF16_SLABS and q.is_cuda and takes_scale else compute_dtype
+
+
+def slab_weights_and_scale(weights, q, scale, slabs_dtype, compute_dtype):
+    """The four weights (None where absent) for the slab kernels (slabs.slab_weights) and the
+    scale for q: with fp32 slabs the scale goes into q (qc = scale * q); with 16-bit slabs
+    (``slabs_dtype`` q's dtype) into the first linear map of the scores, the pre conv or else
+    the pre mix, whose kernels sum in fp32, rather than into q rounded again. Returns (weights,
+    q_scale, the index of the weight that took the scale or None): that weight's gradient
+    takes the scale too."""
+    weights = list(slab_weights(weights, compute_dtype))
+    if slabs_dtype == compute_dtype:
+        return weights, scale, None
+    if slabs_dtype != q.dtype or (weights[0] is None and weights[1] is None):
+        raise ValueError(f"slabs_dtype {slabs_dtype} needs to be q's dtype ({q.dtype}) and a pre conv or "
+                         f"pre mix to take the scale")
+    first = 0 if weights[0] is not None else 1
+    weights[first] = weights[first] * scale
+    return weights, 1.0, first
 
 
 def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, pad_key, scale,
-                    compute_dtype=torch.float32, rows=None):
+                    compute_dtype=torch.float32, rows=None, slabs_dtype=None):
     """MTA forward as ``mta_reference.mta_attention`` (same shapes; scale already resolved to
     a float), computed in chunks of ``rows`` query rows (default: what the budget allows).
+    ``slabs_dtype``: the slabs' dtype (default slab_dtype(...)); q's 16-bit dtype needs a pre
+    conv or a pre mix, which takes the softmax scale (tests run fp16 slabs on the CPU).
     Returns (out (B, H, L, D) in q's dtype, lse (B, H, L) in compute_dtype: the log-sum-exp of
     each row of the masked pre-softmax logits, as the fused forward returns it)."""
     B, H, L, D = q.shape
     cd = compute_dtype
-    # the scores' dtype: q's (bf16) with the scale in the pre mix, or the slabs' with it in qc
-    scores16 = bf16_scores(q, pre_conv, pre_mix, post_conv, post_mix)
-    sd, q_scale = (q.dtype, 1.0) if scores16 else (cd, scale)
+    sd = slabs_dtype or slab_dtype(q, pre_conv, pre_mix, post_conv, post_mix, cd)
+    weights, q_scale, _ = slab_weights_and_scale((pre_conv, pre_mix, post_conv, post_mix), q, scale, sd, cd)
     HQ, HP = conv_halos(pre_conv, post_conv)
     live = live_slabs(pre_conv, post_conv, LIVE_TENSORS, LIVE_TENSORS_WITHOUT_CONVS)
-    # (bf16 scores would fit twice the rows; counted as fp32, causal chunks waste fewer keys: at
-    # L=4096 on the H200 two chunks took 0.743 ms, one 0.84-0.85, notes/thchunks2_h200_efb9e19.log)
+    # (16-bit slabs would fit twice the rows; counted as fp32, causal chunks waste fewer keys:
+    # talking heads at L=4096 on the H200 took 0.743 ms in two chunks, 0.84-0.85 in one,
+    # notes/thchunks2_h200_efb9e19.log)
     R = rows or rows_per_chunk(H, L, cd.itemsize, HQ + HP, live=live)
     out = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, L, device=q.device, dtype=cd)
-    weights = slab_weights((pre_conv, pre_mix, post_conv, post_mix), cd)
-    if scores16:
-        weights = (None, weights[1] * scale, None, weights[3])
     prec = _precision(q)
+    # the post mix's kernel writes A in q's dtype, and 16-bit slabs are in it: A V then takes v
+    # in it (repeated to q's heads); else A is in the slabs' dtype, as vc
+    a_in_q_dtype = (post_mix is not None or sd == q.dtype) and q.dtype != cd
     with _matmul_precision(q):
         for b in range(B):
             one = slice(b, b + 1)
-            # the post mix's kernel writes A in q's dtype, so A V takes v in it (repeated to q's
-            # heads); without a post mix A is in the slabs' dtype, as vc
-            a_in_q_dtype = post_mix is not None and q.dtype != cd
             qc, kc, vc = slab_inputs(q[one], k[one], None if a_in_q_dtype else v[one], q_scale, sd)
             values = repeat_kv_heads(v[one], H) if a_in_q_dtype else vc
-            operands = pre_conv_operands(q[one], k[one], weights[0], pad_key, scale)
+            operands = pre_conv_operands(q[one], k[one], weights[0], pad_key, q_scale)
             for r0 in range(0, L, R):
                 r1 = min(L, r0 + R)
                 lo = max(0, r0 - HQ - HP)

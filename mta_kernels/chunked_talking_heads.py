@@ -14,19 +14,19 @@ need far fewer. Per chunk of rows [r0, r1) and keys [0, K):
     dq = dS K;  dk += dS^T Q
 
 so about 10 slab passes, and two slabs alive at once (S, and A or dA). The scores are those
-of the forward (chunked_forward.bf16_scores: bf16 with the softmax scale in w_pre for bf16
+of the forward (chunked_forward.slab_dtype: bf16 with the softmax scale in w_pre for bf16
 inputs), so that its lse normalises them exactly. For bf16 inputs dA is bf16 too, and on CUDA
 A and dS are, so that the four matmuls run on bf16 operands with fp32 results (out_dtype),
 each rounding once where the bf16 reference rounds.
 """
 import torch
 
-from .chunked_forward import bf16_scores
+from .chunked_forward import slab_dtype
 from .forward import _precision
 from .slab_mix_backward import talking_heads_backward_rows
 from .slab_softmax import mix_softmax_rows
-from .slabs import (_matmul_precision, mix_precision, repeat_kv_heads, rows_per_chunk, slab_inputs, slab_keys,
-                    slab_weights)
+from .slabs import (_matmul_precision, matmul_into, mix_precision, repeat_kv_heads, rows_per_chunk, slab_inputs,
+                    slab_keys, slab_weights)
 
 # (1, H, rows, K) slabs of fp32 alive at once: S and A, then S and dA (dS over it, or beside it
 # when dA is bf16). H200, L=4096, bf16 (notes/thchunks2_h200_efb9e19.log): the backward took
@@ -38,17 +38,6 @@ LIVE_TENSORS = 2
 # H=16, D=128 (scripts/profile_talking_heads.py, notes/thprofile_h200_4fae9fb.log, alternating
 # in one process): backward 3.01 / 3.62 / 3.01 ms against 3.61 / 3.61 / 3.61 with fp32 dA.
 BF16_DA = True
-
-
-def _product_into(out, a, b, accumulate):
-    """out = a @ b, or out += a @ b, for batched a, b; 16-bit a and b with an fp32 out go through
-    out_dtype (CUDA: bf16 tensor cores, fp32 accumulation, twice TF32's speed on the H200,
-    notes/out_dtype_h200_efb9e19.log)."""
-    extra = {} if a.dtype == out.dtype else dict(out_dtype=out.dtype)
-    if accumulate:
-        torch.baddbmm(out, a, b, out=out, **extra)
-    else:
-        torch.bmm(a, b, out=out, **extra)
 
 
 def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal, scale,
@@ -66,7 +55,7 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
     cd = compute_dtype
     need_q, need_k, need_v, need_pre, need_post = needs
     need_ds = need_q or need_k or need_pre or need_post
-    scores16 = bf16_scores(q, None, pre_mix, None, post_mix)
+    scores16 = slab_dtype(q, None, pre_mix, None, post_mix, cd) != cd
     # bf16 scores with the scale in w_pre (or cd with it in q); dA in bf16 with them; on CUDA A
     # and dS in bf16 too, for bf16 matmuls with fp32 results
     da16 = scores16 and BF16_DA and grad_out.dtype == q.dtype
@@ -102,7 +91,7 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
                 if need_v:
                     a = mix_softmax_rows(s, w_pre, zero_above, precision=prec, post_mix=w_post, out_dtype=md,
                                          lse_in=lse_rows)[0]
-                    _product_into(dv[b, :, :keys], a[0].transpose(-1, -2), dout[0, :, r0:r1], accumulate=True)
+                    matmul_into(dv[b, :, :keys], a[0].transpose(-1, -2), dout[0, :, r0:r1], accumulate=True)
                     del a
                 if not need_ds:
                     continue
@@ -112,9 +101,9 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
                                             dw_pre_rows=element[0], dw_post_rows=element[1], row0=r0)
                 del s, da
                 if need_q:
-                    _product_into(dq[b, :, r0:r1], ds[0], k_m[0, :, :keys], accumulate=False)
+                    matmul_into(dq[b, :, r0:r1], ds[0], k_m[0, :, :keys], accumulate=False)
                 if need_k:
-                    _product_into(dk[b, :, :keys], ds[0].transpose(-1, -2), q_m[0, :, r0:r1], accumulate=True)
+                    matmul_into(dk[b, :, :keys], ds[0].transpose(-1, -2), q_m[0, :, r0:r1], accumulate=True)
                 del ds
     # dS is the gradient of qs K^T: qs = q * scale (dq takes the scale) or q with w_pre = scale * pre_mix
     # (the pre mix's gradient takes it)

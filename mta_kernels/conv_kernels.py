@@ -84,9 +84,10 @@ def _chunks(base, src, c0, si, sj, R, LC, ZERO_ABOVE, COL_LO, HALO: tl.constexpr
 def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, BAND_LIMIT, X_COL0,
                    CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, TRANSPOSE: tl.constexpr,
                    MASK_OUT: tl.constexpr, BAND_ONLY: tl.constexpr, HALO: tl.constexpr, BR: tl.constexpr,
-                   BC: tl.constexpr, PREC: tl.constexpr, UNROLL: tl.constexpr):
+                   BC: tl.constexpr, PREC: tl.constexpr, UNROLL: tl.constexpr, ACC: tl.constexpr):
     """out (B, H, R, LC) contiguous: the conv of x (B, H, R, LC) (any strides) with
-    w (H, CQ, CK), or with TRANSPOSE its adjoint (the input gradient); with MASK_OUT, out is
+    w (H, CQ, CK) of x's dtype, or with TRANSPOSE its adjoint (the input gradient), summed in
+    ACC (fp32, or fp64) and stored in out's dtype; with MASK_OUT, out is
     zero where col - row > ZERO_ABOVE. With BAND_ONLY only the tiles holding an entry with
     col - row > BAND_LIMIT are written (the others are left as they are), and x may hold
     only the columns [X_COL0, LC) (its column 0 is column X_COL0; those left of it read as
@@ -103,7 +104,7 @@ def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, B
     base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj) - X_COL0 * sxj
     w_head = w + (i_bh % H) * (CQ * CK)
     SIGN: tl.constexpr = -1 if TRANSPOSE else 1
-    acc = tl.zeros([BR, BC], dtype=out.dtype.element_ty)
+    acc = tl.zeros([BR, BC], dtype=ACC)
     if not _above_diagonal(ZERO_ABOVE, REACH, BR, BC):
         for a in tl.range(CQ, loop_unroll_factor=UNROLL):
             # three column chunks of the input at the offset's rows, starting at c0 + off for
@@ -118,7 +119,7 @@ def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, B
     if MASK_OUT:
         acc = tl.where(cols[None, :] - rows[:, None] > ZERO_ABOVE, 0.0, acc)
     ok = (rows[:, None] < R) & (cols[None, :] < LC)
-    tl.store(out + (i_bh * R + rows[:, None]) * LC + cols[None, :], acc, mask=ok)
+    tl.store(out + (i_bh * R + rows[:, None]) * LC + cols[None, :], acc.to(out.dtype.element_ty), mask=ok)
 
 
 @triton.jit

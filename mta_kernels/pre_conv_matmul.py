@@ -62,16 +62,17 @@ def conv_keys_kernel(k, w, out, skb, skh, skl, skd, H, HKV, L, D,
 @triton.jit
 def pre_conv_matmul_kernel(q, kt, out, scale, sqb, sqh, sqi, sqd, H, R, K, L, D, LO, ZERO_ABOVE,
                            CQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                           PREC: tl.constexpr):
+                           PREC: tl.constexpr, ACC: tl.constexpr):
     """out (B, H, R, K) contiguous: out[b, h, r, j] = scale * sum_{a, d} q[b, h, LO + r - (CQ-1-a), d]
     * kt[b, h, j, a, d], q (B, H, L, D) any strides, zero above row 0, kt (B, H, L, CQ, D)
-    contiguous; scale a one-element tensor of out's dtype; accumulated in out's dtype. Tiles
+    contiguous; scale a one-element tensor of dtype ACC, in which the sums run (fp32, or fp64),
+    stored in out's dtype. Tiles
     whose every entry has j - r > ZERO_ABOVE are written as zero. One program per
     (batch * head, row tile, column tile)."""
     i_bh = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1) * BM + tl.arange(0, BM)
     j = tl.program_id(2) * BN + tl.arange(0, BN)
-    acc = tl.zeros([BM, BN], dtype=out.dtype.element_ty)
+    acc = tl.zeros([BM, BN], dtype=ACC)
     if tl.program_id(2) * BN - (tl.program_id(1) * BM + BM - 1) <= ZERO_ABOVE:
         q_base = q + (i_bh // H) * sqb + (i_bh % H) * sqh
         k_base = kt + i_bh * L * CQ * D
@@ -86,7 +87,7 @@ def pre_conv_matmul_kernel(q, kt, out, scale, sqb, sqh, sqi, sqd, H, R, K, L, D,
                           mask=(j < K)[:, None] & (d < D)[None, :], other=0.0)
             acc += tl.dot(q_a, tl.trans(k_a), input_precision=PREC)
         acc = acc * tl.load(scale)
-    tl.store(out + (i_bh * R + r[:, None]) * K + j[None, :], acc, mask=(r < R)[:, None] & (j < K)[None, :])
+    tl.store(out + (i_bh * R + r[:, None]) * K + j[None, :], acc.to(out.dtype.element_ty), mask=(r < R)[:, None] & (j < K)[None, :])
 
 
 def conv_keys(k: torch.Tensor, w: torch.Tensor, pad_key: str, heads: int, dtype) -> torch.Tensor:
@@ -110,7 +111,8 @@ def pre_conv_matmul(q: torch.Tensor, kt: torch.Tensor, lo: int, hi: int, keys: i
     """C of the module docstring on rows [lo, hi) and keys [0, keys): q (B, H, L, D) unscaled,
     kt = conv_keys(...) (B, H, L, cq, D) in q's dtype. Exact (up to K~'s rounding) where
     j - i <= zero_above - (cq-1) - (ck-1-pL); tiles entirely above the diagonal j - i =
-    zero_above are zero (None: no such structure). Returns (B, H, hi - lo, keys) in ``dtype``."""
+    zero_above are zero (None: no such structure). Returns (B, H, hi - lo, keys) in ``dtype``
+    (summed in fp32, or fp64 for fp64)."""
     B, H, L, D = q.shape
     cq = kt.shape[3]
     R = hi - lo
@@ -121,9 +123,11 @@ def pre_conv_matmul(q: torch.Tensor, kt: torch.Tensor, lo: int, hi: int, keys: i
     BM = min(cfg["BM"], max(16, _next_pow2(R)))
     BN = min(cfg["BN"], max(16, _next_pow2(keys)))
     BD = min(cfg["BD"], max(16, _next_pow2(D)))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     pre_conv_matmul_kernel[(B * H, triton.cdiv(R, BM), triton.cdiv(keys, BN))](
-        q, kt, out, torch.full((1,), scale, device=q.device, dtype=dtype), *q.stride(), H, R, keys, L, D, lo,
+        q, kt, out, torch.full((1,), scale, device=q.device, dtype=acc), *q.stride(), H, R, keys, L, D, lo,
         _NO_ZEROS if zero_above is None else zero_above,
         CQ=cq, BM=BM, BN=BN, BD=BD, PREC="ieee" if q.dtype == torch.float64 else precision,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

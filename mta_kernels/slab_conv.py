@@ -9,6 +9,7 @@ Common keyword arguments:
 """
 import torch
 import triton
+import triton.language as tl
 
 from mta_reference.validate import left_pad
 
@@ -88,6 +89,11 @@ def _halo(ck, pl):
     return max(16, _next_pow2(max(pl, ck - 1 - pl)))
 
 
+def _accumulator(x):
+    """The conv kernel's sums: fp64 for fp64 slabs, else fp32 (16-bit slabs are stored rounded)."""
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
 def _prec(x, precision):
     return "ieee" if x.dtype == torch.float64 else precision
 
@@ -109,7 +115,7 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None
         zeros - (cq - 1) - (ck - 1 - pl), x_col0,
         CQ=cq, CK=ck, PL=pl, TRANSPOSE=transpose, MASK_OUT=mask_output and zero_above is not None,
         BAND_ONLY=band, HALO=_halo(ck, pl), BR=BR, BC=BC, PREC=_prec(x, precision),
-        UNROLL=_unroll(cq, CONV_CONFIG), **options)
+        UNROLL=_unroll(cq, CONV_CONFIG), ACC=_accumulator(x), **options)
     return out
 
 
@@ -147,13 +153,15 @@ def key_query_conv_input_grad(grad: torch.Tensor, w: torch.Tensor, pad_key: str,
 
 def key_query_conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, pad_key: str,
                                zero_above=None, rows=None, precision="ieee") -> torch.Tensor:
-    """Gradient of key_query_conv(x, w) with respect to w: (H, cq, ck) in grad's dtype, summed
-    over batch and positions in a fixed order (deterministic). rows=(lo, hi): only grad's rows
-    lo..hi-1 count (the others are read as zero)."""
+    """Gradient of key_query_conv(x, w) with respect to w: (H, cq, ck) summed over batch and
+    positions in a fixed order (deterministic), in fp32 (fp64 for fp64 slabs; grad and x of
+    one dtype, 16-bit allowed). rows=(lo, hi): only grad's rows lo..hi-1 count (the others are
+    read as zero)."""
     B, H, R, LC = x.shape
     _, cq, ck = w.shape
+    sums = torch.float64 if grad.dtype == torch.float64 else torch.float32
     if x.numel() == 0:
-        return torch.zeros(H, cq, ck, device=x.device, dtype=grad.dtype)
+        return torch.zeros(H, cq, ck, device=x.device, dtype=sums)
     pl = left_pad(ck, pad_key)
     halo = _halo(ck, pl)
     cfg = WEIGHT_GRAD_CONFIG
@@ -161,7 +169,7 @@ def key_query_conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, w: torch.Ten
     n_r, n_c = triton.cdiv(R, BR), triton.cdiv(LC, 2 * halo)   # column tiles of 2 * halo (the kernel's)
     n_groups = triton.cdiv(n_c, cfg["TILES"])
     g_lo, g_hi = rows or (0, R)
-    partial = torch.zeros(B * H, cq, n_r * n_groups, ck, device=x.device, dtype=grad.dtype)
+    partial = torch.zeros(B * H, cq, n_r * n_groups, ck, device=x.device, dtype=sums)
     kq_conv_weight_grad_kernel[(B * H, cq, n_r * n_groups)](
         grad, x, partial, *grad.stride(), *x.stride(), H, R, LC,
         _NO_ZEROS if zero_above is None else zero_above, g_lo, g_hi, n_groups,

@@ -22,15 +22,16 @@ import triton.language as tl
 from .forward import _next_pow2
 from .slab_conv import row_kernel_zero_above
 from .slab_mix import group_row, group_row_program
+from .slab_softmax import _math_dtype
 
 # key block of about this many elements (heads x keys), and the warps
 MIX_BACKWARD_CONFIG = dict(elements=2048, num_warps=4)
 
 
 @triton.jit
-def _row_block(base, cols, end, head_ok, sj):
-    """[CHP, BLOCK] block of one row of the group's heads, zero at cols >= end."""
-    return tl.load(base + cols[None, :] * sj, mask=head_ok[:, None] & (cols[None, :] < end), other=0.0)
+def _row_block(base, cols, end, head_ok, sj, MATH: tl.constexpr):
+    """[CHP, BLOCK] block of one row of the group's heads in dtype MATH, zero at cols >= end."""
+    return tl.load(base + cols[None, :] * sj, mask=head_ok[:, None] & (cols[None, :] < end), other=0.0).to(MATH)
 
 
 @triton.jit
@@ -44,7 +45,9 @@ def mix_backward_rows_kernel(grad, probs, x, w, out, dw,
     it is taken as zero where col - row > ZERO_ABOVE. out (B, H, R, K) gets its adjoint
     through w (G, CH, CH), zero there too; out may be grad (a program reads a block before
     it writes it). With WANT_DW and DW_LO <= i < DW_HI, dw (B, G, DW_ROWS, CH, CH) at row
-    DW_ROW0 + i gets sum over keys of gradient[o] * x[c] (other rows are left unwritten)."""
+    DW_ROW0 + i gets sum over keys of gradient[o] * x[c] (other rows are left unwritten). The
+    math runs in w's dtype (fp32 for 16-bit slabs)."""
+    MATH: tl.constexpr = w.dtype.element_ty
     b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
     g_row = group_row(grad, b, g, i, hh, sgb, sgh, sgi, CH)
     p_row = group_row(probs, b, g, i, hh, spb, sph, spi, CH)
@@ -52,25 +55,26 @@ def mix_backward_rows_kernel(grad, probs, x, w, out, dw,
     o_row = group_row(out, b, g, i, hh, sob, soh, soi, CH)
     # w_t[c, o] = w[g, o, c]: the adjoint's matrix
     w_ok = head_ok[:, None] & head_ok[None, :]
-    w_t = tl.load(w + g * CH * CH + hh[None, :] * CH + hh[:, None], mask=w_ok, other=0.0).to(grad.dtype.element_ty)
+    w_t = tl.load(w + g * CH * CH + hh[None, :] * CH + hh[:, None], mask=w_ok, other=0.0)
     end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
     cols = tl.arange(0, BLOCK)
     if SOFTMAX:
-        delta = tl.zeros([CHP], dtype=grad.dtype.element_ty)
+        delta = tl.zeros([CHP], dtype=MATH)
         for c0 in range(0, end, BLOCK):
-            delta += tl.sum(_row_block(p_row, c0 + cols, end, head_ok, spj)
-                            * _row_block(g_row, c0 + cols, end, head_ok, sgj), axis=1)
+            delta += tl.sum(_row_block(p_row, c0 + cols, end, head_ok, spj, MATH)
+                            * _row_block(g_row, c0 + cols, end, head_ok, sgj, MATH), axis=1)
     weight_rows = (i >= DW_LO) & (i < DW_HI)
-    dw_acc = tl.zeros([CHP, CHP], dtype=grad.dtype.element_ty)
+    dw_acc = tl.zeros([CHP, CHP], dtype=MATH)
     for c0 in range(0, K, BLOCK):
-        grad_in = _row_block(g_row, c0 + cols, end, head_ok, sgj)
+        grad_in = _row_block(g_row, c0 + cols, end, head_ok, sgj, MATH)
         if SOFTMAX:
-            grad_in = _row_block(p_row, c0 + cols, end, head_ok, spj) * (grad_in - delta[:, None])
+            grad_in = _row_block(p_row, c0 + cols, end, head_ok, spj, MATH) * (grad_in - delta[:, None])
         if WANT_DW & weight_rows:
-            x_t = tl.trans(_row_block(x_row, c0 + cols, end, head_ok, sxj))
+            x_t = tl.trans(_row_block(x_row, c0 + cols, end, head_ok, sxj, MATH))
             dw_acc += tl.dot(grad_in, x_t, input_precision=PREC)
         adjoint = tl.dot(w_t, grad_in, input_precision=PREC)
-        tl.store(o_row + (c0 + cols)[None, :] * soj, adjoint, mask=head_ok[:, None] & (c0 + cols[None, :] < K))
+        tl.store(o_row + (c0 + cols)[None, :] * soj, adjoint.to(out.dtype.element_ty),
+                 mask=head_ok[:, None] & (c0 + cols[None, :] < K))
     if WANT_DW & weight_rows:
         dw_row = (b * (H // CH) + g).to(tl.int64) * DW_ROWS + DW_ROW0 + i
         tl.store(dw + (dw_row * CH + hh[:, None]) * CH + hh[None, :], dw_acc, mask=w_ok)
@@ -89,27 +93,29 @@ def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, z
     ``rows`` = (lo, hi) of the slab (all by default) and the keys, in a fixed order, or None
     without x. With dw_rows = (buffer (B, G, N, ch, ch) contiguous, row0), each of those rows
     i writes its share to row row0 + i of the buffer instead, and dw is None: the caller sums
-    the buffer once (the row-chunked backward, one sum for all its chunks). precision: tl.dot's
-    for fp32 slabs ("tf32" or "ieee"; fp64 is exact)."""
+    the buffer once (the row-chunked backward, one sum for all its chunks). The slabs may be
+    16-bit: the math then runs in fp32, and dw (and the buffer) are fp32. precision: tl.dot's
+    for the fp32 math ("tf32" or "ieee"; fp64 is exact)."""
     B, H, R, K = grad.shape
     G, ch, _ = w.shape
     zeros = row_kernel_zero_above(zero_above)
     out = torch.empty_like(grad) if out is None else out
     lo, hi = rows or (0, R)
     summed = x is not None and dw_rows is None
+    math = _math_dtype(grad)
     if grad.numel() == 0:
-        return out, torch.zeros(G, ch, ch, device=grad.device, dtype=grad.dtype) if summed else None
+        return out, torch.zeros(G, ch, ch, device=grad.device, dtype=math) if summed else None
     if x is None:
         partial, row0 = grad, 0
     elif dw_rows is not None:
         partial, row0 = dw_rows
         _row_buffer(partial, B, G, ch, row0 + hi, "dw_rows")
     else:
-        partial, row0 = torch.empty(B, G, R, ch, ch, device=grad.device, dtype=grad.dtype), 0
+        partial, row0 = torch.empty(B, G, R, ch, ch, device=grad.device, dtype=math), 0
     chp = max(16, _next_pow2(ch))
     block = min(max(16, MIX_BACKWARD_CONFIG["elements"] // chp), max(16, _next_pow2(K)))
     mix_backward_rows_kernel[(B * G * R,)](
-        grad, grad if probs is None else probs, grad if x is None else x, w.to(grad.dtype).contiguous(), out, partial,
+        grad, grad if probs is None else probs, grad if x is None else x, w.to(math).contiguous(), out, partial,
         *grad.stride(), *(grad if probs is None else probs).stride(), *(grad if x is None else x).stride(),
         *out.stride(), H, R, K, zeros, lo, hi, row0, partial.shape[2] if x is not None else R,
         CH=ch, CHP=chp, SOFTMAX=probs is not None, WANT_DW=x is not None, BLOCK=block,
@@ -161,14 +167,14 @@ def talking_heads_backward_rows_kernel(da, s, lse, w_pre, w_post, out, dw_pre, d
     dw_post_acc = tl.zeros([CHP, CHP], dtype=w_pre_g.dtype)
     for c0 in range(0, end, BLOCK):
         _, p = _talking_heads_probs(s_row, w_pre_g, row_lse, c0 + cols, end, head_ok, ssj, PREC)
-        da_blk = _row_block(da_row, c0 + cols, end, head_ok, sdj).to(w_pre_g.dtype)
+        da_blk = _row_block(da_row, c0 + cols, end, head_ok, sdj, w_pre_g.dtype)
         delta += tl.sum(p * tl.dot(w_post_t, da_blk, input_precision=PREC), axis=1)
         if WANT_DW_POST:
             dw_post_acc += tl.dot(da_blk, tl.trans(p), input_precision=PREC)
     dw_pre_acc = tl.zeros([CHP, CHP], dtype=w_pre_g.dtype)
     for c0 in range(0, end, BLOCK):
         s_blk, p = _talking_heads_probs(s_row, w_pre_g, row_lse, c0 + cols, end, head_ok, ssj, PREC)
-        da_blk = _row_block(da_row, c0 + cols, end, head_ok, sdj).to(w_pre_g.dtype)
+        da_blk = _row_block(da_row, c0 + cols, end, head_ok, sdj, w_pre_g.dtype)
         dz = p * (tl.dot(w_post_t, da_blk, input_precision=PREC) - delta[:, None])
         if WANT_DW_PRE:
             dw_pre_acc += tl.dot(dz, tl.trans(s_blk), input_precision=PREC)

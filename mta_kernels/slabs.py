@@ -103,6 +103,22 @@ def _matmul_precision(q):
         matmul.fp32_precision = old
 
 
+def matmul_into(out, a, b, accumulate):
+    """out = a @ b, or out += a @ b, for batched a, b; 16-bit a and b with an fp32 out go through
+    out_dtype on CUDA (bf16 tensor cores, fp32 accumulation, twice TF32's speed on the H200,
+    notes/out_dtype_h200_efb9e19.log), through fp32 copies elsewhere (the CPU build lacks it)."""
+    extra = {}
+    if a.dtype != out.dtype:
+        if a.is_cuda:
+            extra = dict(out_dtype=out.dtype)
+        else:
+            a, b = a.to(out.dtype), b.to(out.dtype)
+    if accumulate:
+        torch.baddbmm(out, a, b, out=out, **extra)
+    else:
+        torch.bmm(a, b, out=out, **extra)
+
+
 def mix_precision(precision):
     """tl.dot precision of the fused mix kernels: the slab kernels' (tf32 beside 16-bit
     inputs), but exact fp32 when TF32_MATMULS is off, as for the slabs' matmuls."""

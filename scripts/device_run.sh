@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -407,6 +407,23 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              # then the final tree's GPU-marked tests (session14a)
              talking_heads_switch_ab 2 1024,2048 1
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;&
+    session16b) # bf16 slabs in full MTA's chunked forward and backward: their tests on the GPU (the new
+             # 16-bit slab tests in bf16, then full MTA's GPU-marked gradients and forward); full MTA at
+             # L=2048 and 4096 with MTA_KERNELS_BF16_SLABS 0 and 1 alternating in processes of their own;
+             # training (talking heads take the chunked paths at L=2048 now)
+             timeout 200 python3 -m pytest tests/test_forward.py tests/test_backward.py -q -rfE --tb=short -x \
+               -k "16bit_slabs" 2>&1 | tee "$OUT/tests_slabs16.log" | grep -E "FAIL|Error|passed|failed|rule"
+             for round in 1 2; do
+               for mode in 0 1; do
+                 MTA_KERNELS_BF16_SLABS=$mode timeout 90 python3 -m bench --shapes sweep --lengths 2048,4096 \
+                   --ops full --modes fwd,bwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
+                   | grep -E "^\[" | sed "s|^|bf16_slabs=$mode |" | tee -a "$OUT/bf16slabs.log"
+               done
+             done
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
+             timeout 200 python3 -m pytest tests/test_forward.py tests/test_backward.py -m gpu -q -rfE --tb=short \
+               -k "(forward_gpu or gradients_gpu or deterministic) and (pre_conv or full)" 2>&1 \
+               | tee "$OUT/tests_full.log" | grep -E "FAIL|Error|passed|failed|rule" ;;
     session14a) # the final tree's GPU-marked tests (forward first: full MTA through band-scores had not
              # run against the reference on the GPU), then the chunked backward's needs test
              timeout 270 python3 -m pytest tests/test_forward.py -m gpu -q -rfE -s --tb=short --durations=8 \

@@ -51,6 +51,40 @@ def test_chunked_backward_matches_reference(rows, L, causal, pad_key, device):
         assert torch.allclose(e, g, atol=1e-12, rtol=1e-10), name
 
 
+SIXTEEN_BIT_SLAB_CASES = [
+    Case(L=70, **FULL),
+    Case(B=2, H=8, Hkv=2, L=45, D=96, pre_conv=(4, 3), post_mix=8, pad_key="left", layout="blhd"),
+    Case(L=40, pre_mix=4, post_conv=(3, 5), causal=False, pad_key="right"),
+    Case(H=4, L=60, pre_conv=(6, 11), post_conv=(6, 11)),                   # no mix: torch's softmax backward
+    Case(H=8, L=50, pre_mix=8, post_mix=8),                                 # talking heads
+]
+
+
+@pytest.mark.parametrize("rows", [None, 16], ids=["one-chunk", "16-rows"])
+@pytest.mark.parametrize("case", SIXTEEN_BIT_SLAB_CASES, ids=lambda c: c.id)
+def test_chunked_backward_with_16bit_slabs(case, rows, device):
+    """The chunked backward with 16-bit slabs (bf16 on CUDA, its default there; fp16 here under
+    the interpreter, whose bf16 tl.dot is wrong): the scale in the pre conv or pre mix (whose
+    gradient takes it back), the kernels' math in fp32, the matmuls into dq, dk, dv with fp32
+    results. Every gradient within the spec rule of the reference in that dtype."""
+    from mta_kernels.chunked_forward import slab_dtype
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    inputs = make_inputs(case, dtype, device)
+    if device == "cuda":
+        assert slab_dtype(inputs[0], *inputs[3:]) == dtype
+    opts = dict(causal=case.causal, pad_key=case.pad_key)
+    grad = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    got = chunked_backward(grad, *inputs, **opts, scale=case.D ** -0.5, rows=rows, slabs_dtype=dtype)
+    ref = mta_reference.mta_attention_backward(grad, *inputs, **opts, compute_dtype=torch.float64)
+    low = mta_reference.mta_attention_backward(grad, *inputs, **opts, compute_dtype=dtype)
+    for name, g, r, lo, x in zip(NAMES, got, ref, low, inputs):
+        if x is None:
+            assert g is None, name
+            continue
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        check_rule(f"d{name}", g, r, lo, dtype)
+
+
 def test_chunk_height_fills_a_conv_tile():
     """The budget sets the chunk height, except that a slab (rows plus halos) is never shorter
     than one row tile of the slab conv kernels; the rows are shared evenly by the chunks."""

@@ -332,9 +332,9 @@ def test_chunked_talking_heads_with_bf16_scores(case, rows, device):
     mixes and normalises in fp32): output and lse within the spec rule of the bf16 reference,
     and the causal future does not reach the past. (The interpreter's bf16 tl.dot is wrong, but
     this path's dots run in fp32.)"""
-    from mta_kernels.chunked_forward import bf16_scores, chunked_forward
+    from mta_kernels.chunked_forward import chunked_forward, slab_dtype
     q, k, v, *w = make_inputs(case, torch.bfloat16, device)
-    assert bf16_scores(q, *w)
+    assert slab_dtype(q, *w) == torch.bfloat16
     opts = dict(causal=case.causal, pad_key=case.pad_key)
     scale = case.D ** -0.5
     out, lse = chunked_forward(q, k, v, *w, **opts, scale=scale, rows=rows)
@@ -351,6 +351,60 @@ def test_chunked_talking_heads_with_bf16_scores(case, rows, device):
             x[:, :, t:] = torch.randn_like(x[:, :, t:]) * 3
         out2, _ = chunked_forward(q2, k2, v2, *w, **opts, scale=scale, rows=rows)
         assert torch.equal(out[:, :, :t], out2[:, :, :t])
+
+
+SIXTEEN_BIT_SLAB_CASES = [
+    Case(L=70, **FULL),
+    Case(B=2, H=8, Hkv=2, L=45, D=96, pre_conv=(4, 3), post_mix=8, pad_key="left", layout="blhd"),
+    Case(L=20, pre_mix=4, post_conv=(3, 5), causal=False, pad_key="right"),   # L < 16 + halo rows
+    Case(H=4, L=100, pre_conv=(6, 11), post_conv=(6, 11)),                   # no mix: the plain softmax
+]
+
+
+@pytest.mark.parametrize("rows", [None, 16], ids=["one-chunk", "16-rows"])
+@pytest.mark.parametrize("case", SIXTEEN_BIT_SLAB_CASES, ids=lambda c: c.id)
+def test_chunked_forward_with_16bit_slabs(case, rows, device):
+    """With 16-bit slabs (bf16 on CUDA, the default there; fp16 here under the interpreter, whose
+    bf16 tl.dot is wrong), the scale in the pre conv or pre mix, the convs and mixes on 16-bit
+    tensor cores with fp32 sums and the softmax in fp32: output and lse within the spec rule of
+    the reference in that dtype, and the causal future does not reach the past."""
+    from mta_kernels.chunked_forward import chunked_forward, slab_dtype
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    q, k, v, *w = make_inputs(case, dtype, device)
+    if device == "cuda":
+        assert slab_dtype(q, *w) == dtype
+    opts = dict(causal=case.causal, pad_key=case.pad_key)
+    scale = case.D ** -0.5
+    run = lambda q, k, v: chunked_forward(q, k, v, *w, **opts, scale=scale, rows=rows, slabs_dtype=dtype)
+    out, lse = run(q, k, v)
+    ref = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float64, **opts)
+    low = mta_reference.mta_attention(q, k, v, *w, compute_dtype=dtype, **opts)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    check_rule("out", out, ref, low, dtype)
+    check_rule("lse", lse, _reference_lse(q, k, v, w, opts, torch.float64), _reference_lse(q, k, v, w, opts, dtype),
+               dtype)
+    if case.causal:
+        t = 2 * case.L // 3
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for x in (q2, k2, v2):
+            x[:, :, t:] = torch.randn_like(x[:, :, t:]) * 3
+        assert torch.equal(out[:, :, :t], run(q2, k2, v2)[0][:, :, :t])
+
+
+def test_16bit_slabs_need_a_map_for_the_scale(device):
+    """16-bit slabs put the softmax scale into the pre conv or pre mix: a call with neither (or
+    slabs of another dtype than q's) is refused, naming the argument; fp32 and fp16 q keep
+    fp32 slabs by default, as do CPU calls with convs."""
+    from mta_kernels.chunked_forward import chunked_forward, slab_dtype
+    q, k, v, *w = make_inputs(Case(L=20, post_conv=(2, 3)), torch.float16, device)
+    with pytest.raises(ValueError, match="slabs_dtype"):
+        chunked_forward(q, k, v, *w, causal=True, pad_key="both", scale=0.1, slabs_dtype=torch.float16)
+    q, k, v, *w = make_inputs(Case(L=20, **FULL), torch.float16, device)
+    with pytest.raises(ValueError, match="slabs_dtype"):
+        chunked_forward(q, k, v, *w, causal=True, pad_key="both", scale=0.1, slabs_dtype=torch.bfloat16)
+    assert slab_dtype(q, *w) == torch.float32
+    assert slab_dtype(q.float(), *w) == torch.float32
+    assert slab_dtype(q.bfloat16().cpu(), *[x.cpu() for x in w]) == torch.float32
 
 
 def test_chunked_forward_switch(device, monkeypatch):
