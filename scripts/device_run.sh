@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -424,6 +424,22 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 200 python3 -m pytest tests/test_forward.py tests/test_backward.py -m gpu -q -rfE --tb=short \
                -k "(forward_gpu or gradients_gpu or deterministic) and (pre_conv or full)" 2>&1 \
                | tee "$OUT/tests_full.log" | grep -E "FAIL|Error|passed|failed|rule" ;;
+    session16c) # full MTA with bf16 slabs under chunk budgets of 1 and 2 GiB (the latter as if the slabs were
+             # counted in bf16 bytes), alternating in processes of their own; the chunked paths' kernel
+             # profile; the README's targets; training
+             for round in 1 2; do
+               for bytes in 1073741824 2147483648; do
+                 MTA_KERNELS_CHUNK_BYTES=$bytes timeout 60 python3 -m bench --shapes sweep --lengths 4096 \
+                   --ops full --modes fwd,bwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
+                   | grep -E "^\[" | sed "s|^|chunk_bytes=$bytes |" | tee -a "$OUT/chunkbytes.log"
+               done
+             done
+             timeout 100 python3 scripts/profile_chunked.py 2>&1 | tee "$OUT/chunked.log" | tail -3
+             timeout 200 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
+               --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote"
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
+             timeout 150 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;;
     session14a) # the final tree's GPU-marked tests (forward first: full MTA through band-scores had not
              # run against the reference on the GPU), then the chunked backward's needs test
              timeout 270 python3 -m pytest tests/test_forward.py -m gpu -q -rfE -s --tb=short --durations=8 \
