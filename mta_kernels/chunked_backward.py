@@ -65,7 +65,6 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
     cd = compute_dtype
     halo = 2 * sum(conv_halos(pre_conv, post_conv))   # above and below
     live = live_slabs(pre_conv, post_conv, LIVE_TENSORS, LIVE_TENSORS_WITHOUT_CONVS)
-    R = rows or rows_per_chunk(H, L, torch.finfo(cd).bits // 8, halo, live=live)
     weights = (pre_conv, pre_mix, post_conv, post_mix)
     needs = [bool(n) and x is not None for n, x in zip(needs, (q, k, v, *weights))]
     # B > 1: each element's dq, dk, dv go into these; B = 1: its own are the result (no copy)
@@ -76,6 +75,9 @@ def chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix, 
     # (the CPU keeps fp32 slabs: there the interpreter's bf16 tl.dot is wrong)
     sd = slabs_dtype or (slab_dtype(q, *weights, cd) if q.is_cuda else cd)
     weights_sd, q_scale, scaled = slab_weights_and_scale(weights, q, scale, sd, cd)
+    # the slabs' own bytes: full MTA at L=4096 on the H200 with bf16 slabs (notes/chunkbytes_h200_fa50c59.log,
+    # two rounds) took bwd 9.76 / 9.75 ms in 4 chunks against 11.3 / 13.5 in 7 (counted as fp32)
+    R = rows or rows_per_chunk(H, L, sd.itemsize, halo, live=live)
     with _matmul_precision(q):
         for b in range(B):
             one = slice(b, b + 1)

@@ -166,10 +166,12 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     weights, q_scale, _ = slab_weights_and_scale((pre_conv, pre_mix, post_conv, post_mix), q, scale, sd, cd)
     HQ, HP = conv_halos(pre_conv, post_conv)
     live = live_slabs(pre_conv, post_conv, LIVE_TENSORS, LIVE_TENSORS_WITHOUT_CONVS)
-    # (16-bit slabs would fit twice the rows; counted as fp32, causal chunks waste fewer keys:
-    # talking heads at L=4096 on the H200 took 0.743 ms in two chunks, 0.84-0.85 in one,
-    # notes/thchunks2_h200_efb9e19.log)
-    R = rows or rows_per_chunk(H, L, cd.itemsize, HQ + HP, live=live)
+    # Chunks budgeted in the slabs' own bytes with convs (full MTA at L=4096 on the H200 with bf16
+    # slabs, notes/chunkbytes_h200_fa50c59.log: 2.85 / 2.84 ms in 2 chunks against 2.90 / 2.91 in
+    # 4), but without them in fp32's, since causal chunks then waste fewer keys (talking heads
+    # at L=4096 took 0.743 ms in two chunks, 0.84-0.85 in one, notes/thchunks2_h200_efb9e19.log)
+    counted = sd if HQ + HP > 0 else cd
+    R = rows or rows_per_chunk(H, L, counted.itemsize, HQ + HP, live=live)
     out = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, L, device=q.device, dtype=cd)
     prec = _precision(q)

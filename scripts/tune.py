@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows] [preconvmatmul] [thbackward]   (all without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [slabconv16] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows] [preconvmatmul] [thbackward]   (all without arguments)"""
 import sys
 
 import torch
@@ -65,6 +65,48 @@ if "slabconv" in which:
     for cfg in SLAB_WEIGHT_GRAD_CONFIGS:
         slab_conv.WEIGHT_GRAD_CONFIG = cfg
         time_calls(cfg, ["weight_grad"])
+if "slabconv16" in which:
+    # the slab conv kernels on bf16 slabs (chunked_forward.BF16_SLABS): one middle slab of the chunked
+    # backward at L=4096 with bf16-counted chunks (rows 1000..2044), tiles larger than fp32's fit
+    from mta_kernels import slab_conv
+    from mta_reference import backward as ref_bwd
+    rows, lo = 1044, 1000
+    keys = 2048
+    future = torch.arange(keys, device="cuda")[None, :] - torch.arange(rows, device="cuda")[:, None] > lo
+    x, g = (torch.randn(B, H, rows, keys, device="cuda").masked_fill(future, 0.0).bfloat16() for _ in range(2))
+    w = R.identity_conv(H, 6, 11, device="cuda") + 0.01 * torch.randn(H, 6, 11, device="cuda")
+    x32, g32, w16 = x.float(), g.float(), w.bfloat16().float()
+    calls = {"conv": (lambda: slab_conv.key_query_conv(x, w, "both", zero_above=lo, precision="tf32"),
+                      R.key_query_conv(x32, w16, "both")),
+             "input_grad": (lambda: slab_conv.key_query_conv_input_grad(g, w, "both", zero_above=lo,
+                                                                        mask_output=True, precision="tf32"),
+                            ref_bwd.key_query_conv_input_grad(g32, w16, "both").masked_fill(future, 0)),
+             "weight_grad": (lambda: slab_conv.key_query_conv_weight_grad(g, x, w, "both", zero_above=lo,
+                                                                          precision="tf32"),
+                             ref_bwd.key_query_conv_weight_grad(g32, x32, w, "both"))}
+    for BR, BC, warps in [(64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 64, 8), (64, 64, 8), (128, 32, 8),
+                          (32, 64, 4), (64, 128, 8)]:
+        cfg = dict(BR=BR, BC=BC, num_warps=warps, num_stages=1, unroll="full")
+        slab_conv.CONV_CONFIG = cfg
+        line = []
+        for name in ("conv", "input_grad"):
+            fn, ref = calls[name]
+            try:
+                err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
+                line.append(f"{name} {triton.testing.do_bench(fn, return_mode='median'):.3f} ms (rel err {err:.1e})")
+            except Exception as e:  # a config may not fit
+                line.append(f"{name} failed {type(e).__name__}: {str(e)[:80]}")
+        print(f"slab conv bf16 {cfg}: " + "; ".join(line), flush=True)
+    for BR, warps, reg in [(64, 4, 96), (32, 4, None), (64, 4, None), (128, 4, None), (128, 8, None), (64, 8, None)]:
+        cfg = dict(BR=BR, num_warps=warps, num_stages=1, TILES=16, maxnreg=reg)
+        slab_conv.WEIGHT_GRAD_CONFIG = cfg
+        fn, ref = calls["weight_grad"]
+        try:
+            err = ((fn() - ref).abs().max() / ref.abs().max()).item()
+            print(f"slab conv bf16 weight grad {cfg}: {triton.testing.do_bench(fn, return_mode='median'):.3f} ms "
+                  f"(rel err {err:.1e})", flush=True)
+        except Exception as e:
+            print(f"slab conv bf16 weight grad {cfg}: failed {type(e).__name__}: {str(e)[:80]}", flush=True)
 if "mixsoftmax" in which:
     # the pre mix and softmax of one middle chunk of the chunked forward (rows 1365..2730 of L=4096,
     # keys up to 2736), fused against the batched-matmul mix then the slab softmax
