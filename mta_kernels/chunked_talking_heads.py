@@ -21,12 +21,12 @@ each rounding once where the bf16 reference rounds.
 """
 import torch
 
-from .chunked_forward import slab_dtype
+from .chunked_forward import slab_dtype, slab_weights_and_scale
 from .forward import _precision
 from .slab_mix_backward import talking_heads_backward_rows
 from .slab_softmax import mix_softmax_rows
 from .slabs import (_matmul_precision, matmul_into, mix_precision, repeat_kv_heads, rows_per_chunk, slab_inputs,
-                    slab_keys, slab_weights)
+                    slab_keys)
 
 # (1, H, rows, K) slabs of fp32 alive at once: S and A, then S and dA (dS over it, or beside it
 # when dA is bf16). H200, L=4096, bf16 (notes/thchunks2_h200_efb9e19.log): the backward took
@@ -55,15 +55,14 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
     cd = compute_dtype
     need_q, need_k, need_v, need_pre, need_post = needs
     need_ds = need_q or need_k or need_pre or need_post
-    scores16 = slab_dtype(q, None, pre_mix, None, post_mix, cd) != cd
     # bf16 scores with the scale in w_pre (or cd with it in q); dA in bf16 with them; on CUDA A
     # and dS in bf16 too, for bf16 matmuls with fp32 results
+    sd = slab_dtype(q, None, pre_mix, None, post_mix, cd)
+    (_, w_pre, _, w_post), q_scale, _ = slab_weights_and_scale((None, pre_mix, None, post_mix), q, scale, sd, cd)
+    scores16 = sd != cd
     da16 = scores16 and BF16_DA and grad_out.dtype == q.dtype
     gemm16 = da16 and q.is_cuda
-    sd, q_scale = (q.dtype, 1.0) if scores16 else (cd, scale)
     md = q.dtype if gemm16 else cd          # the operands of the matmuls into dq, dk, dv
-    w_pre, w_post = slab_weights((pre_mix, post_mix), cd)
-    w_pre = w_pre * scale if scores16 else w_pre
     R = rows or rows_per_chunk(H, L, cd.itemsize, 0, live=LIVE_TENSORS)
 
     dq = torch.empty(B, H, L, D, device=q.device, dtype=cd) if need_q else None
