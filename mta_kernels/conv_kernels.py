@@ -13,8 +13,8 @@ Reads outside [0, R) x [0, L) are zero, as in mta_reference.key_query_conv.
 
 For each query offset a, the key direction is a product with a Toeplitz matrix of w[a]: a
 program owns a [BR, BC] output tile and reads the row-shifted input at its own BC columns
-and at HALO columns on either side (HALO >= how far a tap reaches), three tl.dot calls per
-offset instead of CQ * CK multiply-adds per score. The weight gradient is the transposed
+and at HALO columns on either side (HALO >= how far a tap reaches), one tl.dot per offset
+instead of CQ * CK multiply-adds per score. The weight gradient is the transposed
 product M = G^T X_a (M[j, u] pairs gradient column j with input column u), summed over
 the tiles of a row and then along its diagonals u - j = t - pL (one gather and one sum).
 
@@ -70,30 +70,19 @@ def _source_rows(rows, a, CQ: tl.constexpr, TRANSPOSE: tl.constexpr):
 
 
 @triton.jit
-def _chunks(base, src, c0, si, sj, R, LC, ZERO_ABOVE, COL_LO, HALO: tl.constexpr, BC: tl.constexpr):
-    """The input at rows src in three column chunks: [c0 - HALO, c0), [c0, c0 + BC) and
-    [c0 + BC, c0 + BC + HALO)."""
-    halo = tl.arange(0, HALO)
-    left = _shifted(base, src, c0 - HALO + halo, si, sj, R, LC, ZERO_ABOVE, COL_LO)
-    main = _shifted(base, src, c0 + tl.arange(0, BC), si, sj, R, LC, ZERO_ABOVE, COL_LO)
-    right = _shifted(base, src, c0 + BC + halo, si, sj, R, LC, ZERO_ABOVE, COL_LO)
-    return left, main, right
-
-
-@triton.jit
 def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, BAND_LIMIT, X_COL0,
                    CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, TRANSPOSE: tl.constexpr,
-                   MASK_OUT: tl.constexpr, BAND_ONLY: tl.constexpr, HALO: tl.constexpr, BR: tl.constexpr,
-                   BC: tl.constexpr, PREC: tl.constexpr, UNROLL: tl.constexpr, ACC: tl.constexpr):
+                   MASK_OUT: tl.constexpr, BAND_ONLY: tl.constexpr, HALO: tl.constexpr, KW: tl.constexpr,
+                   BR: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, UNROLL: tl.constexpr,
+                   ACC: tl.constexpr):
     """out (B, H, R, LC) contiguous: the conv of x (B, H, R, LC) (any strides) with
     w (H, CQ, CK) of x's dtype, or with TRANSPOSE its adjoint (the input gradient), summed in
     ACC (fp32, or fp64) and stored in out's dtype; with MASK_OUT, out is
     zero where col - row > ZERO_ABOVE. With BAND_ONLY only the tiles holding an entry with
     col - row > BAND_LIMIT are written (the others are left as they are), and x may hold
     only the columns [X_COL0, LC) (its column 0 is column X_COL0; those left of it read as
-    zero; 0 otherwise). HALO >= max(PL,
-    CK - 1 - PL), a power of two >= 16. UNROLL: the unroll factor of the loop over query
-    offsets (1: none)."""
+    zero; 0 otherwise). HALO >= max(PL, CK - 1 - PL), a power of two >= 16; KW >= BC + 2 * HALO,
+    a power of two. UNROLL: the unroll factor of the loop over query offsets (1: none)."""
     if BAND_ONLY:
         if tl.program_id(2) * BC + BC - 1 - tl.program_id(1) * BR <= BAND_LIMIT:
             return
@@ -106,16 +95,13 @@ def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, B
     SIGN: tl.constexpr = -1 if TRANSPOSE else 1
     acc = tl.zeros([BR, BC], dtype=ACC)
     if not _above_diagonal(ZERO_ABOVE, REACH, BR, BC):
+        window = c0 - HALO + tl.arange(0, KW)
         for a in tl.range(CQ, loop_unroll_factor=UNROLL):
-            # three column chunks of the input at the offset's rows, starting at c0 + off for
-            # off = -HALO, 0, BC; the tap of input column c0 + off + u for output column
-            # c0 + m is PL + off + u - m (conv) or PL - off - (u - m) (transpose)
-            x_left, x_main, x_right = _chunks(base, _source_rows(rows, a, CQ, TRANSPOSE), c0, sxi, sxj, R, LC,
-                                              ZERO_ABOVE, X_COL0, HALO, BC)
-            w_a = w_head + a * CK
-            acc += tl.dot(x_left, _toeplitz(w_a, PL + SIGN * -HALO, SIGN, CK, HALO, BC), input_precision=PREC)
-            acc += tl.dot(x_main, _toeplitz(w_a, PL, SIGN, CK, BC, BC), input_precision=PREC)
-            acc += tl.dot(x_right, _toeplitz(w_a, PL + SIGN * BC, SIGN, CK, HALO, BC), input_precision=PREC)
+            # the input at the offset's rows and the KW columns from c0 - HALO on (the tile's and
+            # HALO on either side, padded to a power of two); the tap of input column
+            # c0 - HALO + u for output column c0 + m is PL + SIGN * (u - HALO - m)
+            x_a = _shifted(base, _source_rows(rows, a, CQ, TRANSPOSE), window, sxi, sxj, R, LC, ZERO_ABOVE, X_COL0)
+            acc += tl.dot(x_a, _toeplitz(w_head + a * CK, PL - SIGN * HALO, SIGN, CK, KW, BC), input_precision=PREC)
     if MASK_OUT:
         acc = tl.where(cols[None, :] - rows[:, None] > ZERO_ABOVE, 0.0, acc)
     ok = (rows[:, None] < R) & (cols[None, :] < LC)

@@ -114,7 +114,8 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None
         x, w.to(x.dtype).contiguous(), out, *x.stride(), H, R, LC, zeros, reach,
         zeros - (cq - 1) - (ck - 1 - pl), x_col0,
         CQ=cq, CK=ck, PL=pl, TRANSPOSE=transpose, MASK_OUT=mask_output and zero_above is not None,
-        BAND_ONLY=band, HALO=_halo(ck, pl), BR=BR, BC=BC, PREC=_prec(x, precision),
+        BAND_ONLY=band, HALO=_halo(ck, pl), KW=_next_pow2(BC + 2 * _halo(ck, pl)), BR=BR, BC=BC,
+        PREC=_prec(x, precision),
         UNROLL=_unroll(cq, CONV_CONFIG), ACC=_accumulator(x), **options)
     return out
 

@@ -949,6 +949,36 @@ def test_slab_convs_match_reference(shape, cq, ck, pad_key, zero_above):
         assert torch.allclose(got, expected, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("zero_above", [None, 11])
+def test_slab_convs_on_16bit_slabs(zero_above, device):
+    """The slab convs on 16-bit slabs (the chunked paths' bf16 slabs; fp16 under the interpreter,
+    whose bf16 tl.dot is wrong): the weights rounded to the slab's dtype, sums in fp32, the
+    conv and its input gradient stored rounded once (within one unit in the last place of
+    the exact result of those 16-bit operands), the weight gradient in fp32."""
+    from mta_kernels import slab_conv
+    from mta_reference import backward as ref_bwd
+    from mta_reference.mta import key_query_conv
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    g = torch.Generator().manual_seed(1)
+    x, grad = (torch.randn(1, 3, 40, 100, generator=g).to(device, dtype) for _ in range(2))
+    w = torch.randn(3, 6, 11, generator=g).to(device)
+    if zero_above is not None:
+        rows, cols = torch.arange(40, device=device)[:, None], torch.arange(100, device=device)[None, :]
+        x, grad = (t.masked_fill(cols - rows > zero_above, 0.0) for t in (x, grad))
+    w16 = w.to(dtype).double()
+    z = dict(zero_above=zero_above, precision="ieee")
+    ulp = torch.finfo(dtype).eps
+    for got, exact in [(slab_conv.key_query_conv(x, w, "both", **z), key_query_conv(x.double(), w16, "both")),
+                       (slab_conv.key_query_conv_input_grad(grad, w, "both", **z),
+                        ref_bwd.key_query_conv_input_grad(grad.double(), w16, "both"))]:
+        assert got.dtype == dtype
+        assert ((got.double() - exact).abs() <= ulp * exact.abs() + 1e-6).all()
+    dw = slab_conv.key_query_conv_weight_grad(grad, x, w, "both", **z)
+    assert dw.dtype == torch.float32
+    torch.testing.assert_close(dw.double(), ref_bwd.key_query_conv_weight_grad(grad.double(), x.double(), w, "both"),
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_slab_conv_unroll_factor():
     """The conv kernel's loop over query offsets: "full" unrolls cq offsets up to
     MAX_FULL_UNROLL and none beyond (wide kernels spill); a number is taken as it is."""
