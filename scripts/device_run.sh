@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -445,6 +445,11 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 200 python3 scripts/tune.py slabconv16 2>&1 | tee "$OUT/tune_slabconv16.log" | grep "slab conv"
              timeout 60 python3 -m bench --shapes sweep --lengths 4096 --ops full --modes fwd,bwd,fwd+bwd \
                --providers fused --no-plots --out "$RES" 2>&1 | grep -E "^\[" | tee -a "$OUT/full.log"
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;;
+    session16e) # the slab conv as one dot per query offset: its tiles on bf16 and fp32 slabs, then full MTA
+             # against branches/before (three dots per offset) at L=2048 and 4096, two rounds
+             timeout 120 python3 scripts/tune.py slabconv16 2>&1 | tee "$OUT/tune_slabconv16.log" | grep "slab conv bf16 {"
+             for round in 1 2; do full_ab_trees 2>&1 | tee -a "$OUT/abtrees.log"; done
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;;
     session14a) # the final tree's GPU-marked tests (forward first: full MTA through band-scores had not
              # run against the reference on the GPU), then the chunked backward's needs test
