@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -451,6 +451,13 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 120 python3 scripts/tune.py slabconv16 2>&1 | tee "$OUT/tune_slabconv16.log" | grep "slab conv bf16 {"
              for round in 1 2; do full_ab_trees 2>&1 | tee -a "$OUT/abtrees.log"; done
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;;
+    session16f) # the final tree: every GPU-marked test (session14a's), the README's targets, and full MTA at
+             # L=4096 with a 2 GiB chunk budget (MTA_KERNELS_CHUNK_BYTES)
+             timeout 200 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
+               --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote"
+             MTA_KERNELS_CHUNK_BYTES=2147483648 timeout 60 python3 -m bench --shapes sweep --lengths 4096 --ops full \
+               --modes fwd,bwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 | grep -E "^\[" | tee "$OUT/chunk2g.log"
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;&
     session14a) # the final tree's GPU-marked tests (forward first: full MTA through band-scores had not
              # run against the reference on the GPU), then the chunked backward's needs test
              timeout 270 python3 -m pytest tests/test_forward.py -m gpu -q -rfE -s --tb=short --durations=8 \
