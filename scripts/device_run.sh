@@ -457,7 +457,9 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
                --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote"
              MTA_KERNELS_CHUNK_BYTES=2147483648 timeout 60 python3 -m bench --shapes sweep --lengths 4096 --ops full \
                --modes fwd,bwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 | grep -E "^\[" | tee "$OUT/chunk2g.log"
-             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;&
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
+             timeout 150 python3 -m pytest tests/test_forward.py tests/test_backward.py -q -rfE --tb=short -k "16bit" \
+               2>&1 | tee "$OUT/tests_16bit.log" | grep -E "FAIL|Error|passed|failed" ;&
     session14a) # the final tree's GPU-marked tests (forward first: full MTA through band-scores had not
              # run against the reference on the GPU), then the chunked backward's needs test
              timeout 270 python3 -m pytest tests/test_forward.py -m gpu -q -rfE -s --tb=short --durations=8 \
