@@ -451,12 +451,10 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 120 python3 scripts/tune.py slabconv16 2>&1 | tee "$OUT/tune_slabconv16.log" | grep "slab conv bf16 {"
              for round in 1 2; do full_ab_trees 2>&1 | tee -a "$OUT/abtrees.log"; done
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;;
-    session16f) # the final tree: every GPU-marked test (session14a's), the README's targets, and full MTA at
-             # L=4096 with a 2 GiB chunk budget (MTA_KERNELS_CHUNK_BYTES)
+    session16f) # the final tree: the README's targets, the 16-bit slab tests and every GPU-marked test
+             # (session14a's)
              timeout 200 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
                --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote"
-             MTA_KERNELS_CHUNK_BYTES=2147483648 timeout 60 python3 -m bench --shapes sweep --lengths 4096 --ops full \
-               --modes fwd,bwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 | grep -E "^\[" | tee "$OUT/chunk2g.log"
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
              timeout 150 python3 -m pytest tests/test_forward.py tests/test_backward.py -q -rfE --tb=short -k "16bit" \
                2>&1 | tee "$OUT/tests_16bit.log" | grep -E "FAIL|Error|passed|failed" ;&
