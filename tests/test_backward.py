@@ -612,6 +612,10 @@ def test_mix_backward_split_counts_are_even():
 @pytest.mark.parametrize("case", [Case(H=16, L=2048, D=128, pre_mix=16, post_mix=16),
                                   Case(B=2, H=10, L=1000, D=96, pre_mix=10, post_mix=10)], ids=lambda c: c.id)
 def test_fused_mix_backward_gpu(case, dtype, monkeypatch):
+    """The register-mixing backward at realistic sizes on the GPU (the chunked paths turned off:
+    'auto' takes them for talking heads from L=2048)."""
+    from mta_kernels import chunked_forward
+    monkeypatch.setattr(chunked_forward, "CHUNKED_TALKING_HEADS", "0")
     calls = _use_fused_mix_backward(monkeypatch)
     test_gradients_match_reference(case, dtype, "cuda")
     assert calls
