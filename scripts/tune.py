@@ -29,23 +29,30 @@ def mix_slab(x, w):
     return torch.matmul(w.to(x.dtype), x.reshape(B, G, ch, R * K)).view(B, H, R, K)
 
 
+def slab_conv_calls(rows, lo, keys, dtype):
+    """The three slab conv kernels on one causal slab of rows lo..lo+rows and ``keys`` keys in
+    ``dtype``, each as (call, the reference's result from the same rounded operands)."""
+    from mta_kernels import slab_conv
+    from mta_reference import backward as ref_bwd
+    future = torch.arange(keys, device="cuda")[None, :] - torch.arange(rows, device="cuda")[:, None] > lo
+    x, g = (torch.randn(B, H, rows, keys, device="cuda").masked_fill(future, 0.0).to(dtype) for _ in range(2))
+    w = R.identity_conv(H, 6, 11, device="cuda") + 0.01 * torch.randn(H, 6, 11, device="cuda")
+    x32, g32, w_rounded = x.float(), g.float(), w.to(dtype).float()
+    return {"conv": (lambda: slab_conv.key_query_conv(x, w, "both", zero_above=lo, precision="tf32"),
+                     R.key_query_conv(x32, w_rounded, "both")),
+            "input_grad": (lambda: slab_conv.key_query_conv_input_grad(g, w, "both", zero_above=lo,
+                                                                       mask_output=True, precision="tf32"),
+                           ref_bwd.key_query_conv_input_grad(g32, w_rounded, "both").masked_fill(future, 0)),
+            "weight_grad": (lambda: slab_conv.key_query_conv_weight_grad(g, x, w, "both", zero_above=lo,
+                                                                         precision="tf32"),
+                            ref_bwd.key_query_conv_weight_grad(g32, x32, w, "both"))}
+
+
 if "slabconv" in which:
     # one middle slab of the chunked backward at this shape: rows lo..lo+R of (B, H, R, L) fp32
     from mta_kernels import slab_conv
-    from mta_reference import backward as ref_bwd
     from sm90_compile import SLAB_CONV_CONFIGS, SLAB_WEIGHT_GRAD_CONFIGS
-    rows, lo = 302, 2000
-    future = torch.arange(L, device="cuda")[None, :] - torch.arange(rows, device="cuda")[:, None] > lo
-    x, g = (torch.randn(B, H, rows, L, device="cuda").masked_fill(future, 0.0) for _ in range(2))
-    w = R.identity_conv(H, 6, 11, device="cuda") + 0.01 * torch.randn(H, 6, 11, device="cuda")
-    calls = {"conv": (lambda: slab_conv.key_query_conv(x, w, "both", zero_above=lo, precision="tf32"),
-                      R.key_query_conv(x, w, "both")),
-             "input_grad": (lambda: slab_conv.key_query_conv_input_grad(g, w, "both", zero_above=lo,
-                                                                        mask_output=True, precision="tf32"),
-                            ref_bwd.key_query_conv_input_grad(g, w, "both").masked_fill(future, 0)),
-             "weight_grad": (lambda: slab_conv.key_query_conv_weight_grad(g, x, w, "both", zero_above=lo,
-                                                                          precision="tf32"),
-                             ref_bwd.key_query_conv_weight_grad(g, x, w, "both"))}
+    calls = slab_conv_calls(302, 2000, L, torch.float32)
 
     def time_calls(cfg, names):
         line = []
@@ -69,21 +76,7 @@ if "slabconv16" in which:
     # the slab conv kernels on bf16 slabs (chunked_forward.BF16_SLABS): one middle slab of the chunked
     # backward at L=4096 with bf16-counted chunks (rows 1000..2044), tiles larger than fp32's fit
     from mta_kernels import slab_conv
-    from mta_reference import backward as ref_bwd
-    rows, lo = 1044, 1000
-    keys = 2048
-    future = torch.arange(keys, device="cuda")[None, :] - torch.arange(rows, device="cuda")[:, None] > lo
-    x, g = (torch.randn(B, H, rows, keys, device="cuda").masked_fill(future, 0.0).bfloat16() for _ in range(2))
-    w = R.identity_conv(H, 6, 11, device="cuda") + 0.01 * torch.randn(H, 6, 11, device="cuda")
-    x32, g32, w16 = x.float(), g.float(), w.bfloat16().float()
-    calls = {"conv": (lambda: slab_conv.key_query_conv(x, w, "both", zero_above=lo, precision="tf32"),
-                      R.key_query_conv(x32, w16, "both")),
-             "input_grad": (lambda: slab_conv.key_query_conv_input_grad(g, w, "both", zero_above=lo,
-                                                                        mask_output=True, precision="tf32"),
-                            ref_bwd.key_query_conv_input_grad(g32, w16, "both").masked_fill(future, 0)),
-             "weight_grad": (lambda: slab_conv.key_query_conv_weight_grad(g, x, w, "both", zero_above=lo,
-                                                                          precision="tf32"),
-                             ref_bwd.key_query_conv_weight_grad(g32, x32, w, "both"))}
+    calls = slab_conv_calls(1044, 1000, 2048, torch.bfloat16)
     for BR, BC, warps in [(64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 64, 8), (64, 64, 8), (128, 32, 8),
                           (32, 64, 4), (64, 128, 8)]:
         cfg = dict(BR=BR, BC=BC, num_warps=warps, num_stages=1, unroll="full")
