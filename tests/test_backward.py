@@ -85,6 +85,14 @@ def test_chunked_backward_with_16bit_slabs(case, rows, device):
         check_rule(f"d{name}", g, r, lo, dtype)
 
 
+def test_chunked_backward_with_16bit_slabs_and_the_slab_pre_conv(device, monkeypatch):
+    """16-bit slabs where the backward's forward recomputation makes the pre conv with the slab
+    conv kernel, not one matmul."""
+    from mta_kernels import slabs
+    monkeypatch.setattr(slabs, "PRE_CONV_MATMUL", "0")
+    test_chunked_backward_with_16bit_slabs(SIXTEEN_BIT_SLAB_CASES[0], 16, device)
+
+
 def test_chunk_height_fills_a_conv_tile():
     """The budget sets the chunk height, except that a slab (rows plus halos) is never shorter
     than one row tile of the slab conv kernels; the rows are shared evenly by the chunks."""

@@ -391,6 +391,14 @@ def test_chunked_forward_with_16bit_slabs(case, rows, device):
         assert torch.equal(out[:, :, :t], run(q2, k2, v2)[0][:, :, :t])
 
 
+def test_chunked_forward_with_16bit_slabs_and_the_slab_pre_conv(device, monkeypatch):
+    """16-bit slabs where the pre conv is the slab conv kernel on the scores (L beyond the pre
+    conv matmul's budget), not one matmul: the pre conv took the scale."""
+    from mta_kernels import slabs
+    monkeypatch.setattr(slabs, "PRE_CONV_MATMUL", "0")
+    test_chunked_forward_with_16bit_slabs(SIXTEEN_BIT_SLAB_CASES[0], 16, device)
+
+
 def test_16bit_slabs_need_a_map_for_the_scale(device):
     """16-bit slabs put the softmax scale into the pre conv or pre mix: a call with neither (or
     slabs of another dtype than q's) is refused, naming the argument; fp32 and fp16 q keep
