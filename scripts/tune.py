@@ -77,9 +77,9 @@ if "slabconv16" in which:
     # backward at L=4096 with bf16-counted chunks (rows 1000..2044), tiles larger than fp32's fit
     from mta_kernels import slab_conv
     calls = slab_conv_calls(1044, 1000, 2048, torch.bfloat16)
-    for BR, BC, warps in [(64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 64, 8), (64, 64, 8), (128, 32, 8),
-                          (32, 64, 4), (64, 128, 8)]:
-        cfg = dict(BR=BR, BC=BC, num_warps=warps, num_stages=1, unroll="full")
+    for BR, BC, warps, stages in [(64, 32, 4, 1), (128, 32, 4, 1), (128, 32, 8, 1), (64, 64, 4, 1), (64, 32, 4, 2),
+                                  (128, 32, 4, 2), (64, 32, 2, 1), (32, 32, 4, 1)]:
+        cfg = dict(BR=BR, BC=BC, num_warps=warps, num_stages=stages, unroll="full")
         slab_conv.CONV_CONFIG = cfg
         line = []
         for name in ("conv", "input_grad"):
@@ -90,8 +90,9 @@ if "slabconv16" in which:
             except Exception as e:  # a config may not fit
                 line.append(f"{name} failed {type(e).__name__}: {str(e)[:80]}")
         print(f"slab conv bf16 {cfg}: " + "; ".join(line), flush=True)
-    for BR, warps, reg in [(64, 4, 96), (32, 4, None), (64, 4, None), (128, 4, None), (128, 8, None), (64, 8, None)]:
-        cfg = dict(BR=BR, num_warps=warps, num_stages=1, TILES=16, maxnreg=reg)
+    for BR, warps, reg, stages, tiles in [(64, 4, 96, 1, 16), (64, 4, None, 1, 16), (64, 4, None, 2, 16),
+                                          (64, 4, None, 1, 32), (64, 4, None, 1, 8), (128, 4, None, 2, 16)]:
+        cfg = dict(BR=BR, num_warps=warps, num_stages=stages, TILES=tiles, maxnreg=reg)
         slab_conv.WEIGHT_GRAD_CONFIG = cfg
         fn, ref = calls["weight_grad"]
         try:
