@@ -3,6 +3,7 @@ import math
 
 import torch
 import triton
+import triton.language as tl
 
 from mta_reference.validate import left_pad
 from .flash_kernels import flash_fwd_kernel
@@ -41,6 +42,11 @@ def acc_dtype(q) -> torch.dtype:
     """Accumulators, statistics and weights inside the kernels: fp32, or fp64 for fp64 inputs
     (which exist for gradchecks under the interpreter)."""
     return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def tl_acc_dtype(q):
+    """acc_dtype(q) as a Triton dtype, for a kernel's accumulator argument."""
+    return tl.float64 if acc_dtype(q) == torch.float64 else tl.float32
 
 
 def _next_pow2(x: int) -> int:

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from mta_reference.validate import left_pad
 
-from .forward import _next_pow2
+from .forward import _next_pow2, acc_dtype, tl_acc_dtype
 from .slab_conv import _NO_ZEROS
 
 # GEMM tile [BM, BN], inner block BD (at most), warps and stages. H200, the last 1034-row chunk
@@ -123,11 +123,10 @@ def pre_conv_matmul(q: torch.Tensor, kt: torch.Tensor, lo: int, hi: int, keys: i
     BM = min(cfg["BM"], max(16, _next_pow2(R)))
     BN = min(cfg["BN"], max(16, _next_pow2(keys)))
     BD = min(cfg["BD"], max(16, _next_pow2(D)))
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
     pre_conv_matmul_kernel[(B * H, triton.cdiv(R, BM), triton.cdiv(keys, BN))](
-        q, kt, out, torch.full((1,), scale, device=q.device, dtype=acc), *q.stride(), H, R, keys, L, D, lo,
+        q, kt, out, torch.full((1,), scale, device=q.device, dtype=acc_dtype(q)), *q.stride(), H, R, keys, L, D, lo,
         _NO_ZEROS if zero_above is None else zero_above,
         CQ=cq, BM=BM, BN=BN, BD=BD, PREC="ieee" if q.dtype == torch.float64 else precision,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        ACC=tl_acc_dtype(q),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -9,12 +9,11 @@ Common keyword arguments:
 """
 import torch
 import triton
-import triton.language as tl
 
 from mta_reference.validate import left_pad
 
 from .conv_kernels import kq_conv_kernel, kq_conv_weight_grad_kernel
-from .forward import _next_pow2
+from .forward import _next_pow2, acc_dtype, tl_acc_dtype
 
 # zero_above=None: no zero structure (any value beyond every column offset would do)
 _NO_ZEROS = 2 ** 30
@@ -89,11 +88,6 @@ def _halo(ck, pl):
     return max(16, _next_pow2(max(pl, ck - 1 - pl)))
 
 
-def _accumulator(x):
-    """The conv kernel's sums: fp64 for fp64 slabs, else fp32 (16-bit slabs are stored rounded)."""
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
-
-
 def _prec(x, precision):
     return "ieee" if x.dtype == torch.float64 else precision
 
@@ -116,7 +110,7 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None
         CQ=cq, CK=ck, PL=pl, TRANSPOSE=transpose, MASK_OUT=mask_output and zero_above is not None,
         BAND_ONLY=band, HALO=_halo(ck, pl), KW=_next_pow2(BC + 2 * _halo(ck, pl)), BR=BR, BC=BC,
         PREC=_prec(x, precision),
-        UNROLL=_unroll(cq, CONV_CONFIG), ACC=_accumulator(x), **options)
+        UNROLL=_unroll(cq, CONV_CONFIG), ACC=tl_acc_dtype(x), **options)
     return out
 
 
@@ -160,7 +154,7 @@ def key_query_conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, w: torch.Ten
     read as zero)."""
     B, H, R, LC = x.shape
     _, cq, ck = w.shape
-    sums = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    sums = acc_dtype(grad)
     if x.numel() == 0:
         return torch.zeros(H, cq, ck, device=x.device, dtype=sums)
     pl = left_pad(ck, pad_key)

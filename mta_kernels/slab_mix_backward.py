@@ -19,10 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import _next_pow2
+from .forward import _next_pow2, acc_dtype
 from .slab_conv import row_kernel_zero_above
 from .slab_mix import group_row, group_row_program
-from .slab_softmax import _math_dtype
 
 # key block of about this many elements (heads x keys), and the warps
 MIX_BACKWARD_CONFIG = dict(elements=2048, num_warps=4)
@@ -102,7 +101,7 @@ def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, z
     out = torch.empty_like(grad) if out is None else out
     lo, hi = rows or (0, R)
     summed = x is not None and dw_rows is None
-    math = _math_dtype(grad)
+    math = acc_dtype(grad)
     if grad.numel() == 0:
         return out, torch.zeros(G, ch, ch, device=grad.device, dtype=math) if summed else None
     if x is None:

@@ -17,20 +17,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import _next_pow2
+from .forward import _next_pow2, acc_dtype, tl_acc_dtype
 from .slab_conv import row_kernel_zero_above
 from .slab_mix import group_row, group_row_program
 
 
 @triton.jit
 def softmax_rows_kernel(x, lse, sb, sh, si, sj, H, R, K, ZERO_ABOVE,
-                        WRITE_LSE: tl.constexpr, BLOCK: tl.constexpr):
+                        MATH: tl.constexpr, WRITE_LSE: tl.constexpr, BLOCK: tl.constexpr):
     """x (B, H, R, K), any strides, overwritten row by row with softmax(x) over its last dim,
     where entries with col - row > ZERO_ABOVE count as -inf (and are written as zero);
     with WRITE_LSE, lse (B, H, R) contiguous gets each row's log-sum-exp. The math runs in
-    lse's dtype (fp32 for 16-bit x). One program per row; every row must keep column 0
+    MATH (fp32 for 16-bit x; lse's dtype). One program per row; every row must keep column 0
     (ZERO_ABOVE >= 0)."""
-    MATH: tl.constexpr = lse.dtype.element_ty
     n = tl.program_id(0)
     bh, i = n // R, n % R
     row = x + (bh // H).to(tl.int64) * sb + (bh % H).to(tl.int64) * sh + i.to(tl.int64) * si
@@ -53,11 +52,6 @@ def softmax_rows_kernel(x, lse, sb, sh, si, sj, H, R, K, ZERO_ABOVE,
         tl.store(lse + n, row_max + tl.log(row_sum))
 
 
-def _math_dtype(x):
-    """The dtype the row kernels compute in: fp32 for 16-bit x, else x's."""
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
 def softmax_rows_(x: torch.Tensor, zero_above=None, want_lse=False):
     """Softmax of x (B, H, R, K) over its last dim, written over x, with entries where
     col - row > zero_above (a causal slab of rows lo.. has zero_above = lo) taken as -inf and
@@ -65,13 +59,12 @@ def softmax_rows_(x: torch.Tensor, zero_above=None, want_lse=False):
     lse (B, H, R) in the math's dtype or None)."""
     B, H, R, K = x.shape
     zeros = row_kernel_zero_above(zero_above)
-    math = _math_dtype(x)
-    lse = torch.empty(B, H, R, device=x.device, dtype=math) if want_lse else None
+    lse = torch.empty(B, H, R, device=x.device, dtype=acc_dtype(x)) if want_lse else None
     if x.numel() == 0:
         return x, lse
     block = min(2048, max(16, _next_pow2(K)))
     softmax_rows_kernel[(B * H * R,)](
-        x, lse if want_lse else torch.empty(1, device=x.device, dtype=math), *x.stride(), H, R, K, zeros,
+        x, lse if want_lse else x, *x.stride(), H, R, K, zeros, MATH=tl_acc_dtype(x),
         WRITE_LSE=want_lse, BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return x, lse
 
@@ -159,7 +152,7 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
     sweep over the keys does (not with want_lse)."""
     B, H, R, K = x.shape
     G, ch, _ = w.shape
-    cd = _math_dtype(x)
+    cd = acc_dtype(x)
     if post_mix is not None and post_mix.shape != w.shape:
         raise ValueError(f"post_mix must have the pre mix's shape {tuple(w.shape)}, got {tuple(post_mix.shape)}")
     zeros = row_kernel_zero_above(zero_above)
