@@ -109,6 +109,53 @@ def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, B
 
 
 @triton.jit
+def kq_conv_tiles_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, BAND_LIMIT, X_COL0, n_col_groups,
+                         CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, TRANSPOSE: tl.constexpr,
+                         MASK_OUT: tl.constexpr, BAND_ONLY: tl.constexpr, HALO: tl.constexpr, KW: tl.constexpr,
+                         BR: tl.constexpr, BC: tl.constexpr, TILES: tl.constexpr, PREC: tl.constexpr,
+                         ACC: tl.constexpr):
+    """kq_conv_kernel's result, a program per [BR rows, TILES * BC columns] strip instead of per
+    tile (grid (B * H, row tiles, n_col_groups)): the CQ Toeplitz matrices of its head are built
+    once per program, not once per tile (their gathers had been as many L1 wavefronts as the
+    input's loads). Tiles whose every tap reads only causal zeros are stored as zeros."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    r0 = tl.program_id(1) * BR
+    first = tl.program_id(2) * TILES
+    end = tl.minimum(first + TILES, tl.cdiv(LC, BC))
+    # tiles [c_lo, c_hi) are computed: the causal ones read left of ZERO_ABOVE + REACH, the band's
+    # hold an entry with col - row > BAND_LIMIT; the others up to `end` are zero (or, for the
+    # band, left as they are)
+    c_hi = tl.minimum(end, (r0 + BR - 1 + ZERO_ABOVE + REACH) // BC + 1)
+    c_lo = first
+    if BAND_ONLY:
+        c_lo = tl.maximum(first, (tl.maximum(BAND_LIMIT + r0 - BC + 2, 0) + BC - 1) // BC)
+    rows = r0 + tl.arange(0, BR)
+    base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj) - X_COL0 * sxj
+    dst = out + (i_bh * R + rows[:, None]) * LC
+    SIGN: tl.constexpr = -1 if TRANSPOSE else 1
+    if c_lo < c_hi:
+        w_head = w + (i_bh % H) * (CQ * CK)
+        toeplitz = ()
+        for a in tl.static_range(CQ):
+            toeplitz = toeplitz + (_toeplitz(w_head + a * CK, PL - SIGN * HALO, SIGN, CK, KW, BC),)
+        for i_c in range(c_lo, c_hi):
+            c0 = i_c * BC
+            cols = c0 + tl.arange(0, BC)
+            window = c0 - HALO + tl.arange(0, KW)
+            acc = tl.zeros([BR, BC], dtype=ACC)
+            for a in tl.static_range(CQ):
+                x_a = _shifted(base, _source_rows(rows, a, CQ, TRANSPOSE), window, sxi, sxj, R, LC, ZERO_ABOVE, X_COL0)
+                acc += tl.dot(x_a, toeplitz[a], input_precision=PREC)
+            if MASK_OUT:
+                acc = tl.where(cols[None, :] - rows[:, None] > ZERO_ABOVE, 0.0, acc)
+            tl.store(dst + cols[None, :], acc.to(out.dtype.element_ty), mask=(rows[:, None] < R) & (cols[None, :] < LC))
+    for i_c in range(tl.maximum(c_lo, c_hi), end):
+        cols = i_c * BC + tl.arange(0, BC)
+        zeros = tl.zeros([BR, BC], dtype=out.dtype.element_ty)
+        tl.store(dst + cols[None, :], zeros, mask=(rows[:, None] < R) & (cols[None, :] < LC))
+
+
+@triton.jit
 def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi, sxj, H, R, LC,
                                ZERO_ABOVE, G_LO, G_HI, n_col_groups,
                                CQ: tl.constexpr, CK: tl.constexpr, CKP: tl.constexpr, PL: tl.constexpr,

@@ -12,7 +12,7 @@ import triton
 
 from mta_reference.validate import left_pad
 
-from .conv_kernels import kq_conv_kernel, kq_conv_weight_grad_kernel
+from .conv_kernels import kq_conv_kernel, kq_conv_tiles_kernel, kq_conv_weight_grad_kernel
 from .forward import _next_pow2, acc_dtype, tl_acc_dtype
 
 # zero_above=None: no zero structure (any value beyond every column offset would do)
@@ -104,13 +104,17 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None
     # how far toward the diagonal (column minus row) a tap reads
     reach = (cq - 1) + (ck - 1 - pl) if transpose else pl
     zeros = _NO_ZEROS if zero_above is None else zero_above
-    kq_conv_kernel[(B * H, n_r, n_c)](
-        x, w.to(x.dtype).contiguous(), out, *x.stride(), H, R, LC, zeros, reach,
-        zeros - (cq - 1) - (ck - 1 - pl), x_col0,
-        CQ=cq, CK=ck, PL=pl, TRANSPOSE=transpose, MASK_OUT=mask_output and zero_above is not None,
-        BAND_ONLY=band, HALO=_halo(ck, pl), KW=_next_pow2(BC + 2 * _halo(ck, pl)), BR=BR, BC=BC,
-        PREC=_prec(x, precision),
-        UNROLL=_unroll(cq, CONV_CONFIG), ACC=tl_acc_dtype(x), **options)
+    common = dict(CQ=cq, CK=ck, PL=pl, TRANSPOSE=transpose, MASK_OUT=mask_output and zero_above is not None,
+                  BAND_ONLY=band, HALO=_halo(ck, pl), KW=_next_pow2(BC + 2 * _halo(ck, pl)), BR=BR, BC=BC,
+                  PREC=_prec(x, precision), ACC=tl_acc_dtype(x), **options)
+    args = (x, w.to(x.dtype).contiguous(), out, *x.stride(), H, R, LC, zeros, reach, zeros - (cq - 1) - (ck - 1 - pl),
+            x_col0)
+    tiles = CONV_CONFIG.get("TILES")
+    if tiles and cq <= MAX_FULL_UNROLL:
+        n_groups = triton.cdiv(n_c, tiles)
+        kq_conv_tiles_kernel[(B * H, n_r, n_groups)](*args, n_groups, TILES=tiles, **common)
+    else:
+        kq_conv_kernel[(B * H, n_r, n_c)](*args, UNROLL=_unroll(cq, CONV_CONFIG), **common)
     return out
 
 

@@ -139,6 +139,14 @@ def launch(op, D, H=16, L=256):
         slab_conv.key_query_conv(x, conv, "both", **slab)
         slab_conv.key_query_conv_input_grad(x, conv, "both", mask_output=True, **slab)
         slab_conv.key_query_conv_weight_grad(x, x, conv, "both", rows=(5, 60), **slab)
+    elif op == "slab_conv16":
+        # bf16 slabs: the per-tile kernel and the per-strip one (CONV_CONFIG's TILES)
+        from mta_kernels import slab_conv
+        x = torch.randn(1, H, 300, L, dtype=torch.bfloat16)
+        for tiles in (None, 8):
+            slab_conv.CONV_CONFIG = dict(slab_conv.CONV_CONFIG, TILES=tiles)
+            slab_conv.key_query_conv(x, conv, "both", zero_above=0, precision="tf32")
+            slab_conv.key_query_conv_input_grad(x, conv, "both", zero_above=0, mask_output=True, precision="tf32")
     elif op == "slab_conv_sweep":
         from mta_kernels import slab_conv
         x = torch.randn(1, H, 300, L)

@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [slabconv16] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows] [preconvmatmul] [thbackward]   (all without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [slabconv16] [slabconvtiles] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows] [preconvmatmul] [thbackward]   (all without arguments)"""
 import sys
 
 import torch
@@ -101,6 +101,26 @@ if "slabconv16" in which:
                   f"(rel err {err:.1e})", flush=True)
         except Exception as e:
             print(f"slab conv bf16 weight grad {cfg}: failed {type(e).__name__}: {str(e)[:80]}", flush=True)
+if "slabconvtiles" in which:
+    # the conv kernel a program per strip of TILES column tiles (Toeplitz matrices built once per
+    # program) against a program per tile (TILES None), on the bf16 slab of slabconv16
+    from mta_kernels import slab_conv
+    calls = slab_conv_calls(1044, 1000, 2048, torch.bfloat16)
+    for BR, BC, warps, stages, tiles in [(64, 32, 4, 1, None), (64, 32, 4, 1, 4), (64, 32, 4, 1, 8),
+                                         (64, 32, 4, 1, 16), (64, 32, 4, 1, 64), (64, 32, 4, 2, 8),
+                                         (64, 32, 4, 3, 8), (128, 32, 8, 1, 8), (128, 32, 4, 1, 8),
+                                         (64, 64, 4, 1, 8), (64, 32, 8, 1, 8), (128, 32, 8, 2, 8)]:
+        cfg = dict(BR=BR, BC=BC, num_warps=warps, num_stages=stages, unroll="full", TILES=tiles)
+        slab_conv.CONV_CONFIG = cfg
+        line = []
+        for name in ("conv", "input_grad"):
+            fn, ref = calls[name]
+            try:
+                err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
+                line.append(f"{name} {triton.testing.do_bench(fn, return_mode='median'):.3f} ms (rel err {err:.1e})")
+            except Exception as e:  # a config may not fit
+                line.append(f"{name} failed {type(e).__name__}: {str(e)[:80]}")
+        print(f"slab conv tiles {cfg}: " + "; ".join(line), flush=True)
 if "mixsoftmax" in which:
     # the pre mix and softmax of one middle chunk of the chunked forward (rows 1365..2730 of L=4096,
     # keys up to 2736), fused against the batched-matmul mix then the slab softmax
@@ -196,7 +216,8 @@ if "preconvmatmul" in which:
     from mta_kernels.slab_conv import key_query_conv
     lo, hi = 3062, 4096
     w = R.identity_conv(H, 6, 11, device="cuda") + 0.01 * torch.randn(H, 6, 11, device="cuda")
-    s0 = torch.matmul(q[:, :, lo:hi].float() * scale, k.float().transpose(-1, -2))
+    # bf16 slabs as the chunked forward makes them for bf16 inputs (chunked_forward.BF16_SLABS)
+    s0 = torch.matmul(q[:, :, lo:hi].float() * scale, k.float().transpose(-1, -2)).to(torch.bfloat16)
     expect_c = key_query_conv(s0, w, "both", zero_above=lo, precision="tf32")
     t = triton.testing.do_bench(lambda: key_query_conv(s0, w, "both", zero_above=lo, precision="tf32"), return_mode="median")
     print(f"pre conv matmul: slab conv {t:.3f} ms", flush=True)
@@ -206,20 +227,23 @@ if "preconvmatmul" in which:
         print(f"pre conv matmul: K~ {pcm.KEYS_CONFIG} {t:.3f} ms (once per forward)", flush=True)
     kt = pcm.conv_keys(k, w, "both", H, q.dtype)
     band = lambda c: key_query_conv(s0, w, "both", zero_above=lo, precision="tf32", out=c, band=True)
-    c = pcm.pre_conv_matmul(q, kt, lo, hi, L, scale, lo, precision="tf32")
+    c = pcm.pre_conv_matmul(q, kt, lo, hi, L, scale, lo, precision="tf32", dtype=torch.bfloat16)
     t = triton.testing.do_bench(lambda: band(c), return_mode="median")
     print(f"pre conv matmul: band tiles {t:.3f} ms", flush=True)
     # the causal past, from the 6th row on (above it the slab conv reads zeros, the matmul q's rows)
     rows = torch.arange(lo, hi, device="cuda")[:, None]
     valid = (torch.arange(L, device="cuda")[None, :] <= rows) & (rows >= lo + 5)
     for BM, BN, BD, warps, stages in [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3), (128, 64, 64, 4, 3),
-                                      (128, 128, 32, 8, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 2), (256, 64, 64, 8, 3)]:
+                                      (128, 128, 32, 8, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 2), (256, 64, 64, 8, 3),
+                                      (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 2),
+                                      (128, 128, 64, 8, 4)]:
         pcm.MATMUL_CONFIG = dict(BM=BM, BN=BN, BD=BD, num_warps=warps, num_stages=stages)
         try:
-            c = pcm.pre_conv_matmul(q, kt, lo, hi, L, scale, lo, precision="tf32")
+            c = pcm.pre_conv_matmul(q, kt, lo, hi, L, scale, lo, precision="tf32", dtype=torch.bfloat16)
             band(c)
-            err = ((c - expect_c) * valid).abs().max().item()
-            t = triton.testing.do_bench(lambda: pcm.pre_conv_matmul(q, kt, lo, hi, L, scale, lo, precision="tf32"),
+            err = ((c.float() - expect_c.float()) * valid).abs().max().item()
+            t = triton.testing.do_bench(lambda: pcm.pre_conv_matmul(q, kt, lo, hi, L, scale, lo, precision="tf32",
+                                                                    dtype=torch.bfloat16),
                                         return_mode="median")
             print(f"pre conv matmul {pcm.MATMUL_CONFIG}: {t:.3f} ms, max err {err:.1e}", flush=True)
         except Exception as e:  # a config may not fit
