@@ -23,14 +23,15 @@ from .forward import _next_pow2, acc_dtype, tl_acc_dtype
 from .slab_conv import _NO_ZEROS
 
 # GEMM tile [BM, BN], inner block BD (at most), warps and stages. H200, the last 1034-row chunk
-# of L=4096, 16 heads, D=128, bf16 (scripts/tune.py preconvmatmul,
-# notes/tune_preconvmatmul_h200_02d1456.log): 128x128x64 with 8 warps and 3 stages 0.294 ms,
-# 64x128x64 / 4 warps 0.325, 128x128x32 / 8 warps / 4 stages 0.331, 128x64x64 0.346-0.350,
-# 256x64 0.408; the band tiles 0.050 more; the slab conv kernel 0.640.
-MATMUL_CONFIG = dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3)
+# of L=4096, 16 heads, D=128, bf16 inputs and output (scripts/tune.py preconvmatmul,
+# notes/tune_preconvmatmul_h200_34481c8.log): 128x256x64 with 8 warps and 3 stages 0.252 ms,
+# 128x128x64 0.279 (2 stages 0.297, 4 stages 0.322), 256x128x64 0.288, 64x128x64 / 4 warps 0.312,
+# 128x128x128 / 2 stages 0.411; the band tiles 0.045 more; the slab conv kernel 0.468.
+MATMUL_CONFIG = dict(BM=128, BN=256, BD=64, num_warps=8, num_stages=3)
 # K~'s program: [cq rounded up, rows, D rounded up] sums of at most this many elements, and
-# its warps (untuned: 201 registers at D=128 on sm_90a, one program per SM)
-KEYS_CONFIG = dict(elements=16384, num_warps=8)
+# its warps. Same run, at L=4096: 8192 elements with 4 warps 0.114 ms, 4096 / 4 0.122,
+# 8192 / 8 0.141, 16384 / 8 0.155.
+KEYS_CONFIG = dict(elements=8192, num_warps=4)
 
 
 @triton.jit

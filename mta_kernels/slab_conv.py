@@ -9,6 +9,7 @@ Common keyword arguments:
 """
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from mta_reference.validate import left_pad
 
@@ -43,7 +44,15 @@ def row_kernel_zero_above(zero_above):
 # fully (unroll = CQ, 6 here) took the 64x32 conv to 0.129 ms (0.128 input gradient) against
 # 0.142 (0.149) rolled; unroll 2 or 3 0.18, 2 stages 0.157; on the whole path full MTA at
 # L=4096 5.62 / 18.61 ms forward / backward against 6.07 / 19.55 rolled.
-CONV_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=1, unroll="full")
+# At 34481c8 a program per strip of TILES column tiles (kq_conv_tiles_kernel, the Toeplitz
+# matrices built once per program; notes/tune_slabconvtiles_h200_34481c8.log, a bf16 slab of
+# 1044 x 2048): conv 0.182 ms and input gradient 0.165 at 8 tiles (4: 0.179 / 0.166, 16: 0.205 /
+# 0.184, 64: 0.261 / 0.240; 2 stages 0.218, 8 warps 0.44) against 0.213 / 0.196 a program per
+# tile; full MTA at L=4096 (notes/tiles_ab_h200_34481c8.log, two rounds) 2.64 / 9.05 / 11.68 ms
+# forward / backward / both against 2.87 / 9.60 / 12.45 (L=2048 0.85 / 2.58 / 3.43 against 0.89 /
+# 2.72 / 3.61). TILES=None (or 0): a program per tile (kq_conv_kernel, also for cq beyond
+# MAX_FULL_UNROLL).
+CONV_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=1, unroll="full", TILES=8)
 # (the weight gradient's column tiles are 2 * halo wide: 32 for the paper's convs)
 # At 2e57d89 (notes/tune_slabconv_h200_maxnreg_2e57d89.log) the weight gradient took 0.154 ms
 # at 64 rows capped at 96 registers against 0.165 at 32 rows (the conv itself gained nothing
@@ -112,10 +121,23 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None
     tiles = CONV_CONFIG.get("TILES")
     if tiles and cq <= MAX_FULL_UNROLL:
         n_groups = triton.cdiv(n_c, tiles)
-        kq_conv_tiles_kernel[(B * H, n_r, n_groups)](*args, n_groups, TILES=tiles, **common)
+        group = CONV_CONFIG.get("group", 1)
+        desc = _box_descriptor(x, BR, common["KW"]) if CONV_CONFIG.get("tma") and group == 1 else None
+        kq_conv_tiles_kernel[(B * H, n_r, n_groups)](args[0], desc, *args[1:], n_groups, TILES=tiles, GROUP=group,
+                                                     CLEAN_STAGES=CONV_CONFIG.get("clean_stages", 1), **common)
     else:
         kq_conv_kernel[(B * H, n_r, n_c)](*args, UNROLL=_unroll(cq, CONV_CONFIG), **common)
     return out
+
+
+def _box_descriptor(x, rows, cols):
+    """A TMA descriptor of x (B, H, R, L) loading [1, 1, rows, cols] boxes, or None where TMA
+    cannot read x (its base or a stride other than the last not 16-byte aligned, the last not
+    1)."""
+    size = x.element_size()
+    if x.stride(-1) != 1 or x.data_ptr() % 16 or any(st * size % 16 for st in x.stride()[:-1]):
+        return None
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, cols])
 
 
 def key_query_conv(x: torch.Tensor, w: torch.Tensor, pad_key: str, zero_above=None,

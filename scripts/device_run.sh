@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17a, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17a, session17b, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -462,6 +462,19 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
                  timeout 100 python3 scripts/bench_conv_config.py conv.TILES=$tiles -- --shapes sweep --lengths 2048,4096 \
                    --ops full --modes fwd,bwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
                    | grep -E "^\[" | sed "s|^|tiles=$tiles |" | tee -a "$OUT/tiles_ab.log"
+               done
+             done
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;;
+    session17b) # the strip conv kernel's variants (scripts/tune.py slabconvtiles), then full MTA at L=2048
+             # and 4096 with a program per tile (TILES=0), the committed config and the sweep's best
+             timeout 200 python3 scripts/tune.py slabconvtiles 2>&1 | tee "$OUT/tune_slabconvtiles.log" | grep "slab conv tiles"
+             best=$(python3 scripts/best_conv_config.py "$OUT/tune_slabconvtiles.log")
+             echo "best: $best"
+             for round in 1 2; do
+               for cfg in "conv.TILES=0" "conv.TILES=8" "$best"; do
+                 timeout 100 python3 scripts/bench_conv_config.py $cfg -- --shapes sweep --lengths 2048,4096 \
+                   --ops full --modes fwd,bwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
+                   | grep -E "^\[" | sed "s|^|$cfg |" | tee -a "$OUT/tiles_ab.log"
                done
              done
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;;

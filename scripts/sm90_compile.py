@@ -143,8 +143,10 @@ def launch(op, D, H=16, L=256):
         # bf16 slabs: the per-tile kernel and the per-strip one (CONV_CONFIG's TILES)
         from mta_kernels import slab_conv
         x = torch.randn(1, H, 300, L, dtype=torch.bfloat16)
-        for tiles in (None, 8):
-            slab_conv.CONV_CONFIG = dict(slab_conv.CONV_CONFIG, TILES=tiles)
+        for tiles, group, stages, tma in ((None, 1, 1, 0), (8, 1, 1, 0), (8, 2, 1, 0), (8, 1, 2, 0), (8, 1, 1, 1),
+                                          (8, 1, 2, 1), (8, 1, 3, 1)):
+            print(dict(TILES=tiles, group=group, clean_stages=stages, tma=tma))
+            slab_conv.CONV_CONFIG = dict(slab_conv.CONV_CONFIG, TILES=tiles, group=group, clean_stages=stages, tma=tma)
             slab_conv.key_query_conv(x, conv, "both", zero_above=0, precision="tf32")
             slab_conv.key_query_conv_input_grad(x, conv, "both", zero_above=0, mask_output=True, precision="tf32")
     elif op == "slab_conv_sweep":

@@ -103,14 +103,18 @@ if "slabconv16" in which:
             print(f"slab conv bf16 weight grad {cfg}: failed {type(e).__name__}: {str(e)[:80]}", flush=True)
 if "slabconvtiles" in which:
     # the conv kernel a program per strip of TILES column tiles (Toeplitz matrices built once per
-    # program) against a program per tile (TILES None), on the bf16 slab of slabconv16
+    # program; tiles clear of the causal diagonal load straight into the dots, through TMA with
+    # tma=1, pipelined over clean_stages; group query offsets per dot) against a program per tile
+    # (TILES None), on the bf16 slab of slabconv16
     from mta_kernels import slab_conv
     calls = slab_conv_calls(1044, 1000, 2048, torch.bfloat16)
-    for BR, BC, warps, stages, tiles in [(64, 32, 4, 1, None), (64, 32, 4, 1, 4), (64, 32, 4, 1, 8),
-                                         (64, 32, 4, 1, 16), (64, 32, 4, 1, 64), (64, 32, 4, 2, 8),
-                                         (64, 32, 4, 3, 8), (128, 32, 8, 1, 8), (128, 32, 4, 1, 8),
-                                         (64, 64, 4, 1, 8), (64, 32, 8, 1, 8), (128, 32, 8, 2, 8)]:
-        cfg = dict(BR=BR, BC=BC, num_warps=warps, num_stages=stages, unroll="full", TILES=tiles)
+    base = dict(BR=64, BC=32, num_warps=4, num_stages=1, unroll="full")
+    for change in [dict(TILES=None), dict(TILES=8), dict(TILES=8, group=2), dict(TILES=8, clean_stages=2),
+                   dict(TILES=8, tma=1), dict(TILES=8, tma=1, clean_stages=2), dict(TILES=8, tma=1, clean_stages=3),
+                   dict(TILES=4, tma=1), dict(TILES=16, tma=1, clean_stages=2), dict(TILES=8, tma=1, maxnreg=128),
+                   dict(TILES=8, tma=1, maxnreg=160), dict(TILES=8, tma=1, BR=128),
+                   dict(TILES=8, tma=1, BR=128, num_warps=8), dict(TILES=4)]:
+        cfg = dict(base, **change)
         slab_conv.CONV_CONFIG = cfg
         line = []
         for name in ("conv", "input_grad"):
@@ -120,7 +124,7 @@ if "slabconvtiles" in which:
                 line.append(f"{name} {triton.testing.do_bench(fn, return_mode='median'):.3f} ms (rel err {err:.1e})")
             except Exception as e:  # a config may not fit
                 line.append(f"{name} failed {type(e).__name__}: {str(e)[:80]}")
-        print(f"slab conv tiles {cfg}: " + "; ".join(line), flush=True)
+        print(f"slab conv tiles {change}: " + "; ".join(line), flush=True)
 if "mixsoftmax" in which:
     # the pre mix and softmax of one middle chunk of the chunked forward (rows 1365..2730 of L=4096,
     # keys up to 2736), fused against the batched-matmul mix then the slab softmax
