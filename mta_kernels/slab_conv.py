@@ -119,7 +119,7 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None
     args = (x, w.to(x.dtype).contiguous(), out, *x.stride(), H, R, LC, zeros, reach, zeros - (cq - 1) - (ck - 1 - pl),
             x_col0)
     tiles = CONV_CONFIG.get("TILES")
-    if tiles and cq <= MAX_FULL_UNROLL:
+    if tiles and cq <= MAX_FULL_UNROLL and x.element_size() == 2:
         n_groups = triton.cdiv(n_c, tiles)
         group = CONV_CONFIG.get("group", 1)
         desc = _box_descriptor(x, BR, common["KW"]) if CONV_CONFIG.get("tma") and group == 1 else None
