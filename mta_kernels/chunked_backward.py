@@ -25,8 +25,8 @@ from .forward import _precision
 from .slab_conv import key_query_conv_input_grad, key_query_conv_weight_grad
 from .slab_mix_backward import mix_backward_rows
 from .chunked_forward import slab_dtype, slab_weights_and_scale
-from .slabs import (_matmul_precision, conv_halos, live_slabs, matmul_into, mix_precision, pre_conv_operands,
-                    rows_per_chunk, slab_forward, slab_inputs)
+from .slabs import (_matmul_precision, chunk_starts, conv_halos, live_slabs, matmul_into, mix_precision,
+                    pre_conv_operands, rows_per_chunk, slab_forward, slab_inputs)
 
 # (1, H, rows, L) slabs alive at once in a chunk (the chunk height's divisor): the chain frees
 # each slab after its last use, so at most five (the forward's s0, c, probs, a1, a; then
@@ -131,7 +131,7 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
 
     prec = _precision(q)
     operands = pre_conv_operands(q, k, pre_conv, pad_key, scale) if PRE_CONV_MATMUL_IN_BACKWARD else None
-    for r0 in range(0, L, rows):
+    for r0 in chunk_starts(L, rows):
         # the last chunk's slabs go before this one's are made (the chain below frees each
         # slab after its last use; those left by a `continue` go here), so that at most
         # live_slabs() slabs are alive at once

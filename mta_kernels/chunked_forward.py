@@ -27,7 +27,7 @@ import os
 import torch
 
 from .forward import _precision, general_row_programs, uses_register_mixing
-from .slabs import (_matmul_precision, auto_switch_from_env, conv_halos, is_talking_heads, live_slabs,
+from .slabs import (_matmul_precision, auto_switch_from_env, chunk_starts, conv_halos, is_talking_heads, live_slabs,
                     pre_conv_operands, repeat_kv_heads, rows_per_chunk, slab_forward, slab_inputs, slab_weights)
 
 
@@ -184,7 +184,7 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
             qc, kc, vc = slab_inputs(q[one], k[one], None if a_in_q_dtype else v[one], q_scale, sd)
             values = repeat_kv_heads(v[one], H) if a_in_q_dtype else vc
             operands = pre_conv_operands(q[one], k[one], weights[0], pad_key, q_scale)
-            for r0 in range(0, L, R):
+            for r0 in chunk_starts(L, R):
                 r1 = min(L, r0 + R)
                 lo = max(0, r0 - HQ - HP)
                 # without conv halos (lo = r0) the mix-softmax kernel writes these rows' lse in place

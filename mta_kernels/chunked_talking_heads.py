@@ -25,8 +25,8 @@ from .chunked_forward import slab_dtype, slab_weights_and_scale
 from .forward import _precision
 from .slab_mix_backward import talking_heads_backward_rows
 from .slab_softmax import mix_softmax_rows
-from .slabs import (_matmul_precision, matmul_into, mix_precision, repeat_kv_heads, rows_per_chunk, slab_inputs,
-                    slab_keys)
+from .slabs import (_matmul_precision, chunk_starts, matmul_into, mix_precision, repeat_kv_heads, rows_per_chunk,
+                    slab_inputs, slab_keys)
 
 # (1, H, rows, K) slabs of fp32 alive at once: S and A, then S and dA (dS over it, or beside it
 # when dA is bf16). H200, L=4096, bf16 (notes/thchunks2_h200_efb9e19.log): the backward took
@@ -81,7 +81,7 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
             da_lhs = grad_out[one] if da16 else dout
             da_rhs = repeat_kv_heads(v[one] if da16 else v[one].to(cd), H)
             element = [None if x is None else x[one] for x in dw_rows]
-            for r0 in range(0, L, R):
+            for r0 in chunk_starts(L, R):
                 r1 = min(L, r0 + R)
                 keys = slab_keys(r1, L, causal)
                 zero_above = r0 if causal else None

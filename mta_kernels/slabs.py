@@ -145,6 +145,15 @@ def rows_per_chunk(H, L, itemsize, halo, live, budget=CHUNK_BYTES):
     return max(16, MIN_SLAB_ROWS - halo, -(-L // chunks))
 
 
+def chunk_starts(L, rows):
+    """The first rows of the chunks of ``rows`` rows that cover [0, L), last first: a causal
+    chunk's work grows with its keys, so the largest queues up on the GPU while the host
+    launches the smaller ones (first to last, the first chunks' few keys had left the GPU
+    waiting on the host's launches). Chunks are independent but for the sums into dk, dv and
+    the weight gradients, whose fixed order keeps them deterministic."""
+    return reversed(range(0, L, rows))
+
+
 def is_talking_heads(pre_conv, pre_mix, post_conv, post_mix) -> bool:
     """Both head mixes, of one group size, and no conv: the calls whose chunked forward mixes,
     normalises and mixes again in one kernel, and which have a backward of their own

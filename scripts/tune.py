@@ -109,11 +109,9 @@ if "slabconvtiles" in which:
     from mta_kernels import slab_conv
     calls = slab_conv_calls(1044, 1000, 2048, torch.bfloat16)
     base = dict(BR=64, BC=32, num_warps=4, num_stages=1, unroll="full")
-    for change in [dict(TILES=None), dict(TILES=8), dict(TILES=8, tma=1, maxnreg=128), dict(TILES=8, tma=1, maxnreg=96),
-                   dict(TILES=8, tma=1, maxnreg=112), dict(TILES=8, tma=1, maxnreg=144), dict(TILES=8, maxnreg=128),
-                   dict(TILES=8, group=2, maxnreg=128), dict(TILES=4, tma=1, maxnreg=128),
-                   dict(TILES=16, tma=1, maxnreg=128), dict(TILES=8, tma=1, maxnreg=128, clean_stages=2),
-                   dict(TILES=8, tma=1, maxnreg=128, BR=128)]:
+    for change in [dict(TILES=None), dict(TILES=8), dict(TILES=8, maxnreg=128), dict(TILES=8, maxnreg=112),
+                   dict(TILES=8, maxnreg=96), dict(TILES=8, maxnreg=80), dict(TILES=4, maxnreg=96),
+                   dict(TILES=8, tma=1, maxnreg=96), dict(TILES=8, tma=1, maxnreg=80)]:
         cfg = dict(base, **change)
         slab_conv.CONV_CONFIG = cfg
         line = []
