@@ -13,7 +13,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from mta_reference.validate import left_pad
 
-from .conv_kernels import kq_conv_kernel, kq_conv_tiles_kernel, kq_conv_weight_grad_kernel
+from .conv_kernels import kq_conv_kernel, kq_conv_strip_kernel, kq_conv_weight_grad_kernel
 from .forward import _next_pow2, acc_dtype, tl_acc_dtype
 
 # zero_above=None: no zero structure (any value beyond every column offset would do)
@@ -44,15 +44,21 @@ def row_kernel_zero_above(zero_above):
 # fully (unroll = CQ, 6 here) took the 64x32 conv to 0.129 ms (0.128 input gradient) against
 # 0.142 (0.149) rolled; unroll 2 or 3 0.18, 2 stages 0.157; on the whole path full MTA at
 # L=4096 5.62 / 18.61 ms forward / backward against 6.07 / 19.55 rolled.
-# At 34481c8 a program per strip of TILES column tiles (kq_conv_tiles_kernel, the Toeplitz
-# matrices built once per program; notes/tune_slabconvtiles_h200_34481c8.log, a bf16 slab of
-# 1044 x 2048): conv 0.182 ms and input gradient 0.165 at 8 tiles (4: 0.179 / 0.166, 16: 0.205 /
-# 0.184, 64: 0.261 / 0.240; 2 stages 0.218, 8 warps 0.44) against 0.213 / 0.196 a program per
-# tile; full MTA at L=4096 (notes/tiles_ab_h200_34481c8.log, two rounds) 2.64 / 9.05 / 11.68 ms
-# forward / backward / both against 2.87 / 9.60 / 12.45 (L=2048 0.85 / 2.58 / 3.43 against 0.89 /
-# 2.72 / 3.61). TILES=None (or 0): a program per tile (kq_conv_kernel, also for cq beyond
-# MAX_FULL_UNROLL).
-CONV_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=1, unroll="full", TILES=8)
+CONV_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=1, unroll="full")
+# 16-bit slabs (with cq up to MAX_FULL_UNROLL) take kq_conv_strip_kernel, with CONV_CONFIG's tile
+# and warps: a program per strip of TILES column tiles, the tiles clear of the causal diagonal
+# loaded by TMA (where the GPU has it, sm_90 on, and x's strides let it) with registers capped at
+# maxnreg, else by pointers under maxnreg_without_tma. H200, a bf16 slab of 1044 x 2048, conv /
+# input gradient (scripts/tune.py slabconvtiles; notes/tune_slabconvtiles_h200_34481c8.log,
+# _ae52132.log, _c8576e3.log): TMA 0.131 / 0.130 ms at 96 registers (80: 0.141, 112: 0.142, 128:
+# 0.140, 160: 0.156, uncapped 0.200); pointers 0.149 / 0.151 at 128 (96: 0.173, uncapped 0.185 /
+# 0.179); a program per tile (kq_conv_kernel) 0.214 / 0.195. 8 tiles per strip (4 or 16: 0.137 /
+# 0.140 at TMA and 128 registers); 2-stage pipelines, 128-row tiles, two offsets per dot were
+# slower. Full MTA at L=4096 (bench processes of their own, two rounds, notes/caps_ab_h200_c8576e3.log):
+# forward / fwd+bwd 2.29 / 10.94 and 2.30 / 10.50 ms with TMA at 96 registers, 2.37 / 11.56 and
+# 2.37 / 11.81 with pointers at 128, 2.59 / 11.65 and 2.58 / 11.68 uncapped, against 2.80 / 12.28 a
+# program per tile (notes/tiles_ab_h200_ae52132.log). TILES=0: a program per tile.
+STRIP_CONV_CONFIG = dict(TILES=8, tma=True, maxnreg=96, maxnreg_without_tma=128)
 # (the weight gradient's column tiles are 2 * halo wide: 32 for the paper's convs)
 # At 2e57d89 (notes/tune_slabconv_h200_maxnreg_2e57d89.log) the weight gradient took 0.154 ms
 # at 64 rows capped at 96 registers against 0.165 at 32 rows (the conv itself gained nothing
@@ -118,13 +124,12 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None
                   PREC=_prec(x, precision), ACC=tl_acc_dtype(x), **options)
     args = (x, w.to(x.dtype).contiguous(), out, *x.stride(), H, R, LC, zeros, reach, zeros - (cq - 1) - (ck - 1 - pl),
             x_col0)
-    tiles = CONV_CONFIG.get("TILES")
-    if tiles and cq <= MAX_FULL_UNROLL and x.element_size() == 2:
-        n_groups = triton.cdiv(n_c, tiles)
-        group = CONV_CONFIG.get("group", 1)
-        desc = _box_descriptor(x, BR, common["KW"]) if CONV_CONFIG.get("tma") and group == 1 else None
-        kq_conv_tiles_kernel[(B * H, n_r, n_groups)](args[0], desc, *args[1:], n_groups, TILES=tiles, GROUP=group,
-                                                     CLEAN_STAGES=CONV_CONFIG.get("clean_stages", 1), **common)
+    strip = STRIP_CONV_CONFIG
+    if strip["TILES"] and cq <= MAX_FULL_UNROLL and x.element_size() == 2:
+        desc = _box_descriptor(x, BR, common["KW"]) if strip["tma"] else None
+        common["maxnreg"] = strip["maxnreg"] if desc is not None else strip["maxnreg_without_tma"]
+        kq_conv_strip_kernel[(B * H, n_r, triton.cdiv(n_c, strip["TILES"]))](
+            args[0], desc, *args[1:], TILES=strip["TILES"], **common)
     else:
         kq_conv_kernel[(B * H, n_r, n_c)](*args, UNROLL=_unroll(cq, CONV_CONFIG), **common)
     return out
@@ -132,10 +137,12 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None
 
 def _box_descriptor(x, rows, cols):
     """A TMA descriptor of x (B, H, R, L) loading [1, 1, rows, cols] boxes, or None where TMA
-    cannot read x (its base or a stride other than the last not 16-byte aligned, the last not
-    1)."""
+    cannot read x: a CUDA device before sm_90, x empty, its base or a stride other than the last
+    not 16-byte aligned, the last not 1. (The interpreter takes descriptors too.)"""
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return None
     size = x.element_size()
-    if x.stride(-1) != 1 or x.data_ptr() % 16 or any(st * size % 16 for st in x.stride()[:-1]):
+    if x.numel() == 0 or x.stride(-1) != 1 or x.data_ptr() % 16 or any(st * size % 16 for st in x.stride()[:-1]):
         return None
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, cols])
 

@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17a, session17b, session17c, session17d, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -451,54 +451,23 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 120 python3 scripts/tune.py slabconv16 2>&1 | tee "$OUT/tune_slabconv16.log" | grep "slab conv bf16 {"
              for round in 1 2; do full_ab_trees 2>&1 | tee -a "$OUT/abtrees.log"; done
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;;
-    session17a) # the slab conv a program per strip of column tiles (CONV_CONFIG TILES, its Toeplitz matrices
-             # built once per program): the per-slab sweep; the pre-conv matmul's tiles on bf16 slabs; full
-             # MTA at L=2048 and 4096 with TILES 0 (a program per tile), 8 and 16, in processes of their own
-             timeout 150 python3 scripts/tune.py slabconvtiles 2>&1 | tee "$OUT/tune_slabconvtiles.log" | grep "slab conv tiles"
-             timeout 150 python3 scripts/tune.py preconvmatmul 2>&1 | tee "$OUT/tune_preconvmatmul.log" | grep "pre conv"
-             for round in 1 2; do
-               for tiles in 0 8 16; do
-                 [ $round = 2 ] && [ $tiles = 16 ] && continue
-                 timeout 100 python3 scripts/bench_conv_config.py conv.TILES=$tiles -- --shapes sweep --lengths 2048,4096 \
-                   --ops full --modes fwd,bwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
-                   | grep -E "^\[" | sed "s|^|tiles=$tiles |" | tee -a "$OUT/tiles_ab.log"
-               done
-             done
-             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;;
-    session17b) # the strip conv kernel's variants (scripts/tune.py slabconvtiles), then full MTA at L=2048
-             # and 4096 with a program per tile (TILES=0), the committed config and the sweep's best
-             timeout 200 python3 scripts/tune.py slabconvtiles 2>&1 | tee "$OUT/tune_slabconvtiles.log" | grep "slab conv tiles"
-             best=$(python3 scripts/best_conv_config.py "$OUT/tune_slabconvtiles.log")
-             echo "best: $best"
-             for round in 1 2; do
-               for cfg in "conv.TILES=0" "conv.TILES=8" "$best"; do
-                 timeout 100 python3 scripts/bench_conv_config.py $cfg -- --shapes sweep --lengths 2048,4096 \
-                   --ops full --modes fwd,bwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
-                   | grep -E "^\[" | sed "s|^|$cfg |" | tee -a "$OUT/tiles_ab.log"
-               done
-             done
-             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;;
-    session17c) # the strip conv kernel's register caps and tiles (tune.py slabconvtiles); then its committed
-             # config against TMA boxes under 128 registers in one process (scripts/conv_config_ab.py:
-             # forward, backward, host time, GPU kernel sum), L=4096 and 2048
-             timeout 200 python3 scripts/tune.py slabconvtiles 2>&1 | tee "$OUT/tune_slabconvtiles.log" | grep "slab conv tiles"
-             for L in 4096 2048; do
-               timeout 150 python3 scripts/conv_config_ab.py $L "TILES=0" "TILES=8" "TILES=8 tma=1 maxnreg=128" 2>&1 \
-                 | tee -a "$OUT/conv_config_ab.log" | grep round
-             done ;;
-    session17d) # backward chunks last first (slabs.chunk_starts); the strip conv kernel's register caps
-             # without TMA on one slab; then full MTA at L=4096 with caps, with and without TMA, in bench
-             # processes of their own, two rounds
-             timeout 150 python3 scripts/tune.py slabconvtiles 2>&1 | tee "$OUT/tune_slabconvtiles.log" | grep "slab conv tiles"
-             for round in 1 2; do
-               for cfg in "conv.maxnreg=0" "conv.maxnreg=128" "conv.maxnreg=96" "conv.tma=1 conv.maxnreg=96" \
-                          "conv.tma=1 conv.maxnreg=128"; do
-                 timeout 100 python3 scripts/bench_conv_config.py $cfg -- --shapes sweep --lengths 4096 \
-                   --ops full --modes fwd,bwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
-                   | grep -E "^\[" | sed "s|^|$cfg |" | tee -a "$OUT/caps_ab.log"
-               done
-             done
-             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;;
+    session17e) # the mixes' row kernels on bf16 slabs (tune.py mix16) and the strip conv kernel's committed
+             # config against its alternatives; the 16-bit slab tests and every GPU-marked test (session14a)
+             timeout 100 python3 scripts/tune.py mix16 2>&1 | tee "$OUT/tune_mix16.log" | grep "mix16"
+             timeout 100 python3 scripts/tune.py slabconvtiles 2>&1 | tee "$OUT/tune_slabconvtiles.log" | grep "slab conv strip"
+             timeout 150 python3 -m pytest tests/test_forward.py tests/test_backward.py -q -rfE --tb=short -k "16bit" \
+               2>&1 | tee "$OUT/tests_16bit.log" | grep -E "FAIL|Error|passed|failed" ;&
+    session17f) # the final tree's GPU-marked tests (session14a's)
+             timeout 200 python3 -m pytest tests/test_forward.py -m gpu -q -rfE -s --tb=short --durations=8 \
+               2>&1 | tee "$OUT/tests_forward.log" | grep -E "GiB|FAIL|Error|passed|failed|s call"
+             timeout 200 python3 -m pytest tests/test_backward.py -q -rfE -s --tb=short --durations=8 \
+               -m "gpu or not gpu" -k "gpu or memory or skips_unwanted or determin" \
+               2>&1 | tee "$OUT/tests_backward.log" | grep -E "GiB|FAIL|Error|passed|failed|s call" ;;
+    session17g) # the README's targets at L=4096, then training (SDPA baseline against fused, three rounds)
+             timeout 200 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
+               --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote"
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
+             timeout 200 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8 ;;
     session16f) # the final tree: the README's targets, the 16-bit slab tests and every GPU-marked test
              # (session14a's)
              timeout 200 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \

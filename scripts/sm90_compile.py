@@ -140,15 +140,16 @@ def launch(op, D, H=16, L=256):
         slab_conv.key_query_conv_input_grad(x, conv, "both", mask_output=True, **slab)
         slab_conv.key_query_conv_weight_grad(x, x, conv, "both", rows=(5, 60), **slab)
     elif op == "slab_conv16":
-        # bf16 slabs: the per-tile kernel and the per-strip one (CONV_CONFIG's TILES)
+        # bf16 slabs: the per-tile kernel, the strip kernel with TMA and with pointers
         from mta_kernels import slab_conv
         x = torch.randn(1, H, 300, L, dtype=torch.bfloat16)
-        for tiles, group, stages, tma in ((None, 1, 1, 0), (8, 1, 1, 0), (8, 2, 1, 0), (8, 1, 2, 0), (8, 1, 1, 1),
-                                          (8, 1, 2, 1), (8, 1, 3, 1)):
-            print(dict(TILES=tiles, group=group, clean_stages=stages, tma=tma))
-            slab_conv.CONV_CONFIG = dict(slab_conv.CONV_CONFIG, TILES=tiles, group=group, clean_stages=stages, tma=tma)
+        committed = dict(slab_conv.STRIP_CONV_CONFIG)
+        for change in (dict(TILES=0), dict(), dict(tma=False)):
+            print(change)
+            slab_conv.STRIP_CONV_CONFIG = dict(committed, **change)
             slab_conv.key_query_conv(x, conv, "both", zero_above=0, precision="tf32")
             slab_conv.key_query_conv_input_grad(x, conv, "both", zero_above=0, mask_output=True, precision="tf32")
+        slab_conv.STRIP_CONV_CONFIG = committed
     elif op == "slab_conv_sweep":
         from mta_kernels import slab_conv
         x = torch.randn(1, H, 300, L)

@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [slabconv16] [slabconvtiles] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows] [preconvmatmul] [thbackward]   (all without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [slabconv16] [slabconvtiles] [mix16] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows] [preconvmatmul] [thbackward]   (all without arguments)"""
 import sys
 
 import torch
@@ -102,18 +102,16 @@ if "slabconv16" in which:
         except Exception as e:
             print(f"slab conv bf16 weight grad {cfg}: failed {type(e).__name__}: {str(e)[:80]}", flush=True)
 if "slabconvtiles" in which:
-    # the conv kernel a program per strip of TILES column tiles (Toeplitz matrices built once per
-    # program; tiles clear of the causal diagonal load straight into the dots, through TMA with
-    # tma=1, pipelined over clean_stages; group query offsets per dot) against a program per tile
-    # (TILES None), on the bf16 slab of slabconv16
+    # the strip conv kernel of 16-bit slabs (slab_conv.STRIP_CONV_CONFIG: TILES column tiles a program,
+    # Toeplitz matrices built once per program, tiles clear of the causal diagonal loaded by TMA or
+    # pointers under a register cap) against a program per tile (TILES=0), on the bf16 slab of
+    # slabconv16
     from mta_kernels import slab_conv
     calls = slab_conv_calls(1044, 1000, 2048, torch.bfloat16)
-    base = dict(BR=64, BC=32, num_warps=4, num_stages=1, unroll="full")
-    for change in [dict(TILES=None), dict(TILES=8), dict(TILES=8, maxnreg=128), dict(TILES=8, maxnreg=112),
-                   dict(TILES=8, maxnreg=96), dict(TILES=8, maxnreg=80), dict(TILES=4, maxnreg=96),
-                   dict(TILES=8, tma=1, maxnreg=96), dict(TILES=8, tma=1, maxnreg=80)]:
-        cfg = dict(base, **change)
-        slab_conv.CONV_CONFIG = cfg
+    committed = dict(slab_conv.STRIP_CONV_CONFIG)
+    for change in [dict(TILES=0), dict(), dict(tma=False), dict(maxnreg=80), dict(maxnreg=112), dict(TILES=4),
+                   dict(TILES=16), dict(tma=False, maxnreg_without_tma=112)]:
+        slab_conv.STRIP_CONV_CONFIG = dict(committed, **change)
         line = []
         for name in ("conv", "input_grad"):
             fn, ref = calls[name]
@@ -122,7 +120,31 @@ if "slabconvtiles" in which:
                 line.append(f"{name} {triton.testing.do_bench(fn, return_mode='median'):.3f} ms (rel err {err:.1e})")
             except Exception as e:  # a config may not fit
                 line.append(f"{name} failed {type(e).__name__}: {str(e)[:80]}")
-        print(f"slab conv tiles {change}: " + "; ".join(line), flush=True)
+        print(f"slab conv strip {slab_conv.STRIP_CONV_CONFIG}: " + "; ".join(line), flush=True)
+    slab_conv.STRIP_CONV_CONFIG = committed
+if "mix16" in which:
+    # the row kernels of the mixes on bf16 slabs (chunked_forward.BF16_SLABS): the pre mix with the
+    # softmax (in place, lse out), the post mix, and the pre mix's backward through the softmax with
+    # its weight gradient, on one middle chunk (rows 1365..2730 of L=4096, keys up to 2736)
+    from mta_kernels import slab_mix, slab_mix_backward, slab_softmax
+    rows, lo, keys = 1365, 1365, 2736
+    future = torch.arange(keys, device="cuda")[None, :] - torch.arange(rows, device="cuda")[:, None] > lo
+    x, g, p = (torch.randn(B, H, rows, keys, device="cuda").masked_fill(future, 0.0).to(torch.bfloat16)
+               for _ in range(3))
+    w = (R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")).contiguous()
+    dw_rows = torch.empty(B, 1, L, H, H, device="cuda")
+    for elements, warps in [(2048, 4), (1024, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 4), (16384, 8)]:
+        cfg = dict(elements=elements, num_warps=warps)
+        slab_softmax.MIX_SOFTMAX_CONFIG = slab_mix.MIX_CONFIG = slab_mix_backward.MIX_BACKWARD_CONFIG = cfg
+        y, gy = x.clone(), g.clone()
+        t1 = triton.testing.do_bench(lambda: slab_softmax.mix_softmax_rows(y, w, lo, want_lse=True, precision="tf32",
+                                                                           out=y), return_mode="median")
+        t2 = triton.testing.do_bench(lambda: slab_mix.mix_rows(x, w, lo, precision="tf32", out_dtype=torch.bfloat16),
+                                     return_mode="median")
+        t3 = triton.testing.do_bench(lambda: slab_mix_backward.mix_backward_rows(
+            gy, w, x=x, probs=p, zero_above=lo, rows=(5, rows), precision="tf32", out=gy, dw_rows=(dw_rows, lo)),
+            return_mode="median")
+        print(f"mix16 {cfg}: mix softmax {t1:.3f} ms, mix rows {t2:.3f} ms, mix backward rows {t3:.3f} ms", flush=True)
 if "mixsoftmax" in which:
     # the pre mix and softmax of one middle chunk of the chunked forward (rows 1365..2730 of L=4096,
     # keys up to 2736), fused against the batched-matmul mix then the slab softmax

@@ -991,6 +991,48 @@ def test_slab_convs_on_16bit_slabs(zero_above, device):
                                rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("keys", [288, 270])    # rows of 16-byte multiples (TMA on sm_90 / the interpreter) or not
+@pytest.mark.parametrize("strip", [dict(TILES=0), dict(), dict(tma=False)], ids=["per_tile", "strip", "strip_pointers"])
+def test_strip_conv_kernel_on_16bit_slabs(strip, keys, device, monkeypatch):
+    """The conv and its input gradient on 16-bit slabs through each kernel (a program per tile;
+    per strip of column tiles, the tiles clear of the causal diagonal loaded by TMA where x's
+    strides allow, or by pointers): several row tiles and strips, causal slabs whose tiles are
+    clear, on the diagonal and beyond it, a row-offset view, the band beside the pre-conv
+    matmul; each within one unit in the last place of the exact result of the 16-bit operands."""
+    from mta_kernels import slab_conv
+    from mta_reference import backward as ref_bwd
+    from mta_reference.mta import key_query_conv
+    monkeypatch.setattr(slab_conv, "STRIP_CONV_CONFIG", dict(slab_conv.STRIP_CONV_CONFIG, **strip))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 2, 153, keys, generator=g).to(device, dtype)
+    w = torch.randn(2, 6, 11, generator=g).to(device)
+    w16 = w.to(dtype).double()
+    ulp = torch.finfo(dtype).eps
+    rows, cols = torch.arange(150, device=device)[:, None], torch.arange(keys, device=device)[None, :]
+    xs = x[:, :, 3:]                    # a view that starts 3 rows in
+    for zero_above in (None, 3, 90):
+        future = (cols - rows > zero_above) if zero_above is not None else torch.zeros_like(cols - rows, dtype=bool)
+        xz = xs.masked_fill(future, 0.0).double()    # the kernels read the causal future as zero
+        z = dict(zero_above=zero_above, precision="ieee")
+        for got, exact in [(slab_conv.key_query_conv(xs, w, "both", **z), key_query_conv(xz, w16, "both")),
+                           (slab_conv.key_query_conv_input_grad(xs, w, "both", mask_output=True, **z),
+                            ref_bwd.key_query_conv_input_grad(xz, w16, "both").masked_fill(future, 0.0))]:
+            assert got.dtype == dtype
+            assert ((got.double() - exact).abs() <= ulp * exact.abs() + 1e-6).all()
+    # the band tiles beside the pre-conv matmul (every entry whose window reaches above the
+    # diagonal), x holding the columns from the band's first on
+    lo = 90
+    first = slab_conv.band_first_column(lo, 6, 11, "both")
+    exact = key_query_conv(xs.masked_fill(cols - rows > lo, 0.0).double(), w16, "both")
+    out = torch.full_like(xs, 7.0)
+    slab_conv.key_query_conv(xs[..., first:], w, "both", zero_above=lo, out=out, band=True, x_col0=first,
+                             precision="ieee")
+    written = out != 7.0
+    assert written[..., cols - rows > lo - 5 - 5].all()
+    assert ((out.double() - exact).abs() <= ulp * exact.abs() + 1e-6)[written].all()
+
+
 def test_slab_conv_unroll_factor():
     """The conv kernel's loop over query offsets: "full" unrolls cq offsets up to
     MAX_FULL_UNROLL and none beyond (wide kernels spill); a number is taken as it is."""
