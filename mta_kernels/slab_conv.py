@@ -49,7 +49,7 @@ CONV_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=1, unroll="full")
 # and warps: a program per strip of TILES column tiles, the tiles clear of the causal diagonal
 # loaded by TMA (where the GPU has it, sm_90 on, and x's strides let it) with registers capped at
 # maxnreg, else by pointers under maxnreg_without_tma. H200, a bf16 slab of 1044 x 2048, conv /
-# input gradient (scripts/tune.py slabconvtiles; notes/tune_slabconvtiles_h200_34481c8.log,
+# input gradient (scripts/tune.py slabconvtiles; notes/tune_slabconvtiles_h200_34481c8.log, _2f33b77.log,
 # _ae52132.log, _c8576e3.log): TMA 0.131 / 0.130 ms at 96 registers (80: 0.141, 112: 0.142, 128:
 # 0.140, 160: 0.156, uncapped 0.200); pointers 0.149 / 0.151 at 128 (96: 0.173, uncapped 0.185 /
 # 0.179); a program per tile (kq_conv_kernel) 0.214 / 0.195. 8 tiles per strip (4 or 16: 0.137 /
