@@ -16,8 +16,17 @@ import triton.language as tl
 from .forward import _next_pow2
 from .slab_conv import row_kernel_zero_above
 
-# key block of about this many elements (heads x keys), and the warps
-MIX_CONFIG = dict(elements=2048, num_warps=4)
+# key block of about this many elements (heads x keys) for fp32 slabs and for 16-bit ones, and the
+# warps. H200, a 1365-row chunk of 16 heads by 2736 keys in bf16 (scripts/tune.py mix16,
+# notes/tune_mix16_h200_bc31bc2.log): 4096 elements / 4 warps 0.080 ms, 2048 0.089, 8192 0.081; for
+# the pre mix's softmax 0.145 against 0.153 (8192: 0.179), the mix backward 0.285 against 0.305.
+MIX_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4)
+
+
+def row_block_elements(config, x) -> int:
+    """The elements (heads x keys) of a row kernel's key block for slab x: config's
+    'elements_16bit' for 16-bit x, else its 'elements'."""
+    return config["elements_16bit"] if x.element_size() == 2 else config["elements"]
 
 
 @triton.jit
@@ -73,7 +82,7 @@ def mix_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, precision="ieee"
     if x.numel() == 0:
         return out
     chp = max(16, _next_pow2(ch))
-    block = min(max(16, MIX_CONFIG["elements"] // chp), max(16, _next_pow2(K)))
+    block = min(max(16, row_block_elements(MIX_CONFIG, x) // chp), max(16, _next_pow2(K)))
     mix_rows_kernel[(B * G * R,)](
         x, w.to(x.dtype).contiguous(), out, *x.stride(), *out.stride(), H, R, K, zeros,
         CH=ch, CHP=chp, BLOCK=block, PREC="ieee" if x.dtype == torch.float64 else precision,

@@ -21,10 +21,11 @@ import triton.language as tl
 
 from .forward import _next_pow2, acc_dtype
 from .slab_conv import row_kernel_zero_above
-from .slab_mix import group_row, group_row_program
+from .slab_mix import group_row, group_row_program, row_block_elements
 
-# key block of about this many elements (heads x keys), and the warps
-MIX_BACKWARD_CONFIG = dict(elements=2048, num_warps=4)
+# key block of about this many elements (heads x keys) for fp32 and for 16-bit slabs, and the warps
+# (slab_mix.MIX_CONFIG's note)
+MIX_BACKWARD_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4)
 
 
 @triton.jit
@@ -112,7 +113,7 @@ def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, z
     else:
         partial, row0 = torch.empty(B, G, R, ch, ch, device=grad.device, dtype=math), 0
     chp = max(16, _next_pow2(ch))
-    block = min(max(16, MIX_BACKWARD_CONFIG["elements"] // chp), max(16, _next_pow2(K)))
+    block = min(max(16, row_block_elements(MIX_BACKWARD_CONFIG, grad) // chp), max(16, _next_pow2(K)))
     mix_backward_rows_kernel[(B * G * R,)](
         grad, grad if probs is None else probs, grad if x is None else x, w.to(math).contiguous(), out, partial,
         *grad.stride(), *(grad if probs is None else probs).stride(), *(grad if x is None else x).stride(),

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .forward import _next_pow2, acc_dtype, tl_acc_dtype
 from .slab_conv import row_kernel_zero_above
-from .slab_mix import group_row, group_row_program
+from .slab_mix import group_row, group_row_program, row_block_elements
 
 
 @triton.jit
@@ -72,8 +72,9 @@ def softmax_rows_(x: torch.Tensor, zero_above=None, want_lse=False):
 # mix_softmax_rows' key block holds about this many elements (heads x keys), and its warps.
 # H200, one 1365-row chunk of 16 heads by 2736 keys (scripts/tune.py mixsoftmax,
 # notes/tune_mixsoftmax_h200_be43e22.log): 2048 / 4 warps 0.213 ms, 4096 / 4 0.226,
-# 8192 / 8 0.303, 16384 / 8 0.340; the batched-matmul mix and slab softmax 0.384.
-MIX_SOFTMAX_CONFIG = dict(elements=2048, num_warps=4)
+# 8192 / 8 0.303, 16384 / 8 0.340; the batched-matmul mix and slab softmax 0.384. On bf16 slabs
+# 4096 elements (slab_mix.MIX_CONFIG's note).
+MIX_SOFTMAX_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4)
 
 
 @triton.jit
@@ -170,7 +171,7 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
     if x.numel() == 0:
         return out, lse
     chp = max(16, _next_pow2(ch))
-    block = min(max(16, MIX_SOFTMAX_CONFIG["elements"] // chp), max(16, _next_pow2(K)))
+    block = min(max(16, row_block_elements(MIX_SOFTMAX_CONFIG, x) // chp), max(16, _next_pow2(K)))
     w_post = w if post_mix is None else post_mix
     mix_softmax_rows_kernel[(B * G * R,)](
         x, w.to(cd).contiguous(), w_post.to(cd).contiguous(), out, x if stats is None else stats,
