@@ -113,19 +113,55 @@ def kq_conv_kernel(x, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, B
 
 
 @triton.jit
+def _grouped_toeplitz(w_head, g, CQ: tl.constexpr, CK: tl.constexpr, FIRST: tl.constexpr, SIGN: tl.constexpr,
+                      GROUP: tl.constexpr, KW: tl.constexpr, BC: tl.constexpr):
+    """[GROUP * KW, BC]: the Toeplitz matrices (_toeplitz) of query offsets g * GROUP .. g * GROUP +
+    GROUP - 1 stacked, zero for offsets from CQ on: row a_local * KW + u pairs with the input of
+    offset g * GROUP + a_local at window column u."""
+    k = tl.arange(0, GROUP * KW)
+    m = tl.arange(0, BC)
+    a = g * GROUP + k // KW
+    t = FIRST + SIGN * ((k % KW)[:, None] - m[None, :])
+    ok = (a < CQ)[:, None] & (t >= 0) & (t < CK)
+    return tl.load(w_head + a[:, None] * CK + t, mask=ok, other=0.0)
+
+
+@triton.jit
+def _grouped_input(base, rows, window_start, g, si, sj, R, LC, ZERO_ABOVE, X_COL0, CQ: tl.constexpr,
+                   TRANSPOSE: tl.constexpr, GROUP: tl.constexpr, KW: tl.constexpr, CAUSAL: tl.constexpr):
+    """[BR, GROUP * KW]: the input of query offsets g * GROUP .. (each at its rows, _source_rows,
+    and the KW window columns from window_start on) side by side, zero outside the plane, left of
+    X_COL0, for offsets from CQ on and, with CAUSAL, where col - row > ZERO_ABOVE."""
+    k = tl.arange(0, GROUP * KW)
+    a = g * GROUP + k // KW
+    if TRANSPOSE:
+        src = rows[:, None] + (CQ - 1 - a)[None, :]
+    else:
+        src = rows[:, None] + (a - (CQ - 1))[None, :]
+    cols = window_start + k % KW
+    ok = (src >= 0) & (src < R) & (a < CQ)[None, :] & (cols >= X_COL0)[None, :] & (cols < LC)[None, :]
+    x_g = tl.load(base + src.to(tl.int64) * si + cols[None, :] * sj, mask=ok, other=0.0)
+    if CAUSAL:
+        x_g = tl.where(cols[None, :] - src > ZERO_ABOVE, 0.0, x_g)
+    return x_g
+
+
+@triton.jit
 def kq_conv_strip_kernel(x, x_desc, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_ABOVE, REACH, BAND_LIMIT, X_COL0,
+                         n_col_groups,
                          CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr, TRANSPOSE: tl.constexpr,
                          MASK_OUT: tl.constexpr, BAND_ONLY: tl.constexpr, HALO: tl.constexpr, KW: tl.constexpr,
-                         BR: tl.constexpr, BC: tl.constexpr, TILES: tl.constexpr, PREC: tl.constexpr,
-                         ACC: tl.constexpr):
-    """kq_conv_kernel's result (same arguments), a program per strip of [BR rows, TILES * BC
-    columns] instead of per tile, grid (B * H, row tiles, column strips): the CQ Toeplitz
-    matrices of its head are built once per program, not once per tile (their gathers had
-    been as many L1 wavefronts as the input's loads). Tiles whose input window stays clear of
-    the causal diagonal load it straight into the dots (no select, so the dots read it from
-    shared memory), as TMA boxes through x_desc (a descriptor of x loading [1, 1, BR, KW]
-    boxes, zero outside x) unless it is None; the others select the causal zeros after their
-    loads. Tiles whose every tap reads only causal zeros are stored as zeros."""
+                         BR: tl.constexpr, BC: tl.constexpr, TILES: tl.constexpr, GROUP: tl.constexpr,
+                         PREC: tl.constexpr, ACC: tl.constexpr, CLEAN_STAGES: tl.constexpr):
+    """kq_conv_kernel's result (its arguments, x_desc and n_col_groups besides), a program per
+    strip of [BR rows, TILES * BC columns] instead of per tile, grid (B * H, row tiles,
+    n_col_groups): the Toeplitz matrices of its head are built once per program, not once per
+    tile (their gathers had been as many L1 wavefronts as the input's loads), GROUP query
+    offsets stacked into each (one dot per group). Tiles whose every tap reads only causal
+    zeros are stored as zeros; tiles clear of the causal diagonal load their input straight
+    into the dots (no causal select, so the dots read it from shared memory), with GROUP 1 as
+    TMA boxes through x_desc (a descriptor of x loading [1, 1, BR, KW] boxes, zero outside x)
+    unless it is None, in a loop pipelined over CLEAN_STAGES."""
     i_bh = tl.program_id(0).to(tl.int64)
     r0 = tl.program_id(1) * BR
     first = tl.program_id(2) * TILES
@@ -141,38 +177,40 @@ def kq_conv_strip_kernel(x, x_desc, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_A
     base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj) - X_COL0 * sxj
     dst = out + (i_bh * R + rows[:, None]) * LC
     SIGN: tl.constexpr = -1 if TRANSPOSE else 1
+    N_GROUPS: tl.constexpr = (CQ + GROUP - 1) // GROUP
     if c_lo < c_hi:
         w_head = w + (i_bh % H) * (CQ * CK)
         toeplitz = ()
-        for a in tl.static_range(CQ):
-            toeplitz = toeplitz + (_toeplitz(w_head + a * CK, PL - SIGN * HALO, SIGN, CK, KW, BC),)
-        # tiles [c_lo, c_mid) are clear: their window's last column minus the first row any
-        # offset reads is at most ZERO_ABOVE
+        for g in tl.static_range(N_GROUPS):
+            toeplitz = toeplitz + (_grouped_toeplitz(w_head, g, CQ, CK, PL - SIGN * HALO, SIGN, GROUP, KW, BC),)
+        # tiles [c_lo, c_mid) read no entry beyond the causal diagonal (their window's last column
+        # minus the first row any offset reads is at most ZERO_ABOVE)
         top = r0 if TRANSPOSE else r0 - (CQ - 1)
-        clear = ZERO_ABOVE + top - (KW - 1 - HALO)
-        c_mid = tl.minimum(tl.maximum(tl.where(clear >= 0, clear // BC + 1, 0), c_lo), c_hi)
-        b, h = (i_bh // H).to(tl.int32), (i_bh % H).to(tl.int32)
-        for i_c in range(c_lo, c_mid):
-            window = i_c * BC - HALO + tl.arange(0, KW)
+        clean = ZERO_ABOVE + top - (KW - 1 - HALO)
+        c_mid = tl.minimum(tl.maximum(tl.where(clean >= 0, clean // BC + 1, 0), c_lo), c_hi)
+        for i_c in tl.range(c_lo, c_mid, num_stages=CLEAN_STAGES):
             acc = tl.zeros([BR, BC], dtype=ACC)
-            for a in tl.static_range(CQ):
-                if x_desc is not None:
-                    # x_desc's columns are x's own, from X_COL0 on
+            if x_desc is not None:
+                # (GROUP 1) each offset's [BR, KW] box by TMA, zero outside x (x_desc's columns are
+                # x's own, from X_COL0 on)
+                b, h = (i_bh // H).to(tl.int32), (i_bh % H).to(tl.int32)
+                for a in tl.static_range(CQ):
                     top_a = r0 + (CQ - 1 - a) if TRANSPOSE else r0 + (a - (CQ - 1))
                     x_a = x_desc.load([b, h, top_a, i_c * BC - HALO - X_COL0]).reshape(BR, KW)
-                else:
-                    src = _source_rows(rows, a, CQ, TRANSPOSE)
-                    ok = (src[:, None] >= 0) & (src[:, None] < R) & (window[None, :] >= X_COL0) & (window[None, :] < LC)
-                    x_a = tl.load(base + src[:, None].to(tl.int64) * sxi + window[None, :] * sxj, mask=ok, other=0.0)
-                acc += tl.dot(x_a, toeplitz[a], input_precision=PREC)
+                    acc += tl.dot(x_a, toeplitz[a], input_precision=PREC)
+            else:
+                for g in tl.static_range(N_GROUPS):
+                    x_g = _grouped_input(base, rows, i_c * BC - HALO, g, sxi, sxj, R, LC, ZERO_ABOVE, X_COL0, CQ,
+                                         TRANSPOSE, GROUP, KW, False)
+                    acc += tl.dot(x_g, toeplitz[g], input_precision=PREC)
             cols = i_c * BC + tl.arange(0, BC)
             tl.store(dst + cols[None, :], acc.to(out.dtype.element_ty), mask=(rows[:, None] < R) & (cols[None, :] < LC))
         for i_c in range(c_mid, c_hi):
-            window = i_c * BC - HALO + tl.arange(0, KW)
             acc = tl.zeros([BR, BC], dtype=ACC)
-            for a in tl.static_range(CQ):
-                x_a = _shifted(base, _source_rows(rows, a, CQ, TRANSPOSE), window, sxi, sxj, R, LC, ZERO_ABOVE, X_COL0)
-                acc += tl.dot(x_a, toeplitz[a], input_precision=PREC)
+            for g in tl.static_range(N_GROUPS):
+                x_g = _grouped_input(base, rows, i_c * BC - HALO, g, sxi, sxj, R, LC, ZERO_ABOVE, X_COL0, CQ,
+                                     TRANSPOSE, GROUP, KW, True)
+                acc += tl.dot(x_g, toeplitz[g], input_precision=PREC)
             cols = i_c * BC + tl.arange(0, BC)
             if MASK_OUT:
                 acc = tl.where(cols[None, :] - rows[:, None] > ZERO_ABOVE, 0.0, acc)

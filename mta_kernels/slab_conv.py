@@ -53,12 +53,15 @@ CONV_CONFIG = dict(BR=64, BC=32, num_warps=4, num_stages=1, unroll="full")
 # _ae52132.log, _c8576e3.log): TMA 0.131 / 0.130 ms at 96 registers (80: 0.141, 112: 0.142, 128:
 # 0.140, 160: 0.156, uncapped 0.200); pointers 0.149 / 0.151 at 128 (96: 0.173, uncapped 0.185 /
 # 0.179); a program per tile (kq_conv_kernel) 0.214 / 0.195. 8 tiles per strip (4 or 16: 0.137 /
-# 0.140 at TMA and 128 registers); 2-stage pipelines, 128-row tiles, two offsets per dot were
-# slower. Full MTA at L=4096 (bench processes of their own, two rounds, notes/caps_ab_h200_c8576e3.log):
+# 0.140 at TMA and 128 registers); pipelining the clear tiles' loop (clean_stages 2: 0.204 / 0.216
+# ms), 128-row tiles, two offsets per dot (group 2, pointers only: 0.159 / 0.155 uncapped, 0.169 /
+# 0.165 at 128) were slower. (A rewrite of the kernel spilling 572 instead of 336 bytes at 96
+# registers took 0.146 / 0.144 ms, notes/tune_slabconvtiles_h200_bc31bc2.log: the kernel is as
+# timed.) Full MTA at L=4096 (bench processes of their own, two rounds, notes/caps_ab_h200_c8576e3.log):
 # forward / fwd+bwd 2.29 / 10.94 and 2.30 / 10.50 ms with TMA at 96 registers, 2.37 / 11.56 and
 # 2.37 / 11.81 with pointers at 128, 2.59 / 11.65 and 2.58 / 11.68 uncapped, against 2.80 / 12.28 a
 # program per tile (notes/tiles_ab_h200_ae52132.log). TILES=0: a program per tile.
-STRIP_CONV_CONFIG = dict(TILES=8, tma=True, maxnreg=96, maxnreg_without_tma=128)
+STRIP_CONV_CONFIG = dict(TILES=8, tma=True, maxnreg=96, maxnreg_without_tma=128, group=1, clean_stages=1)
 # (the weight gradient's column tiles are 2 * halo wide: 32 for the paper's convs)
 # At 2e57d89 (notes/tune_slabconv_h200_maxnreg_2e57d89.log) the weight gradient took 0.154 ms
 # at 64 rows capped at 96 registers against 0.165 at 32 rows (the conv itself gained nothing
@@ -126,10 +129,11 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None
             x_col0)
     strip = STRIP_CONV_CONFIG
     if strip["TILES"] and cq <= MAX_FULL_UNROLL and x.element_size() == 2:
-        desc = _box_descriptor(x, BR, common["KW"]) if strip["tma"] else None
+        desc = _box_descriptor(x, BR, common["KW"]) if strip["tma"] and strip["group"] == 1 else None
         common["maxnreg"] = strip["maxnreg"] if desc is not None else strip["maxnreg_without_tma"]
-        kq_conv_strip_kernel[(B * H, n_r, triton.cdiv(n_c, strip["TILES"]))](
-            args[0], desc, *args[1:], TILES=strip["TILES"], **common)
+        n_strips = triton.cdiv(n_c, strip["TILES"])
+        kq_conv_strip_kernel[(B * H, n_r, n_strips)](args[0], desc, *args[1:], n_strips, TILES=strip["TILES"],
+                                                     GROUP=strip["group"], CLEAN_STAGES=strip["clean_stages"], **common)
     else:
         kq_conv_kernel[(B * H, n_r, n_c)](*args, UNROLL=_unroll(cq, CONV_CONFIG), **common)
     return out

@@ -992,11 +992,12 @@ def test_slab_convs_on_16bit_slabs(zero_above, device):
 
 
 @pytest.mark.parametrize("keys", [288, 270])    # rows of 16-byte multiples (TMA on sm_90 / the interpreter) or not
-@pytest.mark.parametrize("strip", [dict(TILES=0), dict(), dict(tma=False)], ids=["per_tile", "strip", "strip_pointers"])
+@pytest.mark.parametrize("strip", [dict(TILES=0), dict(), dict(tma=False), dict(group=2)],
+                         ids=["per_tile", "strip", "strip_pointers", "strip_two_offsets_per_dot"])
 def test_strip_conv_kernel_on_16bit_slabs(strip, keys, device, monkeypatch):
     """The conv and its input gradient on 16-bit slabs through each kernel (a program per tile;
     per strip of column tiles, the tiles clear of the causal diagonal loaded by TMA where x's
-    strides allow, or by pointers): several row tiles and strips, causal slabs whose tiles are
+    strides allow, or by pointers, one or two query offsets per dot): several row tiles and strips, causal slabs whose tiles are
     clear, on the diagonal and beyond it, a row-offset view, the band beside the pre-conv
     matmul; each within one unit in the last place of the exact result of the 16-bit operands."""
     from mta_kernels import slab_conv
