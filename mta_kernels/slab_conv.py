@@ -130,7 +130,9 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None
     strip = STRIP_CONV_CONFIG
     if strip["TILES"] and cq <= MAX_FULL_UNROLL and x.element_size() == 2:
         desc = _box_descriptor(x, BR, common["KW"]) if strip["tma"] and strip["group"] == 1 else None
-        common["maxnreg"] = strip["maxnreg"] if desc is not None else strip["maxnreg_without_tma"]
+        cap = strip["maxnreg"] if desc is not None else strip["maxnreg_without_tma"]
+        if cap:     # (0 or None: no cap)
+            common["maxnreg"] = cap
         n_strips = triton.cdiv(n_c, strip["TILES"])
         kq_conv_strip_kernel[(B * H, n_r, n_strips)](args[0], desc, *args[1:], n_strips, TILES=strip["TILES"],
                                                      GROUP=strip["group"], CLEAN_STAGES=strip["clean_stages"], **common)

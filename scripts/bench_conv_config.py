@@ -5,7 +5,8 @@ choice on the whole path rather than on one slab (scripts/tune.py slabconv):
 
 Each conv.KEY=VALUE sets slab_conv.CONV_CONFIG[KEY], strip.KEY=VALUE
 slab_conv.STRIP_CONV_CONFIG[KEY] and wgrad.KEY=VALUE slab_conv.WEIGHT_GRAD_CONFIG[KEY] (integers,
-or "full"; maxnreg=0: no cap; strip.tma=0: no TMA); the rest stays as committed. The configuration is recorded in the results only through this script's printout."""
+or "full"; maxnreg=0: no cap; strip.tma=0: no TMA); the rest stays as committed. The
+configuration is recorded in the results only through this script's printout."""
 import sys
 
 from mta_kernels import slab_conv

@@ -997,9 +997,10 @@ def test_slab_convs_on_16bit_slabs(zero_above, device):
 def test_strip_conv_kernel_on_16bit_slabs(strip, keys, device, monkeypatch):
     """The conv and its input gradient on 16-bit slabs through each kernel (a program per tile;
     per strip of column tiles, the tiles clear of the causal diagonal loaded by TMA where x's
-    strides allow, or by pointers, one or two query offsets per dot): several row tiles and strips, causal slabs whose tiles are
-    clear, on the diagonal and beyond it, a row-offset view, the band beside the pre-conv
-    matmul; each within one unit in the last place of the exact result of the 16-bit operands."""
+    strides allow, or by pointers, one or two query offsets per dot): several row tiles and
+    strips, causal slabs whose tiles are clear, on the diagonal and beyond it, a row-offset
+    view, the band beside the pre-conv matmul; each within one unit in the last place of the
+    exact result of the 16-bit operands."""
     from mta_kernels import slab_conv
     from mta_reference import backward as ref_bwd
     from mta_reference.mta import key_query_conv
