@@ -261,9 +261,72 @@ def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi,
         g_tile = _shifted(g_base, g_rows, c0 + tl.arange(0, BC), sgi, sgj, R, LC, ZERO_ABOVE)
         x_tile = _shifted(x_base, src, c0 + window, sxi, sxj, R, LC, ZERO_ABOVE)
         m += tl.dot(tl.trans(g_tile), x_tile, input_precision=PREC)
-    # gradient column c0 + j pairs with input column c0 + j + t - PL, that is u = j + t - PL + HALO:
-    # dw[t] sums M along that diagonal (u stays inside the window for t < CK since HALO covers
-    # the taps; the padding taps t >= CK are clamped and not stored)
+    _store_diagonal_sums(m, dst, CK, CKP, PL, HALO, BC, KW)
+
+
+@triton.jit
+def _store_diagonal_sums(m, dst, CK: tl.constexpr, CKP: tl.constexpr, PL: tl.constexpr, HALO: tl.constexpr,
+                         BC: tl.constexpr, KW: tl.constexpr):
+    """dst[t] = sum_j m[j, j + t - PL + HALO] for t < CK: m [BC, KW] pairs gradient column c0 + j
+    with input column c0 - HALO + u, and tap t pairs j with u = j + t - PL + HALO (inside the
+    window for t < CK since HALO covers the taps; the padding taps t >= CK are clamped and not
+    stored)."""
     t = tl.arange(0, CKP)
     u = tl.minimum(tl.arange(0, BC)[:, None] + t[None, :] + (HALO - PL), KW - 1)
     tl.store(dst + t, tl.sum(tl.gather(m, u, axis=1), axis=0), mask=t < CK)
+
+
+@triton.jit
+def kq_conv_weight_grad_strip_kernel(g, g_desc, x, x_desc, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi, sxj, H, R, LC,
+                                     ZERO_ABOVE, G_LO, G_HI, n_col_groups,
+                                     CQ: tl.constexpr, CK: tl.constexpr, CKP: tl.constexpr, PL: tl.constexpr,
+                                     HALO: tl.constexpr, BR: tl.constexpr, TILES: tl.constexpr, PREC: tl.constexpr):
+    """kq_conv_weight_grad_kernel's partial sums (its arguments, the descriptors besides) for
+    16-bit slabs, the product taken transposed, M^T = X_a^T G ([KW, BC]: the window's KW
+    columns on the tensor cores' M side, 64 for the paper's convs), and the column tiles clear
+    of the causal diagonal loaded straight into the product (no causal select), as TMA boxes
+    through g_desc (g's rows G_LO..G_HI - 1 only, [1, 1, BR, BC] boxes) and x_desc ([1, 1, BR,
+    KW]) unless they are None."""
+    BC: tl.constexpr = 2 * HALO
+    KW: tl.constexpr = 2 * BC
+    i_bh = tl.program_id(0).to(tl.int64)
+    a = tl.program_id(1)
+    r0 = (tl.program_id(2) // n_col_groups) * BR
+    first_tile = (tl.program_id(2) % n_col_groups) * TILES
+    dst = partial + ((i_bh * CQ + a) * tl.num_programs(2) + tl.program_id(2)) * CK
+    if (r0 + BR <= G_LO) | (r0 >= G_HI):
+        return
+    rows = r0 + tl.arange(0, BR)
+    g_rows = tl.where((rows >= G_LO) & (rows < G_HI), rows, -1)   # -1 reads as zero
+    src = rows + (a - (CQ - 1))
+    window = tl.arange(0, KW) - HALO
+    g_base = g + _tile(i_bh, H, sgb, sgh, sgi, sgj)
+    x_base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj)
+    mt = tl.zeros([KW, BC], dtype=partial.dtype.element_ty)
+    end_tile = tl.minimum(tl.minimum(tl.cdiv(LC, BC), (r0 + BR - 1 + ZERO_ABOVE) // BC + 1), first_tile + TILES)
+    if first_tile >= end_tile:
+        return
+    # tiles [first_tile, mid) are clear: the window's last column minus the first source row is at
+    # most ZERO_ABOVE (and then so is the gradient tile's)
+    clear = ZERO_ABOVE + r0 + a - (CQ - 1) - (KW - 1 - HALO)
+    mid = tl.minimum(tl.maximum(tl.where(clear >= 0, clear // BC + 1, 0), first_tile), end_tile)
+    b, h = (i_bh // H).to(tl.int32), (i_bh % H).to(tl.int32)
+    for i_c in range(first_tile, mid):
+        c0 = i_c * BC
+        if x_desc is not None:
+            g_tile = g_desc.load([b, h, r0 - G_LO, c0]).reshape(BR, BC)
+            x_tile = x_desc.load([b, h, r0 + a - (CQ - 1), c0 - HALO]).reshape(BR, KW)
+        else:
+            cols = c0 + tl.arange(0, BC)
+            g_ok = (g_rows >= 0)[:, None] & (cols < LC)[None, :]
+            g_tile = tl.load(g_base + g_rows[:, None].to(tl.int64) * sgi + cols[None, :] * sgj, mask=g_ok, other=0.0)
+            x_cols = c0 + window
+            x_ok = ((src >= 0) & (src < R))[:, None] & ((x_cols >= 0) & (x_cols < LC))[None, :]
+            x_tile = tl.load(x_base + src[:, None].to(tl.int64) * sxi + x_cols[None, :] * sxj, mask=x_ok, other=0.0)
+        mt += tl.dot(tl.trans(x_tile), g_tile, input_precision=PREC)
+    for i_c in range(mid, end_tile):
+        c0 = i_c * BC
+        g_tile = _shifted(g_base, g_rows, c0 + tl.arange(0, BC), sgi, sgj, R, LC, ZERO_ABOVE)
+        x_tile = _shifted(x_base, src, c0 + window, sxi, sxj, R, LC, ZERO_ABOVE)
+        mt += tl.dot(tl.trans(x_tile), g_tile, input_precision=PREC)
+    _store_diagonal_sums(tl.trans(mt), dst, CK, CKP, PL, HALO, BC, KW)

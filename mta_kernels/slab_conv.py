@@ -13,7 +13,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from mta_reference.validate import left_pad
 
-from .conv_kernels import kq_conv_kernel, kq_conv_strip_kernel, kq_conv_weight_grad_kernel
+from .conv_kernels import (kq_conv_kernel, kq_conv_strip_kernel, kq_conv_weight_grad_kernel,
+                           kq_conv_weight_grad_strip_kernel)
 from .forward import _next_pow2, acc_dtype, tl_acc_dtype
 
 # zero_above=None: no zero structure (any value beyond every column offset would do)
@@ -68,6 +69,12 @@ STRIP_CONV_CONFIG = dict(TILES=8, tma=True, maxnreg=96, maxnreg_without_tma=128,
 # from a cap: 0.131 at 96, 0.149 at 80, against 0.129); on the whole path at be43e22, full
 # MTA's backward 17.22 against 17.49 ms at L=4096 (4.96 against 5.03 at L=2048), one call.
 WEIGHT_GRAD_CONFIG = dict(BR=64, num_warps=4, num_stages=1, TILES=16, maxnreg=96)
+# 16-bit slabs through kq_conv_weight_grad_strip_kernel instead (the product transposed, so that
+# wgmma takes it, and the tiles clear of the causal diagonal loaded by TMA, or by pointers, with
+# no causal select), with WEIGHT_GRAD_CONFIG's rows, warps and tiles and the register cap here
+# (0: none): written in session 17 when no device time was left, so off until timed
+# (`scripts/tune.py slabconv16` times it; `scripts/device_run.sh session18a`).
+WEIGHT_GRAD_STRIP_CONFIG = dict(on=False, tma=True, maxnreg=0)
 
 
 def _blocks(R, LC, config):
@@ -204,9 +211,22 @@ def key_query_conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, w: torch.Ten
     n_groups = triton.cdiv(n_c, cfg["TILES"])
     g_lo, g_hi = rows or (0, R)
     partial = torch.zeros(B * H, cq, n_r * n_groups, ck, device=x.device, dtype=sums)
-    kq_conv_weight_grad_kernel[(B * H, cq, n_r * n_groups)](
-        grad, x, partial, *grad.stride(), *x.stride(), H, R, LC,
-        _NO_ZEROS if zero_above is None else zero_above, g_lo, g_hi, n_groups,
-        CQ=cq, CK=ck, CKP=_next_pow2(ck), PL=pl, HALO=halo, BR=BR, TILES=cfg["TILES"],
-        PREC=_prec(grad, precision), UNROLL=cfg.get("unroll", 1), **_launch_options(cfg))
+    args = (partial, *grad.stride(), *x.stride(), H, R, LC, _NO_ZEROS if zero_above is None else zero_above,
+            g_lo, g_hi, n_groups)
+    common = dict(CQ=cq, CK=ck, CKP=_next_pow2(ck), PL=pl, HALO=halo, BR=BR, TILES=cfg["TILES"],
+                  PREC=_prec(grad, precision))
+    strip = WEIGHT_GRAD_STRIP_CONFIG
+    if strip["on"] and grad.element_size() == 2:
+        descs = (None, None)
+        if strip["tma"]:
+            descs = (_box_descriptor(grad[:, :, g_lo:g_hi], BR, 2 * halo), _box_descriptor(x, BR, 4 * halo))
+            descs = descs if None not in descs else (None, None)
+        options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if strip["maxnreg"]:
+            options["maxnreg"] = strip["maxnreg"]
+        kq_conv_weight_grad_strip_kernel[(B * H, cq, n_r * n_groups)](
+            grad, descs[0], x, descs[1], *args, **common, **options)
+    else:
+        kq_conv_weight_grad_kernel[(B * H, cq, n_r * n_groups)](
+            grad, x, *args, **common, UNROLL=cfg.get("unroll", 1), **_launch_options(cfg))
     return partial.view(B, H, cq, n_r * n_groups, ck).sum((0, 3))

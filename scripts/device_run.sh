@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, session18a, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -468,6 +468,20 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
                --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote"
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
              timeout 200 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8 ;;
+    session18a) # (prepared in session 17, not yet run) the slab convs of 16-bit slabs on one slab: the
+             # strip conv's committed config against alternatives, the weight gradient's transposed-product
+             # kernel (WEIGHT_GRAD_STRIP_CONFIG) against the committed one; then full MTA at L=4096 with the
+             # weight-gradient strip kernel off / on (TMA, uncapped and at 128 registers), bench processes
+             # of their own, two rounds
+             timeout 150 python3 scripts/tune.py slabconvtiles 2>&1 | tee "$OUT/tune_slabconvtiles.log" | grep "slab conv"
+             for round in 1 2; do
+               for cfg in "wgstrip.on=0" "wgstrip.on=1" "wgstrip.on=1 wgstrip.maxnreg=128"; do
+                 timeout 100 python3 scripts/bench_conv_config.py $cfg -- --shapes sweep --lengths 4096 \
+                   --ops full --modes fwd,bwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
+                   | grep -E "^\[" | sed "s|^|$cfg |" | tee -a "$OUT/wgstrip_ab.log"
+               done
+             done
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;;
     session16f) # the final tree: the README's targets, the 16-bit slab tests and every GPU-marked test
              # (session14a's)
              timeout 200 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \

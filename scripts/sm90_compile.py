@@ -140,7 +140,8 @@ def launch(op, D, H=16, L=256):
         slab_conv.key_query_conv_input_grad(x, conv, "both", mask_output=True, **slab)
         slab_conv.key_query_conv_weight_grad(x, x, conv, "both", rows=(5, 60), **slab)
     elif op == "slab_conv16":
-        # bf16 slabs: the per-tile kernel, the strip kernel with TMA and with pointers
+        # bf16 slabs: the per-tile kernel, the strip kernel with TMA and with pointers; the weight
+        # gradient's kernels
         from mta_kernels import slab_conv
         x = torch.randn(1, H, 300, L, dtype=torch.bfloat16)
         committed = dict(slab_conv.STRIP_CONV_CONFIG)
@@ -150,6 +151,12 @@ def launch(op, D, H=16, L=256):
             slab_conv.key_query_conv(x, conv, "both", zero_above=0, precision="tf32")
             slab_conv.key_query_conv_input_grad(x, conv, "both", zero_above=0, mask_output=True, precision="tf32")
         slab_conv.STRIP_CONV_CONFIG = committed
+        committed = dict(slab_conv.WEIGHT_GRAD_STRIP_CONFIG)
+        for change in (dict(on=False), dict(on=True), dict(on=True, tma=False)):
+            print("weight gradient", change)
+            slab_conv.WEIGHT_GRAD_STRIP_CONFIG = dict(committed, **change)
+            slab_conv.key_query_conv_weight_grad(x, x, conv, "both", zero_above=0, rows=(5, 290), precision="tf32")
+        slab_conv.WEIGHT_GRAD_STRIP_CONFIG = committed
     elif op == "slab_conv_sweep":
         from mta_kernels import slab_conv
         x = torch.randn(1, H, 300, L)

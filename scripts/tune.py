@@ -122,6 +122,20 @@ if "slabconvtiles" in which:
                 line.append(f"{name} failed {type(e).__name__}: {str(e)[:80]}")
         print(f"slab conv strip {slab_conv.STRIP_CONV_CONFIG}: " + "; ".join(line), flush=True)
     slab_conv.STRIP_CONV_CONFIG = committed
+    # the weight gradient: the committed kernel against the transposed-product one (WEIGHT_GRAD_STRIP_CONFIG)
+    committed = dict(slab_conv.WEIGHT_GRAD_STRIP_CONFIG)
+    for change in [dict(on=False), dict(on=True), dict(on=True, maxnreg=128), dict(on=True, maxnreg=96),
+                   dict(on=True, tma=False), dict(on=True, tma=False, maxnreg=128)]:
+        slab_conv.WEIGHT_GRAD_STRIP_CONFIG = dict(committed, **change)
+        fn, ref = calls["weight_grad"]
+        try:
+            err = ((fn() - ref).abs().max() / ref.abs().max()).item()
+            print(f"slab conv weight grad strip {slab_conv.WEIGHT_GRAD_STRIP_CONFIG}: "
+                  f"{triton.testing.do_bench(fn, return_mode='median'):.3f} ms (rel err {err:.1e})", flush=True)
+        except Exception as e:  # a config may not fit
+            print(f"slab conv weight grad strip {slab_conv.WEIGHT_GRAD_STRIP_CONFIG}: failed {type(e).__name__}: "
+                  f"{str(e)[:80]}", flush=True)
+    slab_conv.WEIGHT_GRAD_STRIP_CONFIG = committed
 if "mix16" in which:
     # the row kernels of the mixes on bf16 slabs (chunked_forward.BF16_SLABS): the pre mix with the
     # softmax (in place, lse out), the post mix, and the pre mix's backward through the softmax with

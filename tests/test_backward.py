@@ -1035,6 +1035,34 @@ def test_strip_conv_kernel_on_16bit_slabs(strip, keys, device, monkeypatch):
     assert ((out.double() - exact).abs() <= ulp * exact.abs() + 1e-6)[written].all()
 
 
+@pytest.mark.parametrize("keys", [288, 270])    # rows of 16-byte multiples (TMA) or not
+@pytest.mark.parametrize("strip", [dict(on=False), dict(on=True), dict(on=True, tma=False)],
+                         ids=["per_offset", "strip", "strip_pointers"])
+def test_conv_weight_grad_kernels_on_16bit_slabs(strip, keys, device, monkeypatch):
+    """The conv weight gradient of 16-bit slabs through either kernel (the committed one; the
+    transposed-product kernel with the tiles clear of the causal diagonal loaded by TMA or by
+    pointers): causal slabs with clear, diagonal and future tiles, the gradient's rows limited,
+    a row-offset view; within fp32 summation of the exact result of the 16-bit operands."""
+    from mta_kernels import slab_conv
+    from mta_reference import backward as ref_bwd
+    monkeypatch.setattr(slab_conv, "WEIGHT_GRAD_STRIP_CONFIG", dict(slab_conv.WEIGHT_GRAD_STRIP_CONFIG, **strip))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    g = torch.Generator().manual_seed(3)
+    x, grad = (torch.randn(1, 2, 153, keys, generator=g).to(device, dtype)[:, :, 3:] for _ in range(2))
+    w = torch.randn(2, 6, 11, generator=g).to(device)
+    rows, cols = torch.arange(150, device=device)[:, None], torch.arange(keys, device=device)[None, :]
+    for zero_above, own_rows in ((None, None), (3, (5, 150)), (90, (20, 130))):
+        future = (cols - rows > zero_above) if zero_above is not None else torch.zeros_like(cols - rows, dtype=bool)
+        lo, hi = own_rows or (0, 150)
+        mine = (rows >= lo) & (rows < hi)
+        exact = ref_bwd.key_query_conv_weight_grad(grad.double().masked_fill(future | ~mine, 0.0),
+                                                   x.double().masked_fill(future, 0.0), w.double(), "both")
+        got = slab_conv.key_query_conv_weight_grad(grad, x, w, "both", zero_above=zero_above, rows=own_rows,
+                                                   precision="ieee")
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-4)
+
+
 def test_slab_conv_unroll_factor():
     """The conv kernel's loop over query offsets: "full" unrolls cq offsets up to
     MAX_FULL_UNROLL and none beyond (wide kernels spill); a number is taken as it is."""
