@@ -455,7 +455,7 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              # config against its alternatives; the 16-bit slab tests and every GPU-marked test (session14a)
              timeout 100 python3 scripts/tune.py mix16 2>&1 | tee "$OUT/tune_mix16.log" | grep "mix16"
              timeout 100 python3 scripts/tune.py slabconvtiles 2>&1 | tee "$OUT/tune_slabconvtiles.log" | grep "slab conv strip"
-             timeout 150 python3 -m pytest tests/test_forward.py tests/test_backward.py -q -rfE --tb=short -k "16bit" \
+             timeout 300 python3 -m pytest tests/test_forward.py tests/test_backward.py -q -rfE --tb=short -k "16bit" \
                2>&1 | tee "$OUT/tests_16bit.log" | grep -E "FAIL|Error|passed|failed" ;&
     session17f) # the final tree's GPU-marked tests (session14a's)
              timeout 200 python3 -m pytest tests/test_forward.py -m gpu -q -rfE -s --tb=short --durations=8 \
@@ -487,7 +487,7 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 200 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
                --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote"
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
-             timeout 150 python3 -m pytest tests/test_forward.py tests/test_backward.py -q -rfE --tb=short -k "16bit" \
+             timeout 300 python3 -m pytest tests/test_forward.py tests/test_backward.py -q -rfE --tb=short -k "16bit" \
                2>&1 | tee "$OUT/tests_16bit.log" | grep -E "FAIL|Error|passed|failed" ;&
     session14a) # the final tree's GPU-marked tests (forward first: full MTA through band-scores had not
              # run against the reference on the GPU), then the chunked backward's needs test
