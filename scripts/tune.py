@@ -48,6 +48,20 @@ def slab_conv_calls(rows, lo, keys, dtype):
                             ref_bwd.key_query_conv_weight_grad(g32, x32, w, "both"))}
 
 
+def time_conv_calls(calls):
+    """The conv's and its input gradient's median times and relative errors (slab_conv_calls'
+    calls), as one line; a launch that fails (a configuration that does not fit) says so."""
+    line = []
+    for name in ("conv", "input_grad"):
+        fn, ref = calls[name]
+        try:
+            err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
+            line.append(f"{name} {triton.testing.do_bench(fn, return_mode='median'):.3f} ms (rel err {err:.1e})")
+        except Exception as e:  # a config may not fit
+            line.append(f"{name} failed {type(e).__name__}: {str(e)[:80]}")
+    return "; ".join(line)
+
+
 if "slabconv" in which:
     # one middle slab of the chunked backward at this shape: rows lo..lo+R of (B, H, R, L) fp32
     from mta_kernels import slab_conv
@@ -81,15 +95,7 @@ if "slabconv16" in which:
                                   (128, 32, 4, 2), (64, 32, 2, 1), (32, 32, 4, 1)]:
         cfg = dict(BR=BR, BC=BC, num_warps=warps, num_stages=stages, unroll="full")
         slab_conv.CONV_CONFIG = cfg
-        line = []
-        for name in ("conv", "input_grad"):
-            fn, ref = calls[name]
-            try:
-                err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
-                line.append(f"{name} {triton.testing.do_bench(fn, return_mode='median'):.3f} ms (rel err {err:.1e})")
-            except Exception as e:  # a config may not fit
-                line.append(f"{name} failed {type(e).__name__}: {str(e)[:80]}")
-        print(f"slab conv bf16 {cfg}: " + "; ".join(line), flush=True)
+        print(f"slab conv bf16 {cfg}: " + time_conv_calls(calls), flush=True)
     for BR, warps, reg, stages, tiles in [(64, 4, 96, 1, 16), (64, 4, None, 1, 16), (64, 4, None, 2, 16),
                                           (64, 4, None, 1, 32), (64, 4, None, 1, 8), (128, 4, None, 2, 16)]:
         cfg = dict(BR=BR, num_warps=warps, num_stages=stages, TILES=tiles, maxnreg=reg)
@@ -112,15 +118,7 @@ if "slabconvtiles" in which:
     for change in [dict(TILES=0), dict(), dict(tma=False), dict(maxnreg=80), dict(maxnreg=112), dict(TILES=4),
                    dict(TILES=16), dict(tma=False, maxnreg_without_tma=112)]:
         slab_conv.STRIP_CONV_CONFIG = dict(committed, **change)
-        line = []
-        for name in ("conv", "input_grad"):
-            fn, ref = calls[name]
-            try:
-                err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
-                line.append(f"{name} {triton.testing.do_bench(fn, return_mode='median'):.3f} ms (rel err {err:.1e})")
-            except Exception as e:  # a config may not fit
-                line.append(f"{name} failed {type(e).__name__}: {str(e)[:80]}")
-        print(f"slab conv strip {slab_conv.STRIP_CONV_CONFIG}: " + "; ".join(line), flush=True)
+        print(f"slab conv strip {slab_conv.STRIP_CONV_CONFIG}: " + time_conv_calls(calls), flush=True)
     slab_conv.STRIP_CONV_CONFIG = committed
     # the weight gradient: the committed kernel against the transposed-product one (WEIGHT_GRAD_STRIP_CONFIG)
     committed = dict(slab_conv.WEIGHT_GRAD_STRIP_CONFIG)
