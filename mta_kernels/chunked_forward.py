@@ -27,8 +27,9 @@ import os
 import torch
 
 from .forward import _precision, general_row_programs, uses_register_mixing
-from .slabs import (_matmul_precision, auto_switch_from_env, chunk_starts, conv_halos, is_talking_heads, live_slabs,
-                    pre_conv_operands, repeat_kv_heads, rows_per_chunk, slab_forward, slab_inputs, slab_weights)
+from .slabs import (_matmul_precision, auto_switch_from_env, chunk_starts, conv_halos, is_talking_heads,
+                    live_slabs, pre_conv_operands, repeat_kv_heads, rows_per_chunk, slab_forward, slab_inputs,
+                    slab_weights)
 
 
 def _mode_from_env() -> str:

@@ -222,6 +222,35 @@ def kq_conv_strip_kernel(x, x_desc, w, out, sxb, sxh, sxi, sxj, H, R, LC, ZERO_A
 
 
 @triton.jit
+def _weight_grad_program(partial, n_col_groups, CQ: tl.constexpr, CK: tl.constexpr, BR: tl.constexpr,
+                         TILES: tl.constexpr):
+    """The weight-gradient program's (batch * head, query offset a, first row, first column
+    tile, its row of partial)."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    a = tl.program_id(1)
+    r0 = (tl.program_id(2) // n_col_groups) * BR
+    first_tile = (tl.program_id(2) % n_col_groups) * TILES
+    dst = partial + ((i_bh * CQ + a) * tl.num_programs(2) + tl.program_id(2)) * CK
+    return i_bh, a, r0, first_tile, dst
+
+
+@triton.jit
+def _weight_grad_tile_geometry(g, x, i_bh, a, r0, sgb, sgh, sgi, sgj, sxb, sxh, sxi, sxj, H, G_LO, G_HI,
+                               CQ: tl.constexpr, HALO: tl.constexpr, BR: tl.constexpr):
+    """For the program's rows r0.. and offset a: the gradient rows it counts (-1 where outside
+    [G_LO, G_HI), read as zero), the input rows offset a reads, the window's column offsets
+    from a tile's first column (HALO on either side of 2 * HALO), and g's and x's (batch,
+    head) bases."""
+    rows = r0 + tl.arange(0, BR)
+    g_rows = tl.where((rows >= G_LO) & (rows < G_HI), rows, -1)   # -1 reads as zero
+    src = rows + (a - (CQ - 1))
+    window = tl.arange(0, 4 * HALO) - HALO
+    g_base = g + _tile(i_bh, H, sgb, sgh, sgi, sgj)
+    x_base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj)
+    return g_rows, src, window, g_base, x_base
+
+
+@triton.jit
 def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi, sxj, H, R, LC,
                                ZERO_ABOVE, G_LO, G_HI, n_col_groups,
                                CQ: tl.constexpr, CK: tl.constexpr, CKP: tl.constexpr, PL: tl.constexpr,
@@ -237,19 +266,11 @@ def kq_conv_weight_grad_kernel(g, x, partial, sgb, sgh, sgi, sgj, sxb, sxh, sxi,
     column tiles (1: none)."""
     BC: tl.constexpr = 2 * HALO
     KW: tl.constexpr = 2 * BC
-    i_bh = tl.program_id(0).to(tl.int64)
-    a = tl.program_id(1)
-    r0 = (tl.program_id(2) // n_col_groups) * BR
-    first_tile = (tl.program_id(2) % n_col_groups) * TILES
-    dst = partial + ((i_bh * CQ + a) * tl.num_programs(2) + tl.program_id(2)) * CK
+    i_bh, a, r0, first_tile, dst = _weight_grad_program(partial, n_col_groups, CQ, CK, BR, TILES)
     if (r0 + BR <= G_LO) | (r0 >= G_HI):
         return
-    rows = r0 + tl.arange(0, BR)
-    g_rows = tl.where((rows >= G_LO) & (rows < G_HI), rows, -1)   # -1 reads as zero
-    src = rows + (a - (CQ - 1))
-    window = tl.arange(0, KW) - HALO
-    g_base = g + _tile(i_bh, H, sgb, sgh, sgi, sgj)
-    x_base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj)
+    g_rows, src, window, g_base, x_base = _weight_grad_tile_geometry(
+        g, x, i_bh, a, r0, sgb, sgh, sgi, sgj, sxb, sxh, sxi, sxj, H, G_LO, G_HI, CQ, HALO, BR)
     # M[j, u] = sum_i g[i, c0 + j] x[src_i, c0 - HALO + u], summed over this program's column
     # tiles (the same relative geometry in every tile)
     m = tl.zeros([BC, KW], dtype=partial.dtype.element_ty)
@@ -289,19 +310,11 @@ def kq_conv_weight_grad_strip_kernel(g, g_desc, x, x_desc, partial, sgb, sgh, sg
     KW]) unless they are None."""
     BC: tl.constexpr = 2 * HALO
     KW: tl.constexpr = 2 * BC
-    i_bh = tl.program_id(0).to(tl.int64)
-    a = tl.program_id(1)
-    r0 = (tl.program_id(2) // n_col_groups) * BR
-    first_tile = (tl.program_id(2) % n_col_groups) * TILES
-    dst = partial + ((i_bh * CQ + a) * tl.num_programs(2) + tl.program_id(2)) * CK
+    i_bh, a, r0, first_tile, dst = _weight_grad_program(partial, n_col_groups, CQ, CK, BR, TILES)
     if (r0 + BR <= G_LO) | (r0 >= G_HI):
         return
-    rows = r0 + tl.arange(0, BR)
-    g_rows = tl.where((rows >= G_LO) & (rows < G_HI), rows, -1)   # -1 reads as zero
-    src = rows + (a - (CQ - 1))
-    window = tl.arange(0, KW) - HALO
-    g_base = g + _tile(i_bh, H, sgb, sgh, sgi, sgj)
-    x_base = x + _tile(i_bh, H, sxb, sxh, sxi, sxj)
+    g_rows, src, window, g_base, x_base = _weight_grad_tile_geometry(
+        g, x, i_bh, a, r0, sgb, sgh, sgi, sgj, sxb, sxh, sxi, sxj, H, G_LO, G_HI, CQ, HALO, BR)
     mt = tl.zeros([KW, BC], dtype=partial.dtype.element_ty)
     end_tile = tl.minimum(tl.minimum(tl.cdiv(LC, BC), (r0 + BR - 1 + ZERO_ABOVE) // BC + 1), first_tile + TILES)
     if first_tile >= end_tile:
