@@ -69,12 +69,14 @@ STRIP_CONV_CONFIG = dict(TILES=8, tma=True, maxnreg=96, maxnreg_without_tma=128,
 # from a cap: 0.131 at 96, 0.149 at 80, against 0.129); on the whole path at be43e22, full
 # MTA's backward 17.22 against 17.49 ms at L=4096 (4.96 against 5.03 at L=2048), one call.
 WEIGHT_GRAD_CONFIG = dict(BR=64, num_warps=4, num_stages=1, TILES=16, maxnreg=96)
-# 16-bit slabs through kq_conv_weight_grad_strip_kernel instead (the product transposed, so that
+# 16-bit slabs take kq_conv_weight_grad_strip_kernel instead (the product transposed, so that
 # wgmma takes it, and the tiles clear of the causal diagonal loaded by TMA, or by pointers, with
-# no causal select), with WEIGHT_GRAD_CONFIG's rows, warps and tiles and the register cap here
-# (0: none): written in session 17 when no device time was left, so off until timed
-# (`scripts/tune.py slabconv16` times it; `scripts/device_run.sh session18a`).
-WEIGHT_GRAD_STRIP_CONFIG = dict(on=False, tma=True, maxnreg=0)
+# no causal select), with WEIGHT_GRAD_CONFIG's rows, warps and tiles, registers capped at maxnreg
+# with TMA and at maxnreg_without_tma without (0: no cap). H200, a bf16 slab of 1044 x 2048
+# (scripts/tune.py slabconvtiles, notes/tune_slabconvtiles_h200_79b8874.log): 0.188 ms with TMA
+# at 96 registers (128: 0.215, uncapped 0.214), 0.186 with pointers at 128 (uncapped 0.220),
+# against 0.253 for kq_conv_weight_grad_kernel (on=False), which fp32 slabs keep.
+WEIGHT_GRAD_STRIP_CONFIG = dict(on=True, tma=True, maxnreg=96, maxnreg_without_tma=128)
 
 
 def _blocks(R, LC, config):
@@ -222,8 +224,9 @@ def key_query_conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, w: torch.Ten
             descs = (_box_descriptor(grad[:, :, g_lo:g_hi], BR, 2 * halo), _box_descriptor(x, BR, 4 * halo))
             descs = descs if None not in descs else (None, None)
         options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        if strip["maxnreg"]:
-            options["maxnreg"] = strip["maxnreg"]
+        cap = strip["maxnreg"] if descs[0] is not None else strip["maxnreg_without_tma"]
+        if cap:
+            options["maxnreg"] = cap
         kq_conv_weight_grad_strip_kernel[(B * H, cq, n_r * n_groups)](
             grad, descs[0], x, descs[1], *args, **common, **options)
     else:

@@ -122,8 +122,8 @@ if "slabconvtiles" in which:
     slab_conv.STRIP_CONV_CONFIG = committed
     # the weight gradient: the committed kernel against the transposed-product one (WEIGHT_GRAD_STRIP_CONFIG)
     committed = dict(slab_conv.WEIGHT_GRAD_STRIP_CONFIG)
-    for change in [dict(on=False), dict(on=True), dict(on=True, maxnreg=128), dict(on=True, maxnreg=96),
-                   dict(on=True, tma=False), dict(on=True, tma=False, maxnreg=128)]:
+    for change in [dict(on=False), dict(), dict(maxnreg=0), dict(maxnreg=112), dict(tma=False),
+                   dict(tma=False, maxnreg_without_tma=0)]:
         slab_conv.WEIGHT_GRAD_STRIP_CONFIG = dict(committed, **change)
         fn, ref = calls["weight_grad"]
         try:
