@@ -20,7 +20,7 @@ from .slab_conv import row_kernel_zero_above
 # warps. H200, a 1365-row chunk of 16 heads by 2736 keys in bf16 (scripts/tune.py mix16,
 # notes/tune_mix16_h200_bc31bc2.log): 4096 elements / 4 warps 0.080 ms, 2048 0.089, 8192 0.081; for
 # the pre mix's softmax 0.145 against 0.153 (8192: 0.179), the mix backward 0.285 against 0.305.
-MIX_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4)
+MIX_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4, num_stages=3)
 
 
 def row_block_elements(config, x) -> int:
@@ -50,6 +50,15 @@ def group_row(ptr, b, g, i, hh, sb, sh, si, CH: tl.constexpr):
 
 
 @triton.jit
+def load_end(end, K):
+    """The columns [0, load_end) a row kernel loads where it uses columns [0, end) of a row of K:
+    end rounded up to a multiple of 16, at most K. The kernel masks the columns in between
+    with tl.where after the load; a load mask ending at ``end`` itself changes within a
+    16-column run, so each element became a load of its own (2-byte loads for 16-bit slabs)."""
+    return tl.minimum(K, tl.cdiv(end, 16) * 16)
+
+
+@triton.jit
 def mix_rows_kernel(x, w, out, sxb, sxh, sxi, sxj, sob, soh, soi, soj, H, R, K, ZERO_ABOVE,
                     CH: tl.constexpr, CHP: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
     """out (B, H, R, K) = the head mix of x (B, H, R, K) with w (G, CH, CH): out[o] = sum_c
@@ -62,11 +71,12 @@ def mix_rows_kernel(x, w, out, sxb, sxh, sxi, sxj, sob, soh, soi, soj, H, R, K, 
     w_ok = head_ok[:, None] & head_ok[None, :]
     w_g = tl.load(w + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0).to(x.dtype.element_ty)
     end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [end, K) are zero
+    loaded = load_end(end, K)
     cols = tl.arange(0, BLOCK)
     for c0 in range(0, K, BLOCK):
         c = c0 + cols
-        block = tl.load(src + c[None, :] * sxj, mask=head_ok[:, None] & (c[None, :] < end), other=0.0)
-        mixed = tl.dot(w_g, block, input_precision=PREC)
+        block = tl.load(src + c[None, :] * sxj, mask=head_ok[:, None] & (c[None, :] < loaded), other=0.0)
+        mixed = tl.where(c[None, :] < end, tl.dot(w_g, block, input_precision=PREC), 0.0)
         tl.store(dst + c[None, :] * soj, mixed.to(out.dtype.element_ty), mask=head_ok[:, None] & (c[None, :] < K))
 
 
@@ -86,5 +96,5 @@ def mix_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, precision="ieee"
     mix_rows_kernel[(B * G * R,)](
         x, w.to(x.dtype).contiguous(), out, *x.stride(), *out.stride(), H, R, K, zeros,
         CH=ch, CHP=chp, BLOCK=block, PREC="ieee" if x.dtype == torch.float64 else precision,
-        num_warps=MIX_CONFIG["num_warps"])
+        num_warps=MIX_CONFIG["num_warps"], num_stages=MIX_CONFIG["num_stages"])
     return out

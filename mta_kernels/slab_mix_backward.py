@@ -21,17 +21,19 @@ import triton.language as tl
 
 from .forward import _next_pow2, acc_dtype
 from .slab_conv import row_kernel_zero_above
-from .slab_mix import group_row, group_row_program, row_block_elements
+from .slab_mix import group_row, group_row_program, load_end, row_block_elements
 
 # key block of about this many elements (heads x keys) for fp32 and for 16-bit slabs, and the warps
 # (slab_mix.MIX_CONFIG's note)
-MIX_BACKWARD_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4)
+MIX_BACKWARD_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4, num_stages=3)
 
 
 @triton.jit
-def _row_block(base, cols, end, head_ok, sj, MATH: tl.constexpr):
-    """[CHP, BLOCK] block of one row of the group's heads in dtype MATH, zero at cols >= end."""
-    return tl.load(base + cols[None, :] * sj, mask=head_ok[:, None] & (cols[None, :] < end), other=0.0).to(MATH)
+def _row_block(base, cols, end, loaded, head_ok, sj, MATH: tl.constexpr):
+    """[CHP, BLOCK] block of one row of the group's heads in dtype MATH, zero at cols >= end
+    (loaded up to load_end)."""
+    x = tl.load(base + cols[None, :] * sj, mask=head_ok[:, None] & (cols[None, :] < loaded), other=0.0)
+    return tl.where(cols[None, :] < end, x.to(MATH), 0.0)
 
 
 @triton.jit
@@ -57,20 +59,21 @@ def mix_backward_rows_kernel(grad, probs, x, w, out, dw,
     w_ok = head_ok[:, None] & head_ok[None, :]
     w_t = tl.load(w + g * CH * CH + hh[None, :] * CH + hh[:, None], mask=w_ok, other=0.0)
     end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
+    loaded = load_end(end, K)
     cols = tl.arange(0, BLOCK)
     if SOFTMAX:
         delta = tl.zeros([CHP], dtype=MATH)
         for c0 in range(0, end, BLOCK):
-            delta += tl.sum(_row_block(p_row, c0 + cols, end, head_ok, spj, MATH)
-                            * _row_block(g_row, c0 + cols, end, head_ok, sgj, MATH), axis=1)
+            delta += tl.sum(_row_block(p_row, c0 + cols, end, loaded, head_ok, spj, MATH)
+                            * _row_block(g_row, c0 + cols, end, loaded, head_ok, sgj, MATH), axis=1)
     weight_rows = (i >= DW_LO) & (i < DW_HI)
     dw_acc = tl.zeros([CHP, CHP], dtype=MATH)
     for c0 in range(0, K, BLOCK):
-        grad_in = _row_block(g_row, c0 + cols, end, head_ok, sgj, MATH)
+        grad_in = _row_block(g_row, c0 + cols, end, loaded, head_ok, sgj, MATH)
         if SOFTMAX:
-            grad_in = _row_block(p_row, c0 + cols, end, head_ok, spj, MATH) * (grad_in - delta[:, None])
+            grad_in = _row_block(p_row, c0 + cols, end, loaded, head_ok, spj, MATH) * (grad_in - delta[:, None])
         if WANT_DW & weight_rows:
-            x_t = tl.trans(_row_block(x_row, c0 + cols, end, head_ok, sxj, MATH))
+            x_t = tl.trans(_row_block(x_row, c0 + cols, end, loaded, head_ok, sxj, MATH))
             dw_acc += tl.dot(grad_in, x_t, input_precision=PREC)
         adjoint = tl.dot(w_t, grad_in, input_precision=PREC)
         tl.store(o_row + (c0 + cols)[None, :] * soj, adjoint.to(out.dtype.element_ty),
@@ -119,16 +122,18 @@ def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, z
         *grad.stride(), *(grad if probs is None else probs).stride(), *(grad if x is None else x).stride(),
         *out.stride(), H, R, K, zeros, lo, hi, row0, partial.shape[2] if x is not None else R,
         CH=ch, CHP=chp, SOFTMAX=probs is not None, WANT_DW=x is not None, BLOCK=block,
-        PREC="ieee" if grad.dtype == torch.float64 else precision, num_warps=MIX_BACKWARD_CONFIG["num_warps"])
+        PREC="ieee" if grad.dtype == torch.float64 else precision, num_warps=MIX_BACKWARD_CONFIG["num_warps"],
+        num_stages=MIX_BACKWARD_CONFIG["num_stages"])
     return out, partial[:, :, lo:hi].sum((0, 2)) if summed else None
 
 
 @triton.jit
-def _talking_heads_probs(s_row, w_pre, row_lse, cols, end, head_ok, ssj, PREC: tl.constexpr):
-    """A block of one row's scores s [CHP, BLOCK] (zero at cols >= end) in w_pre's dtype, and
-    the probabilities exp(w_pre s - lse) there (zero at cols >= end and for padding heads)."""
+def _talking_heads_probs(s_row, w_pre, row_lse, cols, end, loaded, head_ok, ssj, PREC: tl.constexpr):
+    """A block of one row's scores s [CHP, BLOCK] (zero at cols >= end; loaded up to load_end)
+    in w_pre's dtype, and the probabilities exp(w_pre s - lse) there (zero at cols >= end and
+    for padding heads)."""
+    s = _row_block(s_row, cols, end, loaded, head_ok, ssj, w_pre.dtype)
     ok = head_ok[:, None] & (cols[None, :] < end)
-    s = tl.load(s_row + cols[None, :] * ssj, mask=ok, other=0.0).to(w_pre.dtype)
     p = tl.where(ok, tl.exp(tl.dot(w_pre, s, input_precision=PREC) - row_lse[:, None]), 0.0)
     return s, p
 
@@ -162,19 +167,20 @@ def talking_heads_backward_rows_kernel(da, s, lse, w_pre, w_post, out, dw_pre, d
     heads = (g * CH + hh).to(tl.int64)
     row_lse = tl.load(lse + b.to(tl.int64) * slb + heads * slh + i, mask=head_ok, other=0.0)
     end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
+    loaded = load_end(end, K)
     cols = tl.arange(0, BLOCK)
     delta = tl.zeros([CHP], dtype=w_pre_g.dtype)
     dw_post_acc = tl.zeros([CHP, CHP], dtype=w_pre_g.dtype)
     for c0 in range(0, end, BLOCK):
-        _, p = _talking_heads_probs(s_row, w_pre_g, row_lse, c0 + cols, end, head_ok, ssj, PREC)
-        da_blk = _row_block(da_row, c0 + cols, end, head_ok, sdj, w_pre_g.dtype)
+        _, p = _talking_heads_probs(s_row, w_pre_g, row_lse, c0 + cols, end, loaded, head_ok, ssj, PREC)
+        da_blk = _row_block(da_row, c0 + cols, end, loaded, head_ok, sdj, w_pre_g.dtype)
         delta += tl.sum(p * tl.dot(w_post_t, da_blk, input_precision=PREC), axis=1)
         if WANT_DW_POST:
             dw_post_acc += tl.dot(da_blk, tl.trans(p), input_precision=PREC)
     dw_pre_acc = tl.zeros([CHP, CHP], dtype=w_pre_g.dtype)
     for c0 in range(0, end, BLOCK):
-        s_blk, p = _talking_heads_probs(s_row, w_pre_g, row_lse, c0 + cols, end, head_ok, ssj, PREC)
-        da_blk = _row_block(da_row, c0 + cols, end, head_ok, sdj, w_pre_g.dtype)
+        s_blk, p = _talking_heads_probs(s_row, w_pre_g, row_lse, c0 + cols, end, loaded, head_ok, ssj, PREC)
+        da_blk = _row_block(da_row, c0 + cols, end, loaded, head_ok, sdj, w_pre_g.dtype)
         dz = p * (tl.dot(w_post_t, da_blk, input_precision=PREC) - delta[:, None])
         if WANT_DW_PRE:
             dw_pre_acc += tl.dot(dz, tl.trans(s_blk), input_precision=PREC)
@@ -197,7 +203,7 @@ def talking_heads_backward_rows_kernel(da, s, lse, w_pre, w_post, out, dw_pre, d
 # notes/tune_thbackward_h200_4fae9fb.log and _efb9e19.log): bf16 dA 0.275 ms at 1024 / 1 warp,
 # 0.301 at 1024 / 2, 0.329 at 2048 / 2, 0.424 at 2048 / 4, 0.441 at 1024 / 4, 0.426-0.435 at 512 / 1
 # and 512 / 2, 0.532 at 4096 / 4, 0.64 at 256 / 1, 0.92 at 4096 / 8; fp32 dA 0.42-0.58.
-TALKING_HEADS_BACKWARD_CONFIG = dict(elements=1024, num_warps=1)
+TALKING_HEADS_BACKWARD_CONFIG = dict(elements=1024, num_warps=1, num_stages=3)
 
 
 def _row_buffer(buffer, B, G, ch, rows_needed, name):
@@ -248,5 +254,6 @@ def talking_heads_backward_rows(da: torch.Tensor, s: torch.Tensor, lse: torch.Te
         *da.stride(), *s.stride(), *lse.stride()[:2], *out.stride(), H, R, K, row_kernel_zero_above(zero_above),
         row0, 0 if dw_rows is None else dw_rows.shape[2],
         CH=ch, CHP=chp, WANT_DW_PRE=buffers[0] is not None, WANT_DW_POST=buffers[1] is not None, BLOCK=block,
-        PREC="ieee" if cd == torch.float64 else precision, num_warps=config["num_warps"])
+        PREC="ieee" if cd == torch.float64 else precision, num_warps=config["num_warps"],
+        num_stages=config["num_stages"])
     return out

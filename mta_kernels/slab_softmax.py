@@ -19,7 +19,14 @@ import triton.language as tl
 
 from .forward import _next_pow2, acc_dtype, tl_acc_dtype
 from .slab_conv import row_kernel_zero_above
-from .slab_mix import group_row, group_row_program, row_block_elements
+from .slab_mix import group_row, group_row_program, load_end, row_block_elements
+
+
+@triton.jit
+def _masked_block(row, cols, end, loaded, sj, MATH: tl.constexpr):
+    """[BLOCK] columns cols of a row in MATH, -inf at cols >= end (loaded up to load_end)."""
+    v = tl.load(row + cols * sj, mask=cols < loaded, other=0.0).to(MATH)
+    return tl.where(cols < end, v, float("-inf"))
 
 
 @triton.jit
@@ -34,19 +41,20 @@ def softmax_rows_kernel(x, lse, sb, sh, si, sj, H, R, K, ZERO_ABOVE,
     bh, i = n // R, n % R
     row = x + (bh // H).to(tl.int64) * sb + (bh % H).to(tl.int64) * sh + i.to(tl.int64) * si
     end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
+    loaded = load_end(end, K)
     cols = tl.arange(0, BLOCK)
     # online max and sum over the unmasked columns
-    v = tl.load(row + cols * sj, mask=cols < end, other=float("-inf")).to(MATH)
+    v = _masked_block(row, cols, end, loaded, sj, MATH)
     row_max = tl.max(v, axis=0)
     row_sum = tl.sum(tl.exp(v - row_max), axis=0)
     for c0 in range(BLOCK, end, BLOCK):
-        v = tl.load(row + (c0 + cols) * sj, mask=c0 + cols < end, other=float("-inf")).to(MATH)
+        v = _masked_block(row, c0 + cols, end, loaded, sj, MATH)
         new_max = tl.maximum(row_max, tl.max(v, axis=0))
         row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(v - new_max), axis=0)
         row_max = new_max
     inv_sum = 1.0 / row_sum
     for c0 in range(0, K, BLOCK):
-        v = tl.load(row + (c0 + cols) * sj, mask=c0 + cols < end, other=float("-inf")).to(MATH)
+        v = _masked_block(row, c0 + cols, end, loaded, sj, MATH)
         tl.store(row + (c0 + cols) * sj, (tl.exp(v - row_max) * inv_sum).to(x.dtype.element_ty), mask=c0 + cols < K)
     if WRITE_LSE:
         tl.store(lse + n, row_max + tl.log(row_sum))
@@ -74,14 +82,14 @@ def softmax_rows_(x: torch.Tensor, zero_above=None, want_lse=False):
 # notes/tune_mixsoftmax_h200_be43e22.log): 2048 / 4 warps 0.213 ms, 4096 / 4 0.226,
 # 8192 / 8 0.303, 16384 / 8 0.340; the batched-matmul mix and slab softmax 0.384. On bf16 slabs
 # 4096 elements (slab_mix.MIX_CONFIG's note).
-MIX_SOFTMAX_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4)
+MIX_SOFTMAX_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4, num_stages=3)
 
 
 @triton.jit
-def _mixed_block(src, w_g, cols, end, head_ok, sj, PREC: tl.constexpr):
+def _mixed_block(src, w_g, cols, end, loaded, head_ok, sj, PREC: tl.constexpr):
     """[CHP, BLOCK] mixed logits sum_c w_g[o, c] x[c, cols] of one row in w_g's dtype, -inf at
-    cols >= end."""
-    x = tl.load(src + cols[None, :] * sj, mask=head_ok[:, None] & (cols[None, :] < end), other=0.0).to(w_g.dtype)
+    cols >= end (loaded up to load_end)."""
+    x = tl.load(src + cols[None, :] * sj, mask=head_ok[:, None] & (cols[None, :] < loaded), other=0.0).to(w_g.dtype)
     m = tl.dot(w_g, x, input_precision=PREC)
     return tl.where(cols[None, :] < end, m, float("-inf"))
 
@@ -110,6 +118,7 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
         # zero columns for the padding heads, whose softmax is not zero
         w_post_g = tl.load(w_post + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0)
     end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
+    loaded = load_end(end, K)
     cols = tl.arange(0, BLOCK)
     lse_at = lse + b.to(tl.int64) * slb + heads.to(tl.int64) * slh + i
     if READ_LSE:
@@ -117,17 +126,17 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
         inv_sum = tl.full([CHP], 1.0, dtype=row_max.dtype)
     else:
         # online max and sum per head over the unmasked columns (padding heads mix to zeros)
-        m = _mixed_block(src, w_g, cols, end, head_ok, sxj, PREC)
+        m = _mixed_block(src, w_g, cols, end, loaded, head_ok, sxj, PREC)
         row_max = tl.max(m, axis=1)
         row_sum = tl.sum(tl.exp(m - row_max[:, None]), axis=1)
         for c0 in range(BLOCK, end, BLOCK):
-            m = _mixed_block(src, w_g, c0 + cols, end, head_ok, sxj, PREC)
+            m = _mixed_block(src, w_g, c0 + cols, end, loaded, head_ok, sxj, PREC)
             new_max = tl.maximum(row_max, tl.max(m, axis=1))
             row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(m - new_max[:, None]), axis=1)
             row_max = new_max
         inv_sum = 1.0 / row_sum
     for c0 in range(0, K, BLOCK):
-        m = _mixed_block(src, w_g, c0 + cols, end, head_ok, sxj, PREC)
+        m = _mixed_block(src, w_g, c0 + cols, end, loaded, head_ok, sxj, PREC)
         p = tl.exp(m - row_max[:, None]) * inv_sum[:, None]
         if POST_MIX:
             p = tl.dot(w_post_g, p, input_precision=PREC)
@@ -177,5 +186,6 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
         x, w.to(cd).contiguous(), w_post.to(cd).contiguous(), out, x if stats is None else stats,
         *x.stride(), *out.stride(), *((0, 0) if stats is None else stats.stride()[:2]), H, R, K, zeros,
         CH=ch, CHP=chp, WRITE_LSE=want_lse, READ_LSE=lse_in is not None, POST_MIX=post_mix is not None, BLOCK=block,
-        PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=MIX_SOFTMAX_CONFIG["num_warps"])
+        PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=MIX_SOFTMAX_CONFIG["num_warps"],
+        num_stages=MIX_SOFTMAX_CONFIG["num_stages"])
     return out, lse

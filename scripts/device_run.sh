@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, session18a, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, session18a, session18b, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -32,6 +32,20 @@ full_ab_trees() {
     (cd $tree && MTA_BENCH_COMMIT=$label PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 120 python3 -m bench \
       --shapes sweep --lengths 2048,4096 --ops full --modes fwd,bwd,fwd+bwd \
       --providers fused --no-plots --out "$RES" 2>&1 | grep -E "^\[|status")
+  done
+}
+
+# $1 (comma-separated ops) fwd / bwd / fwd+bwd at L=4096 in this tree and in every tree under
+# branches/ (each labelled with its folder name), alternating over $2 rounds, processes of their own
+ops_ab_trees() {
+  for round in $(seq "$2"); do
+    for tree in . branches/*; do
+      [ -d "$tree" ] || continue
+      label=$MTA_BENCH_COMMIT; [ "$tree" = . ] || label=$(basename $tree)
+      (cd $tree && MTA_BENCH_COMMIT=$label PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 120 python3 -m bench \
+        --shapes sweep --lengths 4096 --ops $1 --modes fwd,bwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
+        | grep -E "^\[" | sed "s|^|$label |")
+    done
   done
 }
 
@@ -468,6 +482,23 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
                --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote"
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
              timeout 200 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8 ;;
+    session18b) # the row kernels with vectorized loads (this tree) against branches/before (scalar loads):
+             # tune.py rows16 with each tree's kernels, then talking heads and full MTA, two rounds
+             timeout 100 python3 scripts/tune.py rows16 2>&1 | tee "$OUT/tune_rows16.log" | grep "rows16"
+             for tree in branches/*; do
+               PYTHONPATH="$PWD/$tree:/tmp/site:$PWD/tests:$PWD/scripts" timeout 100 python3 scripts/tune.py rows16 2>&1 \
+                 | grep "rows16" | sed "s|^|$(basename $tree) |" | tee -a "$OUT/tune_rows16.log"
+             done
+             ops_ab_trees talking_heads,full 2 2>&1 | tee "$OUT/rows_ab.log"
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
+             # talking heads' forward in 2 chunks (the 1 GiB default) and in 4 (0.5 GiB)
+             for round in 1 2; do
+               for bytes in 1073741824 536870912; do
+                 MTA_KERNELS_CHUNK_BYTES=$bytes timeout 60 python3 -m bench --shapes sweep --lengths 4096 \
+                   --ops talking_heads --modes fwd,fwd+bwd --providers fused --no-plots --out "$RES" 2>&1 \
+                   | grep -E "^\[" | sed "s|^|chunk_bytes=$bytes |" | tee -a "$OUT/thchunks.log"
+               done
+             done ;;
     session18a) # (prepared in session 17, not yet run) the slab convs of 16-bit slabs on one slab: the
              # strip conv's committed config against alternatives, the weight gradient's transposed-product
              # kernel (WEIGHT_GRAD_STRIP_CONFIG) against the committed one; then full MTA at L=4096 with the

@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [slabconv16] [slabconvtiles] [mix16] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows] [preconvmatmul] [thbackward]   (all without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [slabconv16] [slabconvtiles] [mix16] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows] [preconvmatmul] [thbackward] [rows16]   (all without arguments)"""
 import sys
 
 import torch
@@ -18,7 +18,7 @@ t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v,
 print(f"sdpa {t_sdpa:.3f} ms", flush=True)
 expect = F.scaled_dot_product_attention(q, k, v, is_causal=True)
 which = set(sys.argv[1:]) or {"flash", "flashbwd", "mixbwd", "mix", "mixsplits", "full", "slabconv", "mixbwdsplits",
-                              "mixsoftmax", "mixbackward", "mixrows", "preconvmatmul", "thbackward"}
+                              "mixsoftmax", "mixbackward", "mixrows", "preconvmatmul", "thbackward", "rows16"}
 
 
 def mix_slab(x, w):
@@ -146,7 +146,7 @@ if "mix16" in which:
     w = (R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")).contiguous()
     dw_rows = torch.empty(B, 1, L, H, H, device="cuda")
     for elements, warps in [(2048, 4), (1024, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 4), (16384, 8)]:
-        cfg = dict(elements=elements, num_warps=warps)
+        cfg = dict(elements=elements, elements_16bit=elements, num_warps=warps, num_stages=3)
         slab_softmax.MIX_SOFTMAX_CONFIG = slab_mix.MIX_CONFIG = slab_mix_backward.MIX_BACKWARD_CONFIG = cfg
         y, gy = x.clone(), g.clone()
         t1 = triton.testing.do_bench(lambda: slab_softmax.mix_softmax_rows(y, w, lo, want_lse=True, precision="tf32",
@@ -167,7 +167,8 @@ if "mixsoftmax" in which:
     t = triton.testing.do_bench(lambda: slab_softmax.softmax_rows_(mix_slab(x, w), lo, want_lse=True), return_mode="median")
     print(f"mix softmax: batched matmul + slab softmax {t:.3f} ms", flush=True)
     for elements, warps in [(8192, 8), (4096, 4), (4096, 8), (16384, 8), (2048, 4)]:
-        slab_softmax.MIX_SOFTMAX_CONFIG = dict(elements=elements, num_warps=warps)
+        slab_softmax.MIX_SOFTMAX_CONFIG = dict(elements=elements, elements_16bit=elements, num_warps=warps,
+                                               num_stages=3)
         y = x.clone()
         t = triton.testing.do_bench(lambda: slab_softmax.mix_softmax_rows(y, w, lo, want_lse=True, precision="tf32", out=y),
                                     return_mode="median")
@@ -188,7 +189,8 @@ if "mixbackward" in which:
     t = triton.testing.do_bench(torch_path, return_mode="median")
     print(f"mix backward: softmax backward + batched matmuls {t:.3f} ms", flush=True)
     for elements, warps in [(2048, 4), (1024, 4), (4096, 4), (4096, 8), (8192, 8)]:
-        slab_mix_backward.MIX_BACKWARD_CONFIG = dict(elements=elements, num_warps=warps)
+        slab_mix_backward.MIX_BACKWARD_CONFIG = dict(elements=elements, elements_16bit=elements, num_warps=warps,
+                                                     num_stages=3)
         y = dp.clone()
         t = triton.testing.do_bench(lambda: slab_mix_backward.mix_backward_rows(
             y, w, x=c, probs=probs, zero_above=lo, rows=(20, rows - 20), precision="tf32", out=y), return_mode="median")
@@ -205,7 +207,7 @@ if "thbackward" in which:
     buffers = [torch.empty(B, 1, rows, H, H, device="cuda") for _ in range(2)]
     # (4fae9fb: 2048/4, 1024/4, 4096/4, 4096/8, 8192/8 and 512/1 were slower than 1024/2 in both dtypes)
     for elements, warps in [(1024, 2), (1024, 1), (512, 2), (2048, 2), (256, 1)]:
-        slab_mix_backward.TALKING_HEADS_BACKWARD_CONFIG = dict(elements=elements, num_warps=warps)
+        slab_mix_backward.TALKING_HEADS_BACKWARD_CONFIG = dict(elements=elements, num_warps=warps, num_stages=3)
         for da_dtype in (torch.bfloat16,):
             da = torch.randn(B, H, rows, keys, device="cuda", dtype=da_dtype)
             t = triton.testing.do_bench(lambda: slab_mix_backward.talking_heads_backward_rows(
@@ -219,7 +221,8 @@ if "thbackward" in which:
     from mta_kernels import slab_softmax
     x_fwd = torch.randn(B, H, L, L, device="cuda", dtype=torch.bfloat16)
     for elements, warps in [(2048, 4), (1024, 2), (1024, 4), (2048, 2), (4096, 4), (512, 1)]:
-        slab_softmax.MIX_SOFTMAX_CONFIG = dict(elements=elements, num_warps=warps)
+        slab_softmax.MIX_SOFTMAX_CONFIG = dict(elements=elements, elements_16bit=elements, num_warps=warps,
+                                               num_stages=3)
         t_fwd = triton.testing.do_bench(lambda: slab_softmax.mix_softmax_rows(
             x_fwd, w_pre, 0, want_lse=True, precision="tf32", post_mix=w_post, out_dtype=torch.bfloat16),
             return_mode="median")
@@ -229,6 +232,56 @@ if "thbackward" in which:
         print(f"talking heads mix softmax {slab_softmax.MIX_SOFTMAX_CONFIG}: forward {t_fwd:.3f} ms, "
               f"backward's recomputation {t_bwd:.3f} ms", flush=True)
     del x_fwd
+if "rows16" in which:
+    # every row kernel on bf16 slabs, with its committed config (first) and alternatives: talking
+    # heads' forward mix-softmax (the second of two chunks of L=4096: rows 2048..4096, all keys;
+    # post mix, lse out), its backward's recomputation (lse in) and its backward kernel; full MTA's
+    # pre mix with the softmax (in place), post mix and the mix backward through the softmax (a
+    # middle chunk, rows 1365..2730, keys up to 2736)
+    from mta_kernels import slab_mix, slab_mix_backward, slab_softmax
+    w_pre, w_post = ((R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")).contiguous()
+                     for _ in range(2))
+    w_pre = w_pre * scale
+
+    def causal_slab(rows, lo, keys, n):
+        future = torch.arange(keys, device="cuda")[None, :] - torch.arange(rows, device="cuda")[:, None] > lo
+        return [torch.randn(B, H, rows, keys, device="cuda").masked_fill(future, 0.0).to(torch.bfloat16)
+                for _ in range(n)]
+
+    th_lo, th_rows = 2048, 2048
+    s16, da = causal_slab(th_rows, th_lo, L, 2)
+    lse = slab_softmax.mix_softmax_rows(s16, w_pre, th_lo, want_lse=True, precision="tf32")[1]
+    dw_bufs = [torch.empty(B, 1, L, H, H, device="cuda") for _ in range(2)]
+    mx_lo, mx_rows, mx_keys = 1365, 1365, 2736
+    x, g, p = causal_slab(mx_rows, mx_lo, mx_keys, 3)
+    y, gy = x.clone(), g.clone()
+    w = w_post
+    calls = {
+        "th mix softmax": (slab_softmax, "MIX_SOFTMAX_CONFIG", lambda: slab_softmax.mix_softmax_rows(
+            s16, w_pre, th_lo, want_lse=True, precision="tf32", post_mix=w_post, out_dtype=torch.bfloat16)),
+        "th recompute": (slab_softmax, "MIX_SOFTMAX_CONFIG", lambda: slab_softmax.mix_softmax_rows(
+            s16, w_pre, th_lo, precision="tf32", post_mix=w_post, out_dtype=torch.bfloat16, lse_in=lse)),
+        "th backward": (slab_mix_backward, "TALKING_HEADS_BACKWARD_CONFIG", lambda: slab_mix_backward.talking_heads_backward_rows(
+            da, s16, lse, w_pre, w_post, th_lo, precision="tf32", out=torch.empty_like(da),
+            dw_pre_rows=dw_bufs[0], dw_post_rows=dw_bufs[1], row0=th_lo)),
+        "mix softmax": (slab_softmax, "MIX_SOFTMAX_CONFIG", lambda: slab_softmax.mix_softmax_rows(
+            y, w, mx_lo, want_lse=True, precision="tf32", out=y)),
+        "mix rows": (slab_mix, "MIX_CONFIG", lambda: slab_mix.mix_rows(x, w, mx_lo, precision="tf32",
+                                                                      out_dtype=torch.bfloat16)),
+        "mix backward": (slab_mix_backward, "MIX_BACKWARD_CONFIG", lambda: slab_mix_backward.mix_backward_rows(
+            gy, w, x=x, probs=p, zero_above=mx_lo, rows=(5, mx_rows), precision="tf32", out=gy,
+            dw_rows=(dw_bufs[0], mx_lo))),
+    }
+    for name, (module, attr, fn) in calls.items():
+        committed = dict(getattr(module, attr))
+        e = committed.get("elements_16bit", committed["elements"])
+        for change in [dict(), dict(num_stages=1), dict(num_stages=2), dict(num_stages=4),
+                       dict(elements=e // 2, elements_16bit=e // 2), dict(elements=2 * e, elements_16bit=2 * e),
+                       dict(num_warps=2 * committed["num_warps"])]:
+            setattr(module, attr, dict(committed, **change))
+            t = triton.testing.do_bench(fn, return_mode="median")
+            print(f"rows16 {name} {getattr(module, attr)}: {t:.3f} ms", flush=True)
+        setattr(module, attr, committed)
 if "mixrows" in which:
     # the post mix of the last chunk of the chunked forward (rows 2730..4096 of L=4096, all keys),
     # fp32 in, bf16 out, against the batched matmul
@@ -241,7 +294,7 @@ if "mixrows" in which:
     t = triton.testing.do_bench(lambda: mix_slab(x, w), return_mode="median")
     print(f"mix rows: batched matmul {t:.3f} ms", flush=True)
     for elements, warps in [(2048, 4), (1024, 4), (4096, 4), (4096, 8), (8192, 8)]:
-        slab_mix.MIX_CONFIG = dict(elements=elements, num_warps=warps)
+        slab_mix.MIX_CONFIG = dict(elements=elements, elements_16bit=elements, num_warps=warps, num_stages=3)
         t = triton.testing.do_bench(lambda: slab_mix.mix_rows(x, w, lo, precision="tf32", out_dtype=torch.bfloat16),
                                     return_mode="median")
         print(f"mix rows {slab_mix.MIX_CONFIG}: {t:.3f} ms", flush=True)

@@ -436,6 +436,48 @@ def test_mix_rows_matches_reference(shape, groups, zero_above, device):
         mix_rows(x, w, -1)
 
 
+
+@pytest.mark.parametrize("kernel", ["softmax", "mix_softmax", "post_mix_softmax", "lse_in", "mix_rows", "mix_backward",
+                                    "talking_heads_backward"])
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_row_kernels_ignore_what_the_causal_future_holds(kernel, fill, device):
+    """The row kernels load whole 16-column runs past the last column a causal row uses (so
+    that their loads vectorize) and mask what they loaded: NaN or inf in the causal future of
+    their input slabs changes no output bit. Rows ending on both sides of a 16-column boundary,
+    K not a multiple of 16."""
+    from mta_kernels.slab_mix import mix_rows
+    from mta_kernels.slab_mix_backward import mix_backward_rows, talking_heads_backward_rows
+    from mta_kernels.slab_softmax import mix_softmax_rows, softmax_rows_
+    g = torch.Generator().manual_seed(9)
+    B, H, R, K, zero_above = 1, 16, 5, 70, 13          # rows end at columns 14 .. 18
+    clean = [torch.randn(B, H, R, K, generator=g).to(device) for _ in range(3)]
+    w, w_post = (torch.randn(1, H, H, generator=g).to(device) for _ in range(2))
+    future = (torch.arange(K)[None, :] - torch.arange(R)[:, None] > zero_above).to(device)
+    lse = mix_softmax_rows(clean[0], w, zero_above, want_lse=True)[1]
+
+    def run(x, y, z):
+        buffers = [torch.zeros(B, 1, R, H, H, device=device) for _ in range(2)]
+        if kernel == "softmax":
+            return softmax_rows_(x, zero_above, want_lse=True)
+        if kernel == "mix_softmax":
+            return mix_softmax_rows(x, w, zero_above, want_lse=True)
+        if kernel == "post_mix_softmax":
+            return mix_softmax_rows(x, w, zero_above, want_lse=True, post_mix=w_post)
+        if kernel == "lse_in":
+            return mix_softmax_rows(x, w, zero_above, post_mix=w_post, lse_in=lse)[:1]
+        if kernel == "mix_rows":
+            return (mix_rows(x, w, zero_above),)
+        if kernel == "mix_backward":
+            return mix_backward_rows(x, w, x=y, probs=z, zero_above=zero_above, dw_rows=(buffers[0], 0))[:1] + (
+                buffers[0],)
+        return (talking_heads_backward_rows(x, y, lse, w, w_post, zero_above, dw_pre_rows=buffers[0],
+                                            dw_post_rows=buffers[1]), *buffers)
+
+    expected = run(*(x.clone() for x in clean))
+    got = run(*(x.masked_fill(future, fill) for x in clean))
+    for e, o in zip(expected, got):
+        assert torch.equal(e, o)
+
 GRAD_CASES = [
     # no MTA part: the fused flash-attention backward
     Case(L=30),
