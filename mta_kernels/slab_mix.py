@@ -20,6 +20,12 @@ from .slab_conv import row_kernel_zero_above
 # warps. H200, a 1365-row chunk of 16 heads by 2736 keys in bf16 (scripts/tune.py mix16,
 # notes/tune_mix16_h200_bc31bc2.log): 4096 elements / 4 warps 0.080 ms, 2048 0.089, 8192 0.081; for
 # the pre mix's softmax 0.145 against 0.153 (8192: 0.179), the mix backward 0.285 against 0.305.
+# With the loads vectorized (load_end; scripts/tune.py rows16, notes/tune_rows16_h200_c9f2df8.log,
+# against the same kernels with 2-byte loads): post mix 0.068 against 0.080 ms (stages 1: 0.074,
+# 8192 elements 0.066), pre mix's softmax 0.103 against 0.145 (stages 1 / 2: 0.119), talking
+# heads' mix-softmax 0.228 against 0.330 on rows 2048..4096 of L=4096 (stages 1: 0.267), its
+# recomputation 0.139 against 0.193; the mix backward 0.210 with 1 stage against 0.281 with 3
+# (and 0.283 before).
 MIX_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4, num_stages=3)
 
 

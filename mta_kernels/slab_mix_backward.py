@@ -23,9 +23,9 @@ from .forward import _next_pow2, acc_dtype
 from .slab_conv import row_kernel_zero_above
 from .slab_mix import group_row, group_row_program, load_end, row_block_elements
 
-# key block of about this many elements (heads x keys) for fp32 and for 16-bit slabs, and the warps
-# (slab_mix.MIX_CONFIG's note)
-MIX_BACKWARD_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4, num_stages=3)
+# key block of about this many elements (heads x keys) for fp32 and for 16-bit slabs, the warps and
+# the software-pipelining stages (slab_mix.MIX_CONFIG's note)
+MIX_BACKWARD_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4, num_stages=1)
 
 
 @triton.jit
@@ -202,7 +202,9 @@ def talking_heads_backward_rows_kernel(da, s, lse, w_pre, w_post, out, dw_pre, d
 # 1024 rows by 3072 keys of L=4096, 16 heads, bf16 scores (scripts/tune.py thbackward,
 # notes/tune_thbackward_h200_4fae9fb.log and _efb9e19.log): bf16 dA 0.275 ms at 1024 / 1 warp,
 # 0.301 at 1024 / 2, 0.329 at 2048 / 2, 0.424 at 2048 / 4, 0.441 at 1024 / 4, 0.426-0.435 at 512 / 1
-# and 512 / 2, 0.532 at 4096 / 4, 0.64 at 256 / 1, 0.92 at 4096 / 8; fp32 dA 0.42-0.58.
+# and 512 / 2, 0.532 at 4096 / 4, 0.64 at 256 / 1, 0.92 at 4096 / 8; fp32 dA 0.42-0.58. With the
+# loads vectorized (notes/tune_rows16_h200_c9f2df8.log, rows 2048..4096 of L=4096): 0.485 ms against
+# 0.595 at 1024 / 1 warp / 3 stages (1 or 2 stages 0.62 / 0.55, 512 0.547, 2048 0.650, 2 warps 0.638).
 TALKING_HEADS_BACKWARD_CONFIG = dict(elements=1024, num_warps=1, num_stages=3)
 
 

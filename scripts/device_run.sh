@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, session18a, session18b, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, session18a, session18b, session18c, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -499,6 +499,18 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
                    | grep -E "^\[" | sed "s|^|chunk_bytes=$bytes |" | tee -a "$OUT/thchunks.log"
                done
              done ;;
+    session18c) # the final tree's tests on the GPU: the GPU-marked forward and backward tests (session17f's),
+             # the row kernels' tests (vectorized loads), then the 16-bit slab tests
+             timeout 150 python3 -m pytest tests/test_forward.py -m gpu -q -rfE -s --tb=short --durations=5 \
+               2>&1 | tee "$OUT/tests_forward.log" | grep -E "GiB|FAIL|Error|passed|failed|s call"
+             timeout 170 python3 -m pytest tests/test_backward.py -q -rfE -s --tb=short --durations=5 \
+               -m "gpu or not gpu" -k "gpu or memory or skips_unwanted or determin" \
+               2>&1 | tee "$OUT/tests_backward.log" | grep -E "GiB|FAIL|Error|passed|failed|s call"
+             timeout 80 python3 -m pytest tests/test_backward.py -q -rfE --tb=short -k "slab_softmax or mix_softmax_rows \
+               or mix_backward_rows or talking_heads_backward_rows or mix_rows or ignore_what" \
+               2>&1 | tee "$OUT/tests_rows.log" | grep -E "FAIL|Error|passed|failed"
+             timeout 180 python3 -m pytest tests/test_forward.py tests/test_backward.py -q -rfE --tb=short -k "16bit" \
+               2>&1 | tee "$OUT/tests_16bit.log" | grep -E "FAIL|Error|passed|failed" ;;
     session18a) # (prepared in session 17, not yet run) the slab convs of 16-bit slabs on one slab: the
              # strip conv's committed config against alternatives, the weight gradient's transposed-product
              # kernel (WEIGHT_GRAD_STRIP_CONFIG) against the committed one; then full MTA at L=4096 with the
