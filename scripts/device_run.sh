@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, session18a, session18b, session18c, session18d, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, session18a, session18b, session18c, session18d, session18e, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -524,6 +524,17 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 170 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
              kill %1 2>/dev/null ;;
+    session18e) # the 16-bit slab conv tests again (the band's mark fixed), full MTA and talking heads forward
+             # in three bench processes of their own, then the README's targets at L=4096
+             timeout 90 python3 -m pytest tests/test_backward.py -q -rfE --tb=line -k "strip_conv_kernel_on_16bit" \
+               2>&1 | tee "$OUT/tests_slabs16.log" | grep -E "FAIL|Error|passed|failed|entries"
+             for round in 1 2 3; do
+               timeout 45 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads --modes fwd \
+                 --providers fused --no-plots --out "$RES" 2>&1 | grep -E "^\[" | sed "s|^|round $round |" | tee -a "$OUT/fwd_rounds.log"
+             done
+             timeout 200 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
+               --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote"
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;;
     session18a) # (prepared in session 17, not yet run) the slab convs of 16-bit slabs on one slab: the
              # strip conv's committed config against alternatives, the weight gradient's transposed-product
              # kernel (WEIGHT_GRAD_STRIP_CONFIG) against the committed one; then full MTA at L=4096 with the
