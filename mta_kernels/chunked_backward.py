@@ -22,7 +22,7 @@ deterministic.
 import torch
 
 from .forward import _precision
-from .slab_conv import key_query_conv_input_grad, key_query_conv_weight_grad
+from .slab_conv import ConvWeightGradSums, key_query_conv_input_grad, key_query_conv_weight_grad
 from .slab_mix_backward import mix_backward_rows
 from .chunked_forward import slab_dtype, slab_weights_and_scale
 from .slabs import (_matmul_precision, chunk_starts, conv_halos, live_slabs, matmul_into, mix_precision,
@@ -117,10 +117,13 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
     # (every chunk writes its rows of dq; dk and dv take sums)
     dq = torch.empty(B, H, L, D, device=q.device, dtype=cd) if need_q else None
     dk, dv = (torch.zeros(B, H, L, D, device=q.device, dtype=cd) if need else None for need in (need_k, need_v))
-    # the convs' weight gradients summed chunk by chunk; each mix's as one buffer of per-row
-    # shares (mix_backward_rows' dw_rows) that every chunk fills with its rows, summed once
-    dw = [torch.zeros(w.shape, device=q.device, dtype=cd) if need and i in (0, 2) else None
-          for i, (w, need) in enumerate(zip((pre_conv, pre_mix, post_conv, post_mix), need_w))]
+    # each conv's weight gradient as partial sums that every chunk's kernel writes into its own
+    # slice of one buffer (ConvWeightGradSums); each mix's as one buffer of per-row shares
+    # (mix_backward_rows' dw_rows) that every chunk fills with its rows; each summed once
+    starts = list(chunk_starts(L, rows))
+    conv_sums = [ConvWeightGradSums(w, B * H, min(L, rows + 2 * (HQ + HP)), L, pad_key, len(starts), q.device, cd)
+                 if need else None for w, need in ((pre_conv, need_w[0]), (post_conv, need_w[2]))]
+    dw = [None] * 4
     mix_dw_rows = [torch.empty(B, w.shape[0], L, *w.shape[1:], device=q.device, dtype=cd) if need else None
                    for w, need in zip((pre_mix, post_mix), (need_w[1], need_w[3]))]
     # how far back from dO the chain must go: dA -> (post mix) -> dP -> dZ -> (pre mix) -> dC -> dS
@@ -131,7 +134,7 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
 
     prec = _precision(q)
     operands = pre_conv_operands(q, k, pre_conv, pad_key, scale) if PRE_CONV_MATMUL_IN_BACKWARD else None
-    for r0 in chunk_starts(L, rows):
+    for r0 in starts:
         # the last chunk's slabs go before this one's are made (the chain below frees each
         # slab after its last use; those left by a `continue` go here), so that at most
         # live_slabs() slabs are alive at once
@@ -168,7 +171,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
                                       out=da, dw_rows=(mix_dw_rows[1], lo), **mix)
         a1 = None
         if need_w[2]:
-            dw[2] += key_query_conv_weight_grad(da, probs, post_conv, pad_key, rows=(mine.start, mine.stop), **slab)
+            key_query_conv_weight_grad(da, probs, post_conv, pad_key, rows=(mine.start, mine.stop),
+                                       partial=conv_sums[1].next_slice(), **slab)
         if not need_dz:
             continue
         dp = da
@@ -184,7 +188,8 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
             dc = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
         dp = probs = c = None
         if need_w[0]:
-            dw[0] += key_query_conv_weight_grad(dc, s0, pre_conv, pad_key, rows=(mine.start, mine.stop), **slab)
+            key_query_conv_weight_grad(dc, s0, pre_conv, pad_key, rows=(mine.start, mine.stop),
+                                       partial=conv_sums[0].next_slice(), **slab)
         s0 = None
         if not need_ds:
             continue
@@ -198,6 +203,9 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         if need_k:
             matmul_into(dk[0, :, :ke], ds[0].transpose(-1, -2), qc[0, :, r0:r1], accumulate=True)  # qc: scale * q
 
+    for i, sums in ((0, conv_sums[0]), (2, conv_sums[1])):
+        if sums is not None:
+            dw[i] = sums.result()
     for i, rows_dw in ((1, mix_dw_rows[0]), (3, mix_dw_rows[1])):
         if rows_dw is not None:
             dw[i] = rows_dw.sum((0, 2))

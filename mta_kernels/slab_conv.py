@@ -194,26 +194,44 @@ def key_query_conv_input_grad(grad: torch.Tensor, w: torch.Tensor, pad_key: str,
     return _conv(grad, w, pad_key, True, zero_above, mask_output, precision)
 
 
+def _weight_grad_tiles(R, LC, ck, pad_key):
+    """The weight-gradient kernels' row tile BR, halo, and partial-sum slots (row tiles times
+    groups of TILES column tiles) for a (R, LC) plane: the slots never fall as R or LC grow."""
+    halo = _halo(ck, left_pad(ck, pad_key))
+    cfg = WEIGHT_GRAD_CONFIG
+    BR = min(cfg["BR"], max(16, _next_pow2(R)))
+    n_groups = triton.cdiv(triton.cdiv(LC, 2 * halo), cfg["TILES"])    # column tiles of 2 * halo (the kernel's)
+    return BR, halo, n_groups, triton.cdiv(R, BR) * n_groups
+
+
 def key_query_conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, pad_key: str,
-                               zero_above=None, rows=None, precision="ieee") -> torch.Tensor:
+                               zero_above=None, rows=None, precision="ieee", partial=None):
     """Gradient of key_query_conv(x, w) with respect to w: (H, cq, ck) summed over batch and
     positions in a fixed order (deterministic), in fp32 (fp64 for fp64 slabs; grad and x of
     one dtype, 16-bit allowed). rows=(lo, hi): only grad's rows lo..hi-1 count (the others are
-    read as zero)."""
+    read as zero). ``partial``: a zero-filled contiguous (B * H, cq, S, ck) buffer of the sums'
+    dtype with S >= the kernels' slots for this plane (ConvWeightGradSums hands them out): the
+    kernel writes its partial sums there and the call returns None; the caller sums them."""
     B, H, R, LC = x.shape
     _, cq, ck = w.shape
     sums = acc_dtype(grad)
     if x.numel() == 0:
-        return torch.zeros(H, cq, ck, device=x.device, dtype=sums)
+        return torch.zeros(H, cq, ck, device=x.device, dtype=sums) if partial is None else None
     pl = left_pad(ck, pad_key)
-    halo = _halo(ck, pl)
+    BR, halo, n_groups, slots = _weight_grad_tiles(R, LC, ck, pad_key)
     cfg = WEIGHT_GRAD_CONFIG
-    BR = min(cfg["BR"], max(16, _next_pow2(R)))
-    n_r, n_c = triton.cdiv(R, BR), triton.cdiv(LC, 2 * halo)   # column tiles of 2 * halo (the kernel's)
-    n_groups = triton.cdiv(n_c, cfg["TILES"])
     g_lo, g_hi = rows or (0, R)
-    partial = torch.zeros(B * H, cq, n_r * n_groups, ck, device=x.device, dtype=sums)
-    args = (partial, *grad.stride(), *x.stride(), H, R, LC, _NO_ZEROS if zero_above is None else zero_above,
+    if partial is None:
+        out = torch.zeros(B * H, cq, slots, ck, device=x.device, dtype=sums)
+    else:
+        out = partial
+        if (out.dim() != 4 or tuple(out.shape[:2]) != (B * H, cq) or out.shape[2] < slots or out.shape[3] != ck
+                or out.dtype != sums or not out.is_contiguous()):
+            raise ValueError(f"partial must be a contiguous ({B * H}, {cq}, S >= {slots}, {ck}) buffer of {sums}, "
+                             f"got {tuple(out.shape)} of {out.dtype}")
+    # a program per slot of out: those past this plane's slots find no rows and return at once
+    grid = (B * H, cq, out.shape[2])
+    args = (out, *grad.stride(), *x.stride(), H, R, LC, _NO_ZEROS if zero_above is None else zero_above,
             g_lo, g_hi, n_groups)
     common = dict(CQ=cq, CK=ck, CKP=_next_pow2(ck), PL=pl, HALO=halo, BR=BR, TILES=cfg["TILES"],
                   PREC=_prec(grad, precision))
@@ -227,9 +245,48 @@ def key_query_conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, w: torch.Ten
         cap = strip["maxnreg"] if descs[0] is not None else strip["maxnreg_without_tma"]
         if cap:
             options["maxnreg"] = cap
-        kq_conv_weight_grad_strip_kernel[(B * H, cq, n_r * n_groups)](
-            grad, descs[0], x, descs[1], *args, **common, **options)
+        kq_conv_weight_grad_strip_kernel[grid](grad, descs[0], x, descs[1], *args, **common, **options)
     else:
-        kq_conv_weight_grad_kernel[(B * H, cq, n_r * n_groups)](
-            grad, x, *args, **common, UNROLL=cfg.get("unroll", 1), **_launch_options(cfg))
-    return partial.view(B, H, cq, n_r * n_groups, ck).sum((0, 3))
+        kq_conv_weight_grad_kernel[grid](grad, x, *args, **common, UNROLL=cfg.get("unroll", 1), **_launch_options(cfg))
+    return out.view(B, H, cq, -1, ck).sum((0, 3)) if partial is None else None
+
+
+class ConvWeightGradSums:
+    """A conv weight's gradient summed over the chunks of a row-chunked backward with one
+    zero fill and one reduction per buffer of partial sums, instead of a fill, a reduction
+    and an add per chunk (host time: every launch costs tens of microseconds of Python).
+    Each chunk's kernel writes its own zeroed slice (``next_slice``); a full buffer is reduced
+    into the running total, in a fixed order (deterministic), and zeroed again."""
+
+    def __init__(self, w, heads, max_rows, max_cols, pad_key, chunks, device, dtype, max_bytes=16 << 20):
+        """w (H, cq, ck); slabs of at most max_rows x max_cols over ``heads`` (B * H) planes, in
+        ``chunks`` chunks; partial sums of ``dtype``; the buffer holds at most max_bytes (but
+        one slice)."""
+        _, cq, ck = w.shape
+        slots = _weight_grad_tiles(max_rows, max_cols, ck, pad_key)[3]
+        slice_bytes = heads * cq * slots * ck * dtype.itemsize
+        self.H = w.shape[0]
+        self.buffer = torch.zeros(max(1, min(chunks, max_bytes // slice_bytes)), heads, cq, slots, ck, device=device,
+                                  dtype=dtype)
+        self.total = None
+        self.used = 0
+
+    def next_slice(self):
+        """A zero-filled (heads, cq, slots, ck) slice for the next chunk's partial sums."""
+        if self.used == self.buffer.shape[0]:
+            self._reduce()
+            self.buffer.zero_()
+        self.used += 1
+        return self.buffer[self.used - 1]
+
+    def _reduce(self):
+        n, heads, cq, slots, ck = self.buffer.shape
+        part = self.buffer[:self.used].view(self.used, heads // self.H, self.H, cq, slots, ck).sum((0, 1, 4))
+        self.total = part if self.total is None else self.total.add_(part)
+        self.used = 0
+
+    def result(self):
+        """The gradient (H, cq, ck) summed over every slice handed out."""
+        if self.used or self.total is None:
+            self._reduce()
+        return self.total

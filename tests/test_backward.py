@@ -1151,6 +1151,31 @@ def test_slab_conv_masked_output_and_weight_grad_rows(transpose):
     assert torch.allclose(got, expected, atol=1e-12, rtol=1e-10)
 
 
+
+def test_conv_weight_grad_sums_over_chunks(device):
+    """ConvWeightGradSums: slabs of several sizes (chunks) write their weight-gradient partial
+    sums into slices of one buffer, sized for the largest slab (the smaller slabs' extra slots
+    stay zero), reduced when the buffer fills (a small byte cap forces that) and at the end: the
+    sum of the slabs' own weight gradients; a slice of the wrong shape is refused by name."""
+    from mta_kernels import slab_conv
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(2, 3, 5, generator=g, dtype=torch.float64).to(device)
+    slabs = [(grad.to(device), x.to(device)) for grad, x in
+             ((torch.randn(1, 2, R, K, generator=g, dtype=torch.float64),
+               torch.randn(1, 2, R, K, generator=g, dtype=torch.float64)) for R, K in ((70, 100), (20, 40), (64, 96)))]
+    expected = sum(slab_conv.key_query_conv_weight_grad(grad, x, w, "both", zero_above=3, rows=(2, 18))
+                   for grad, x in slabs)
+    one_slice = 2 * 3 * slab_conv._weight_grad_tiles(70, 100, 5, "both")[3] * 5 * 8
+    sums = slab_conv.ConvWeightGradSums(w, 2, 70, 100, "both", len(slabs), device, torch.float64,
+                                        max_bytes=2 * one_slice)
+    assert sums.buffer.shape[0] == 2
+    for grad, x in slabs:
+        assert slab_conv.key_query_conv_weight_grad(grad, x, w, "both", zero_above=3, rows=(2, 18),
+                                                    partial=sums.next_slice()) is None
+    assert torch.allclose(sums.result(), expected, atol=1e-12, rtol=1e-10)
+    with pytest.raises(ValueError, match="partial"):
+        slab_conv.key_query_conv_weight_grad(*slabs[0], w, "both", partial=sums.buffer[0, :, :, :1])
+
 def test_chunked_backward_long_causal_slabs(device):
     """Slabs several column tiles wide, so the slab convs skip the tiles above the diagonal."""
     case = Case(B=1, H=2, L=150, D=8, pre_conv=(3, 5), post_conv=(2, 5), post_mix=2)
