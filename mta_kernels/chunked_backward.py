@@ -114,9 +114,10 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
     HQ, HP = conv_halos(pre_conv, post_conv)
 
     need_q, need_k, need_v, *need_w = needs
-    # (every chunk writes its rows of dq; dk and dv take sums)
-    dq = torch.empty(B, H, L, D, device=q.device, dtype=cd) if need_q else None
-    dk, dv = (torch.zeros(B, H, L, D, device=q.device, dtype=cd) if need else None for need in (need_k, need_v))
+    # (every chunk writes its rows of dq; dk and dv take sums, from the first chunk run, the last
+    # rows', whose slab holds every key: slabs.slab_keys)
+    dq, dk, dv = (torch.empty(B, H, L, D, device=q.device, dtype=cd) if need else None
+                  for need in (need_q, need_k, need_v))
     # each conv's weight gradient as partial sums that every chunk's kernel writes into its own
     # slice of one buffer (ConvWeightGradSums); each mix's as one buffer of per-row shares
     # (mix_backward_rows' dw_rows) that every chunk fills with its rows; each summed once
@@ -157,9 +158,10 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
 
         # backward on the slab: rows [lo, hi), keys [0, ke)
         do_slab = dout[:, :, lo:hi]
+        summed = r0 != starts[0]          # dk and dv hold a chunk's products already
         # (B = 1 here: dv, dk and dq take their rows' products in place, as 3-d batched matmuls)
         if need_v:
-            matmul_into(dv[0, :, :ke], a[0, :, mine].transpose(-1, -2), do_slab[0, :, mine], accumulate=True)
+            matmul_into(dv[0, :, :ke], a[0, :, mine].transpose(-1, -2), do_slab[0, :, mine], accumulate=summed)
         a = None
         if not need_da:
             continue
@@ -201,7 +203,7 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
         if need_q:
             matmul_into(dq[0, :, r0:r1], ds[0], kc[0, :, :ke], accumulate=False)     # times scale below
         if need_k:
-            matmul_into(dk[0, :, :ke], ds[0].transpose(-1, -2), qc[0, :, r0:r1], accumulate=True)  # qc: scale * q
+            matmul_into(dk[0, :, :ke], ds[0].transpose(-1, -2), qc[0, :, r0:r1], accumulate=summed)  # qc: scale * q
 
     for i, sums in ((0, conv_sums[0]), (2, conv_sums[1])):
         if sums is not None:
@@ -211,8 +213,6 @@ def _chunked_backward(grad_out, q, k, v, pre_conv, pre_mix, post_conv, post_mix,
             dw[i] = rows_dw.sum((0, 2))
     if dq is not None and scale != 1:
         dq *= scale
-    if dk is not None:
-        dk = dk.view(B, Hkv, rep, L, D).sum(2)
-    if dv is not None:
-        dv = dv.view(B, Hkv, rep, L, D).sum(2)
+    if rep > 1:
+        dk, dv = (None if x is None else x.view(B, Hkv, rep, L, D).sum(2) for x in (dk, dv))
     return (*[None if g is None else g.to(x.dtype) for g, x in zip((dq, dk, dv), (q, k, v))], *dw)

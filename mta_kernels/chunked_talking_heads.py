@@ -65,8 +65,9 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
     md = q.dtype if gemm16 else cd          # the operands of the matmuls into dq, dk, dv
     R = rows or rows_per_chunk(H, L, cd.itemsize, 0, live=LIVE_TENSORS)
 
-    dq = torch.empty(B, H, L, D, device=q.device, dtype=cd) if need_q else None
-    dk, dv = (torch.zeros(B, H, L, D, device=q.device, dtype=cd) if need else None for need in (need_k, need_v))
+    # dk and dv take sums from the first chunk run on, the last rows', whose slab holds every key
+    dq, dk, dv = (torch.empty(B, H, L, D, device=q.device, dtype=cd) if need else None
+                  for need in (need_q, need_k, need_v))
     G, ch, _ = pre_mix.shape
     dw_rows = [torch.empty(B, G, L, ch, ch, device=q.device, dtype=cd) if need else None
                for need in (need_pre, need_post)]
@@ -81,8 +82,10 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
             da_lhs = grad_out[one] if da16 else dout
             da_rhs = repeat_kv_heads(v[one] if da16 else v[one].to(cd), H)
             element = [None if x is None else x[one] for x in dw_rows]
-            for r0 in chunk_starts(L, R):
+            starts = list(chunk_starts(L, R))
+            for r0 in starts:
                 r1 = min(L, r0 + R)
+                summed = r0 != starts[0]
                 keys = slab_keys(r1, L, causal)
                 zero_above = r0 if causal else None
                 lse_rows = lse[one, :, r0:r1]
@@ -90,7 +93,7 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
                 if need_v:
                     a = mix_softmax_rows(s, w_pre, zero_above, precision=prec, post_mix=w_post, out_dtype=md,
                                          lse_in=lse_rows)[0]
-                    matmul_into(dv[b, :, :keys], a[0].transpose(-1, -2), dout[0, :, r0:r1], accumulate=True)
+                    matmul_into(dv[b, :, :keys], a[0].transpose(-1, -2), dout[0, :, r0:r1], accumulate=summed)
                     del a
                 if not need_ds:
                     continue
@@ -102,7 +105,7 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
                 if need_q:
                     matmul_into(dq[b, :, r0:r1], ds[0], k_m[0, :, :keys], accumulate=False)
                 if need_k:
-                    matmul_into(dk[b, :, :keys], ds[0].transpose(-1, -2), q_m[0, :, r0:r1], accumulate=True)
+                    matmul_into(dk[b, :, :keys], ds[0].transpose(-1, -2), q_m[0, :, r0:r1], accumulate=summed)
                 del ds
     # dS is the gradient of qs K^T: qs = q * scale (dq takes the scale) or q with w_pre = scale * pre_mix
     # (the pre mix's gradient takes it)
