@@ -2,11 +2,10 @@
 import os
 
 import torch
-import triton
 
 from .flash_kernels import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
-from .forward import (_next_pow2, _precision, acc_dtype, block_mix_weights, heads_per_program, split_count,
-                      sum_splits)
+from .forward import (_next_pow2, _precision, acc_dtype, block_mix_weights, cdiv, heads_per_program,
+                      split_count, sum_splits)
 from .mix_bwd_kernels import mta_mix_bwd_col_kernel, mta_mix_bwd_row_kernel
 
 # The fused talking-heads backward (default) or, with MTA_KERNELS_FUSED_MIX_BACKWARD=0, the
@@ -60,17 +59,17 @@ def flash_backward(grad_out, q, k, v, out, lse, causal, scale):
     dev = q.device
     acc = acc_dtype(q)
     delta = torch.empty(B, H, L, device=dev, dtype=acc)
-    flash_bwd_preprocess_kernel[(triton.cdiv(L, 64), B * H)](
+    flash_bwd_preprocess_kernel[(cdiv(L, 64), B * H)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, L, D, BM=64, DP=DP)
     # written in the inputs' dtypes straight from the fp32 (fp64) accumulators
     dq = torch.empty(B, H, L, D, device=dev, dtype=q.dtype)
     dk = torch.empty(B, Hkv, L, D, device=dev, dtype=k.dtype)
     dv = torch.empty(B, Hkv, L, D, device=dev, dtype=v.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    flash_bwd_dkdv_kernel[(B * Hkv, triton.cdiv(L, dkdv_cfg["BN"]))](
+    flash_bwd_dkdv_kernel[(B * Hkv, cdiv(L, dkdv_cfg["BN"]))](
         q, k, v, grad_out, lse, delta, dk, dv, *strides, H, Hkv, L, D, scale,
         CAUSAL=causal, DP=DP, PREC=prec, **dkdv_cfg)
-    flash_bwd_dq_kernel[(B * H, triton.cdiv(L, dq_cfg["BM"]))](
+    flash_bwd_dq_kernel[(B * H, cdiv(L, dq_cfg["BM"]))](
         q, k, v, grad_out, lse, delta, dq, *strides, H, H // Hkv, L, D, scale,
         CAUSAL=causal, DP=DP, PREC=prec, **dq_cfg)
     return dq, dk, dv
@@ -105,7 +104,7 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale, needs
     acc = acc_dtype(q)
     w_pre, w_post = block_mix_weights(pre_mix, post_mix, H, NH, acc, dev)
     n_blocks = H // NH
-    n_rows = triton.cdiv(L, BM)
+    n_rows = cdiv(L, BM)
     n_splits = mix_backward_splits(n_rows * B * n_blocks, n_rows)
     # per split: partial Delta, dq, dk, dv and weight gradients, summed below in a fixed order;
     # buffers nobody asked for are not allocated (the kernels neither write nor read them, so
@@ -139,7 +138,7 @@ def mix_backward(grad_out, q, k, v, pre_mix, post_mix, lse, causal, scale, needs
             continue
         # a fresh buffer per launch: without splits or GQA, dk is a view of the first one
         dkv_heads = torch.empty(n_splits, B, H, L, D, device=dev, dtype=acc)
-        mta_mix_bwd_col_kernel[(triton.cdiv(L, BN), B * n_blocks, n_splits)](
+        mta_mix_bwd_col_kernel[(cdiv(L, BN), B * n_blocks, n_splits)](
             *args, delta, dkv_heads, w_pre, w_post, *tail, GRAD_K=grad_k, **common)
         grad = sum_splits(dkv_heads)
         if rep > 1:

@@ -2,7 +2,6 @@
 import math
 
 import torch
-import triton
 import triton.language as tl
 
 from mta_reference.validate import left_pad
@@ -53,6 +52,13 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host's launch grids: plain integers (triton.cdiv is a constexpr
+    function, whose call from Python unwraps its arguments: microseconds per launch on a
+    path bound by its host time)."""
+    return -(-a // b)
+
+
 def _group_size(w) -> int:
     return 1 if w is None else w.shape[1]
 
@@ -96,7 +102,7 @@ def general_row_programs(q, pre_conv, pre_mix, post_conv, post_mix, RF=None) -> 
     B, H, L, _ = q.shape
     halo_rows = sum(w.shape[1] - 1 for w in (pre_conv, post_conv) if w is not None)
     RF = RF or _frame(L, halo_rows)
-    return triton.cdiv(L, RF - halo_rows) * B * (H // heads_per_program(pre_mix, post_mix))
+    return cdiv(L, RF - halo_rows) * B * (H // heads_per_program(pre_mix, post_mix))
 
 
 def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale, config=None):
@@ -146,7 +152,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     grid_rows = general_row_programs(q, pre_conv, pre_mix, post_conv, post_mix, RF)   # per split, pass 2
     n_splits = config.get("splits", None) if config else None
     if n_splits is None:
-        n_splits = key_splits(grid_rows, triton.cdiv(L, W - halo_cols))
+        n_splits = key_splits(grid_rows, cdiv(L, W - halo_cols))
     m_run = torch.full((n_splits, B, H, L), float("-inf"), device=dev, dtype=acc)
     l_run = torch.zeros(n_splits, B, H, L, device=dev, dtype=acc)
     o_acc = torch.zeros(n_splits, B, H, L, D, device=dev, dtype=acc) if NH > 1 else \
@@ -163,7 +169,7 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
     lse = torch.empty(B, H, L, device=dev, dtype=acc)
     for is_stats in (True, False):
         rows_per_prog = RF - (cq_pre - 1) - (0 if is_stats else cq_post - 1)
-        grid = (triton.cdiv(L, rows_per_prog), B * n_head_blocks, n_splits)
+        grid = (cdiv(L, rows_per_prog), B * n_head_blocks, n_splits)
         scratch = torch.empty(grid[0] * grid[1] * grid[2] * (NH + 2) * RF * W, device=dev, dtype=acc)
         mta_fwd_kernel[grid](
             q, k, v, lse, m_run, l_run, o_acc, scratch, w_pre, mix_pre, w_post, mix_post,
@@ -210,7 +216,7 @@ def flash_forward(q, k, v, causal, scale, config=None):
         BM = BN = max(16, _next_pow2(L))
     cfg = dict(BM=BM, BN=BN, num_warps=4, num_stages=3)
     cfg.update(config or {})
-    grid = (B * H, triton.cdiv(L, cfg["BM"]))
+    grid = (B * H, cdiv(L, cfg["BM"]))
     flash_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, H // k.shape[1], L, D, scale, CAUSAL=causal, DP=DP, PREC=_precision(q), **cfg)
@@ -235,9 +241,9 @@ def mix_forward(q, k, v, pre_mix, post_mix, causal, scale, config=None):
     cfg = dict(BM=16, BN=16, num_warps=8, num_stages=2)
     cfg.update(config or {})
     n_splits = cfg.pop("splits", None)
-    n_rows = triton.cdiv(L, cfg["BM"])
+    n_rows = cdiv(L, cfg["BM"])
     if n_splits is None:
-        n_splits = mix_forward_splits(n_rows * B * (H // NH), triton.cdiv(L, cfg["BN"]))
+        n_splits = mix_forward_splits(n_rows * B * (H // NH), cdiv(L, cfg["BN"]))
     grid = (n_rows, B * (H // NH), n_splits)
     lse = torch.empty(B, H, L, device=dev, dtype=acc)
     if n_splits == 1:
@@ -287,7 +293,7 @@ def mix_forward_splits(programs: int, tiles: int) -> int:
 def split_count(programs: int, tiles: int, target: int, cap: int) -> int:
     """Ranges to split each of ``programs`` programs' ``tiles`` tiles into so that about
     ``target`` programs run: at least 1, at most ``cap`` and ``tiles``."""
-    want = triton.cdiv(target, max(1, programs))
+    want = cdiv(target, max(1, programs))
     return max(1, min(want, cap, tiles))
 
 

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from mta_reference.validate import left_pad
 
-from .forward import _next_pow2, acc_dtype, tl_acc_dtype
+from .forward import _next_pow2, acc_dtype, cdiv, tl_acc_dtype
 from .slab_conv import _NO_ZEROS
 
 # GEMM tile [BM, BN], inner block BD (at most), warps and stages. H200, the last 1034-row chunk
@@ -101,7 +101,7 @@ def conv_keys(k: torch.Tensor, w: torch.Tensor, pad_key: str, heads: int, dtype)
         return out
     cqp, dp = _next_pow2(cq), max(16, _next_pow2(D))
     BL = max(2, min(16, KEYS_CONFIG["elements"] // (cqp * dp)))
-    conv_keys_kernel[(B * heads, triton.cdiv(L, BL))](
+    conv_keys_kernel[(B * heads, cdiv(L, BL))](
         k, w.contiguous(), out, *k.stride(), heads, Hkv, L, D, CQ=cq, CQP=cqp, CK=ck, PL=left_pad(ck, pad_key),
         BL=BL, DP=dp, ACC=tl.float64 if dtype == torch.float64 else tl.float32, num_warps=KEYS_CONFIG["num_warps"])
     return out
@@ -124,7 +124,7 @@ def pre_conv_matmul(q: torch.Tensor, kt: torch.Tensor, lo: int, hi: int, keys: i
     BM = min(cfg["BM"], max(16, _next_pow2(R)))
     BN = min(cfg["BN"], max(16, _next_pow2(keys)))
     BD = min(cfg["BD"], max(16, _next_pow2(D)))
-    pre_conv_matmul_kernel[(B * H, triton.cdiv(R, BM), triton.cdiv(keys, BN))](
+    pre_conv_matmul_kernel[(B * H, cdiv(R, BM), cdiv(keys, BN))](
         q, kt, out, torch.full((1,), scale, device=q.device, dtype=acc_dtype(q)), *q.stride(), H, R, keys, L, D, lo,
         _NO_ZEROS if zero_above is None else zero_above,
         CQ=cq, BM=BM, BN=BN, BD=BD, PREC="ieee" if q.dtype == torch.float64 else precision,

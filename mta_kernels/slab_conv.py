@@ -7,15 +7,16 @@ Common keyword arguments:
       there are skipped. None: no such structure.
   precision: tl.dot input precision for fp32 slabs, "tf32" or "ieee" (fp64 is always exact).
 """
+import functools
+
 import torch
-import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from mta_reference.validate import left_pad
 
 from .conv_kernels import (kq_conv_kernel, kq_conv_strip_kernel, kq_conv_weight_grad_kernel,
                            kq_conv_weight_grad_strip_kernel)
-from .forward import _next_pow2, acc_dtype, tl_acc_dtype
+from .forward import _next_pow2, acc_dtype, cdiv, tl_acc_dtype
 
 # zero_above=None: no zero structure (any value beyond every column offset would do)
 _NO_ZEROS = 2 ** 30
@@ -84,7 +85,7 @@ def _blocks(R, LC, config):
     plane, and the launch options."""
     BR = min(config["BR"], max(16, _next_pow2(R)))
     BC = min(config["BC"], max(16, _next_pow2(LC)))
-    return BR, BC, triton.cdiv(R, BR), triton.cdiv(LC, BC), _launch_options(config)
+    return BR, BC, cdiv(R, BR), cdiv(LC, BC), _launch_options(config)
 
 
 def _launch_options(config):
@@ -142,7 +143,7 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None
         cap = strip["maxnreg"] if desc is not None else strip["maxnreg_without_tma"]
         if cap:     # (0 or None: no cap)
             common["maxnreg"] = cap
-        n_strips = triton.cdiv(n_c, strip["TILES"])
+        n_strips = cdiv(n_c, strip["TILES"])
         kq_conv_strip_kernel[(B * H, n_r, n_strips)](args[0], desc, *args[1:], n_strips, TILES=strip["TILES"],
                                                      GROUP=strip["group"], CLEAN_STAGES=strip["clean_stages"], **common)
     else:
@@ -150,11 +151,17 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    """Whether a CUDA device has TMA (sm_90 on), asked once per device."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _box_descriptor(x, rows, cols):
     """A TMA descriptor of x (B, H, R, L) loading [1, 1, rows, cols] boxes, or None where TMA
     cannot read x: a CUDA device before sm_90, x empty, its base or a stride other than the last
     not 16-byte aligned, the last not 1. (The interpreter takes descriptors too.)"""
-    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+    if x.is_cuda and not _has_tma(x.device):
         return None
     size = x.element_size()
     if x.numel() == 0 or x.stride(-1) != 1 or x.data_ptr() % 16 or any(st * size % 16 for st in x.stride()[:-1]):
@@ -200,8 +207,8 @@ def _weight_grad_tiles(R, LC, ck, pad_key):
     halo = _halo(ck, left_pad(ck, pad_key))
     cfg = WEIGHT_GRAD_CONFIG
     BR = min(cfg["BR"], max(16, _next_pow2(R)))
-    n_groups = triton.cdiv(triton.cdiv(LC, 2 * halo), cfg["TILES"])    # column tiles of 2 * halo (the kernel's)
-    return BR, halo, n_groups, triton.cdiv(R, BR) * n_groups
+    n_groups = cdiv(cdiv(LC, 2 * halo), cfg["TILES"])    # column tiles of 2 * halo (the kernel's)
+    return BR, halo, n_groups, cdiv(R, BR) * n_groups
 
 
 def key_query_conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, pad_key: str,
