@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .forward import cdiv
 from .pre_conv_matmul import conv_keys, pre_conv_matmul
 from .slab_conv import CONV_CONFIG, band_first_column, key_query_conv
 from .slab_mix import mix_rows
@@ -141,8 +142,8 @@ def rows_per_chunk(H, L, itemsize, halo, live, budget=CHUNK_BYTES):
     four of 1024 compute fewer causal slab entries (the keys of a chunk end at its last row)
     and no chunk is all halo."""
     fit = max(16, MIN_SLAB_ROWS - halo, budget // (live * H * L * itemsize))
-    chunks = -(-L // fit)
-    return max(16, MIN_SLAB_ROWS - halo, -(-L // chunks))
+    chunks = cdiv(L, fit)
+    return max(16, MIN_SLAB_ROWS - halo, cdiv(L, chunks))
 
 
 def chunk_starts(L, rows):
@@ -183,7 +184,7 @@ KEY_ALIGN = 16
 def slab_keys(hi, L, causal):
     """Keys [0, K) that a slab of rows ending at hi computes: all L, or when causal hi
     rounded up to KEY_ALIGN, at most L."""
-    return min(L, -(-hi // KEY_ALIGN) * KEY_ALIGN) if causal else L
+    return min(L, cdiv(hi, KEY_ALIGN) * KEY_ALIGN) if causal else L
 
 
 def repeat_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
