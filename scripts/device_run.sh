@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, session18a, session18b, session18c, session18d, session18e, bwdjitter, session19a, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, session18a, session18b, session18c, session18d, session18e, bwdjitter, session19a, session19b, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -538,6 +538,12 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
     bwdjitter) # full MTA's and talking heads' fwd+bwd call by call: GPU, issue and wall times, the garbage
              # collector on and off, the caching allocator's counters
              timeout 150 python3 scripts/bwd_jitter.py 2>&1 | tee "$OUT/bwd_jitter.log" | grep -v "GPU times" ;;
+    session19b) # host against GPU: every op eager and as one replayed CUDA graph (graph_bound.py), the
+             # call-by-call issue/GPU times (bwd_jitter.py), then both chunked paths' kernel profiles
+             timeout 200 python3 scripts/graph_bound.py 2>&1 | tee "$OUT/graph_bound.log"
+             timeout 100 python3 scripts/bwd_jitter.py 2>&1 | grep -v "GPU times" | tee "$OUT/bwd_jitter.log"
+             timeout 100 python3 scripts/profile_talking_heads.py 2>&1 | tee "$OUT/thprofile.log" | tail -3
+             timeout 150 python3 scripts/profile_chunked.py 2>&1 | tee "$OUT/chunked.log" | tail -3 ;;
     session19a) # (prepared in session 18, not yet run) session 18's host trims (this tree) against
              # branches/before = 6173aeb (`mkdir -p branches/before && git archive 6173aeb | tar -x -C
              # branches/before`, carry "branches"): full MTA and talking heads, two rounds in processes of
