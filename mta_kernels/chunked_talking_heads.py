@@ -6,14 +6,14 @@ one stage per kernel: about 19 passes over (1, H, rows, keys) slabs per chunk. T
 need far fewer. Per chunk of rows [r0, r1) and keys [0, K):
 
     S = Q K^T                                   one slab, bf16 where the forward's were
-    A = w_post softmax(w_pre S)                 one sweep over S: the forward's lse normalises
-    dv += A^T dO;  dA = dO V^T
-    dS = w_pre^T (P * (dP - rowsum(P * dP))),   dP = w_post^T dA, P from S and the lse again:
-                                                one kernel (two sweeps), with both weight
-                                                gradients' per-row shares, written over dA
-    dq = dS K;  dk += dS^T Q
+    dA = dO V^T
+    dS = w_pre^T (P * (dP - rowsum(P * dP))),   dP = w_post^T dA, P = exp(w_pre S - lse) with
+                                                the forward's lse: one kernel (two sweeps),
+                                                with both weight gradients' per-row shares,
+                                                written over dA, and A = w_post P on the way
+    dv += A^T dO;  dq = dS K;  dk += dS^T Q
 
-so about 10 slab passes, and two slabs alive at once (S, and A or dA). The scores are those
+so about 9 slab passes, and three slabs alive at once (S, dA or dS, A). The scores are those
 of the forward (chunked_forward.slab_dtype: bf16 with the softmax scale in w_pre for bf16
 inputs), so that its lse normalises them exactly. For bf16 inputs dA is bf16 too, and on CUDA
 A and dS are, so that the four matmuls run on bf16 operands with fp32 results (out_dtype),
@@ -28,10 +28,13 @@ from .slab_softmax import mix_softmax_rows
 from .slabs import (_matmul_precision, chunk_starts, matmul_into, mix_precision, repeat_kv_heads, rows_per_chunk,
                     slab_inputs, slab_keys)
 
-# (1, H, rows, K) slabs of fp32 alive at once: S and A, then S and dA (dS over it, or beside it
-# when dA is bf16). H200, L=4096, bf16 (notes/thchunks2_h200_efb9e19.log): the backward took
-# 2.56 ms in two chunks (budget for three slabs at 1.5 GiB), 2.67 / 2.85 in four (at 1 GiB).
-LIVE_TENSORS = 2
+def live_bytes_per_entry(scores_dtype, da_dtype, matmul_dtype) -> int:
+    """Bytes per (head, row, key) entry of the slabs a chunk keeps alive at once: S, dA and A
+    (from the backward kernel's first sweep), with dS over dA where their dtypes agree, beside
+    it otherwise. H200, L=4096, bf16 (notes/thchunks2_h200_efb9e19.log, before A came from that
+    kernel): the backward took 2.56 ms in two chunks, 2.67 / 2.85 in four."""
+    same = matmul_dtype == da_dtype
+    return scores_dtype.itemsize + da_dtype.itemsize + matmul_dtype.itemsize * (1 if same else 2)
 
 # dA = dO V^T in bf16 where the scores are (rounded once, as the bf16 reference rounds it):
 # half its bytes, read twice by the backward kernel, and a bf16 matmul. H200, L=4096, B=1,
@@ -63,7 +66,7 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
     da16 = scores16 and BF16_DA and grad_out.dtype == q.dtype
     gemm16 = da16 and q.is_cuda
     md = q.dtype if gemm16 else cd          # the operands of the matmuls into dq, dk, dv
-    R = rows or rows_per_chunk(H, L, cd.itemsize, 0, live=LIVE_TENSORS)
+    R = rows or rows_per_chunk(H, L, live_bytes_per_entry(sd, grad_out.dtype if da16 else cd, md), 0, live=1)
 
     # dk and dv take sums from the first chunk run on, the last rows', whose slab holds every key
     dq, dk, dv = (torch.empty(B, H, L, D, device=q.device, dtype=cd) if need else None
@@ -90,18 +93,21 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
                 zero_above = r0 if causal else None
                 lse_rows = lse[one, :, r0:r1]
                 s = torch.matmul(qs[:, :, r0:r1], ks[:, :, :keys].transpose(-1, -2))
-                if need_v:
+                if not need_ds:
                     a = mix_softmax_rows(s, w_pre, zero_above, precision=prec, post_mix=w_post, out_dtype=md,
                                          lse_in=lse_rows)[0]
                     matmul_into(dv[b, :, :keys], a[0].transpose(-1, -2), dout[0, :, r0:r1], accumulate=summed)
-                    del a
-                if not need_ds:
                     continue
                 da = torch.matmul(da_lhs[:, :, r0:r1], da_rhs[:, :, :keys].transpose(-1, -2))
                 ds = torch.empty(da.shape, device=q.device, dtype=md) if da.dtype != md else da
+                # A for dV from the backward kernel's first sweep (no recomputation of its own)
+                a = torch.empty(s.shape, device=q.device, dtype=md) if need_v else None
                 talking_heads_backward_rows(da, s, lse_rows, w_pre, w_post, zero_above, precision=prec, out=ds,
-                                            dw_pre_rows=element[0], dw_post_rows=element[1], row0=r0)
+                                            dw_pre_rows=element[0], dw_post_rows=element[1], row0=r0, a_out=a)
                 del s, da
+                if need_v:
+                    matmul_into(dv[b, :, :keys], a[0].transpose(-1, -2), dout[0, :, r0:r1], accumulate=summed)
+                    del a
                 if need_q:
                     matmul_into(dq[b, :, r0:r1], ds[0], k_m[0, :, :keys], accumulate=False)
                 if need_k:

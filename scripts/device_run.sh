@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, session18a, session18b, session18c, session18d, session18e, bwdjitter, session19a, session19b, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, session18a, session18b, session18c, session18d, session18e, bwdjitter, session19a, session19b, session19c, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -544,6 +544,20 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 100 python3 scripts/bwd_jitter.py 2>&1 | grep -v "GPU times" | tee "$OUT/bwd_jitter.log"
              timeout 100 python3 scripts/profile_talking_heads.py 2>&1 | tee "$OUT/thprofile.log" | tail -3
              timeout 150 python3 scripts/profile_chunked.py 2>&1 | tee "$OUT/chunked.log" | tail -3 ;;
+    session19c) # the two-sweep row kernels' grids sized to L2 (tune.py rowsl2), talking heads' backward
+             # with A from its backward kernel: graph_bound (eager and graphed) in branches/before and
+             # here with l2_share none / 0.5 / 1, then the row kernels' tests on the GPU
+             timeout 200 python3 scripts/tune.py rowsl2 2>&1 | tee "$OUT/tune_rowsl2.log" | grep -v "^sdpa"
+             for tree in branches/*; do
+               (cd $tree && PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 100 python3 scripts/graph_bound.py \
+                 4096 sdpa,talking_heads,full 2>&1 | sed "s|^|$(basename $tree) |") | tee -a "$OUT/graph_ab.log"
+             done
+             for share in none 0.5 1; do
+               timeout 100 python3 scripts/graph_bound.py 4096 sdpa,talking_heads,full $share 2>&1 | tee -a "$OUT/graph_ab.log"
+             done
+             timeout 150 python3 -m pytest tests/test_backward.py -q -rfE --tb=line -k "mix_softmax_rows or \
+               mix_backward_rows or talking_heads or mix_rows or row_kernels_ignore" 2>&1 | tee "$OUT/tests_rows.log" \
+               | grep -E "FAIL|Error|passed|failed" ;;
     session19a) # (prepared in session 18, not yet run) session 18's host trims (this tree) against
              # branches/before = 6173aeb (`mkdir -p branches/before && git archive 6173aeb | tar -x -C
              # branches/before`, carry "branches"): full MTA and talking heads, two rounds in processes of

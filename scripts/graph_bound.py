@@ -1,7 +1,9 @@
 """How much of a call is the host's: each op's fwd and fwd+bwd timed as the bench times it (eager,
 back to back) and as one CUDA graph replayed (no Python, no launch cost: the GPU's own time with
-the same kernels), with SDPA's in the same process for ratios. B=1, H=16, L=4096 (or `python
-scripts/graph_bound.py L`), D=128, bf16, causal, paper weights, all 16 heads mixed."""
+the same kernels), with SDPA's in the same process for ratios. B=1, H=16, L=4096, D=128, bf16,
+causal, paper weights, all 16 heads mixed. `python scripts/graph_bound.py [L] [ops] [l2_share]`:
+ops comma-separated (default all), l2_share the two-sweep row kernels' (slab_mix.row_programs;
+"none": one program per row), where given."""
 import sys
 
 import torch
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 import triton
 
 import mta_reference as R
-from mta_kernels import mta_attention
+from mta_kernels import mta_attention, slab_mix_backward, slab_softmax
 
 torch.manual_seed(0)
 L = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
@@ -18,12 +20,19 @@ q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires
 conv = (R.identity_conv(H, 6, 11, device="cuda") + 0.01 * torch.randn(H, 6, 11, device="cuda")).requires_grad_()
 mix = (R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")).requires_grad_()
 grad_out = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
-ops = {
+all_ops = {
     "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     "none": lambda: mta_attention(q, k, v, causal=True),
     "talking_heads": lambda: mta_attention(q, k, v, pre_mix=mix, post_mix=mix, causal=True),
     "full": lambda: mta_attention(q, k, v, conv, mix, conv, mix, causal=True, pad_key="both"),
 }
+ops = {name: all_ops[name] for name in (sys.argv[2].split(",") if len(sys.argv) > 2 else all_ops)}
+if len(sys.argv) > 3:
+    share = None if sys.argv[3] == "none" else float(sys.argv[3])
+    for module, attr in ((slab_softmax, "MIX_SOFTMAX_CONFIG"), (slab_mix_backward, "MIX_BACKWARD_CONFIG"),
+                         (slab_mix_backward, "TALKING_HEADS_BACKWARD_CONFIG")):
+        setattr(module, attr, dict(getattr(module, attr), l2_share=share))
+    print(f"row kernels' l2_share {share}", flush=True)
 
 
 def steps(fn):
@@ -52,6 +61,7 @@ def graphed(step):
     return graph.replay
 
 
+tag = " ".join(sys.argv[2:]) + " " if len(sys.argv) > 2 else ""
 for round in range(2):
     for name, fn in ops.items():
         for mode, step in steps(fn).items():
@@ -62,4 +72,4 @@ for round in range(2):
                 text = f"graph {graph:.3f} ms"
             except Exception as error:     # a host sync or an allocation the capture refuses
                 text = f"graph failed: {type(error).__name__}: {str(error)[:200]}"
-            print(f"round {round} {name:14s} {mode:8s} eager {eager:.3f} ms, {text}", flush=True)
+            print(f"{tag}round {round} {name:14s} {mode:8s} eager {eager:.3f} ms, {text}", flush=True)

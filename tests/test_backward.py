@@ -170,7 +170,7 @@ def test_chunked_paths_keep_at_most_their_live_slabs(causal, convs, monkeypatch)
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_chunked_talking_heads_keep_at_most_their_live_slabs(causal, monkeypatch):
-    """talking_heads_backward keeps at most its LIVE_TENSORS slabs alive (fp32, rows by keys),
+    """talking_heads_backward keeps at most its live slabs alive (three in fp32: S, dA and A),
     beyond O(L) copies of its inputs and the weight gradients' row buffers; the kernels are
     replaced by their outputs' allocations."""
     from mta_kernels import chunked_forward, chunked_talking_heads as th
@@ -187,7 +187,7 @@ def test_chunked_talking_heads_keep_at_most_their_live_slabs(causal, monkeypatch
                                                              scale=0.5, rows=rows))
     slab = H * rows * L * 4
     inputs = 7 * H * L * D * 4 + 2 * L * H * H * 4     # q, k, v, dO, dq, dk, dv in fp32; two (L, 4, 4) buffers
-    assert 2 * slab < peak <= th.LIVE_TENSORS * slab + inputs
+    assert 2 * slab < peak <= th.live_bytes_per_entry(*[torch.float32] * 3) // 4 * slab + inputs
 
 
 def test_chunk_budget_from_the_environment(monkeypatch):
@@ -376,7 +376,8 @@ def test_talking_heads_backward_rows_matches_autograd(shape, groups, zero_above,
     from a given lse and the pre mix, with both weight gradients into row buffers) against
     autograd through mix_heads(softmax(mix_heads(s))) of a masked slab (fp64): all 16 heads in
     a group over rows longer than a key block, three groups at B=2, ten heads padded to 16;
-    strided inputs, in place or not; exact zeros in the causal future; bad buffers refused."""
+    strided inputs, in place or not; exact zeros in the causal future; bad buffers refused.
+    Out of place, A itself goes to a strided a_out on the way (zeros in the future too)."""
     from mta_kernels.slab_mix_backward import talking_heads_backward_rows
     g = torch.Generator().manual_seed(8)
     B, H, R, K = shape
@@ -395,10 +396,15 @@ def test_talking_heads_backward_rows_matches_autograd(shape, groups, zero_above,
     buffers = [torch.full((B, groups, R + 4, H // groups, H // groups), 7.0, dtype=torch.float64, device=device)
                for _ in range(2)]
     before = big_da.clone()
+    a_out = None if in_place else torch.full((B, H, K, R + 1), float("nan"), dtype=torch.float64,
+                                             device=device).transpose(-1, -2)[:, :, 1:]
     ds = talking_heads_backward_rows(da, s, lse, w_pre.detach(), w_post.detach(), zero_above,
                                      out=da if in_place else None, dw_pre_rows=buffers[0],
-                                     dw_post_rows=buffers[1], row0=3)
+                                     dw_post_rows=buffers[1], row0=3, a_out=a_out)
     assert (ds.data_ptr() == da.data_ptr()) == in_place
+    if a_out is not None:
+        assert torch.allclose(a_out, a.detach(), atol=1e-12, rtol=1e-10)
+        assert (a_out.masked_select(future) == 0).all()
     assert torch.allclose(ds, expected[0], atol=1e-12, rtol=1e-10)
     for buffer, e in zip(buffers, expected[1:]):
         assert torch.allclose(buffer[:, :, 3:3 + R].sum((0, 2)), e, atol=1e-10, rtol=1e-10)
