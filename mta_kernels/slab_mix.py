@@ -9,8 +9,6 @@ keys a causal slab holds as zero, and writes the result in the dtype asked for: 
 dtype in the forward, so that A V runs on 16-bit tensor cores, as flash attention rounds P
 before P V.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -37,37 +35,12 @@ def row_block_elements(config, x) -> int:
     return config["elements_16bit"] if x.element_size() == 2 else config["elements"]
 
 
-# Programs of a two-sweep row kernel's grid on the GPU: None, one per row; a number s, as many as
-# keep the rows in flight within s times the L2 cache (at least one per SM), each program then
-# taking rows pid, pid + P, ... so that a row's second sweep finds it in L2 (row_programs).
-# On the CPU (the interpreter) at most CPU_ROW_PROGRAMS, so that the tests run that loop.
-CPU_ROW_PROGRAMS = 5
-
-
-@functools.lru_cache(maxsize=None)
-def _l2_bytes_and_sms(index):
-    props = torch.cuda.get_device_properties(index)
-    return props.L2_cache_size, props.multi_processor_count
-
-
-def row_programs(config, rows, row_bytes, device) -> int:
-    """The grid of a row kernel over ``rows`` (batch, group, row) rows whose programs each read
-    ``row_bytes`` per row twice: config's 'l2_share' (row_programs' note above) decides."""
-    if device.type != "cuda":
-        return max(1, min(rows, CPU_ROW_PROGRAMS))
-    share = config.get("l2_share")
-    if not share:
-        return max(1, rows)
-    l2, sms = _l2_bytes_and_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(rows, max(sms, int(share * l2) // max(1, row_bytes))))
-
-
 @triton.jit
-def group_row_at(n, H, R, CH: tl.constexpr, CHP: tl.constexpr):
-    """(b, g, i, hh, head_ok) of row n of a row kernel that holds row i of the CH heads of
-    group g in batch element b of (B, H, R, K) slabs (B * H / CH * R rows; a program takes
-    rows tl.program_id(0) + k * tl.num_programs(0)): hh = arange(CHP), the heads g * CH + hh,
-    head_ok where hh < CH (CHP: CH padded)."""
+def group_row_program(H, R, CH: tl.constexpr, CHP: tl.constexpr):
+    """(b, g, i, hh, head_ok) of this program where a program holds row i of the CH heads of
+    group g in batch element b of (B, H, R, K) slabs (the grid is B * H / CH * R programs):
+    hh = arange(CHP), the heads g * CH + hh, head_ok where hh < CH (CHP: CH padded)."""
+    n = tl.program_id(0)
     G = H // CH
     bg, i = n // R, n % R
     hh = tl.arange(0, CHP)
@@ -92,26 +65,25 @@ def load_end(end, K):
 
 
 @triton.jit
-def mix_rows_kernel(x, w, out, sxb, sxh, sxi, sxj, sob, soh, soi, soj, ROWS, H, R, K, ZERO_ABOVE,
+def mix_rows_kernel(x, w, out, sxb, sxh, sxi, sxj, sob, soh, soi, soj, H, R, K, ZERO_ABOVE,
                     CH: tl.constexpr, CHP: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
     """out (B, H, R, K) = the head mix of x (B, H, R, K) with w (G, CH, CH): out[o] = sum_c
     w[g, o, c] x[c] within group g, x taken as zero where col - row > ZERO_ABOVE; any strides,
-    out in its own dtype. Rows are (batch, group, row), ROWS of them, a program's every
-    num_programs-th (slab_mix.row_programs); CHP: CH rounded up to a power of two >= 16."""
-    for n in range(tl.program_id(0), ROWS, tl.num_programs(0)):
-        b, g, i, hh, head_ok = group_row_at(n, H, R, CH, CHP)
-        src = group_row(x, b, g, i, hh, sxb, sxh, sxi, CH)
-        dst = group_row(out, b, g, i, hh, sob, soh, soi, CH)
-        w_ok = head_ok[:, None] & head_ok[None, :]
-        w_g = tl.load(w + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0).to(x.dtype.element_ty)
-        end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [end, K) are zero
-        loaded = load_end(end, K)
-        cols = tl.arange(0, BLOCK)
-        for c0 in range(0, K, BLOCK):
-            c = c0 + cols
-            block = tl.load(src + c[None, :] * sxj, mask=head_ok[:, None] & (c[None, :] < loaded), other=0.0)
-            mixed = tl.where(c[None, :] < end, tl.dot(w_g, block, input_precision=PREC), 0.0)
-            tl.store(dst + c[None, :] * soj, mixed.to(out.dtype.element_ty), mask=head_ok[:, None] & (c[None, :] < K))
+    out in its own dtype. One program per (batch, group, row); CHP: CH rounded up to a power
+    of two >= 16."""
+    b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
+    src = group_row(x, b, g, i, hh, sxb, sxh, sxi, CH)
+    dst = group_row(out, b, g, i, hh, sob, soh, soi, CH)
+    w_ok = head_ok[:, None] & head_ok[None, :]
+    w_g = tl.load(w + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0).to(x.dtype.element_ty)
+    end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [end, K) are zero
+    loaded = load_end(end, K)
+    cols = tl.arange(0, BLOCK)
+    for c0 in range(0, K, BLOCK):
+        c = c0 + cols
+        block = tl.load(src + c[None, :] * sxj, mask=head_ok[:, None] & (c[None, :] < loaded), other=0.0)
+        mixed = tl.where(c[None, :] < end, tl.dot(w_g, block, input_precision=PREC), 0.0)
+        tl.store(dst + c[None, :] * soj, mixed.to(out.dtype.element_ty), mask=head_ok[:, None] & (c[None, :] < K))
 
 
 def mix_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, precision="ieee", out_dtype=None):
@@ -127,8 +99,8 @@ def mix_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, precision="ieee"
         return out
     chp = max(16, _next_pow2(ch))
     block = min(max(16, row_block_elements(MIX_CONFIG, x) // chp), max(16, _next_pow2(K)))
-    mix_rows_kernel[(row_programs(MIX_CONFIG, B * G * R, 0, x.device),)](
-        x, w.to(x.dtype).contiguous(), out, *x.stride(), *out.stride(), B * G * R, H, R, K, zeros,
+    mix_rows_kernel[(B * G * R,)](
+        x, w.to(x.dtype).contiguous(), out, *x.stride(), *out.stride(), H, R, K, zeros,
         CH=ch, CHP=chp, BLOCK=block, PREC="ieee" if x.dtype == torch.float64 else precision,
         num_warps=MIX_CONFIG["num_warps"], num_stages=MIX_CONFIG["num_stages"])
     return out

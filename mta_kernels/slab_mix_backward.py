@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .forward import _next_pow2, acc_dtype
 from .slab_conv import row_kernel_zero_above
-from .slab_mix import group_row, group_row_at, load_end, row_block_elements, row_programs
+from .slab_mix import group_row, group_row_program, load_end, row_block_elements
 
 # key block of about this many elements (heads x keys) for fp32 and for 16-bit slabs, the warps and
 # the software-pipelining stages (slab_mix.MIX_CONFIG's note)
@@ -39,50 +39,48 @@ def _row_block(base, cols, end, loaded, head_ok, sj, MATH: tl.constexpr):
 @triton.jit
 def mix_backward_rows_kernel(grad, probs, x, w, out, dw,
                              sgb, sgh, sgi, sgj, spb, sph, spi, spj, sxb, sxh, sxi, sxj, sob, soh, soi, soj,
-                             ROWS, H, R, K, ZERO_ABOVE, DW_LO, DW_HI, DW_ROW0, DW_ROWS,
+                             H, R, K, ZERO_ABOVE, DW_LO, DW_HI, DW_ROW0, DW_ROWS,
                              CH: tl.constexpr, CHP: tl.constexpr, SOFTMAX: tl.constexpr, WANT_DW: tl.constexpr,
                              BLOCK: tl.constexpr, PREC: tl.constexpr):
-    """Rows (batch, group, row i) of slabs (B, H, R, K), any strides, ROWS of them, a program's
-    every num_programs-th (slab_mix.row_programs). The mix's incoming gradient is grad, or
-    with SOFTMAX P * (grad - rowsum(P * grad)) with P = probs; it is taken as zero where
-    col - row > ZERO_ABOVE. out (B, H, R, K) gets its adjoint
+    """One program per (batch, group, row i) of slabs (B, H, R, K), any strides. The mix's
+    incoming gradient is grad, or with SOFTMAX P * (grad - rowsum(P * grad)) with P = probs;
+    it is taken as zero where col - row > ZERO_ABOVE. out (B, H, R, K) gets its adjoint
     through w (G, CH, CH), zero there too; out may be grad (a program reads a block before
     it writes it). With WANT_DW and DW_LO <= i < DW_HI, dw (B, G, DW_ROWS, CH, CH) at row
     DW_ROW0 + i gets sum over keys of gradient[o] * x[c] (other rows are left unwritten). The
     math runs in w's dtype (fp32 for 16-bit slabs)."""
     MATH: tl.constexpr = w.dtype.element_ty
-    for n in range(tl.program_id(0), ROWS, tl.num_programs(0)):
-        b, g, i, hh, head_ok = group_row_at(n, H, R, CH, CHP)
-        g_row = group_row(grad, b, g, i, hh, sgb, sgh, sgi, CH)
-        p_row = group_row(probs, b, g, i, hh, spb, sph, spi, CH)
-        x_row = group_row(x, b, g, i, hh, sxb, sxh, sxi, CH)
-        o_row = group_row(out, b, g, i, hh, sob, soh, soi, CH)
-        # w_t[c, o] = w[g, o, c]: the adjoint's matrix
-        w_ok = head_ok[:, None] & head_ok[None, :]
-        w_t = tl.load(w + g * CH * CH + hh[None, :] * CH + hh[:, None], mask=w_ok, other=0.0)
-        end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
-        loaded = load_end(end, K)
-        cols = tl.arange(0, BLOCK)
+    b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
+    g_row = group_row(grad, b, g, i, hh, sgb, sgh, sgi, CH)
+    p_row = group_row(probs, b, g, i, hh, spb, sph, spi, CH)
+    x_row = group_row(x, b, g, i, hh, sxb, sxh, sxi, CH)
+    o_row = group_row(out, b, g, i, hh, sob, soh, soi, CH)
+    # w_t[c, o] = w[g, o, c]: the adjoint's matrix
+    w_ok = head_ok[:, None] & head_ok[None, :]
+    w_t = tl.load(w + g * CH * CH + hh[None, :] * CH + hh[:, None], mask=w_ok, other=0.0)
+    end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
+    loaded = load_end(end, K)
+    cols = tl.arange(0, BLOCK)
+    if SOFTMAX:
+        delta = tl.zeros([CHP], dtype=MATH)
+        for c0 in range(0, end, BLOCK):
+            delta += tl.sum(_row_block(p_row, c0 + cols, end, loaded, head_ok, spj, MATH)
+                            * _row_block(g_row, c0 + cols, end, loaded, head_ok, sgj, MATH), axis=1)
+    weight_rows = (i >= DW_LO) & (i < DW_HI)
+    dw_acc = tl.zeros([CHP, CHP], dtype=MATH)
+    for c0 in range(0, K, BLOCK):
+        grad_in = _row_block(g_row, c0 + cols, end, loaded, head_ok, sgj, MATH)
         if SOFTMAX:
-            delta = tl.zeros([CHP], dtype=MATH)
-            for c0 in range(0, end, BLOCK):
-                delta += tl.sum(_row_block(p_row, c0 + cols, end, loaded, head_ok, spj, MATH)
-                                * _row_block(g_row, c0 + cols, end, loaded, head_ok, sgj, MATH), axis=1)
-        weight_rows = (i >= DW_LO) & (i < DW_HI)
-        dw_acc = tl.zeros([CHP, CHP], dtype=MATH)
-        for c0 in range(0, K, BLOCK):
-            grad_in = _row_block(g_row, c0 + cols, end, loaded, head_ok, sgj, MATH)
-            if SOFTMAX:
-                grad_in = _row_block(p_row, c0 + cols, end, loaded, head_ok, spj, MATH) * (grad_in - delta[:, None])
-            if WANT_DW & weight_rows:
-                x_t = tl.trans(_row_block(x_row, c0 + cols, end, loaded, head_ok, sxj, MATH))
-                dw_acc += tl.dot(grad_in, x_t, input_precision=PREC)
-            adjoint = tl.dot(w_t, grad_in, input_precision=PREC)
-            tl.store(o_row + (c0 + cols)[None, :] * soj, adjoint.to(out.dtype.element_ty),
-                     mask=head_ok[:, None] & (c0 + cols[None, :] < K))
+            grad_in = _row_block(p_row, c0 + cols, end, loaded, head_ok, spj, MATH) * (grad_in - delta[:, None])
         if WANT_DW & weight_rows:
-            dw_row = (b * (H // CH) + g).to(tl.int64) * DW_ROWS + DW_ROW0 + i
-            tl.store(dw + (dw_row * CH + hh[:, None]) * CH + hh[None, :], dw_acc, mask=w_ok)
+            x_t = tl.trans(_row_block(x_row, c0 + cols, end, loaded, head_ok, sxj, MATH))
+            dw_acc += tl.dot(grad_in, x_t, input_precision=PREC)
+        adjoint = tl.dot(w_t, grad_in, input_precision=PREC)
+        tl.store(o_row + (c0 + cols)[None, :] * soj, adjoint.to(out.dtype.element_ty),
+                 mask=head_ok[:, None] & (c0 + cols[None, :] < K))
+    if WANT_DW & weight_rows:
+        dw_row = (b * (H // CH) + g).to(tl.int64) * DW_ROWS + DW_ROW0 + i
+        tl.store(dw + (dw_row * CH + hh[:, None]) * CH + hh[None, :], dw_acc, mask=w_ok)
 
 
 def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, zero_above=None, rows=None,
@@ -119,11 +117,10 @@ def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, z
         partial, row0 = torch.empty(B, G, R, ch, ch, device=grad.device, dtype=math), 0
     chp = max(16, _next_pow2(ch))
     block = min(max(16, row_block_elements(MIX_BACKWARD_CONFIG, grad) // chp), max(16, _next_pow2(K)))
-    row_bytes = ch * K * (grad.element_size() + (probs.element_size() if probs is not None else 0))
-    mix_backward_rows_kernel[(row_programs(MIX_BACKWARD_CONFIG, B * G * R, row_bytes, grad.device),)](
+    mix_backward_rows_kernel[(B * G * R,)](
         grad, grad if probs is None else probs, grad if x is None else x, w.to(math).contiguous(), out, partial,
         *grad.stride(), *(grad if probs is None else probs).stride(), *(grad if x is None else x).stride(),
-        *out.stride(), B * G * R, H, R, K, zeros, lo, hi, row0, partial.shape[2] if x is not None else R,
+        *out.stride(), H, R, K, zeros, lo, hi, row0, partial.shape[2] if x is not None else R,
         CH=ch, CHP=chp, SOFTMAX=probs is not None, WANT_DW=x is not None, BLOCK=block,
         PREC="ieee" if grad.dtype == torch.float64 else precision, num_warps=MIX_BACKWARD_CONFIG["num_warps"],
         num_stages=MIX_BACKWARD_CONFIG["num_stages"])
@@ -144,14 +141,13 @@ def _talking_heads_probs(s_row, w_pre, row_lse, cols, end, loaded, head_ok, ssj,
 @triton.jit
 def talking_heads_backward_rows_kernel(da, s, lse, w_pre, w_post, out, dw_pre, dw_post, a_out,
                                        sdb, sdh, sdi, sdj, ssb, ssh, ssi, ssj, slb, slh, sob, soh, soi, soj,
-                                       sab, sah, sai, saj, ROWS, H, R, K, ZERO_ABOVE, DW_ROW0, DW_ROWS,
+                                       sab, sah, sai, saj, H, R, K, ZERO_ABOVE, DW_ROW0, DW_ROWS,
                                        CH: tl.constexpr, CHP: tl.constexpr, WANT_DW_PRE: tl.constexpr,
                                        WANT_DW_POST: tl.constexpr, WRITE_A: tl.constexpr, BLOCK: tl.constexpr,
                                        PREC: tl.constexpr):
-    """Talking heads' backward from dA to the scores, rows (batch, group, row i) of slabs
-    (B, H, R, K), any strides, ROWS of them, a program's every num_programs-th: with
-    P = exp(w_pre s - lse) (the forward's log-sum-exp; zero where col - row > ZERO_ABOVE),
-    A = w_post P and da = dL/dA,
+    """Talking heads' backward from dA to the scores, one program per (batch, group, row i) of
+    slabs (B, H, R, K), any strides: with P = exp(w_pre s - lse) (the forward's log-sum-exp;
+    zero where col - row > ZERO_ABOVE), A = w_post P and da = dL/dA,
 
         dP = w_post^T da,  dZ = P * (dP - rowsum(P * dP)),  out = dL/ds = w_pre^T dZ,
 
@@ -160,58 +156,58 @@ def talking_heads_backward_rows_kernel(da, s, lse, w_pre, w_post, out, dw_pre, d
     CH, CH) gets sum over keys of dZ[o] s[c] / da[o] P[c]. With WRITE_A, a_out (B, H, R, K)
     gets A (zero in the causal future), for dV = A^T dO. Two sweeps over the row's keys:
     rowsum(P * dP) (and A) first, then dZ."""
-    for n in range(tl.program_id(0), ROWS, tl.num_programs(0)):
-        b, g, i, hh, head_ok = group_row_at(n, H, R, CH, CHP)
-        da_row = group_row(da, b, g, i, hh, sdb, sdh, sdi, CH)
-        s_row = group_row(s, b, g, i, hh, ssb, ssh, ssi, CH)
-        o_row = group_row(out, b, g, i, hh, sob, soh, soi, CH)
-        a_row = group_row(a_out, b, g, i, hh, sab, sah, sai, CH)
-        w_ok = head_ok[:, None] & head_ok[None, :]
-        w_at = g * CH * CH + hh[:, None] * CH + hh[None, :]          # [o, c]
-        w_at_t = g * CH * CH + hh[None, :] * CH + hh[:, None]        # [c, o]: the adjoints' matrices
-        w_pre_g = tl.load(w_pre + w_at, mask=w_ok, other=0.0)
-        w_pre_t = tl.load(w_pre + w_at_t, mask=w_ok, other=0.0)
-        w_post_t = tl.load(w_post + w_at_t, mask=w_ok, other=0.0)
-        heads = (g * CH + hh).to(tl.int64)
-        row_lse = tl.load(lse + b.to(tl.int64) * slb + heads * slh + i, mask=head_ok, other=0.0)
-        end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
-        loaded = load_end(end, K)
-        cols = tl.arange(0, BLOCK)
-        delta = tl.zeros([CHP], dtype=w_pre_g.dtype)
-        dw_post_acc = tl.zeros([CHP, CHP], dtype=w_pre_g.dtype)
-        for c0 in range(0, end, BLOCK):
-            _, p = _talking_heads_probs(s_row, w_pre_g, row_lse, c0 + cols, end, loaded, head_ok, ssj, PREC)
-            da_blk = _row_block(da_row, c0 + cols, end, loaded, head_ok, sdj, w_pre_g.dtype)
-            delta += tl.sum(p * tl.dot(w_post_t, da_blk, input_precision=PREC), axis=1)
-            if WANT_DW_POST:
-                dw_post_acc += tl.dot(da_blk, tl.trans(p), input_precision=PREC)
-            if WRITE_A:
-                w_post_g = tl.load(w_post + w_at, mask=w_ok, other=0.0)
-                a = tl.dot(w_post_g, p, input_precision=PREC)
-                tl.store(a_row + (c0 + cols)[None, :] * saj, a.to(a_out.dtype.element_ty),
-                         mask=head_ok[:, None] & (c0 + cols[None, :] < K))
-        dw_pre_acc = tl.zeros([CHP, CHP], dtype=w_pre_g.dtype)
-        for c0 in range(0, end, BLOCK):
-            s_blk, p = _talking_heads_probs(s_row, w_pre_g, row_lse, c0 + cols, end, loaded, head_ok, ssj, PREC)
-            da_blk = _row_block(da_row, c0 + cols, end, loaded, head_ok, sdj, w_pre_g.dtype)
-            dz = p * (tl.dot(w_post_t, da_blk, input_precision=PREC) - delta[:, None])
-            if WANT_DW_PRE:
-                dw_pre_acc += tl.dot(dz, tl.trans(s_blk), input_precision=PREC)
-            ds = tl.dot(w_pre_t, dz, input_precision=PREC)
-            tl.store(o_row + (c0 + cols)[None, :] * soj, ds.to(out.dtype.element_ty),
-                     mask=head_ok[:, None] & (c0 + cols[None, :] < K))
-        # the causal future past the last block holding a key of the row: zeros
-        for c0 in range(tl.cdiv(end, BLOCK) * BLOCK, K, BLOCK):
-            tl.store(o_row + (c0 + cols)[None, :] * soj, tl.zeros([CHP, BLOCK], dtype=out.dtype.element_ty),
-                     mask=head_ok[:, None] & (c0 + cols[None, :] < K))
-            if WRITE_A:
-                tl.store(a_row + (c0 + cols)[None, :] * saj, tl.zeros([CHP, BLOCK], dtype=a_out.dtype.element_ty),
-                         mask=head_ok[:, None] & (c0 + cols[None, :] < K))
-        dw_row = (b * (H // CH) + g).to(tl.int64) * DW_ROWS + DW_ROW0 + i
-        if WANT_DW_PRE:
-            tl.store(dw_pre + (dw_row * CH + hh[:, None]) * CH + hh[None, :], dw_pre_acc, mask=w_ok)
+    b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
+    da_row = group_row(da, b, g, i, hh, sdb, sdh, sdi, CH)
+    s_row = group_row(s, b, g, i, hh, ssb, ssh, ssi, CH)
+    o_row = group_row(out, b, g, i, hh, sob, soh, soi, CH)
+    a_row = group_row(a_out, b, g, i, hh, sab, sah, sai, CH)
+    w_ok = head_ok[:, None] & head_ok[None, :]
+    w_at = g * CH * CH + hh[:, None] * CH + hh[None, :]          # [o, c]
+    w_at_t = g * CH * CH + hh[None, :] * CH + hh[:, None]        # [c, o]: the adjoints' matrices
+    w_pre_g = tl.load(w_pre + w_at, mask=w_ok, other=0.0)
+    w_pre_t = tl.load(w_pre + w_at_t, mask=w_ok, other=0.0)
+    w_post_t = tl.load(w_post + w_at_t, mask=w_ok, other=0.0)
+    if WRITE_A:
+        w_post_g = tl.load(w_post + w_at, mask=w_ok, other=0.0)
+    heads = (g * CH + hh).to(tl.int64)
+    row_lse = tl.load(lse + b.to(tl.int64) * slb + heads * slh + i, mask=head_ok, other=0.0)
+    end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
+    loaded = load_end(end, K)
+    cols = tl.arange(0, BLOCK)
+    delta = tl.zeros([CHP], dtype=w_pre_g.dtype)
+    dw_post_acc = tl.zeros([CHP, CHP], dtype=w_pre_g.dtype)
+    for c0 in range(0, end, BLOCK):
+        _, p = _talking_heads_probs(s_row, w_pre_g, row_lse, c0 + cols, end, loaded, head_ok, ssj, PREC)
+        da_blk = _row_block(da_row, c0 + cols, end, loaded, head_ok, sdj, w_pre_g.dtype)
+        delta += tl.sum(p * tl.dot(w_post_t, da_blk, input_precision=PREC), axis=1)
         if WANT_DW_POST:
-            tl.store(dw_post + (dw_row * CH + hh[:, None]) * CH + hh[None, :], dw_post_acc, mask=w_ok)
+            dw_post_acc += tl.dot(da_blk, tl.trans(p), input_precision=PREC)
+        if WRITE_A:
+            a = tl.dot(w_post_g, p, input_precision=PREC)
+            tl.store(a_row + (c0 + cols)[None, :] * saj, a.to(a_out.dtype.element_ty),
+                     mask=head_ok[:, None] & (c0 + cols[None, :] < K))
+    dw_pre_acc = tl.zeros([CHP, CHP], dtype=w_pre_g.dtype)
+    for c0 in range(0, end, BLOCK):
+        s_blk, p = _talking_heads_probs(s_row, w_pre_g, row_lse, c0 + cols, end, loaded, head_ok, ssj, PREC)
+        da_blk = _row_block(da_row, c0 + cols, end, loaded, head_ok, sdj, w_pre_g.dtype)
+        dz = p * (tl.dot(w_post_t, da_blk, input_precision=PREC) - delta[:, None])
+        if WANT_DW_PRE:
+            dw_pre_acc += tl.dot(dz, tl.trans(s_blk), input_precision=PREC)
+        ds = tl.dot(w_pre_t, dz, input_precision=PREC)
+        tl.store(o_row + (c0 + cols)[None, :] * soj, ds.to(out.dtype.element_ty),
+                 mask=head_ok[:, None] & (c0 + cols[None, :] < K))
+    # the causal future past the last block holding a key of the row: zeros
+    for c0 in range(tl.cdiv(end, BLOCK) * BLOCK, K, BLOCK):
+        tl.store(o_row + (c0 + cols)[None, :] * soj, tl.zeros([CHP, BLOCK], dtype=out.dtype.element_ty),
+                 mask=head_ok[:, None] & (c0 + cols[None, :] < K))
+        if WRITE_A:
+            tl.store(a_row + (c0 + cols)[None, :] * saj, tl.zeros([CHP, BLOCK], dtype=a_out.dtype.element_ty),
+                     mask=head_ok[:, None] & (c0 + cols[None, :] < K))
+    dw_row = (b * (H // CH) + g).to(tl.int64) * DW_ROWS + DW_ROW0 + i
+    if WANT_DW_PRE:
+        tl.store(dw_pre + (dw_row * CH + hh[:, None]) * CH + hh[None, :], dw_pre_acc, mask=w_ok)
+    if WANT_DW_POST:
+        tl.store(dw_post + (dw_row * CH + hh[:, None]) * CH + hh[None, :], dw_post_acc, mask=w_ok)
 
 
 # talking_heads_backward_rows' key block (heads x keys elements) and warps. H200, one chunk of
@@ -270,12 +266,11 @@ def talking_heads_backward_rows(da: torch.Tensor, s: torch.Tensor, lse: torch.Te
     chp = max(16, _next_pow2(ch))
     config = TALKING_HEADS_BACKWARD_CONFIG
     block = min(max(16, config["elements"] // chp), max(16, _next_pow2(K)))
-    row_bytes = ch * K * (da.element_size() + s.element_size())
-    talking_heads_backward_rows_kernel[(row_programs(config, B * G * R, row_bytes, da.device),)](
+    talking_heads_backward_rows_kernel[(B * G * R,)](
         da, s, lse, w_pre.contiguous(), w_post.to(cd).contiguous(), out,
         da if buffers[0] is None else buffers[0], da if buffers[1] is None else buffers[1],
         da if a_out is None else a_out, *da.stride(), *s.stride(), *lse.stride()[:2], *out.stride(),
-        *(da if a_out is None else a_out).stride(), B * G * R, H, R, K, row_kernel_zero_above(zero_above),
+        *(da if a_out is None else a_out).stride(), H, R, K, row_kernel_zero_above(zero_above),
         row0, 0 if dw_rows is None else dw_rows.shape[2],
         CH=ch, CHP=chp, WANT_DW_PRE=buffers[0] is not None, WANT_DW_POST=buffers[1] is not None,
         WRITE_A=a_out is not None, BLOCK=block,

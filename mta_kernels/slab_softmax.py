@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .forward import _next_pow2, acc_dtype, tl_acc_dtype
 from .slab_conv import row_kernel_zero_above
-from .slab_mix import group_row, group_row_at, load_end, row_block_elements, row_programs
+from .slab_mix import group_row, group_row_program, load_end, row_block_elements
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def _mixed_block(src, w_g, cols, end, loaded, head_ok, sj, PREC: tl.constexpr):
 
 @triton.jit
 def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, soj, slb, slh,
-                            ROWS, H, R, K, ZERO_ABOVE, CH: tl.constexpr, CHP: tl.constexpr, WRITE_LSE: tl.constexpr,
+                            H, R, K, ZERO_ABOVE, CH: tl.constexpr, CHP: tl.constexpr, WRITE_LSE: tl.constexpr,
                             READ_LSE: tl.constexpr, POST_MIX: tl.constexpr, BLOCK: tl.constexpr,
                             PREC: tl.constexpr):
     """out (B, H, R, K) = softmax over keys of the head mix of x (B, H, R, K) with w (G, CH, CH)
@@ -107,45 +107,43 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
     log-sum-exp (of the first mix's logits); with READ_LSE it holds them already (from the
     forward), and one sweep over the keys normalises with them. The math runs in w's dtype
     (fp32 for 16-bit x).
-    Rows are (batch, group, row), ROWS of them, a program's every num_programs-th
-    (slab_mix.row_programs); CHP: CH rounded up to a power of two >= 16."""
-    for n in range(tl.program_id(0), ROWS, tl.num_programs(0)):
-        b, g, i, hh, head_ok = group_row_at(n, H, R, CH, CHP)
-        heads = g * CH + hh
-        src = group_row(x, b, g, i, hh, sxb, sxh, sxi, CH)
-        dst = group_row(out, b, g, i, hh, sob, soh, soi, CH)
-        w_ok = head_ok[:, None] & head_ok[None, :]
-        w_g = tl.load(w + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0)
-        if POST_MIX:
-            # zero columns for the padding heads, whose softmax is not zero
-            w_post_g = tl.load(w_post + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0)
-        end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
-        loaded = load_end(end, K)
-        cols = tl.arange(0, BLOCK)
-        lse_at = lse + b.to(tl.int64) * slb + heads.to(tl.int64) * slh + i
-        if READ_LSE:
-            row_max = tl.load(lse_at, mask=head_ok, other=0.0)
-            inv_sum = tl.full([CHP], 1.0, dtype=row_max.dtype)
-        else:
-            # online max and sum per head over the unmasked columns (padding heads mix to zeros)
-            m = _mixed_block(src, w_g, cols, end, loaded, head_ok, sxj, PREC)
-            row_max = tl.max(m, axis=1)
-            row_sum = tl.sum(tl.exp(m - row_max[:, None]), axis=1)
-            for c0 in range(BLOCK, end, BLOCK):
-                m = _mixed_block(src, w_g, c0 + cols, end, loaded, head_ok, sxj, PREC)
-                new_max = tl.maximum(row_max, tl.max(m, axis=1))
-                row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(m - new_max[:, None]), axis=1)
-                row_max = new_max
-            inv_sum = 1.0 / row_sum
-        for c0 in range(0, K, BLOCK):
+    One program per (batch, group, row); CHP: CH rounded up to a power of two >= 16."""
+    b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
+    heads = g * CH + hh
+    src = group_row(x, b, g, i, hh, sxb, sxh, sxi, CH)
+    dst = group_row(out, b, g, i, hh, sob, soh, soi, CH)
+    w_ok = head_ok[:, None] & head_ok[None, :]
+    w_g = tl.load(w + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0)
+    if POST_MIX:
+        # zero columns for the padding heads, whose softmax is not zero
+        w_post_g = tl.load(w_post + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0)
+    end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
+    loaded = load_end(end, K)
+    cols = tl.arange(0, BLOCK)
+    lse_at = lse + b.to(tl.int64) * slb + heads.to(tl.int64) * slh + i
+    if READ_LSE:
+        row_max = tl.load(lse_at, mask=head_ok, other=0.0)
+        inv_sum = tl.full([CHP], 1.0, dtype=row_max.dtype)
+    else:
+        # online max and sum per head over the unmasked columns (padding heads mix to zeros)
+        m = _mixed_block(src, w_g, cols, end, loaded, head_ok, sxj, PREC)
+        row_max = tl.max(m, axis=1)
+        row_sum = tl.sum(tl.exp(m - row_max[:, None]), axis=1)
+        for c0 in range(BLOCK, end, BLOCK):
             m = _mixed_block(src, w_g, c0 + cols, end, loaded, head_ok, sxj, PREC)
-            p = tl.exp(m - row_max[:, None]) * inv_sum[:, None]
-            if POST_MIX:
-                p = tl.dot(w_post_g, p, input_precision=PREC)
-            tl.store(dst + (c0 + cols)[None, :] * soj, p.to(out.dtype.element_ty),
-                     mask=head_ok[:, None] & (c0 + cols[None, :] < K))
-        if WRITE_LSE:
-            tl.store(lse_at, row_max + tl.log(row_sum), mask=head_ok)
+            new_max = tl.maximum(row_max, tl.max(m, axis=1))
+            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(m - new_max[:, None]), axis=1)
+            row_max = new_max
+        inv_sum = 1.0 / row_sum
+    for c0 in range(0, K, BLOCK):
+        m = _mixed_block(src, w_g, c0 + cols, end, loaded, head_ok, sxj, PREC)
+        p = tl.exp(m - row_max[:, None]) * inv_sum[:, None]
+        if POST_MIX:
+            p = tl.dot(w_post_g, p, input_precision=PREC)
+        tl.store(dst + (c0 + cols)[None, :] * soj, p.to(out.dtype.element_ty),
+                 mask=head_ok[:, None] & (c0 + cols[None, :] < K))
+    if WRITE_LSE:
+        tl.store(lse_at, row_max + tl.log(row_sum), mask=head_ok)
 
 
 def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse=False, precision="ieee",
@@ -184,10 +182,9 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
     chp = max(16, _next_pow2(ch))
     block = min(max(16, row_block_elements(MIX_SOFTMAX_CONFIG, x) // chp), max(16, _next_pow2(K)))
     w_post = w if post_mix is None else post_mix
-    programs = row_programs(MIX_SOFTMAX_CONFIG, B * G * R, ch * K * x.element_size(), x.device)
-    mix_softmax_rows_kernel[(programs,)](
+    mix_softmax_rows_kernel[(B * G * R,)](
         x, w.to(cd).contiguous(), w_post.to(cd).contiguous(), out, x if stats is None else stats,
-        *x.stride(), *out.stride(), *((0, 0) if stats is None else stats.stride()[:2]), B * G * R, H, R, K, zeros,
+        *x.stride(), *out.stride(), *((0, 0) if stats is None else stats.stride()[:2]), H, R, K, zeros,
         CH=ch, CHP=chp, WRITE_LSE=want_lse, READ_LSE=lse_in is not None, POST_MIX=post_mix is not None, BLOCK=block,
         PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=MIX_SOFTMAX_CONFIG["num_warps"],
         num_stages=MIX_SOFTMAX_CONFIG["num_stages"])

@@ -544,17 +544,14 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              timeout 100 python3 scripts/bwd_jitter.py 2>&1 | grep -v "GPU times" | tee "$OUT/bwd_jitter.log"
              timeout 100 python3 scripts/profile_talking_heads.py 2>&1 | tee "$OUT/thprofile.log" | tail -3
              timeout 150 python3 scripts/profile_chunked.py 2>&1 | tee "$OUT/chunked.log" | tail -3 ;;
-    session19c) # the two-sweep row kernels' grids sized to L2 (tune.py rowsl2), talking heads' backward
-             # with A from its backward kernel: graph_bound (eager and graphed) in branches/before and
-             # here with l2_share none / 0.5 / 1, then the row kernels' tests on the GPU
-             timeout 200 python3 scripts/tune.py rowsl2 2>&1 | tee "$OUT/tune_rowsl2.log" | grep -v "^sdpa"
+    session19c) # (ran at fca19a3: notes/rowsl2_h200_fca19a3.log) the two-sweep row kernels over rows in
+             # L2-sized grids, slower at every share (since reverted); talking heads' backward with A from its
+             # backward kernel against branches/before (graph_bound in each tree), then the row kernels' tests
              for tree in branches/*; do
                (cd $tree && PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts" timeout 100 python3 scripts/graph_bound.py \
                  4096 sdpa,talking_heads,full 2>&1 | sed "s|^|$(basename $tree) |") | tee -a "$OUT/graph_ab.log"
              done
-             for share in none 0.5 1; do
-               timeout 100 python3 scripts/graph_bound.py 4096 sdpa,talking_heads,full $share 2>&1 | tee -a "$OUT/graph_ab.log"
-             done
+             timeout 100 python3 scripts/graph_bound.py 4096 sdpa,talking_heads,full 2>&1 | tee -a "$OUT/graph_ab.log"
              timeout 150 python3 -m pytest tests/test_backward.py -q -rfE --tb=line -k "mix_softmax_rows or \
                mix_backward_rows or talking_heads or mix_rows or row_kernels_ignore" 2>&1 | tee "$OUT/tests_rows.log" \
                | grep -E "FAIL|Error|passed|failed" ;;

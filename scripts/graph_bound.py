@@ -1,9 +1,8 @@
 """How much of a call is the host's: each op's fwd and fwd+bwd timed as the bench times it (eager,
 back to back) and as one CUDA graph replayed (no Python, no launch cost: the GPU's own time with
 the same kernels), with SDPA's in the same process for ratios. B=1, H=16, L=4096, D=128, bf16,
-causal, paper weights, all 16 heads mixed. `python scripts/graph_bound.py [L] [ops] [l2_share]`:
-ops comma-separated (default all), l2_share the two-sweep row kernels' (slab_mix.row_programs;
-"none": one program per row), where given."""
+causal, paper weights, all 16 heads mixed. `python scripts/graph_bound.py [L] [ops]`, ops
+comma-separated (default all)."""
 import sys
 
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 import triton
 
 import mta_reference as R
-from mta_kernels import mta_attention, slab_mix_backward, slab_softmax
+from mta_kernels import mta_attention
 
 torch.manual_seed(0)
 L = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
@@ -27,12 +26,6 @@ all_ops = {
     "full": lambda: mta_attention(q, k, v, conv, mix, conv, mix, causal=True, pad_key="both"),
 }
 ops = {name: all_ops[name] for name in (sys.argv[2].split(",") if len(sys.argv) > 2 else all_ops)}
-if len(sys.argv) > 3:
-    share = None if sys.argv[3] == "none" else float(sys.argv[3])
-    for module, attr in ((slab_softmax, "MIX_SOFTMAX_CONFIG"), (slab_mix_backward, "MIX_BACKWARD_CONFIG"),
-                         (slab_mix_backward, "TALKING_HEADS_BACKWARD_CONFIG")):
-        setattr(module, attr, dict(getattr(module, attr), l2_share=share))
-    print(f"row kernels' l2_share {share}", flush=True)
 
 
 def steps(fn):

@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [slabconv16] [slabconvtiles] [mix16] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows] [preconvmatmul] [thbackward] [rows16] [rowsl2]   (all without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [slabconv16] [slabconvtiles] [mix16] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows] [preconvmatmul] [thbackward] [rows16]   (all without arguments)"""
 import sys
 
 import torch
@@ -232,7 +232,7 @@ if "thbackward" in which:
         print(f"talking heads mix softmax {slab_softmax.MIX_SOFTMAX_CONFIG}: forward {t_fwd:.3f} ms, "
               f"backward's recomputation {t_bwd:.3f} ms", flush=True)
     del x_fwd
-if "rows16" in which or "rowsl2" in which:
+if "rows16" in which:
     # every row kernel on bf16 slabs, with its committed config (first) and alternatives: talking
     # heads' forward mix-softmax (the second of two chunks of L=4096: rows 2048..4096, all keys;
     # post mix, lse out), its backward's recomputation (lse in) and its backward kernel; full MTA's
@@ -275,15 +275,9 @@ if "rows16" in which or "rowsl2" in which:
     for name, (module, attr, fn) in calls.items():
         committed = dict(getattr(module, attr))
         e = committed.get("elements_16bit", committed["elements"])
-        w = committed["num_warps"]
-        changes = [dict(), dict(num_stages=1), dict(num_stages=2), dict(num_stages=4),
-                   dict(elements=e // 2, elements_16bit=e // 2), dict(elements=2 * e, elements_16bit=2 * e),
-                   dict(num_warps=2 * w)]
-        if "rowsl2" in which:
-            # grids sized to the L2 cache (slab_mix.row_programs), with more warps per program
-            changes = [dict(), dict(l2_share=None)] + [dict(l2_share=share, num_warps=warps)
-                                                      for share in (0.25, 0.5, 1.0, 2.0) for warps in (w, 2 * w, 4 * w)]
-        for change in changes:
+        for change in [dict(), dict(num_stages=1), dict(num_stages=2), dict(num_stages=4),
+                       dict(elements=e // 2, elements_16bit=e // 2), dict(elements=2 * e, elements_16bit=2 * e),
+                       dict(num_warps=2 * committed["num_warps"])]:
             setattr(module, attr, dict(committed, **change))
             t = triton.testing.do_bench(fn, return_mode="median")
             print(f"rows16 {name} {getattr(module, attr)}: {t:.3f} ms", flush=True)
