@@ -557,9 +557,9 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
                | grep -E "FAIL|Error|passed|failed" ;;
     session19d) # the final tree: talking heads' tests on the GPU (forward and backward), the README's targets
              # at L=4096, then graph_bound (eager against a replayed CUDA graph)
-             timeout 200 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE --tb=line \
+             timeout 160 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE --tb=line \
                -k "talking_heads" 2>&1 | tee "$OUT/tests_th.log" | grep -E "FAIL|Error|passed|failed"
-             timeout 200 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
+             timeout 250 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
                --modes fwd,fwd+bwd --providers fused,naive,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote"
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
              timeout 100 python3 scripts/graph_bound.py 4096 sdpa,talking_heads,full 2>&1 | tee "$OUT/graph_bound.log" ;;
