@@ -82,6 +82,9 @@ def parse_args(argv):
                     help="skip naive providers whose estimated memory exceeds this (default 100)")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
     ap.add_argument("--no-plots", action="store_true", help="write the CSV and markdown only")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="GPU only: time every provider's calls replayed from one CUDA graph "
+                         "(triton.testing.do_bench_cudagraph), the GPU's time without the host's")
     ap.add_argument("--resume", type=Path, metavar="CSV",
                     help="append to this run's CSV, skipping the cases it already holds (give the "
                          "same selection flags as the first run)")
@@ -89,6 +92,8 @@ def parse_args(argv):
 
 
 def make_config(args) -> Config:
+    if args.cuda_graphs and not ON_GPU:
+        raise SystemExit("--cuda-graphs needs a GPU: CUDA graphs time CUDA kernels (this machine has none)")
     d = DEFAULTS[("gpu" if ON_GPU else "cpu", args.quick)]
     shapes = args.shapes or d["shapes"]
     if isinstance(shapes, str):
@@ -98,13 +103,17 @@ def make_config(args) -> Config:
                   providers=args.providers or d["providers"], shapes=tuple(shapes),
                   dtype=DTYPES[dtype_name], dtype_name=dtype_name,
                   conv=args.conv or ((6, 11) if ON_GPU else (3, 5)), on_gpu=ON_GPU,
-                  max_naive_gib=args.max_naive_gib)
+                  max_naive_gib=args.max_naive_gib, cuda_graphs=args.cuda_graphs)
 
 
 def header_comments(cfg: Config, argv) -> list:
     cq, ck = cfg.conv
     timing = ("times: triton.testing.do_bench median / 20% / 80% quantiles, ms" if cfg.on_gpu
               else "times: time.perf_counter median / 20% / 80% over a few calls, ms. " + report.CPU_WARNING)
+    if cfg.cuda_graphs:
+        timing = ("times: triton.testing.do_bench_cudagraph median / 20% / 80% quantiles of 10 replays, ms: "
+                  "calls captured in one CUDA graph, so the GPU's time without the host's launch time "
+                  "(no L2 flush between calls)")
     return [
         "MTA benchmark: python -m bench " + " ".join(argv),
         f"TFLOP/s: {FLOP_FORMULA}",
@@ -159,7 +168,8 @@ def main(argv=None):
         done = {case_key(r) for r in report.read_csv(csv_path)[1]}
     else:
         stamp = info["date"].replace(":", "").replace("T", "_")
-        csv_path = args.out / f"{stamp}_{re.sub(r'[^A-Za-z0-9]+', '-', info['gpu']).strip('-')}.csv"
+        graphs = "_cuda-graphs" if cfg.cuda_graphs else ""
+        csv_path = args.out / f"{stamp}_{re.sub(r'[^A-Za-z0-9]+', '-', info['gpu']).strip('-')}{graphs}.csv"
         done = set()
     if not cfg.on_gpu:
         print(f"NOTE: no GPU. {report.CPU_WARNING}", flush=True)

@@ -27,6 +27,7 @@ class Config:
     conv: Tuple[int, int]
     on_gpu: bool
     max_naive_gib: float = 100.0
+    cuda_graphs: bool = False   # time calls replayed from a CUDA graph (timing.measure)
 
     @property
     def device(self):
@@ -166,7 +167,7 @@ class Runner:
             def step():
                 fn(q, k, v, w).backward(grad)
 
-        result = timing.measure(step, leaves, cfg.on_gpu)
+        result = timing.measure(step, leaves, cfg.on_gpu, cfg.cuda_graphs)
         result["tflops"] = attention_flops(case.shape, case.mode) / (result["median_ms"] * 1e-3) / 1e12
         return result
 

@@ -47,11 +47,13 @@ def _set_grads_none(tensors):
         t.grad = None
 
 
-def measure(fn, grad_to_none, on_gpu: bool) -> dict:
+def measure(fn, grad_to_none, on_gpu: bool, cuda_graphs: bool = False) -> dict:
     """median_ms, p20_ms, p80_ms and peak_mem_gib (None on CPU) of ``fn``.
 
     ``grad_to_none``: tensors whose .grad is reset before every call, so that gradient
-    accumulation is not timed.
+    accumulation is not timed. ``cuda_graphs``: time ``fn`` as calls captured in one CUDA graph
+    and replayed (triton.testing.do_bench_cudagraph: no host time between kernels, no L2
+    flush between calls), so the times are the GPU's alone.
     """
     _set_grads_none(grad_to_none)
     fn()  # compiles (Triton, torch.compile) outside the timed and measured calls
@@ -67,6 +69,11 @@ def measure(fn, grad_to_none, on_gpu: bool) -> dict:
         return dict(median_ms=median, p20_ms=p20, p80_ms=p80, peak_mem_gib=peak)
     # do_bench repeats for about `rep` ms: ask for >= 5 calls, but at most MAX_REP_MS.
     rep = min(max(100.0, 5 * estimate_ms), MAX_REP_MS)
+    if cuda_graphs:
+        from triton.testing import do_bench_cudagraph
+        median, p20, p80 = do_bench_cudagraph(fn, rep=rep, grad_to_none=list(grad_to_none),
+                                              quantiles=list(QUANTILES))
+        return dict(median_ms=median, p20_ms=p20, p80_ms=p80, peak_mem_gib=peak)
     median, p20, p80 = do_bench(fn, warmup=25, rep=rep, grad_to_none=list(grad_to_none),
                                 quantiles=list(QUANTILES))
     return dict(median_ms=median, p20_ms=p20, p80_ms=p80, peak_mem_gib=peak)

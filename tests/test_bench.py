@@ -67,3 +67,30 @@ def test_summary_names_every_commit_of_a_resumed_run():
     assert "commit aaa," in one
     resumed = markdown([row("aaa", "d1"), row("bbb", "d2"), row("bbb", "d2")], [])
     assert "aaa (1 rows)" in resumed and "bbb (2 rows)" in resumed and "d1 to d2" in resumed
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the refusal on a machine without a GPU")
+def test_cuda_graph_timing_needs_a_gpu(tmp_path):
+    """--cuda-graphs (times of calls replayed from a CUDA graph) is refused without a GPU, with
+    an error that names the flag, before any case runs."""
+    cmd = [sys.executable, "-m", "bench", "--cuda-graphs", "--no-plots", "--out", str(tmp_path)]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "--cuda-graphs needs a GPU" in result.stderr
+    assert not list(tmp_path.glob("*.csv"))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_timing_on_the_gpu(tmp_path):
+    """On the GPU, --cuda-graphs times fused talking heads' fwd+bwd and SDPA's from CUDA graph
+    replays: both rows land in the CSV as ok, under a header that says how they were timed."""
+    cmd = [sys.executable, "-m", "bench", "--cuda-graphs", "--shapes", "sweep", "--lengths", "512", "--ops",
+           "talking_heads", "--modes", "fwd+bwd", "--providers", "fused,sdpa", "--no-plots", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (csv_path,) = tmp_path.glob("*_cuda-graphs.csv")
+    assert "do_bench_cudagraph" in csv_path.read_text()
+    rows = list(csv.DictReader(line for line in csv_path.open() if not line.startswith("#")))
+    assert {r["provider"] for r in rows} == {"fused", "sdpa"}
+    assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows), rows
