@@ -650,3 +650,44 @@ def test_pre_conv_matmul_choice(monkeypatch):
         monkeypatch.setenv("MTA_KERNELS_PRE_CONV_MATMUL", bad)
         with pytest.raises(ValueError, match="MTA_KERNELS_PRE_CONV_MATMUL"):
             slabs._pre_conv_matmul_mode_from_env()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("R, K, D, zero_above", [(70, 150, 40, 60), (130, 140, 96, 3), (5, 300, 16, 0),
+                                                 (40, 33, 256, None)])
+def test_causal_matmuls_skip_only_the_future(R, K, D, zero_above, dtype, device):
+    """causal_scores and causal_pv (talking heads' forward matmuls) against torch on strided
+    views: rows and keys off the tile edges, D = 96 and 256, the first rows of a causal slab
+    (zero_above 0), no mask (None). The scores are exact in every row's past and leave whole
+    tiles in the future unwritten (marked NaN here); causal_pv reads NaN in the future as zero."""
+    from mta_kernels.causal_matmul import SCORES_CONFIG, causal_pv, causal_scores
+    g = torch.Generator().manual_seed(3)
+    H = 3
+    x, y, v = (torch.randn(n, H, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).transpose(0, 1)
+               for n in (R, K, K))
+    rows, cols = torch.arange(R, device=device)[:, None], torch.arange(K, device=device)[None, :]
+    past = (cols <= rows + zero_above) if zero_above is not None else torch.ones(R, K, dtype=torch.bool, device=device)
+    big = torch.full((H, R, K + 5), float("nan"), dtype=dtype, device=device)
+    s = causal_scores(x, y, zero_above, out=big[:, :, 2:2 + K])
+    expected = x.double() @ y.double().transpose(-1, -2)
+    # the result rounded once to dtype, after sums whose rounding is bounded by D unit roundoffs
+    # of the accumulator (fp32; fp64 for fp64) times the sum of the terms' magnitudes
+    acc_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    bound = lambda e, magnitude: torch.finfo(dtype).eps * e.abs() + D * acc_eps * magnitude
+    assert ((s.double() - expected).abs() <= bound(expected, x.double().abs() @ y.double().abs().transpose(-1, -2)))[
+        past.expand(H, R, K)].all()
+    assert big[:, :, :2].isnan().all() and big[:, :, 2 + K:].isnan().all()
+    BM, BN = SCORES_CONFIG["BM"], SCORES_CONFIG["BN"]
+    tile_future = (cols // BN) * BN > (rows // BM) * BM + BM - 1 + (K if zero_above is None else zero_above)
+    assert s.isnan().equal(tile_future.expand(H, R, K))        # exactly the tiles wholly in the future
+    a = torch.randn(H, R, K, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).masked_fill(
+        ~past, float("nan"))
+    out = torch.full((H, D + 1, R), float("nan"), dtype=dtype, device=device).transpose(1, 2)[:, :, 1:]
+    causal_pv(a, v, out, zero_above)
+    expected = a.double().masked_fill(~past, 0) @ v.double()
+    magnitude = a.double().abs().masked_fill(~past, 0) @ v.double().abs()
+    assert ((out.double() - expected).abs() <= bound(expected, K / D * magnitude)).all()   # K terms per sum
+    with pytest.raises(ValueError, match="zero_above"):
+        causal_scores(x, y, -1)
+    with pytest.raises(ValueError, match="y must be"):
+        causal_pv(a, v[:, :, :-1].transpose(1, 2), out)
