@@ -1,6 +1,6 @@
 """Time block-size choices of the flash, mixing and general kernels on one shape (GPU only).
 Each config is checked against SDPA / the reference before it is timed.
-Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [slabconv16] [slabconvtiles] [mix16] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows] [preconvmatmul] [thbackward] [rows16] [causalmm]   (all without arguments)"""
+Usage: python scripts/tune.py [flash] [flashbwd] [mixbwd] [mix] [mixsplits] [full] [slabconv] [slabconv16] [slabconvtiles] [mix16] [mixbwdsplits] [mixsoftmax] [mixbackward] [mixrows] [preconvmatmul] [thbackward] [rows16]   (all without arguments)"""
 import sys
 
 import torch
@@ -478,45 +478,3 @@ for cfg in [] if "full" not in which else [dict(RF=32, W=64, num_warps=4), dict(
         print(f"full {cfg}: {t:.3f} ms = {t / t_sdpa:.1f}x sdpa, max err vs fp32 reference {err:.2e}", flush=True)
     except Exception as e:
         print(f"full {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
-if "causalmm" in which:
-    # talking heads' forward matmuls that skip the causal future (causal_matmul.py) on the two
-    # chunks of L=4096 (rows 0..2048 with 2048 keys, rows 2048..4096 with 4096), bf16, against
-    # the batched matmuls over the whole rectangle; each config checked against the matmul
-    from mta_kernels import causal_matmul
-    kk, vv = (torch.randn(H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    qq = torch.randn(H, L, D, device="cuda", dtype=torch.bfloat16)
-    for lo in (0, 2048):
-        rows, keys = 2048, lo + 2048
-        x, y = qq[:, lo:lo + rows], kk[:, :keys]
-        past = torch.arange(keys, device="cuda")[None, :] <= torch.arange(rows, device="cuda")[:, None] + lo
-        a = torch.softmax(torch.randn(H, rows, keys, device="cuda").masked_fill(~past, float("-inf")), -1).to(torch.bfloat16)
-        out = torch.empty(H, rows, D, device="cuda", dtype=torch.bfloat16)
-        t = triton.testing.do_bench(lambda: torch.matmul(x, y.transpose(-1, -2)), return_mode="median")
-        t2 = triton.testing.do_bench(lambda: torch.bmm(a, vv[:, :keys], out=out), return_mode="median")
-        print(f"causalmm lo={lo}: torch scores {t:.4f} ms, torch pv {t2:.4f} ms", flush=True)
-        ref_s = torch.matmul(x, y.transpose(-1, -2)).float()
-        ref_o = torch.bmm(a, vv[:, :keys]).float()
-        for cfg in [dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3), dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3),
-                    dict(BM=128, BN=128, BD=128, num_warps=8, num_stages=2), dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=3),
-                    dict(BM=128, BN=64, BD=128, num_warps=4, num_stages=2), dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3),
-                    dict(BM=256, BN=64, BD=64, num_warps=8, num_stages=3)]:
-            causal_matmul.SCORES_CONFIG = cfg
-            try:
-                s_out = causal_matmul.causal_scores(x, y, lo)
-                err = (s_out.float() - ref_s).masked_fill(~past, 0).abs().max().item()
-                t = triton.testing.do_bench(lambda: causal_matmul.causal_scores(x, y, lo), return_mode="median")
-                print(f"causalmm lo={lo} scores {cfg}: {t:.4f} ms (max err {err:.2e})", flush=True)
-            except Exception as e:
-                print(f"causalmm lo={lo} scores {cfg}: failed {type(e).__name__}: {str(e)[:80]}", flush=True)
-        for cfg in [dict(BM=64, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=64, num_warps=8, num_stages=3),
-                    dict(BM=128, BN=32, num_warps=4, num_stages=3), dict(BM=64, BN=128, num_warps=4, num_stages=3),
-                    dict(BM=128, BN=64, num_warps=4, num_stages=2), dict(BM=64, BN=64, num_warps=4, num_stages=4),
-                    dict(BM=128, BN=128, num_warps=8, num_stages=2)]:
-            causal_matmul.PV_CONFIG = cfg
-            try:
-                causal_matmul.causal_pv(a, vv[:, :keys], out, lo)
-                err = (out.float() - ref_o).abs().max().item()
-                t = triton.testing.do_bench(lambda: causal_matmul.causal_pv(a, vv[:, :keys], out, lo), return_mode="median")
-                print(f"causalmm lo={lo} pv {cfg}: {t:.4f} ms (max err {err:.2e})", flush=True)
-            except Exception as e:
-                print(f"causalmm lo={lo} pv {cfg}: failed {type(e).__name__}: {str(e)[:80]}", flush=True)
