@@ -26,7 +26,6 @@ import os
 
 import torch
 
-from .causal_matmul import causal_pv
 from .forward import _precision, general_row_programs, uses_register_mixing
 from .slabs import (_matmul_precision, auto_switch_from_env, chunk_starts, conv_halos, is_talking_heads,
                     live_slabs, pre_conv_operands, repeat_kv_heads, rows_per_chunk, slab_forward, slab_inputs,
@@ -180,9 +179,6 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     # the post mix's kernel writes A in q's dtype, and 16-bit slabs are in it: A V then takes v
     # in it (repeated to q's heads); else A is in the slabs' dtype, as vc
     a_in_q_dtype = (post_mix is not None or sd == q.dtype) and q.dtype != cd
-    # causal talking heads: the scores and A V skip the tiles in every row's future, A is left
-    # unwritten there (causal_matmul)
-    causal_a = causal and is_talking_heads(pre_conv, pre_mix, post_conv, post_mix)
     with _matmul_precision(q):
         for b in range(B):
             one = slice(b, b + 1)
@@ -195,12 +191,9 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
                 # without conv halos (lo = r0) the mix-softmax kernel writes these rows' lse in place
                 lse_rows = lse[one, :, r0:r1] if lo == r0 else None
                 t = slab_forward(qc, kc, weights, lo, r1, causal=causal, pad_key=pad_key, precision=prec,
-                                 keep=False, a_dtype=q.dtype, pre_conv_operands=operands, lse_out=lse_rows,
-                                 causal_a=causal_a)
+                                 keep=False, a_dtype=q.dtype, pre_conv_operands=operands, lse_out=lse_rows)
                 a, vals = t.a[0, :, r0 - lo:], values[0, :, :t.a.shape[-1]]
-                if causal_a:
-                    causal_pv(a, vals, out[b, :, r0:r1], zero_above=r0, precision=prec)
-                elif a.dtype == q.dtype:
+                if a.dtype == q.dtype:
                     torch.bmm(a, vals, out=out[b, :, r0:r1])
                 else:
                     out[b, :, r0:r1] = torch.bmm(a, vals).to(q.dtype)
