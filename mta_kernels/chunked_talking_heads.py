@@ -77,41 +77,50 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
     prec = mix_precision(_precision(q))
     with _matmul_precision(q):
         for b in range(B):
+            # this element's (H, L, D) operands, kv heads repeated, and (H, D, L) transposes: every
+            # chunk takes narrow() views of them (the host's time per chunk counts here: the H200's
+            # host took longer to issue this backward than its GPU took to run it)
             one = slice(b, b + 1)
-            qs, ks, _ = slab_inputs(q[one], k[one], None, q_scale, sd)
+            qs, ks = (x[0] for x in slab_inputs(q[one], k[one], None, q_scale, sd)[:2])
             # the matmuls' operands: dS is the gradient of qs K^T, so dk takes qs
-            q_m, k_m = (qs, ks) if sd == md else slab_inputs(q[one], k[one], None, 1.0, md)[:2]
-            dout = grad_out[one].to(md)
-            da_lhs = grad_out[one] if da16 else dout
-            da_rhs = repeat_kv_heads(v[one] if da16 else v[one].to(cd), H)
+            q_m, k_m = (qs, ks) if sd == md else (x[0] for x in slab_inputs(q[one], k[one], None, 1.0, md)[:2])
+            ks_t = ks.transpose(1, 2)
+            dout = grad_out[b].to(md)
+            da_lhs = grad_out[b] if da16 else dout
+            da_rhs = repeat_kv_heads((v[one] if da16 else v[one].to(cd)), H)[0].transpose(1, 2)
+            lse_b = lse[b]
+            dq_b, dk_b, dv_b = (None if x is None else x[b] for x in (dq, dk, dv))
             element = [None if x is None else x[one] for x in dw_rows]
             starts = list(chunk_starts(L, R))
             for r0 in starts:
-                r1 = min(L, r0 + R)
+                n = min(L, r0 + R) - r0
                 summed = r0 != starts[0]
-                keys = slab_keys(r1, L, causal)
+                keys = slab_keys(r0 + n, L, causal)
                 zero_above = r0 if causal else None
-                lse_rows = lse[one, :, r0:r1]
-                s = torch.matmul(qs[:, :, r0:r1], ks[:, :, :keys].transpose(-1, -2))
+                lse_rows = lse_b.narrow(1, r0, n).unsqueeze(0)
+                dout_rows = dout.narrow(1, r0, n)
+                s = torch.bmm(qs.narrow(1, r0, n), ks_t.narrow(2, 0, keys))       # (H, n, keys)
                 if not need_ds:
-                    a = mix_softmax_rows(s, w_pre, zero_above, precision=prec, post_mix=w_post, out_dtype=md,
-                                         lse_in=lse_rows)[0]
-                    matmul_into(dv[b, :, :keys], a[0].transpose(-1, -2), dout[0, :, r0:r1], accumulate=summed)
+                    a = mix_softmax_rows(s.unsqueeze(0), w_pre, zero_above, precision=prec, post_mix=w_post,
+                                         out_dtype=md, lse_in=lse_rows)[0]
+                    matmul_into(dv_b.narrow(1, 0, keys), a[0].transpose(1, 2), dout_rows, accumulate=summed)
                     continue
-                da = torch.matmul(da_lhs[:, :, r0:r1], da_rhs[:, :, :keys].transpose(-1, -2))
+                da = torch.bmm(da_lhs.narrow(1, r0, n), da_rhs.narrow(2, 0, keys))
                 ds = torch.empty(da.shape, device=q.device, dtype=md) if da.dtype != md else da
                 # A for dV from the backward kernel's first sweep (no recomputation of its own)
                 a = torch.empty(s.shape, device=q.device, dtype=md) if need_v else None
-                talking_heads_backward_rows(da, s, lse_rows, w_pre, w_post, zero_above, precision=prec, out=ds,
-                                            dw_pre_rows=element[0], dw_post_rows=element[1], row0=r0, a_out=a)
+                talking_heads_backward_rows(da.unsqueeze(0), s.unsqueeze(0), lse_rows, w_pre, w_post, zero_above,
+                                            precision=prec, out=ds.unsqueeze(0), dw_pre_rows=element[0],
+                                            dw_post_rows=element[1], row0=r0,
+                                            a_out=None if a is None else a.unsqueeze(0))
                 del s, da
                 if need_v:
-                    matmul_into(dv[b, :, :keys], a[0].transpose(-1, -2), dout[0, :, r0:r1], accumulate=summed)
+                    matmul_into(dv_b.narrow(1, 0, keys), a.transpose(1, 2), dout_rows, accumulate=summed)
                     del a
                 if need_q:
-                    matmul_into(dq[b, :, r0:r1], ds[0], k_m[0, :, :keys], accumulate=False)
+                    matmul_into(dq_b.narrow(1, r0, n), ds, k_m.narrow(1, 0, keys), accumulate=False)
                 if need_k:
-                    matmul_into(dk[b, :, :keys], ds[0].transpose(-1, -2), q_m[0, :, r0:r1], accumulate=summed)
+                    matmul_into(dk_b.narrow(1, 0, keys), ds.transpose(1, 2), q_m.narrow(1, r0, n), accumulate=summed)
                 del ds
     # dS is the gradient of qs K^T: qs = q * scale (dq takes the scale) or q with w_pre = scale * pre_mix
     # (the pre mix's gradient takes it)

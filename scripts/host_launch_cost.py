@@ -67,6 +67,7 @@ triton.runtime.driver.set_active(FakeCudaDriver())
 
 import mta_reference as R                                   # noqa: E402
 from mta_kernels import slab_conv, slab_mix, slab_mix_backward, slab_softmax   # noqa: E402
+from mta_kernels.chunked_talking_heads import talking_heads_backward           # noqa: E402
 
 H, rows, keys = 16, 64, 256
 g = torch.Generator().manual_seed(0)
@@ -77,8 +78,13 @@ buffer = torch.zeros(1, 1, rows, H, H)
 sums = slab_conv.ConvWeightGradSums(conv, H, rows, keys, "both", 1 << 20, "cpu", torch.float32)
 a = torch.randn(1, H, rows, keys, generator=g)
 m1, m2 = torch.randn(H, 64, 128, generator=g), torch.randn(H, 128, 64, generator=g)
+# a whole talking-heads backward in two chunks on tiny bf16 tensors (its torch work small)
+th_q, th_k, th_v, th_do = (torch.randn(1, H, 128, 16, generator=g).to(torch.bfloat16) for _ in range(4))
+th_lse = torch.zeros(1, H, 128)
 calls = {
     "bare torch op (x.add_(1))": lambda: a.add_(1),
+    "talking_heads_backward (B=1, H=16, L=128, D=16, 2 chunks)": lambda: talking_heads_backward(
+        th_do, th_q, th_k, th_v, mix, mix, th_lse, causal=True, scale=0.25, rows=64),
     "torch.bmm 16x64x128 @ 128x64": lambda: torch.bmm(m1, m2),
     "mix_softmax_rows (post mix, lse out)": lambda: slab_softmax.mix_softmax_rows(
         x16, mix, 5, want_lse=True, precision="tf32", post_mix=mix, out_dtype=torch.bfloat16),
