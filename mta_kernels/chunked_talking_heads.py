@@ -101,9 +101,10 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
                 dout_rows = dout.narrow(1, r0, n)
                 s = torch.bmm(qs.narrow(1, r0, n), ks_t.narrow(2, 0, keys))       # (H, n, keys)
                 if not need_ds:
-                    a = mix_softmax_rows(s.unsqueeze(0), w_pre, zero_above, precision=prec, post_mix=w_post,
-                                         out_dtype=md, lse_in=lse_rows)[0]
-                    matmul_into(dv_b.narrow(1, 0, keys), a[0].transpose(1, 2), dout_rows, accumulate=summed)
+                    if need_v:
+                        a = mix_softmax_rows(s.unsqueeze(0), w_pre, zero_above, precision=prec, post_mix=w_post,
+                                             out_dtype=md, lse_in=lse_rows)[0]
+                        matmul_into(dv_b.narrow(1, 0, keys), a[0].transpose(1, 2), dout_rows, accumulate=summed)
                     continue
                 da = torch.bmm(da_lhs.narrow(1, r0, n), da_rhs.narrow(2, 0, keys))
                 ds = torch.empty(da.shape, device=q.device, dtype=md) if da.dtype != md else da
