@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from .causal_matmul import causal_pv, tma_ok
 from .forward import _precision, general_row_programs, uses_register_mixing
 from .slabs import (_matmul_precision, auto_switch_from_env, chunk_starts, conv_halos, is_talking_heads,
                     live_slabs, pre_conv_operands, repeat_kv_heads, rows_per_chunk, slab_forward, slab_inputs,
@@ -123,6 +124,13 @@ BF16_SCORES = os.environ.get("MTA_KERNELS_BF16_SCORES", "1") == "1"
 BF16_SLABS = os.environ.get("MTA_KERNELS_BF16_SLABS", "1") == "1"
 
 
+# Causal talking heads' scores and A V through causal_matmul's kernels, which skip the tiles in
+# every row's future (a third of both matmuls and of A's bytes at L=4096 in two chunks), where
+# the operands allow tensor descriptors: MTA_KERNELS_CAUSAL_MATMULS 'auto' (the default) or '1';
+# '0' keeps cuBLAS over the whole rectangle.
+CAUSAL_MATMULS = auto_switch_from_env("MTA_KERNELS_CAUSAL_MATMULS")
+
+
 def slab_dtype(q, pre_conv, pre_mix, post_conv, post_mix, compute_dtype=torch.float32):
     """The dtype of the chunked forward's slabs for this call: bf16 for bf16 q where
     BF16_SCORES (talking heads) or BF16_SLABS (on CUDA, with a pre conv or pre mix) says so,
@@ -179,21 +187,29 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     # the post mix's kernel writes A in q's dtype, and 16-bit slabs are in it: A V then takes v
     # in it (repeated to q's heads); else A is in the slabs' dtype, as vc
     a_in_q_dtype = (post_mix is not None or sd == q.dtype) and q.dtype != cd
+    skip_future = causal and CAUSAL_MATMULS != "0" and is_talking_heads(pre_conv, pre_mix, post_conv, post_mix)
     with _matmul_precision(q):
         for b in range(B):
             one = slice(b, b + 1)
             qc, kc, vc = slab_inputs(q[one], k[one], None if a_in_q_dtype else v[one], q_scale, sd)
             values = repeat_kv_heads(v[one], H) if a_in_q_dtype else vc
             operands = pre_conv_operands(q[one], k[one], weights[0], pad_key, q_scale)
+            # causal talking heads: the scores and A V skip the tiles in every row's future, where A
+            # is left unwritten (causal_matmul; v's kv heads read in place)
+            pv_values = v[b] if a_in_q_dtype else vc[0]
+            causal_a = skip_future and tma_ok(qc[0], kc[0], pv_values)
             for r0 in chunk_starts(L, R):
                 r1 = min(L, r0 + R)
                 lo = max(0, r0 - HQ - HP)
                 # without conv halos (lo = r0) the mix-softmax kernel writes these rows' lse in place
                 lse_rows = lse[one, :, r0:r1] if lo == r0 else None
                 t = slab_forward(qc, kc, weights, lo, r1, causal=causal, pad_key=pad_key, precision=prec,
-                                 keep=False, a_dtype=q.dtype, pre_conv_operands=operands, lse_out=lse_rows)
+                                 keep=False, a_dtype=q.dtype, pre_conv_operands=operands, lse_out=lse_rows,
+                                 causal_a=causal_a)
                 a, vals = t.a[0, :, r0 - lo:], values[0, :, :t.a.shape[-1]]
-                if a.dtype == q.dtype:
+                if causal_a:
+                    causal_pv(a, pv_values, out[b, :, r0:r1], zero_above=r0, precision=prec)
+                elif a.dtype == q.dtype:
                     torch.bmm(a, vals, out=out[b, :, r0:r1])
                 else:
                     out[b, :, r0:r1] = torch.bmm(a, vals).to(q.dtype)

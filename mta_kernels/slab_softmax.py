@@ -97,16 +97,17 @@ def _mixed_block(src, w_g, cols, end, loaded, head_ok, sj, PREC: tl.constexpr):
 @triton.jit
 def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, soj, slb, slh,
                             H, R, K, ZERO_ABOVE, CH: tl.constexpr, CHP: tl.constexpr, WRITE_LSE: tl.constexpr,
-                            READ_LSE: tl.constexpr, POST_MIX: tl.constexpr, BLOCK: tl.constexpr,
-                            PREC: tl.constexpr):
+                            READ_LSE: tl.constexpr, POST_MIX: tl.constexpr, WRITE_FUTURE: tl.constexpr,
+                            BLOCK: tl.constexpr, PREC: tl.constexpr):
     """out (B, H, R, K) = softmax over keys of the head mix of x (B, H, R, K) with w (G, CH, CH)
     (out[o] = sum_c w[g, o, c] x[c] within group g), entries with col - row > ZERO_ABOVE taken
     as -inf and written as zero; out may be x (each program reads a block of its rows before
     it writes it). With POST_MIX, out is that softmax mixed again with w_post (G, CH, CH), in
     out's dtype. With WRITE_LSE, lse (B, H, R) with strides (slb, slh, 1) gets each row's
     log-sum-exp (of the first mix's logits); with READ_LSE it holds them already (from the
-    forward), and one sweep over the keys normalises with them. The math runs in w's dtype
-    (fp32 for 16-bit x).
+    forward), and one sweep over the keys normalises with them. Without WRITE_FUTURE, the
+    key blocks past the row's last key are left unwritten (for causal_matmul.causal_pv, which
+    masks them). The math runs in w's dtype (fp32 for 16-bit x).
     One program per (batch, group, row); CHP: CH rounded up to a power of two >= 16."""
     b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
     heads = g * CH + hh
@@ -135,7 +136,7 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
             row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(m - new_max[:, None]), axis=1)
             row_max = new_max
         inv_sum = 1.0 / row_sum
-    for c0 in range(0, K, BLOCK):
+    for c0 in range(0, K if WRITE_FUTURE else end, BLOCK):
         m = _mixed_block(src, w_g, c0 + cols, end, loaded, head_ok, sxj, PREC)
         p = tl.exp(m - row_max[:, None]) * inv_sum[:, None]
         if POST_MIX:
@@ -147,7 +148,7 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
 
 
 def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse=False, precision="ieee",
-                     out=None, post_mix=None, out_dtype=None, lse_out=None, lse_in=None):
+                     out=None, post_mix=None, out_dtype=None, lse_out=None, lse_in=None, write_future=True):
     """softmax(mta_reference.mix_heads(x, w)) over the last dim: x (B, H, R, K), w (G, ch, ch)
     with H = G * ch, entries where col - row > zero_above taken as -inf and written as zero
     (None: no mask); with post_mix (G, ch, ch) that softmax mixed again,
@@ -159,7 +160,9 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
     with want_lse, ``lse_out`` (B, H, R) of that dtype with unit stride along R (a view into a
     longer lse, say) takes the lse instead of a new tensor. ``lse_in``, of the same layout:
     the rows' log-sum-exp, known (the backward's recomputation has the forward's), so that one
-    sweep over the keys does (not with want_lse)."""
+    sweep over the keys does (not with want_lse). write_future=False (with zero_above): the key
+    blocks wholly in a row's causal future are left unwritten, for a reader that masks them
+    (causal_matmul.causal_pv), instead of written as zeros."""
     B, H, R, K = x.shape
     G, ch, _ = w.shape
     cd = acc_dtype(x)
@@ -185,7 +188,8 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
     mix_softmax_rows_kernel[(B * G * R,)](
         x, w.to(cd).contiguous(), w_post.to(cd).contiguous(), out, x if stats is None else stats,
         *x.stride(), *out.stride(), *((0, 0) if stats is None else stats.stride()[:2]), H, R, K, zeros,
-        CH=ch, CHP=chp, WRITE_LSE=want_lse, READ_LSE=lse_in is not None, POST_MIX=post_mix is not None, BLOCK=block,
+        CH=ch, CHP=chp, WRITE_LSE=want_lse, READ_LSE=lse_in is not None, POST_MIX=post_mix is not None,
+        WRITE_FUTURE=write_future or zero_above is None, BLOCK=block,
         PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=MIX_SOFTMAX_CONFIG["num_warps"],
         num_stages=MIX_SOFTMAX_CONFIG["num_stages"])
     return out, lse

@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .causal_matmul import causal_scores, scores_buffer
 from .forward import cdiv
 from .pre_conv_matmul import conv_keys, pre_conv_matmul
 from .slab_conv import CONV_CONFIG, band_first_column, key_query_conv
@@ -226,7 +227,7 @@ class SlabForward(NamedTuple):
 
 
 def slab_forward(qc, kc, weights, lo, hi, *, causal, pad_key, precision, keep, a_dtype=None,
-                 pre_conv_operands=None, lse_out=None) -> SlabForward:
+                 pre_conv_operands=None, lse_out=None, causal_a=False) -> SlabForward:
     """mta_reference.forward_intermediates on rows [lo, hi) of slab_inputs' tensors (one batch
     element) and keys [0, slab_keys(hi, L, causal)) (keys from hi on are in every row's future),
     with the slab conv kernels, the pre mix and the softmax as one kernel (the softmax alone,
@@ -243,7 +244,10 @@ def slab_forward(qc, kc, weights, lo, hi, *, causal, pad_key, precision, keep, a
     forward needs); the backward keeps those its weight gradients read (s0 for the pre conv's,
     c for the pre mix's; each None without that weight, since the softmax may overwrite it).
     ``lse_out`` (1, H, hi - lo), with keep=False and a pre mix: where the mix-softmax kernel
-    writes the log-sum-exp (the returned lse is then that tensor)."""
+    writes the log-sum-exp (the returned lse is then that tensor). ``causal_a`` (causal talking
+    heads' forward, both operands passing causal_matmul.tma_ok): the scores skip the tiles in
+    every row's future (causal_matmul.causal_scores) and ``a`` is left unwritten there, for
+    causal_matmul.causal_pv."""
     pre_conv, pre_mix, post_conv, post_mix = weights
     keys = slab_keys(hi, kc.shape[2], causal)
     zero_above = lo if causal else None
@@ -252,6 +256,16 @@ def slab_forward(qc, kc, weights, lo, hi, *, causal, pad_key, precision, keep, a
     # torch.matmul's 4-d broadcast)
     scores = lambda first: torch.bmm(qc[0].narrow(1, lo, hi - lo),
                                      kc[0].narrow(1, first, keys - first).transpose(1, 2)).unsqueeze(0)
+    # talking heads in the forward: the post mix inside the softmax's kernel, no probs slab
+    fused_post_mix = post_mix if (pre_mix is not None and post_mix is not None and post_conv is None
+                                  and post_mix.shape == pre_mix.shape and not keep) else None
+    causal_a = causal_a and causal and fused_post_mix is not None and pre_conv is None
+    a_out = None
+    if causal_a:
+        H = qc.shape[1]
+        scores = lambda first: causal_scores(qc[0], kc[0], scores_buffer(H, hi - lo, keys, qc.dtype, qc.device),
+                                             row0=lo, zero_above=lo, precision=precision).unsqueeze(0)
+        a_out = scores_buffer(H, hi - lo, keys, a_dtype or qc.dtype, qc.device).unsqueeze(0)
     if pre_conv is not None and pre_conv_operands is not None:
         q_in, k_tilde, scale = pre_conv_operands
         c = pre_conv_matmul(q_in, k_tilde, lo, hi, keys, scale, zero_above, precision=precision, dtype=qc.dtype)
@@ -265,16 +279,14 @@ def slab_forward(qc, kc, weights, lo, hi, *, causal, pad_key, precision, keep, a
         s0 = scores(0)
         c = conv(s0, pre_conv) if pre_conv is not None else s0
     s0 = s0 if keep and pre_conv is not None else None
-    # talking heads in the forward: the post mix inside the softmax's kernel, no probs slab
-    fused_post_mix = post_mix if (pre_mix is not None and post_mix is not None and post_conv is None
-                                  and post_mix.shape == pre_mix.shape and not keep) else None
     if pre_mix is not None:
         # mixed and normalised in one kernel: over c itself unless the backward keeps it or the
         # post mix makes a new slab in a_dtype
         in_place = not keep and fused_post_mix is None
         probs, lse = mix_softmax_rows(c, pre_mix, zero_above, want_lse=not keep, precision=mix_precision(precision),
-                                      out=c if in_place else None, post_mix=fused_post_mix,
-                                      out_dtype=a_dtype if fused_post_mix is not None else None, lse_out=lse_out)
+                                      out=c if in_place else a_out, post_mix=fused_post_mix,
+                                      out_dtype=a_dtype if fused_post_mix is not None else None, lse_out=lse_out,
+                                      write_future=not causal_a)
         c = c if keep else None
         if fused_post_mix is not None:
             return SlabForward(None, None, None, None, probs, lse)
