@@ -31,8 +31,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .forward import _next_pow2, cdiv, tl_acc_dtype
 
 # Tiles [BM, BN] and warps; the head dim is one tile (D rounded up to a power of two >= 16).
-SCORES_CONFIG = dict(BM=128, BN=128, num_warps=8, num_stages=1)
-PV_CONFIG = dict(BM=128, BN=64, num_warps=8, num_stages=3)
+SCORES_CONFIG = dict(BM=128, BN=128, num_warps=4, num_stages=1)
+PV_CONFIG = dict(BM=128, BN=64, num_warps=8, num_stages=4)
 
 
 def tma_ok(*tensors) -> bool:

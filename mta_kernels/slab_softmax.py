@@ -83,14 +83,22 @@ def softmax_rows_(x: torch.Tensor, zero_above=None, want_lse=False):
 # 8192 / 8 0.303, 16384 / 8 0.340; the batched-matmul mix and slab softmax 0.384. On bf16 slabs
 # 4096 elements (slab_mix.MIX_CONFIG's note).
 MIX_SOFTMAX_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4, num_stages=3)
+# (experiments) the pre mix of 16-bit slabs as two 16-bit dots (the weight's high and low parts),
+# and the rows of a causal slab longest first
+MIX16 = False
+LONGEST_FIRST = False
 
 
 @triton.jit
-def _mixed_block(src, w_g, cols, end, loaded, head_ok, sj, PREC: tl.constexpr):
-    """[CHP, BLOCK] mixed logits sum_c w_g[o, c] x[c, cols] of one row in w_g's dtype, -inf at
-    cols >= end (loaded up to load_end)."""
-    x = tl.load(src + cols[None, :] * sj, mask=head_ok[:, None] & (cols[None, :] < loaded), other=0.0).to(w_g.dtype)
-    m = tl.dot(w_g, x, input_precision=PREC)
+def _mixed_block(src, w_g, w_lo, cols, end, loaded, head_ok, sj, PREC: tl.constexpr, MIX16: tl.constexpr):
+    """[CHP, BLOCK] mixed logits sum_c w_g[o, c] x[c, cols] of one row in fp32 (fp64 for fp64),
+    -inf at cols >= end (loaded up to load_end). With MIX16, x is 16-bit and w_g, w_lo are the
+    16-bit high and low parts of the weight: two 16-bit dots with fp32 sums, x as it is."""
+    x = tl.load(src + cols[None, :] * sj, mask=head_ok[:, None] & (cols[None, :] < loaded), other=0.0)
+    if MIX16:
+        m = tl.dot(w_lo, x, tl.dot(w_g, x))
+    else:
+        m = tl.dot(w_g, x.to(w_g.dtype), input_precision=PREC)
     return tl.where(cols[None, :] < end, m, float("-inf"))
 
 
@@ -98,7 +106,7 @@ def _mixed_block(src, w_g, cols, end, loaded, head_ok, sj, PREC: tl.constexpr):
 def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, soj, slb, slh,
                             H, R, K, ZERO_ABOVE, CH: tl.constexpr, CHP: tl.constexpr, WRITE_LSE: tl.constexpr,
                             READ_LSE: tl.constexpr, POST_MIX: tl.constexpr, WRITE_FUTURE: tl.constexpr,
-                            BLOCK: tl.constexpr, PREC: tl.constexpr):
+                            BLOCK: tl.constexpr, PREC: tl.constexpr, MIX16: tl.constexpr, LONGEST_FIRST: tl.constexpr):
     """out (B, H, R, K) = softmax over keys of the head mix of x (B, H, R, K) with w (G, CH, CH)
     (out[o] = sum_c w[g, o, c] x[c] within group g), entries with col - row > ZERO_ABOVE taken
     as -inf and written as zero; out may be x (each program reads a block of its rows before
@@ -110,11 +118,18 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
     masks them). The math runs in w's dtype (fp32 for 16-bit x).
     One program per (batch, group, row); CHP: CH rounded up to a power of two >= 16."""
     b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
+    if LONGEST_FIRST:
+        i = R - 1 - i
     heads = g * CH + hh
     src = group_row(x, b, g, i, hh, sxb, sxh, sxi, CH)
     dst = group_row(out, b, g, i, hh, sob, soh, soi, CH)
     w_ok = head_ok[:, None] & head_ok[None, :]
     w_g = tl.load(w + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0)
+    w_lo = w_g
+    if MIX16:
+        w_hi = w_g.to(x.dtype.element_ty)
+        w_lo = (w_g - w_hi.to(w_g.dtype)).to(x.dtype.element_ty)
+        w_g = w_hi
     if POST_MIX:
         # zero columns for the padding heads, whose softmax is not zero
         w_post_g = tl.load(w_post + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0)
@@ -127,17 +142,17 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
         inv_sum = tl.full([CHP], 1.0, dtype=row_max.dtype)
     else:
         # online max and sum per head over the unmasked columns (padding heads mix to zeros)
-        m = _mixed_block(src, w_g, cols, end, loaded, head_ok, sxj, PREC)
+        m = _mixed_block(src, w_g, w_lo, cols, end, loaded, head_ok, sxj, PREC, MIX16)
         row_max = tl.max(m, axis=1)
         row_sum = tl.sum(tl.exp(m - row_max[:, None]), axis=1)
         for c0 in range(BLOCK, end, BLOCK):
-            m = _mixed_block(src, w_g, c0 + cols, end, loaded, head_ok, sxj, PREC)
+            m = _mixed_block(src, w_g, w_lo, c0 + cols, end, loaded, head_ok, sxj, PREC, MIX16)
             new_max = tl.maximum(row_max, tl.max(m, axis=1))
             row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(m - new_max[:, None]), axis=1)
             row_max = new_max
         inv_sum = 1.0 / row_sum
     for c0 in range(0, K if WRITE_FUTURE else end, BLOCK):
-        m = _mixed_block(src, w_g, c0 + cols, end, loaded, head_ok, sxj, PREC)
+        m = _mixed_block(src, w_g, w_lo, c0 + cols, end, loaded, head_ok, sxj, PREC, MIX16)
         p = tl.exp(m - row_max[:, None]) * inv_sum[:, None]
         if POST_MIX:
             p = tl.dot(w_post_g, p, input_precision=PREC)
@@ -189,7 +204,8 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
         x, w.to(cd).contiguous(), w_post.to(cd).contiguous(), out, x if stats is None else stats,
         *x.stride(), *out.stride(), *((0, 0) if stats is None else stats.stride()[:2]), H, R, K, zeros,
         CH=ch, CHP=chp, WRITE_LSE=want_lse, READ_LSE=lse_in is not None, POST_MIX=post_mix is not None,
-        WRITE_FUTURE=write_future or zero_above is None, BLOCK=block,
+        WRITE_FUTURE=write_future or zero_above is None, BLOCK=block, MIX16=MIX16 and x.element_size() == 2,
+        LONGEST_FIRST=LONGEST_FIRST,
         PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=MIX_SOFTMAX_CONFIG["num_warps"],
         num_stages=MIX_SOFTMAX_CONFIG["num_stages"])
     return out, lse

@@ -36,6 +36,9 @@ def _chunk_bytes_from_env(default=1 << 30):
     return value
 
 
+# (experiment) causal talking heads' scores through causal_matmul.causal_scores, not cuBLAS
+CAUSAL_SCORES = True
+
 # Working set per chunk: about this many bytes of (B, H, rows, L) tensors (1 GiB unless
 # MTA_KERNELS_CHUNK_BYTES says otherwise: more memory, fewer and taller chunks; at L=4096 the
 # full-MTA backward took 33.6 / 30.0 / 28.0 ms on the H200 with 1 / 2 / 4 GiB).
@@ -261,11 +264,12 @@ def slab_forward(qc, kc, weights, lo, hi, *, causal, pad_key, precision, keep, a
                                   and post_mix.shape == pre_mix.shape and not keep) else None
     causal_a = causal_a and causal and fused_post_mix is not None and pre_conv is None
     a_out = None
-    if causal_a:
+    if causal_a and CAUSAL_SCORES:
         H = qc.shape[1]
         scores = lambda first: causal_scores(qc[0], kc[0], scores_buffer(H, hi - lo, keys, qc.dtype, qc.device),
                                              row0=lo, zero_above=lo, precision=precision).unsqueeze(0)
-        a_out = scores_buffer(H, hi - lo, keys, a_dtype or qc.dtype, qc.device).unsqueeze(0)
+    if causal_a:
+        a_out = scores_buffer(qc.shape[1], hi - lo, keys, a_dtype or qc.dtype, qc.device).unsqueeze(0)
     if pre_conv is not None and pre_conv_operands is not None:
         q_in, k_tilde, scale = pre_conv_operands
         c = pre_conv_matmul(q_in, k_tilde, lo, hi, keys, scale, zero_above, precision=precision, dtype=qc.dtype)
