@@ -87,6 +87,29 @@ MIX_SOFTMAX_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4, num_s
 # and the rows of a causal slab longest first
 MIX16 = False
 LONGEST_FIRST = False
+POST16 = False
+EXP2 = False
+
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def _exp(x, BASE2: tl.constexpr):
+    """exp2(x) with BASE2 (x already in base-2 units), else exp(x)."""
+    if BASE2:
+        return tl.exp2(x)
+    return tl.exp(x)
+
+
+@triton.jit
+def _split16(w, dtype: tl.constexpr):
+    """(hi, lo): w (fp32) as the sum of two values of 16-bit dtype, hi = w rounded and lo the
+    rest rounded (16 mantissa bits in bf16 together, more than TF32's 10), for two 16-bit dots
+    with fp32 sums in place of one on fp32 operands."""
+    hi = w.to(dtype)
+    return hi, (w - hi.to(w.dtype)).to(dtype)
 
 
 @triton.jit
@@ -106,7 +129,8 @@ def _mixed_block(src, w_g, w_lo, cols, end, loaded, head_ok, sj, PREC: tl.conste
 def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh, soi, soj, slb, slh,
                             H, R, K, ZERO_ABOVE, CH: tl.constexpr, CHP: tl.constexpr, WRITE_LSE: tl.constexpr,
                             READ_LSE: tl.constexpr, POST_MIX: tl.constexpr, WRITE_FUTURE: tl.constexpr,
-                            BLOCK: tl.constexpr, PREC: tl.constexpr, MIX16: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+                            BLOCK: tl.constexpr, PREC: tl.constexpr, MIX16: tl.constexpr, POST16: tl.constexpr,
+                            EXP2: tl.constexpr, LONGEST_FIRST: tl.constexpr):
     """out (B, H, R, K) = softmax over keys of the head mix of x (B, H, R, K) with w (G, CH, CH)
     (out[o] = sum_c w[g, o, c] x[c] within group g), entries with col - row > ZERO_ABOVE taken
     as -inf and written as zero; out may be x (each program reads a block of its rows before
@@ -125,41 +149,53 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
     dst = group_row(out, b, g, i, hh, sob, soh, soi, CH)
     w_ok = head_ok[:, None] & head_ok[None, :]
     w_g = tl.load(w + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0)
+    if EXP2:
+        w_g = w_g * LOG2E       # logits in base 2: exp2 below, no multiply per element
     w_lo = w_g
     if MIX16:
-        w_hi = w_g.to(x.dtype.element_ty)
-        w_lo = (w_g - w_hi.to(w_g.dtype)).to(x.dtype.element_ty)
-        w_g = w_hi
+        w_g, w_lo = _split16(w_g, x.dtype.element_ty)
     if POST_MIX:
         # zero columns for the padding heads, whose softmax is not zero
         w_post_g = tl.load(w_post + g * CH * CH + hh[:, None] * CH + hh[None, :], mask=w_ok, other=0.0)
+        w_post_lo = w_post_g
+        if POST16:
+            w_post_g, w_post_lo = _split16(w_post_g, x.dtype.element_ty)
     end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
     loaded = load_end(end, K)
     cols = tl.arange(0, BLOCK)
     lse_at = lse + b.to(tl.int64) * slb + heads.to(tl.int64) * slh + i
     if READ_LSE:
         row_max = tl.load(lse_at, mask=head_ok, other=0.0)
+        if EXP2:
+            row_max = row_max * LOG2E
         inv_sum = tl.full([CHP], 1.0, dtype=row_max.dtype)
     else:
         # online max and sum per head over the unmasked columns (padding heads mix to zeros)
         m = _mixed_block(src, w_g, w_lo, cols, end, loaded, head_ok, sxj, PREC, MIX16)
         row_max = tl.max(m, axis=1)
-        row_sum = tl.sum(tl.exp(m - row_max[:, None]), axis=1)
+        row_sum = tl.sum(_exp(m - row_max[:, None], EXP2), axis=1)
         for c0 in range(BLOCK, end, BLOCK):
             m = _mixed_block(src, w_g, w_lo, c0 + cols, end, loaded, head_ok, sxj, PREC, MIX16)
             new_max = tl.maximum(row_max, tl.max(m, axis=1))
-            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(m - new_max[:, None]), axis=1)
+            row_sum = row_sum * _exp(row_max - new_max, EXP2) + tl.sum(_exp(m - new_max[:, None], EXP2), axis=1)
             row_max = new_max
         inv_sum = 1.0 / row_sum
     for c0 in range(0, K if WRITE_FUTURE else end, BLOCK):
         m = _mixed_block(src, w_g, w_lo, c0 + cols, end, loaded, head_ok, sxj, PREC, MIX16)
-        p = tl.exp(m - row_max[:, None]) * inv_sum[:, None]
+        p = _exp(m - row_max[:, None], EXP2) * inv_sum[:, None]
         if POST_MIX:
-            p = tl.dot(w_post_g, p, input_precision=PREC)
+            if POST16:
+                p16 = p.to(x.dtype.element_ty)
+                p = tl.dot(w_post_lo, p16, tl.dot(w_post_g, p16))
+            else:
+                p = tl.dot(w_post_g, p, input_precision=PREC)
         tl.store(dst + (c0 + cols)[None, :] * soj, p.to(out.dtype.element_ty),
                  mask=head_ok[:, None] & (c0 + cols[None, :] < K))
     if WRITE_LSE:
-        tl.store(lse_at, row_max + tl.log(row_sum), mask=head_ok)
+        if EXP2:
+            tl.store(lse_at, (row_max + tl.log2(row_sum)) * LN2, mask=head_ok)
+        else:
+            tl.store(lse_at, row_max + tl.log(row_sum), mask=head_ok)
 
 
 def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse=False, precision="ieee",
@@ -205,7 +241,7 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
         *x.stride(), *out.stride(), *((0, 0) if stats is None else stats.stride()[:2]), H, R, K, zeros,
         CH=ch, CHP=chp, WRITE_LSE=want_lse, READ_LSE=lse_in is not None, POST_MIX=post_mix is not None,
         WRITE_FUTURE=write_future or zero_above is None, BLOCK=block, MIX16=MIX16 and x.element_size() == 2,
-        LONGEST_FIRST=LONGEST_FIRST,
+        POST16=POST16 and x.element_size() == 2 and post_mix is not None, EXP2=EXP2, LONGEST_FIRST=LONGEST_FIRST,
         PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=MIX_SOFTMAX_CONFIG["num_warps"],
         num_stages=MIX_SOFTMAX_CONFIG["num_stages"])
     return out, lse

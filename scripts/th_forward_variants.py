@@ -16,18 +16,19 @@ mix = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="
 fn = lambda: mta_attention(q, k, v, pre_mix=mix, post_mix=mix, causal=True)
 ref = fn()
 committed = dict(slab_softmax.MIX_SOFTMAX_CONFIG)
+ML = dict(mix16=True, longest=True)
 variants = {
     "cublas (session 19)": dict(causal=False),
     "causal matmuls": dict(),
-    "cuBLAS scores, causal pv": dict(scores=False),
-    "mix16": dict(mix16=True),
-    "longest first": dict(longest=True),
-    "mix16 + longest first": dict(mix16=True, longest=True),
-    "8192/8 warps": dict(cfg=dict(elements_16bit=8192, num_warps=8)),
-    "16384/16 warps": dict(cfg=dict(elements_16bit=16384, num_warps=16)),
-    "32768/32 warps": dict(cfg=dict(elements_16bit=32768, num_warps=32)),
-    "8192/16 warps": dict(cfg=dict(elements_16bit=8192, num_warps=16)),
-    "mix16 + 16384/16 warps": dict(mix16=True, cfg=dict(elements_16bit=16384, num_warps=16)),
+    "mix16 + longest first": ML,
+    "+ post16": dict(ML, post16=True),
+    "+ exp2": dict(ML, exp2=True),
+    "+ post16 + exp2": dict(ML, post16=True, exp2=True),
+    "+ both, cuBLAS scores": dict(ML, post16=True, exp2=True, scores=False),
+    "+ both, 8192 elements": dict(ML, post16=True, exp2=True, cfg=dict(elements_16bit=8192)),
+    "+ both, 2048 elements": dict(ML, post16=True, exp2=True, cfg=dict(elements_16bit=2048)),
+    "+ both, 2 stages": dict(ML, post16=True, exp2=True, cfg=dict(num_stages=2)),
+    "+ both, 4 stages": dict(ML, post16=True, exp2=True, cfg=dict(num_stages=4)),
 }
 for round in range(2):
     for name, var in variants.items():
@@ -35,6 +36,8 @@ for round in range(2):
         slabs.CAUSAL_SCORES = var.get("scores", True)
         slab_softmax.MIX16 = var.get("mix16", False)
         slab_softmax.LONGEST_FIRST = var.get("longest", False)
+        slab_softmax.POST16 = var.get("post16", False)
+        slab_softmax.EXP2 = var.get("exp2", False)
         slab_softmax.MIX_SOFTMAX_CONFIG = dict(committed, **var.get("cfg", {}))
         with torch.no_grad():
             out = fn()
