@@ -129,6 +129,9 @@ BF16_SLABS = os.environ.get("MTA_KERNELS_BF16_SLABS", "1") == "1"
 # the operands allow tensor descriptors: MTA_KERNELS_CAUSAL_MATMULS 'auto' (the default) or '1';
 # '0' keeps cuBLAS over the whole rectangle.
 CAUSAL_MATMULS = auto_switch_from_env("MTA_KERNELS_CAUSAL_MATMULS")
+# (experiment) chunks of causal talking heads that skip the future budgeted in the slabs' own
+# bytes (they waste no keys, however tall)
+SKIPPING_COUNTS_SLAB_BYTES = True
 
 
 def slab_dtype(q, pre_conv, pre_mix, post_conv, post_mix, compute_dtype=torch.float32):
@@ -179,7 +182,8 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     # slabs, notes/chunkbytes_h200_fa50c59.log: 2.85 / 2.84 ms in 2 chunks against 2.90 / 2.91 in
     # 4), but without them in fp32's, since causal chunks then waste fewer keys (talking heads
     # at L=4096 took 0.743 ms in two chunks, 0.84-0.85 in one, notes/thchunks2_h200_efb9e19.log)
-    counted = sd if HQ + HP > 0 else cd
+    skip_future = causal and CAUSAL_MATMULS != "0" and is_talking_heads(pre_conv, pre_mix, post_conv, post_mix)
+    counted = sd if HQ + HP > 0 or (skip_future and SKIPPING_COUNTS_SLAB_BYTES) else cd
     R = rows or rows_per_chunk(H, L, counted.itemsize, HQ + HP, live=live)
     out = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, L, device=q.device, dtype=cd)
@@ -187,7 +191,6 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     # the post mix's kernel writes A in q's dtype, and 16-bit slabs are in it: A V then takes v
     # in it (repeated to q's heads); else A is in the slabs' dtype, as vc
     a_in_q_dtype = (post_mix is not None or sd == q.dtype) and q.dtype != cd
-    skip_future = causal and CAUSAL_MATMULS != "0" and is_talking_heads(pre_conv, pre_mix, post_conv, post_mix)
     with _matmul_precision(q):
         for b in range(B):
             one = slice(b, b + 1)

@@ -85,10 +85,10 @@ def softmax_rows_(x: torch.Tensor, zero_above=None, want_lse=False):
 MIX_SOFTMAX_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4, num_stages=3)
 # (experiments) the pre mix of 16-bit slabs as two 16-bit dots (the weight's high and low parts),
 # and the rows of a causal slab longest first
-MIX16 = False
-LONGEST_FIRST = False
-POST16 = False
-EXP2 = False
+MIX16 = True
+LONGEST_FIRST = True
+POST16 = True
+EXP2 = True
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -198,6 +198,12 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
             tl.store(lse_at, row_max + tl.log(row_sum), mask=head_ok)
 
 
+def _dots16(x: torch.Tensor) -> bool:
+    """Whether the mixes may run as 16-bit dots in x's dtype: 16-bit x, and not bf16 under the
+    interpreter (whose bf16 tl.dot is wrong)."""
+    return x.element_size() == 2 and (x.is_cuda or x.dtype == torch.float16)
+
+
 def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse=False, precision="ieee",
                      out=None, post_mix=None, out_dtype=None, lse_out=None, lse_in=None, write_future=True):
     """softmax(mta_reference.mix_heads(x, w)) over the last dim: x (B, H, R, K), w (G, ch, ch)
@@ -236,12 +242,15 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
     chp = max(16, _next_pow2(ch))
     block = min(max(16, row_block_elements(MIX_SOFTMAX_CONFIG, x) // chp), max(16, _next_pow2(K)))
     w_post = w if post_mix is None else post_mix
+    # the backward's recomputation from the forward's lse keeps the math of talking heads'
+    # backward kernel, so that A is the same to the bit whichever gradients are wanted
+    fast = lse_in is None
     mix_softmax_rows_kernel[(B * G * R,)](
         x, w.to(cd).contiguous(), w_post.to(cd).contiguous(), out, x if stats is None else stats,
         *x.stride(), *out.stride(), *((0, 0) if stats is None else stats.stride()[:2]), H, R, K, zeros,
         CH=ch, CHP=chp, WRITE_LSE=want_lse, READ_LSE=lse_in is not None, POST_MIX=post_mix is not None,
-        WRITE_FUTURE=write_future or zero_above is None, BLOCK=block, MIX16=MIX16 and x.element_size() == 2,
-        POST16=POST16 and x.element_size() == 2 and post_mix is not None, EXP2=EXP2, LONGEST_FIRST=LONGEST_FIRST,
+        WRITE_FUTURE=write_future or zero_above is None, BLOCK=block, MIX16=fast and MIX16 and _dots16(x),
+        POST16=fast and POST16 and _dots16(x) and post_mix is not None, EXP2=fast and EXP2, LONGEST_FIRST=LONGEST_FIRST,
         PREC="ieee" if x.dtype == torch.float64 else precision, num_warps=MIX_SOFTMAX_CONFIG["num_warps"],
         num_stages=MIX_SOFTMAX_CONFIG["num_stages"])
     return out, lse

@@ -81,8 +81,22 @@ m1, m2 = torch.randn(H, 64, 128, generator=g), torch.randn(H, 128, 64, generator
 # a whole talking-heads backward in two chunks on tiny bf16 tensors (its torch work small)
 th_q, th_k, th_v, th_do = (torch.randn(1, H, 128, 16, generator=g).to(torch.bfloat16) for _ in range(4))
 th_lse = torch.zeros(1, H, 128)
+from mta_kernels import causal_matmul, chunked_forward as cf   # noqa: E402
+th_out = torch.empty(H, 128, 16, dtype=torch.bfloat16)
+th_s = causal_matmul.scores_buffer(H, 64, 128, torch.bfloat16, "cpu")
+
+
+def th_forward(causal_matmuls):
+    cf.CAUSAL_MATMULS = causal_matmuls
+    return cf.chunked_forward(th_q, th_k, th_v, None, mix, None, mix, causal=True, pad_key="both", scale=0.25, rows=64)
+
+
 calls = {
     "bare torch op (x.add_(1))": lambda: a.add_(1),
+    "talking heads chunked_forward (L=128, 2 chunks), cuBLAS": lambda: th_forward("0"),
+    "talking heads chunked_forward (L=128, 2 chunks), causal": lambda: th_forward("auto"),
+    "causal_scores (TMA)": lambda: causal_matmul.causal_scores(th_q[0], th_k[0], th_s, row0=64, zero_above=64),
+    "causal_pv (TMA)": lambda: causal_matmul.causal_pv(th_s, th_v[0], th_out[:, :64], zero_above=64),
     "talking_heads_backward (B=1, H=16, L=128, D=16, 2 chunks)": lambda: talking_heads_backward(
         th_do, th_q, th_k, th_v, mix, mix, th_lse, causal=True, scale=0.25, rows=64),
     "torch.bmm 16x64x128 @ 128x64": lambda: torch.bmm(m1, m2),

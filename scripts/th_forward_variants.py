@@ -16,24 +16,20 @@ mix = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="
 fn = lambda: mta_attention(q, k, v, pre_mix=mix, post_mix=mix, causal=True)
 ref = fn()
 committed = dict(slab_softmax.MIX_SOFTMAX_CONFIG)
-ML = dict(mix16=True, longest=True)
+ALL = dict(mix16=True, longest=True, post16=True, exp2=True)
 variants = {
-    "cublas (session 19)": dict(causal=False),
-    "causal matmuls": dict(),
-    "mix16 + longest first": ML,
-    "+ post16": dict(ML, post16=True),
-    "+ exp2": dict(ML, exp2=True),
-    "+ post16 + exp2": dict(ML, post16=True, exp2=True),
-    "+ both, cuBLAS scores": dict(ML, post16=True, exp2=True, scores=False),
-    "+ both, 8192 elements": dict(ML, post16=True, exp2=True, cfg=dict(elements_16bit=8192)),
-    "+ both, 2048 elements": dict(ML, post16=True, exp2=True, cfg=dict(elements_16bit=2048)),
-    "+ both, 2 stages": dict(ML, post16=True, exp2=True, cfg=dict(num_stages=2)),
-    "+ both, 4 stages": dict(ML, post16=True, exp2=True, cfg=dict(num_stages=4)),
+    "cublas (session 19)": dict(causal=False, slab_bytes=False),
+    "causal matmuls, 2 chunks": dict(slab_bytes=False),
+    "all four, 2 chunks": dict(ALL, slab_bytes=False),
+    "all four, 1 chunk": dict(ALL),
+    "all four, 1 chunk, cuBLAS scores": dict(ALL, scores=False),
+    "all four, 1 chunk, 4 stages": dict(ALL, cfg=dict(num_stages=4)),
 }
 for round in range(2):
     for name, var in variants.items():
         chunked_forward.CAUSAL_MATMULS = "auto" if var.get("causal", True) else "0"
         slabs.CAUSAL_SCORES = var.get("scores", True)
+        chunked_forward.SKIPPING_COUNTS_SLAB_BYTES = var.get("slab_bytes", True)
         slab_softmax.MIX16 = var.get("mix16", False)
         slab_softmax.LONGEST_FIRST = var.get("longest", False)
         slab_softmax.POST16 = var.get("post16", False)
