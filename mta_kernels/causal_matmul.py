@@ -31,7 +31,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .forward import _next_pow2, cdiv, tl_acc_dtype
 
 # Tiles [BM, BN] and warps; the head dim is one tile (D rounded up to a power of two >= 16).
-SCORES_CONFIG = dict(BM=128, BN=128, num_warps=4, num_stages=1)
+SCORES_CONFIG = dict(BM=128, BN=128, TILES=1, num_warps=4, num_stages=1)
 PV_CONFIG = dict(BM=128, BN=64, num_warps=8, num_stages=4)
 
 
@@ -56,22 +56,28 @@ def _descriptor(t: torch.Tensor, block) -> TensorDescriptor:
 
 
 @triton.jit
-def causal_scores_kernel(x_desc, y_desc, s_desc, X_ROW0, R, K, ZERO_ABOVE, REP, N_BLOCKS,
-                         BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
-                         UPCAST: tl.constexpr):
+def causal_scores_kernel(x_desc, y_desc, s_desc, X_ROW0, R, K, ZERO_ABOVE, REP, N_BLOCKS, N_GROUPS,
+                         BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, TILES: tl.constexpr,
+                         PREC: tl.constexpr, UPCAST: tl.constexpr):
     """s (H, R, K) = x[:, X_ROW0:X_ROW0 + R] y^T per head (x (H, L, D), y (Hkv, K', D), head h
     reading kv head h // REP), in s's dtype with fp32 sums (fp64 for fp64); the tiles whose first
-    key is past the block's last row's last key (i + ZERO_ABOVE) are not written. Grid
-    (cdiv(R, BM) * N_BLOCKS, H), N_BLOCKS = cdiv(K, BN), key blocks fastest."""
+    key is past the block's last row's last key (i + ZERO_ABOVE) are not written. A program
+    makes up to TILES consecutive key tiles of one row block, its x tile loaded once. Grid
+    (cdiv(R, BM) * N_GROUPS, H), N_GROUPS = cdiv(N_BLOCKS, TILES), N_BLOCKS = cdiv(K, BN)."""
     pid, h = tl.program_id(0), tl.program_id(1)
-    m, n = pid // N_BLOCKS, pid % N_BLOCKS
-    if n * BN <= m * BM + BM - 1 + ZERO_ABOVE:
+    m, group = pid // N_GROUPS, pid % N_GROUPS
+    n_end = tl.minimum(N_BLOCKS, (m * BM + BM - 1 + ZERO_ABOVE) // BN + 1)   # tiles [0, n_end) reach the past
+    n_lo = group * TILES
+    if n_lo < n_end:
         xs = x_desc.load([h, X_ROW0 + m * BM, 0]).reshape(BM, DP)
-        ys = y_desc.load([h // REP, n * BN, 0]).reshape(BN, DP)
         if UPCAST:
-            xs, ys = xs.to(tl.float32), ys.to(tl.float32)
-        s = tl.dot(xs, tl.trans(ys), input_precision=PREC)
-        s_desc.store([h, m * BM, n * BN], s.to(s_desc.dtype).reshape(1, BM, BN))
+            xs = xs.to(tl.float32)
+        for n in range(n_lo, tl.minimum(n_end, n_lo + TILES)):
+            ys = y_desc.load([h // REP, n * BN, 0]).reshape(BN, DP)
+            if UPCAST:
+                ys = ys.to(tl.float32)
+            s = tl.dot(xs, tl.trans(ys), input_precision=PREC)
+            s_desc.store([h, m * BM, n * BN], s.to(s_desc.dtype).reshape(1, BM, BN))
 
 
 @triton.jit
@@ -144,10 +150,11 @@ def causal_scores(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, row0=0, z
     BM, BN, DP = cfg["BM"], cfg["BN"], max(16, _next_pow2(D))
     prec, upcast = _dot_options(x, precision)
     n_blocks = cdiv(K, BN)
-    causal_scores_kernel[(cdiv(R, BM) * n_blocks, H)](
+    n_groups = cdiv(n_blocks, cfg["TILES"])
+    causal_scores_kernel[(cdiv(R, BM) * n_groups, H)](
         _descriptor(x, (1, BM, DP)), _descriptor(y, (1, BN, DP)), _descriptor(out, (1, BM, BN)), row0, R, K,
-        K if zero_above is None else zero_above, H // y.shape[0], n_blocks, BM=BM, BN=BN, DP=DP, PREC=prec,
-        UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        K if zero_above is None else zero_above, H // y.shape[0], n_blocks, n_groups, BM=BM, BN=BN, DP=DP,
+        TILES=cfg["TILES"], PREC=prec, UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 

@@ -2,7 +2,10 @@
 in-process variants of the chunked path: cuBLAS or causal_matmul scores, the mix-softmax's
 pre mix in two 16-bit dots (MIX16), its rows longest first, its block and warps. Each timed eager
 (as the bench does) and as a replayed CUDA graph (the GPU alone), two rounds.
-`python scripts/th_forward_variants.py`."""
+`python scripts/th_forward_variants.py [fwd+bwd]` (the second: forward and backward,
+with the one-chunk and two-chunk forwards only)."""
+import sys
+
 import torch
 import triton
 
@@ -13,8 +16,22 @@ torch.manual_seed(0)
 B, H, L, D = 1, 16, 4096, 128
 q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 mix = R.identity_mix(H, H, device="cuda") + 0.01 * torch.randn(1, H, H, device="cuda")
-fn = lambda: mta_attention(q, k, v, pre_mix=mix, post_mix=mix, causal=True)
-ref = fn()
+fwd_bwd = sys.argv[1:] == ["fwd+bwd"]
+if fwd_bwd:
+    for t in (q, k, v, mix):
+        t.requires_grad_()
+    grad_out = torch.randn_like(q)
+
+    def fn():
+        for t in (q, k, v, mix):
+            t.grad = None
+        out = mta_attention(q, k, v, pre_mix=mix, post_mix=mix, causal=True)
+        out.backward(grad_out)
+        return q.grad
+else:
+    fn = lambda: mta_attention(q, k, v, pre_mix=mix, post_mix=mix, causal=True)
+with torch.enable_grad() if fwd_bwd else torch.no_grad():
+    ref = fn()
 committed = dict(slab_softmax.MIX_SOFTMAX_CONFIG)
 ALL = dict(mix16=True, longest=True, post16=True, exp2=True)
 variants = {
@@ -25,6 +42,8 @@ variants = {
     "all four, 1 chunk, cuBLAS scores": dict(ALL, scores=False),
     "all four, 1 chunk, 4 stages": dict(ALL, cfg=dict(num_stages=4)),
 }
+if fwd_bwd:
+    variants = {name: variants[name] for name in ("cublas (session 19)", "all four, 2 chunks", "all four, 1 chunk")}
 for round in range(2):
     for name, var in variants.items():
         chunked_forward.CAUSAL_MATMULS = "auto" if var.get("causal", True) else "0"
@@ -35,7 +54,7 @@ for round in range(2):
         slab_softmax.POST16 = var.get("post16", False)
         slab_softmax.EXP2 = var.get("exp2", False)
         slab_softmax.MIX_SOFTMAX_CONFIG = dict(committed, **var.get("cfg", {}))
-        with torch.no_grad():
+        with torch.enable_grad() if fwd_bwd else torch.no_grad():
             out = fn()
             err = (out.float() - ref.float()).abs().max().item()
             eager = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
