@@ -30,9 +30,34 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .forward import _next_pow2, cdiv, tl_acc_dtype
 
-# Tiles [BM, BN] and warps; the head dim is one tile (D rounded up to a power of two >= 16).
-SCORES_CONFIG = dict(BM=128, BN=128, TILES=1, num_warps=4, num_stages=1)
-PV_CONFIG = dict(BM=128, BN=64, num_warps=8, num_stages=4)
+# Tiles [BM, BN], warps and stages for 16-bit operands up to D=128; TILES: the key tiles a
+# scores program makes. H200, B=1, H=16, L=4096 in one chunk, bf16 (scripts/causal_matmul_tune.py
+# one, notes/causal_tune_one_h200_*.log): scores 0.117 ms with 4 tiles per program (1: 0.132, 8:
+# 0.122, pipelined over the tiles 0.172; cuBLAS over the rectangle 0.175); A V 0.100 with 5 stages
+# (4: 0.108, 3: 0.127; BM=64 with 4 warps and 4 stages 0.101; cuBLAS 0.153).
+SCORES_CONFIG = dict(BM=128, BN=128, TILES=4, num_warps=4, num_stages=1)
+PV_CONFIG = dict(BM=128, BN=64, num_warps=8, num_stages=5)
+# shared memory the operand tiles may take (the H200 has 227 KB per block; the rest is slack
+# for the compiler's own buffers)
+SMEM_BYTES = 160 * 1024
+
+
+def scores_tiles(itemsize, DP):
+    """(BM, BN) of causal_scores for operands of ``itemsize`` bytes and head dim DP: the config's,
+    halved in both for operands wider than 256 bytes a row (fp32 beyond D=64, 16-bit beyond 128),
+    whose tiles with the output's would outgrow shared memory."""
+    cfg = SCORES_CONFIG
+    wide = itemsize * DP > 256
+    return (cfg["BM"] // 2, cfg["BN"] // 2) if wide else (cfg["BM"], cfg["BN"])
+
+
+def pv_tiles(itemsize, DP):
+    """(BM, BN, stages) of causal_pv: the config's, BM halved beyond D=128, and as many stages
+    (2 at least) as SMEM_BYTES holds of an A tile and a V tile."""
+    cfg = PV_CONFIG
+    BM, BN = (cfg["BM"] if DP <= 128 else cfg["BM"] // 2), cfg["BN"]
+    stage = (BM * BN + BN * DP) * itemsize
+    return BM, BN, max(2, min(cfg["num_stages"], SMEM_BYTES // stage))
 
 
 def tma_ok(*tensors) -> bool:
@@ -147,7 +172,8 @@ def causal_scores(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, row0=0, z
     if out.numel() == 0:
         return out
     cfg = SCORES_CONFIG
-    BM, BN, DP = cfg["BM"], cfg["BN"], max(16, _next_pow2(D))
+    DP = max(16, _next_pow2(D))
+    BM, BN = scores_tiles(x.element_size(), DP)
     prec, upcast = _dot_options(x, precision)
     n_blocks = cdiv(K, BN)
     n_groups = cdiv(n_blocks, cfg["TILES"])
@@ -174,11 +200,10 @@ def causal_pv(a: torch.Tensor, y: torch.Tensor, out: torch.Tensor, zero_above=No
         return out
     cfg = PV_CONFIG
     DP = max(16, _next_pow2(D))
-    BM = cfg["BM"] if DP <= 128 else cfg["BM"] // 2
-    BN = cfg["BN"]
+    BM, BN, stages = pv_tiles(a.element_size(), DP)
     prec, upcast = _dot_options(a, precision)
     causal_pv_kernel[(cdiv(R, BM), H)](
         _descriptor(a, (1, BM, BN)), _descriptor(y, (1, BN, DP)), out, *out.stride(), R, K, D,
         0 if zero_above is None else zero_above, H // y.shape[0], CAUSAL=zero_above is not None, BM=BM, BN=BN,
-        DP=DP, ACC=tl_acc_dtype(a), PREC=prec, UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        DP=DP, ACC=tl_acc_dtype(a), PREC=prec, UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=stages)
     return out
