@@ -60,4 +60,5 @@ def kernel_switches() -> str:
                      f"MTA_KERNELS_CHUNKED_TF32={int(slabs.TF32_MATMULS)}",
                      f"MTA_KERNELS_PRE_CONV_MATMUL={slabs.PRE_CONV_MATMUL}",
                      f"MTA_KERNELS_BF16_SCORES={int(chunked_forward.BF16_SCORES)}",
-                     f"MTA_KERNELS_BF16_SLABS={int(chunked_forward.BF16_SLABS)}"])
+                     f"MTA_KERNELS_BF16_SLABS={int(chunked_forward.BF16_SLABS)}",
+                     f"MTA_KERNELS_CAUSAL_MATMULS={chunked_forward.CAUSAL_MATMULS}"])

@@ -126,11 +126,15 @@ BF16_SLABS = os.environ.get("MTA_KERNELS_BF16_SLABS", "1") == "1"
 
 # Causal talking heads' scores and A V through causal_matmul's kernels, which skip the tiles in
 # every row's future (a third of both matmuls and of A's bytes at L=4096 in two chunks), where
-# the operands allow tensor descriptors: MTA_KERNELS_CAUSAL_MATMULS 'auto' (the default) or '1';
-# '0' keeps cuBLAS over the whole rectangle.
+# the operands allow tensor descriptors (causal_matmul.tma_ok): MTA_KERNELS_CAUSAL_MATMULS
+# 'auto' (the default) or '1'; '0' keeps cuBLAS over the whole rectangle. H200, L=4096, B=1,
+# H=16, D=128, bf16, graphed (notes/th_variants_h200_ad3b86b.log): forward 0.527-0.529 against
+# 0.598-0.599 ms with the mix-softmax of then.
 CAUSAL_MATMULS = auto_switch_from_env("MTA_KERNELS_CAUSAL_MATMULS")
-# (experiment) chunks of causal talking heads that skip the future budgeted in the slabs' own
-# bytes (they waste no keys, however tall)
+# Chunks of causal talking heads that skip the future budgeted in the slabs' own bytes, not
+# fp32's: they waste no keys however tall, so at L=4096 one chunk (1 GiB of bf16 S and A) with
+# half the launches; graphed forward 0.464 against 0.484-0.485 ms in two chunks, fwd+bwd 1.942
+# against 1.963-1.972 (notes/th_variants_h200_4564e84.log, th_variants_bwd_h200_81f9639.log).
 SKIPPING_COUNTS_SLAB_BYTES = True
 
 
@@ -181,7 +185,8 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     # Chunks budgeted in the slabs' own bytes with convs (full MTA at L=4096 on the H200 with bf16
     # slabs, notes/chunkbytes_h200_fa50c59.log: 2.85 / 2.84 ms in 2 chunks against 2.90 / 2.91 in
     # 4), but without them in fp32's, since causal chunks then waste fewer keys (talking heads
-    # at L=4096 took 0.743 ms in two chunks, 0.84-0.85 in one, notes/thchunks2_h200_efb9e19.log)
+    # at L=4096 took 0.743 ms in two chunks, 0.84-0.85 in one, notes/thchunks2_h200_efb9e19.log),
+    # unless they skip the future anyway (SKIPPING_COUNTS_SLAB_BYTES)
     skip_future = causal and CAUSAL_MATMULS != "0" and is_talking_heads(pre_conv, pre_mix, post_conv, post_mix)
     counted = sd if HQ + HP > 0 or (skip_future and SKIPPING_COUNTS_SLAB_BYTES) else cd
     R = rows or rows_per_chunk(H, L, counted.itemsize, HQ + HP, live=live)

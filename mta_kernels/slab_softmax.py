@@ -83,12 +83,24 @@ def softmax_rows_(x: torch.Tensor, zero_above=None, want_lse=False):
 # 8192 / 8 0.303, 16384 / 8 0.340; the batched-matmul mix and slab softmax 0.384. On bf16 slabs
 # 4096 elements (slab_mix.MIX_CONFIG's note).
 MIX_SOFTMAX_CONFIG = dict(elements=2048, elements_16bit=4096, num_warps=4, num_stages=3)
-# (experiments) the pre mix of 16-bit slabs as two 16-bit dots (the weight's high and low parts),
-# and the rows of a causal slab longest first
+# How mix_softmax_rows_kernel computes (module switches, for A/B runs in one process). H200,
+# talking heads' forward at L=4096, B=1, H=16, D=128, bf16, causal, as replayed CUDA graphs
+# (scripts/th_forward_variants.py; notes/th_variants_h200_ad3b86b.log and _f484ed1.log), each
+# on top of the one before: tf32 mixes 0.527-0.529 ms; MIX16 and LONGEST_FIRST 0.491-0.495;
+# EXP2 0.487-0.488; POST16 too 0.473-0.477. The mix-softmax had issued one instruction per 5.4
+# cycles per warp at 58% of DRAM bandwidth (notes/ncu_mixsoftmax_h200_ebcc3c0.log): fewer
+# instructions per element pay.
+# MIX16: the pre mix of 16-bit slabs as two 16-bit dots on the weight's high and low parts (16
+# mantissa bits in bf16, more than TF32's 10), the slab as it is, no conversion to fp32.
 MIX16 = True
-LONGEST_FIRST = True
+# POST16: the post mix likewise, on the probabilities rounded to the slab's dtype (as the 16-bit
+# reference rounds them before its post mix; A is rounded to it after the mix either way).
 POST16 = True
+# EXP2: logits in base 2 (log2(e) folded into the pre mix's weight), exp2 per element.
 EXP2 = True
+# LONGEST_FIRST: programs take the rows of a causal slab last row first, the longest first, so
+# that the shortest end the grid instead of the longest.
+LONGEST_FIRST = True
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -139,8 +151,10 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
     log-sum-exp (of the first mix's logits); with READ_LSE it holds them already (from the
     forward), and one sweep over the keys normalises with them. Without WRITE_FUTURE, the
     key blocks past the row's last key are left unwritten (for causal_matmul.causal_pv, which
-    masks them). The math runs in w's dtype (fp32 for 16-bit x).
-    One program per (batch, group, row); CHP: CH rounded up to a power of two >= 16."""
+    masks them). The math runs in w's dtype (fp32 for 16-bit x); with MIX16 (POST16) the pre
+    (post) mix is two dots in x's 16-bit dtype on w's high and low parts, with EXP2 the logits are
+    in base 2 (the lse written and read stays natural). One program per (batch, group, row),
+    with LONGEST_FIRST the last rows first; CHP: CH rounded up to a power of two >= 16."""
     b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
     if LONGEST_FIRST:
         i = R - 1 - i

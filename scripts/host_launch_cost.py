@@ -81,6 +81,7 @@ m1, m2 = torch.randn(H, 64, 128, generator=g), torch.randn(H, 128, 64, generator
 # a whole talking-heads backward in two chunks on tiny bf16 tensors (its torch work small)
 th_q, th_k, th_v, th_do = (torch.randn(1, H, 128, 16, generator=g).to(torch.bfloat16) for _ in range(4))
 th_lse = torch.zeros(1, H, 128)
+import mta_kernels                                          # noqa: E402
 from mta_kernels import causal_matmul, chunked_forward as cf   # noqa: E402
 th_out = torch.empty(H, 128, 16, dtype=torch.bfloat16)
 th_s = causal_matmul.scores_buffer(H, 64, 128, torch.bfloat16, "cpu")
@@ -91,10 +92,20 @@ def th_forward(causal_matmuls):
     return cf.chunked_forward(th_q, th_k, th_v, None, mix, None, mix, causal=True, pad_key="both", scale=0.25, rows=64)
 
 
+def th_api_forward(causal_matmuls):
+    """The whole call as a user makes it (validation, autograd function, the chunked forward)."""
+    cf.CAUSAL_MATMULS, cf.CHUNKED_TALKING_HEADS = causal_matmuls, "1"
+    mta_kernels.api.INTERPRETER = True          # CPU tensors past the backend check (the fake driver runs nothing)
+    with torch.no_grad():
+        return mta_kernels.mta_attention(th_q, th_k, th_v, pre_mix=mix, post_mix=mix, causal=True)
+
+
 calls = {
     "bare torch op (x.add_(1))": lambda: a.add_(1),
     "talking heads chunked_forward (L=128, 2 chunks), cuBLAS": lambda: th_forward("0"),
     "talking heads chunked_forward (L=128, 2 chunks), causal": lambda: th_forward("auto"),
+    "mta_attention talking heads forward (L=128, 1 chunk)": lambda: th_api_forward("auto"),
+    "mta_attention talking heads forward, cuBLAS": lambda: th_api_forward("0"),
     "causal_scores (TMA)": lambda: causal_matmul.causal_scores(th_q[0], th_k[0], th_s, row0=64, zero_above=64),
     "causal_pv (TMA)": lambda: causal_matmul.causal_pv(th_s, th_v[0], th_out[:, :64], zero_above=64),
     "talking_heads_backward (B=1, H=16, L=128, D=16, 2 chunks)": lambda: talking_heads_backward(
