@@ -131,11 +131,23 @@ BF16_SLABS = os.environ.get("MTA_KERNELS_BF16_SLABS", "1") == "1"
 # H=16, D=128, bf16, graphed (notes/th_variants_h200_ad3b86b.log): forward 0.527-0.529 against
 # 0.598-0.599 ms with the mix-softmax of then.
 CAUSAL_MATMULS = auto_switch_from_env("MTA_KERNELS_CAUSAL_MATMULS")
+# Causal talking heads' scores through causal_matmul.causal_scores (True), or cuBLAS over the
+# whole rectangle (still with causal_pv after): talking heads' forward at L=4096 on the H200 in
+# one chunk, graphed, 0.464 against 0.521 ms (notes/th_variants_h200_4564e84.log).
+CAUSAL_SCORES = True
 # Chunks of causal talking heads that skip the future budgeted in the slabs' own bytes, not
 # fp32's: they waste no keys however tall, so at L=4096 one chunk (1 GiB of bf16 S and A) with
 # half the launches; graphed forward 0.464 against 0.484-0.485 ms in two chunks, fwd+bwd 1.942
 # against 1.963-1.972 (notes/th_variants_h200_4564e84.log, th_variants_bwd_h200_81f9639.log).
 SKIPPING_COUNTS_SLAB_BYTES = True
+
+
+def takes_causal_scores(causal, qs, ks) -> bool:
+    """Whether causal talking heads' scores qs ks^T (one batch element's (H, L, D) and (Hkv, L,
+    D) slab operands) come from causal_matmul.causal_scores: the forward and the backward ask
+    alike, so that the backward's scores are the forward's to the bit (its lse normalises
+    exactly those; cuBLAS may sum them in another order)."""
+    return causal and CAUSAL_MATMULS != "0" and CAUSAL_SCORES and tma_ok(qs, ks)
 
 
 def slab_dtype(q, pre_conv, pre_mix, post_conv, post_mix, compute_dtype=torch.float32):
@@ -194,18 +206,20 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
     lse = torch.empty(B, H, L, device=q.device, dtype=cd)
     prec = _precision(q)
     # the post mix's kernel writes A in q's dtype, and 16-bit slabs are in it: A V then takes v
-    # in it (repeated to q's heads); else A is in the slabs' dtype, as vc
+    # in it; else A is in the slabs' dtype, as v_in
     a_in_q_dtype = (post_mix is not None or sd == q.dtype) and q.dtype != cd
     with _matmul_precision(q):
         for b in range(B):
             one = slice(b, b + 1)
-            qc, kc, vc = slab_inputs(q[one], k[one], None if a_in_q_dtype else v[one], q_scale, sd)
-            values = repeat_kv_heads(v[one], H) if a_in_q_dtype else vc
-            operands = pre_conv_operands(q[one], k[one], weights[0], pad_key, q_scale)
+            qc, kc, _ = slab_inputs(q[one], k[one], None, q_scale, sd)
             # causal talking heads: the scores and A V skip the tiles in every row's future, where A
-            # is left unwritten (causal_matmul; v's kv heads read in place)
-            pv_values = v[b] if a_in_q_dtype else vc[0]
-            causal_a = skip_future and tma_ok(qc[0], kc[0], pv_values)
+            # is left unwritten (causal_matmul, which reads v's kv heads in place); else A V is a
+            # bmm with v's heads repeated to q's
+            v_in = v[one] if a_in_q_dtype else v[one].to(sd)
+            causal_a = skip_future and tma_ok(v_in[0])
+            values = None if causal_a else repeat_kv_heads(v_in, H)
+            causal_s = skip_future and takes_causal_scores(causal, qc[0], kc[0])
+            operands = pre_conv_operands(q[one], k[one], weights[0], pad_key, q_scale)
             for r0 in chunk_starts(L, R):
                 r1 = min(L, r0 + R)
                 lo = max(0, r0 - HQ - HP)
@@ -213,14 +227,14 @@ def chunked_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, *, causal, 
                 lse_rows = lse[one, :, r0:r1] if lo == r0 else None
                 t = slab_forward(qc, kc, weights, lo, r1, causal=causal, pad_key=pad_key, precision=prec,
                                  keep=False, a_dtype=q.dtype, pre_conv_operands=operands, lse_out=lse_rows,
-                                 causal_a=causal_a)
-                a, vals = t.a[0, :, r0 - lo:], values[0, :, :t.a.shape[-1]]
+                                 skip_future_scores=causal_s, leave_a_future=causal_a)
+                a = t.a[0, :, r0 - lo:]
                 if causal_a:
-                    causal_pv(a, pv_values, out[b, :, r0:r1], zero_above=r0, precision=prec)
+                    causal_pv(a, v_in[0], out[b, :, r0:r1], zero_above=r0, precision=prec)
                 elif a.dtype == q.dtype:
-                    torch.bmm(a, vals, out=out[b, :, r0:r1])
+                    torch.bmm(a, values[0, :, :a.shape[-1]], out=out[b, :, r0:r1])
                 else:
-                    out[b, :, r0:r1] = torch.bmm(a, vals).to(q.dtype)
+                    out[b, :, r0:r1] = torch.bmm(a, values[0, :, :a.shape[-1]]).to(q.dtype)
                 if t.lse is not lse_rows:
                     lse[one, :, r0:r1] = t.lse[:, :, r0 - lo:]
                 del t, a    # before the next slab: live_slabs counts none from the last

@@ -5,7 +5,8 @@ chunked_backward.py recomputes every intermediate of a chunk's rows and runs the
 one stage per kernel: about 19 passes over (1, H, rows, keys) slabs per chunk. Talking heads
 need far fewer. Per chunk of rows [r0, r1) and keys [0, K):
 
-    S = Q K^T                                   one slab, bf16 where the forward's were
+    S = Q K^T                                   one slab, bf16 where the forward's were, by the
+                                                forward's kernel (takes_causal_scores)
     dA = dO V^T
     dS = w_pre^T (P * (dP - rowsum(P * dP))),   dP = w_post^T dA, P = exp(w_pre S - lse) with
                                                 the forward's lse: one kernel (two sweeps),
@@ -21,7 +22,8 @@ each rounding once where the bf16 reference rounds.
 """
 import torch
 
-from .chunked_forward import slab_dtype, slab_weights_and_scale
+from .causal_matmul import causal_scores, scores_buffer
+from .chunked_forward import slab_dtype, slab_weights_and_scale, takes_causal_scores
 from .forward import _precision
 from .slab_mix_backward import talking_heads_backward_rows
 from .slab_softmax import mix_softmax_rows
@@ -85,6 +87,8 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
             # the matmuls' operands: dS is the gradient of qs K^T, so dk takes qs
             q_m, k_m = (qs, ks) if sd == md else (x[0] for x in slab_inputs(q[one], k[one], None, 1.0, md)[:2])
             ks_t = ks.transpose(1, 2)
+            # the forward's scores: its kernels where it took them
+            causal_s = takes_causal_scores(causal, qs, ks)
             dout = grad_out[b].to(md)
             da_lhs = grad_out[b] if da16 else dout
             da_rhs = repeat_kv_heads((v[one] if da16 else v[one].to(cd)), H)[0].transpose(1, 2)
@@ -99,7 +103,11 @@ def talking_heads_backward(grad_out, q, k, v, pre_mix, post_mix, lse, *, causal,
                 zero_above = r0 if causal else None
                 lse_rows = lse_b.narrow(1, r0, n).unsqueeze(0)
                 dout_rows = dout.narrow(1, r0, n)
-                s = torch.bmm(qs.narrow(1, r0, n), ks_t.narrow(2, 0, keys))       # (H, n, keys)
+                if causal_s:
+                    s = causal_scores(qs, ks, scores_buffer(H, n, keys, sd, q.device), row0=r0, zero_above=r0,
+                                      precision=_precision(q))
+                else:
+                    s = torch.bmm(qs.narrow(1, r0, n), ks_t.narrow(2, 0, keys))   # (H, n, keys)
                 if not need_ds:
                     if need_v:
                         a = mix_softmax_rows(s.unsqueeze(0), w_pre, zero_above, precision=prec, post_mix=w_post,

@@ -36,11 +36,6 @@ def _chunk_bytes_from_env(default=1 << 30):
     return value
 
 
-# Causal talking heads' scores through causal_matmul.causal_scores (True), or cuBLAS over the
-# whole rectangle (still with causal_pv after): talking heads' forward at L=4096 on the H200 in
-# one chunk, graphed, 0.464 against 0.521 ms (notes/th_variants_h200_4564e84.log).
-CAUSAL_SCORES = True
-
 # Working set per chunk: about this many bytes of (B, H, rows, L) tensors (1 GiB unless
 # MTA_KERNELS_CHUNK_BYTES says otherwise: more memory, fewer and taller chunks; at L=4096 the
 # full-MTA backward took 33.6 / 30.0 / 28.0 ms on the H200 with 1 / 2 / 4 GiB).
@@ -232,7 +227,7 @@ class SlabForward(NamedTuple):
 
 
 def slab_forward(qc, kc, weights, lo, hi, *, causal, pad_key, precision, keep, a_dtype=None,
-                 pre_conv_operands=None, lse_out=None, causal_a=False) -> SlabForward:
+                 pre_conv_operands=None, lse_out=None, skip_future_scores=False, leave_a_future=False) -> SlabForward:
     """mta_reference.forward_intermediates on rows [lo, hi) of slab_inputs' tensors (one batch
     element) and keys [0, slab_keys(hi, L, causal)) (keys from hi on are in every row's future),
     with the slab conv kernels, the pre mix and the softmax as one kernel (the softmax alone,
@@ -249,10 +244,11 @@ def slab_forward(qc, kc, weights, lo, hi, *, causal, pad_key, precision, keep, a
     forward needs); the backward keeps those its weight gradients read (s0 for the pre conv's,
     c for the pre mix's; each None without that weight, since the softmax may overwrite it).
     ``lse_out`` (1, H, hi - lo), with keep=False and a pre mix: where the mix-softmax kernel
-    writes the log-sum-exp (the returned lse is then that tensor). ``causal_a`` (causal talking
-    heads' forward, both operands passing causal_matmul.tma_ok): the scores skip the tiles in
-    every row's future (causal_matmul.causal_scores) and ``a`` is left unwritten there, for
-    causal_matmul.causal_pv."""
+    writes the log-sum-exp (the returned lse is then that tensor). Causal talking heads' forward
+    (both mixes of one group size fused with the softmax, no convs), its operands passing
+    causal_matmul.tma_ok: ``skip_future_scores`` makes the scores with causal_matmul.causal_scores,
+    which skips the tiles in every row's future; ``leave_a_future`` leaves ``a`` unwritten
+    there, for causal_matmul.causal_pv."""
     pre_conv, pre_mix, post_conv, post_mix = weights
     keys = slab_keys(hi, kc.shape[2], causal)
     zero_above = lo if causal else None
@@ -264,14 +260,13 @@ def slab_forward(qc, kc, weights, lo, hi, *, causal, pad_key, precision, keep, a
     # talking heads in the forward: the post mix inside the softmax's kernel, no probs slab
     fused_post_mix = post_mix if (pre_mix is not None and post_mix is not None and post_conv is None
                                   and post_mix.shape == pre_mix.shape and not keep) else None
-    causal_a = causal_a and causal and fused_post_mix is not None and pre_conv is None
-    a_out = None
-    if causal_a and CAUSAL_SCORES:
+    causal_talking_heads = causal and fused_post_mix is not None and pre_conv is None
+    leave_a_future = leave_a_future and causal_talking_heads
+    if skip_future_scores and causal_talking_heads:
         H = qc.shape[1]
         scores = lambda first: causal_scores(qc[0], kc[0], scores_buffer(H, hi - lo, keys, qc.dtype, qc.device),
                                              row0=lo, zero_above=lo, precision=precision).unsqueeze(0)
-    if causal_a:
-        a_out = scores_buffer(qc.shape[1], hi - lo, keys, a_dtype or qc.dtype, qc.device).unsqueeze(0)
+    a_out = scores_buffer(qc.shape[1], hi - lo, keys, a_dtype or qc.dtype, qc.device).unsqueeze(0) if leave_a_future else None
     if pre_conv is not None and pre_conv_operands is not None:
         q_in, k_tilde, scale = pre_conv_operands
         c = pre_conv_matmul(q_in, k_tilde, lo, hi, keys, scale, zero_above, precision=precision, dtype=qc.dtype)
@@ -292,7 +287,7 @@ def slab_forward(qc, kc, weights, lo, hi, *, causal, pad_key, precision, keep, a
         probs, lse = mix_softmax_rows(c, pre_mix, zero_above, want_lse=not keep, precision=mix_precision(precision),
                                       out=c if in_place else a_out, post_mix=fused_post_mix,
                                       out_dtype=a_dtype if fused_post_mix is not None else None, lse_out=lse_out,
-                                      write_future=not causal_a)
+                                      write_future=not leave_a_future)
         c = c if keep else None
         if fused_post_mix is not None:
             return SlabForward(None, None, None, None, probs, lse)

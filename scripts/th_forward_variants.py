@@ -10,7 +10,7 @@ import torch
 import triton
 
 import mta_reference as R
-from mta_kernels import chunked_forward, mta_attention, slab_softmax, slabs
+from mta_kernels import chunked_forward, mta_attention, slab_softmax
 
 torch.manual_seed(0)
 B, H, L, D = 1, 16, 4096, 128
@@ -47,7 +47,7 @@ if fwd_bwd:
 for round in range(2):
     for name, var in variants.items():
         chunked_forward.CAUSAL_MATMULS = "auto" if var.get("causal", True) else "0"
-        slabs.CAUSAL_SCORES = var.get("scores", True)
+        chunked_forward.CAUSAL_SCORES = var.get("scores", True)
         chunked_forward.SKIPPING_COUNTS_SLAB_BYTES = var.get("slab_bytes", True)
         slab_softmax.MIX16 = var.get("mix16", False)
         slab_softmax.LONGEST_FIRST = var.get("longest", False)

@@ -143,8 +143,11 @@ def test_chunked_paths_keep_at_most_their_live_slabs(causal, convs, monkeypatch)
     monkeypatch.setattr(slabs, "key_query_conv", stub)
     monkeypatch.setattr(slabs, "softmax_rows_", lambda x, zero_above, want_lse: (x, x[..., 0].clone() if want_lse else None))
     monkeypatch.setattr(slabs, "mix_softmax_rows", lambda x, w, zero_above, want_lse, precision, out, post_mix,
-                        out_dtype, lse_out: (torch.empty_like(x, dtype=out_dtype) if out is None else out,
-                                    x[..., 0].clone() if want_lse else None))
+                        out_dtype, lse_out, write_future: (torch.empty_like(x, dtype=out_dtype) if out is None else out,
+                                                           x[..., 0].clone() if want_lse else None))
+    # causal talking heads' matmuls write into the slabs their caller allocates
+    monkeypatch.setattr(slabs, "causal_scores", lambda x, y, out, **kw: out)
+    monkeypatch.setattr(forward, "causal_pv", lambda a, y, out, **kw: out)
     monkeypatch.setattr(slabs, "mix_rows", lambda x, w, zero_above, precision, out_dtype: torch.empty_like(x, dtype=out_dtype))
     monkeypatch.setattr(backward, "key_query_conv_input_grad", stub)
     monkeypatch.setattr(backward, "key_query_conv_weight_grad", lambda g, x, w, *a, **kw: torch.zeros(w.shape))
