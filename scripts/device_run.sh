@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, session18a, session18b, session18c, session18d, session18e, bwdjitter, session19a, session19b, session19c, session19d, session19e, session19g, session20a, session20b, session20c, session20d, session20e, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, session18a, session18b, session18c, session18d, session18e, bwdjitter, session19a, session19b, session19c, session19d, session19e, session19g, session20a, session20b, session20c, session20d, session20e, session21a, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -616,6 +616,16 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
              timeout 210 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE --tb=line \
                -k "talking_heads or bf16_scores or mix_softmax" 2>&1 | tee "$OUT/tests_th.log" | grep -E "FAIL|Error|passed|failed" ;;
+    session21a) # (prepared in session 20, not yet run) the final tree of session 20: its backward makes S
+             # with the causal kernel (untested on the GPU); every backward GPU test and the talking-heads
+             # tests, th_forward_variants (fwd, then fwd+bwd) for graphed times, and the targets
+             timeout 200 python3 -m pytest tests/test_backward.py -q -rfE --tb=line -k "talking_heads or fused_mix_backward or gpu" \
+               2>&1 | tee "$OUT/tests_backward.log" | grep -E "FAIL|Error|passed|failed"
+             timeout 100 python3 scripts/th_forward_variants.py 2>&1 | tee "$OUT/th_variants.log"
+             timeout 100 python3 scripts/th_forward_variants.py fwd+bwd 2>&1 | tee "$OUT/th_variants_bwd.log"
+             timeout 100 python3 -m bench --shapes sweep --lengths 4096 --ops full,talking_heads,none \
+               --modes fwd,fwd+bwd --providers fused,sdpa --out "$RES" 2>&1 | tee "$OUT/target.log" | grep -E "^\[|wrote"
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;;
     session19g) # the final tree (host trims in talking heads' backward, bmm scores in slab_forward): talking
              # heads' tests, the forward GPU tests, the chunked backward's GPU tests, graph_bound, targets
              timeout 130 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE --tb=line \
