@@ -142,4 +142,4 @@ if __name__ == "__main__":
         for _ in range(500):
             fn()
         prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+        pstats.Stats(prof).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "18")))
