@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, benchmarks, a profile. Results under $OUT.
 # Usage: scripts/device_run.sh STEP... with steps smoke, gputests, quick, sweep, flashbwd,
 # train, target, final, chunked, breakdown, tune, tunebwd, tunefull, slabconv, bwdtests, suite4096,
-# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, session18a, session18b, session18c, session18d, session18e, bwdjitter, session19a, session19b, session19c, session19d, session19e, session19g, session20a, session20b, session20c, session20d, session20e, session21a, session21b, session21c, forwardchunks, ncusource, session10b, session10d, train2, ncu.
+# paperbwd, compiled, chunkedB8, proftrain, unmeasured, mixsplits, sweeplong, host, hosttests, quickchunked, toeplitz, batchchunks, mixbwdsplits, session5, suite, session6, session6b, chunkbudget, session7, session7b, session7c, session7d, session8, session9, autothreshold, ncuconv, prefetch, session11, session11b, maxnreg, session11c, session11d, session11e, fusedmixbwd, abtests, mixrows, preconvmatmul, profileab, session12c, session12d, trainab, session13a, session13b, session13c, session13d, session13e, session14a, hostprofile, hostab, session14c, session14d, flashab, thchunks, bf16scores, thbwdab, thprofile, thtune, thchunks2, session15, session16a, session16b, session16c, session16d, session16e, session16f, session17e, session17f, session17g, session18a, session18b, session18c, session18d, session18e, bwdjitter, session19a, session19b, session19c, session19d, session19e, session19g, session20a, session20b, session20c, session20d, session20e, session21a, session21b, session21c, session21d, forwardchunks, ncusource, session10b, session10d, train2, ncu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -616,6 +616,12 @@ runpy.run_path('scripts/profile_chunked.py', run_name='__main__')" 2>&1 | tee "$
              tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
              timeout 210 python3 -m pytest tests/test_backward.py tests/test_forward.py -q -rfE --tb=line \
                -k "talking_heads or bf16_scores or mix_softmax" 2>&1 | tee "$OUT/tests_th.log" | grep -E "FAIL|Error|passed|failed" ;;
+    session21d) # CUDA-graph capture and torch.compile(mode="reduce-overhead") over forward and backward (new
+             # GPU tests), then training once more (was 0.448x in session21c, 0.498x in session 18)
+             timeout 200 python3 -m pytest tests/test_backward.py -m gpu -q -rfE --tb=short -k "cuda_graph or reduce_overhead" \
+               2>&1 | tee "$OUT/tests_graphs.log" | grep -E "FAIL|Error|passed|failed"
+             timeout 200 python3 -m bench.train --providers baseline,fused --out "$RES" 2>&1 | tee "$OUT/train.log" | tail -8
+             tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null ;;
     session21c) # the final tree of session 21: graphed targets (GPU time alone), training (baseline and fused,
              # three rounds), and the sweep's fused and SDPA rows at L=1024..16384 for the README
              timeout 120 python3 -m bench --cuda-graphs --shapes sweep --lengths 4096 --ops full,talking_heads,none \

@@ -928,6 +928,63 @@ def test_backward_is_deterministic(case):
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [Case(H=16, L=2048, D=128),
+                                  Case(H=16, L=2048, D=128, pre_mix=16, post_mix=16),
+                                  Case(B=2, H=16, Hkv=4, L=1000, D=96, **PAPER)],
+                         ids=["none", "talking-heads-chunked", "full"])
+def test_cuda_graph_replay(case):
+    """Forward and backward captured in one CUDA graph (what a host-bound caller does, and
+    what ``python -m bench --cuda-graphs`` times) and replayed on new inputs copied into the
+    captured ones give the eager call's output and gradients to the bit: no host sync, no
+    host-side value and no allocation outside the graph's pool is baked into the capture."""
+    q, k, v, *w = make_inputs(case, torch.bfloat16, "cuda", requires_grad=True)
+    inputs = [x for x in (q, k, v, *w) if x is not None]
+    grad = torch.randn_like(q)
+
+    def step():
+        out = mta_kernels.mta_attention(q, k, v, *w)
+        return (out, *torch.autograd.grad(out, inputs, grad))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()                                   # compiles and warms the allocator off the graph
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        for x, new in zip((q, k, v, *w), make_inputs(case, torch.bfloat16, "cuda", seed=1)):
+            if x is not None:
+                x.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = step()
+    assert all(torch.equal(a, b) for a, b in zip(captured, expected))
+
+
+@pytest.mark.gpu
+def test_compiled_reduce_overhead():
+    """torch.compile(mode="reduce-overhead") (CUDA graphs through the custom ops, forward and
+    backward) over the chunked talking heads: after its recording calls, the replayed graphs
+    give the eager call's output and gradients to the bit."""
+    case = Case(H=16, L=2048, D=128, pre_mix=16, post_mix=16)
+    q, k, v, *w = make_inputs(case, torch.bfloat16, "cuda", requires_grad=True)
+    inputs = [x for x in (q, k, v, *w) if x is not None]
+    grad = torch.randn_like(q)
+
+    def step(attention):
+        out = attention(q, k, v, *w)
+        return [out.detach().clone(), *torch.autograd.grad(out, inputs, grad)]
+
+    expected = step(mta_kernels.mta_attention)
+    compiled = torch.compile(mta_kernels.mta_attention, mode="reduce-overhead")
+    for _ in range(3):                           # warm-up, record, replay
+        got = step(compiled)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 GRADCHECK_CASES = [
     pytest.param(Case(H=2, L=6, D=4), False, id="none-flash-bwd"),
     pytest.param(Case(H=2, L=6, D=4, causal=False, Hkv=1), False, id="none-noncausal-mqa"),
