@@ -155,8 +155,9 @@ def mta_forward(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key
         n_splits = key_splits(grid_rows, cdiv(L, W - halo_cols))
     m_run = torch.full((n_splits, B, H, L), float("-inf"), device=dev, dtype=acc)
     l_run = torch.zeros(n_splits, B, H, L, device=dev, dtype=acc)
-    o_acc = torch.zeros(n_splits, B, H, L, D, device=dev, dtype=acc) if NH > 1 else \
-        torch.empty(n_splits, B, H, L, D, device=dev, dtype=acc)
+    # accumulated in memory unless one head without a post mix keeps it in registers
+    in_registers = NH == 1 and post_mix is None
+    o_acc = (torch.empty if in_registers else torch.zeros)(n_splits, B, H, L, D, device=dev, dtype=acc)
 
     common = dict(
         CAUSAL=causal,

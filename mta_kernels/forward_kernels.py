@@ -157,8 +157,8 @@ def mta_fwd_kernel(
     rows = r0 - HQ - HP + f                    # absolute rows of the frame
     out_row = (f >= HQ + HP) & (f < HQ + HP + rows_per_prog) & (rows < L)
 
-    # With one head per program the output stays in registers; with more, the head loop
-    # sits inside the key loop, so each head's rows accumulate in o_acc.
+    # With one head per program and no post mix the output stays in registers; otherwise
+    # each head's rows accumulate in o_acc (zero-filled by the host).
     dims = tl.arange(0, DP)
     acc = tl.zeros([RF, DP], dtype=o_acc.dtype.element_ty)
 
@@ -219,6 +219,7 @@ def mta_fwd_kernel(
                         tl.debug_barrier()  # every thread has read this head's logits from the frame
                     tl.store(slot_x + c * FRAME + f[:, None] * W + m[None, :], p)
                 elif NH == 1:
+                    # one head and no post mix: the output stays in registers
                     b_v = _load_rows(v + i_b * svb + (h // HKV_REP) * svh, cols_o, dims, svl, svd, L, D)
                     acc += tl.dot(p.to(b_v.dtype), b_v, input_precision=PV_PREC)
                 else:
@@ -235,7 +236,7 @@ def mta_fwd_kernel(
                                    o_acc + (i_b * H + h) * L * D, rows, out_row, cols_o, L, D,
                                    DP, DV, PV_PREC)
 
-    if (not IS_STATS) and NH == 1:
+    if (not IS_STATS) and NH == 1 and (not POST_MIX):
         ptrs = o_acc + (i_b * H + h0) * L * D + rows[:, None].to(tl.int64) * D + dims[None, :]
         tl.store(ptrs, acc, mask=out_row[:, None] & (dims[None, :] < D))
 

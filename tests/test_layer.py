@@ -318,6 +318,27 @@ def test_gradients_reach_every_parameter(backend):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+
+@pytest.mark.parametrize("parts", [dict(post_mix=1), dict(pre_mix=1, post_mix=1),
+                                   dict(pre_conv=(2, 3), pre_mix=1, post_conv=(2, 3), post_mix=1)],
+                         ids=["post_mix1", "mixes1", "full-mixes1"])
+def test_groups_of_one_head_match_the_reference_backend(parts):
+    """Mixing groups of one head: the fused layer's output equals the reference backend's."""
+    torch.manual_seed(0)
+    layer = MultiTokenAttention(MTAConfig(dim=32, n_heads=4, **parts), backend="reference").double()
+    with torch.no_grad():
+        for name in ("pre_mix", "post_mix"):
+            w = getattr(layer, name)
+            if w is not None:
+                w.uniform_(0.5, 1.5)
+    x = x_input(2, 13, 32).double()
+    ref = layer(x)
+    layer.backend = "fused"
+    out = layer(x)
+    assert out.abs().max() > 0.1 * ref.abs().max()
+    assert (out - ref).abs().max().item() < 1e-10
+
+
 # ----------------------------------------------------------------------------- the model
 
 def test_model_layer_pattern():
