@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .validate import Problem, left_pad, validate
+from .validate import Problem, conv_row_halo, left_pad, validate, validate_block, validate_packed
 
 
 def future_mask(L: int, device) -> torch.Tensor:
@@ -107,7 +107,9 @@ def forward_intermediates(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, 
 
 def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix=None, *,
                   causal: bool = True, pad_key: str = "both", scale: Optional[float] = None,
-                  compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  compute_dtype: torch.dtype = torch.float32, q_prev: Optional[torch.Tensor] = None,
+                  seqlens: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                  max_seqlen: Optional[int] = None) -> torch.Tensor:
     """Reference Multi-Token Attention.
 
     q: (B, H, L, D); k, v: (B, Hkv, L, D) with H % Hkv == 0.
@@ -115,7 +117,57 @@ def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix
     Every intermediate is held in ``compute_dtype`` (fp32 by default; fp64 for gradchecks;
     the input dtype to play the low-precision baseline). The softmax runs in fp32, or
     fp64 when compute_dtype is fp64. Returns (B, H, L, D) in q's dtype.
+
+    A query block at the end of the sequence (spec section 8): q (B, H, Lq, D) with
+    Lq <= Lk for k, v (B, Hkv, Lk, D); row r is position Lk - Lq + r. q_prev (B, H, P, D)
+    holds the queries just before the block (its last row is position Lk - Lq - 1); it is
+    required, P >= ``conv_row_halo(pre_conv, post_conv)``, when that halo is not 0 and
+    Lq < Lk. Rows at negative positions do not exist and are never read. seqlens (B,)
+    int32/int64: sequence b has keys 0 .. seqlens[b]-1 (later keys are never read) and its
+    block ends at its last key. Returns (B, H, Lq, D).
+
+    Packed documents (spec section 9): cu_seqlens (N+1,) int32/int64 offsets [0, ..., T] of
+    N non-empty documents in q (1, H, T, D), k, v (1, Hkv, T, D); each document is an
+    independent sequence. max_seqlen, if given, must be >= every document's length.
+    Returns (1, H, T, D).
     """
-    t = forward_intermediates(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal=causal,
-                              pad_key=pad_key, scale=scale, compute_dtype=compute_dtype)
+    weights = (pre_conv, pre_mix, post_conv, post_mix)
+    opts = dict(causal=causal, pad_key=pad_key, scale=scale, compute_dtype=compute_dtype)
+    validate(q, k, v, *weights, causal, pad_key, scale, block=True)
+    if cu_seqlens is not None or max_seqlen is not None:
+        docs = validate_packed(q, k, cu_seqlens, max_seqlen, q_prev, seqlens)
+        return torch.cat([_dense(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], weights, opts) for s, e in docs], dim=2)
+    lens = validate_block(q, k, pre_conv, post_conv, q_prev, seqlens)
+    if q_prev is None and lens is None and q.shape[2] == k.shape[2]:
+        return _dense(q, k, v, weights, opts)
+    halo = conv_row_halo(pre_conv, post_conv)
+    if lens is None:
+        return _block(q, k, v, q_prev, halo, weights, opts)
+    return torch.cat([_block(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n],
+                             None if q_prev is None else q_prev[b:b + 1], halo, weights, opts)
+                      for b, n in enumerate(lens)], dim=0)
+
+
+def _dense(q, k, v, weights, opts):
+    """Spec section 2 on a whole sequence: q (B, H, L, D), k, v (B, Hkv, L, D) -> (B, H, L, D)."""
+    t = forward_intermediates(q, k, v, *weights, **opts)
     return torch.matmul(t.a, t.v).to(q.dtype)
+
+
+def _block(q, k, v, q_prev, halo, weights, opts):
+    """The last Lq rows of a sequence of Lk positions: q (B, H, Lq, D), k, v (B, Hkv, Lk, D),
+    q_prev (B, H, P >= min(halo, Lk - Lq), D) or None -> (B, H, Lq, D).
+
+    The block's outputs read the convs' rows from lo = start - halo on (section 8), so the
+    forward runs on rows lo .. Lk-1 only: row_range leaves them exact from lo + halo on.
+    """
+    B, H, Lq, D = q.shape
+    start = k.shape[2] - Lq
+    lo = max(0, start - halo)
+    rows = [q]
+    if start > lo:
+        rows.insert(0, q_prev[:, :, q_prev.shape[2] - (start - lo):])
+    if lo > 0:
+        rows.insert(0, q.new_zeros(B, H, lo, D))  # placeholders for positions 0 .. lo-1, never read
+    t = forward_intermediates(torch.cat(rows, dim=2), k, v, *weights, row_range=(lo, k.shape[2]), **opts)
+    return torch.matmul(t.a[:, :, -Lq:], t.v).to(q.dtype)
