@@ -1,21 +1,27 @@
-"""The public function: validate, pick the backend, and run the fused op."""
-import os
+"""The public function: validate, choose the path, and run the op through autograd."""
 from typing import Optional
 
 import torch
+import triton
 
-from mta_reference.validate import validate
+from mta_reference.validate import conv_row_halo, validate, validate_block, validate_packed
 
-from .ops import MTAFunction, mta_fwd
+from .autograd import MTAFunction, mta_fwd, pack_options
+from .blocks import block_forward
+from .dispatch import choose_path
+from .flash import sdpa
+from .options import KernelOptions, resolve
+from .packed import run_packed
 
-# Triton decides at import time whether kernels are compiled or interpreted.
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_HEAD_DIM = 256
+# The convs' halos the slab kernels take: (cq-1)+(cq'-1) rows and (ck-1)+(ck'-1) keys.
+MAX_ROW_HALO = 32
+MAX_KEY_HALO = 64
 
 
-# The convs' halos must leave room for outputs in a kernel frame (forward.py's _frame).
-MAX_ROW_HALO = 32   # (cq - 1) + (cq' - 1)
-MAX_KEY_HALO = 64   # (ck - 1) + (ck' - 1)
+def interpreting() -> bool:
+    """Whether Triton runs its kernels in the interpreter, as Triton itself reads TRITON_INTERPRET."""
+    return bool(triton.knobs.runtime.interpret)
 
 
 def _check_conv_sizes(pre_conv, post_conv):
@@ -29,36 +35,104 @@ def _check_conv_sizes(pre_conv, post_conv):
 
 
 def _check_backend(q: torch.Tensor, D: int):
-    if q.device.type == "cpu" and not INTERPRETER:
-        raise RuntimeError(
-            "mta_kernels runs Triton kernels: CPU tensors need the Triton interpreter "
-            "(set TRITON_INTERPRET=1 before importing mta_kernels), or use "
-            "mta_reference.mta_attention for the plain-PyTorch path")
     if q.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"q is on {q.device}; mta_kernels supports CUDA (and CPU under the interpreter)")
+        raise ValueError(f"q is on {q.device}; mta_kernels supports CUDA (and CPU under the Triton interpreter)")
+    if q.device.type == "cpu":
+        if not interpreting():
+            raise RuntimeError(
+                "mta_kernels runs Triton kernels: CPU tensors need the Triton interpreter "
+                "(set TRITON_INTERPRET=1 before importing mta_kernels), or use "
+                "mta_reference.mta_attention for the plain-PyTorch path")
+        if q.dtype == torch.bfloat16:
+            raise TypeError("q is bfloat16 on the CPU: the Triton interpreter's bfloat16 dot is wrong; "
+                            "use float16 or float32 there, or mta_reference.mta_attention")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"q has head dim D={D}; the fused kernels support D <= {MAX_HEAD_DIM}")
 
 
 def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix=None, *,
-                  causal: bool = True, pad_key: str = "both",
-                  scale: Optional[float] = None) -> torch.Tensor:
+                  causal: bool = True, pad_key: str = "both", scale: Optional[float] = None,
+                  q_prev: Optional[torch.Tensor] = None, seqlens: Optional[torch.Tensor] = None,
+                  cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
+                  kernel_options: Optional[KernelOptions] = None) -> torch.Tensor:
     """Multi-Token Attention through the fused Triton kernels.
 
-    q: (B, H, L, D); k, v: (B, Hkv, L, D), H % Hkv == 0, any strides, fp16/bf16/fp32.
-    pre_conv, post_conv: (H, cq, ck) key-query kernels (row cq-1 is the current query).
-    pre_mix, post_mix: (G, ch, ch) head mixing, W[g, out, in], H = G * ch.
-    Each part is optional; with none this is plain softmax attention.
-    Returns (B, H, L, D) in q's dtype. See shared spec section 2 for the index-by-index math.
-    Differentiable in q, k, v and every weight; mta_kernels/ops.py says which backward runs
-    for which parts. Forward and backward are deterministic (bitwise identical run to run)
-    by default; there is no non-deterministic mode. fp64 inputs are accepted too (fp64
-    accumulators; for gradchecks).
+    Args:
+        q: (B, H, L, D); k, v: (B, Hkv, L, D), H % Hkv == 0; any strides; fp16, bf16 or fp32
+            (fp64 too, for gradchecks).
+        pre_conv, post_conv: (H, cq, ck) key-query kernels (row cq-1 is the current query,
+            column pL the current key), before and after the softmax.
+        pre_mix, post_mix: (G, ch, ch) head mixing, W[g, out, in], H = G * ch.
+        causal: mask keys after each query. pad_key: 'both', 'left' or 'right'.
+        scale: the softmax scale (default 1/sqrt(D)).
+        q_prev, seqlens: a query block at the end of each sequence (chunked prefill,
+            decoding; forward only): q (B, H, Lq, D) with Lq <= Lk for k, v (B, Hkv, Lk, D),
+            row r at position Lk - Lq + r (seqlens[b] - Lq + r with seqlens (B,) ints: sequence
+            b's number of keys); q_prev (B, H, P, D), the queries just before the block, needed
+            with P >= (cq-1) + (cq'-1) when a conv is present and Lq < Lk.
+        cu_seqlens, max_seqlen: documents packed along the sequence: cu_seqlens (N+1,) int
+            offsets [0, ..., T] with q (1, H, T, D), k, v (1, Hkv, T, D); each document is an
+            independent sequence (convs and the causal mask restart at its first row).
+        kernel_options: see ``mta_kernels.KernelOptions`` (force a path, a chunk height, ...).
+
+    Each part is optional; with none this is plain softmax attention. Returns q's shape in
+    q's dtype. Differentiable in q, k, v and every weight (not for query blocks). The MTA paths
+    are deterministic (bitwise identical run to run); plain attention on CUDA goes through
+    torch SDPA unless torch.use_deterministic_algorithms is on or kernel_options picks 'flash'.
+
+    Example::
+
+        q, k, v = (torch.randn(2, 4, 128, 32) for _ in range(3))
+        w = mta_reference.identity_conv(4, 3, 5) + 0.1 * torch.randn(4, 3, 5)
+        out = mta_kernels.mta_attention(q, k, v, pre_conv=w)     # (2, 4, 128, 32)
     """
-    p = validate(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale)
+    causal = _as_bool(causal)
+    weights = (pre_conv, pre_mix, post_conv, post_mix)
+    p = validate(q, k, v, *weights, causal, pad_key, scale, block=True)
     _check_backend(q, p.D)
     _check_conv_sizes(pre_conv, post_conv)
-    args = (q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, p.scale)
+    options = resolve(kernel_options)
+    options = options._replace(path=choose_path(q, weights, options))
+    if cu_seqlens is not None or max_seqlen is not None:
+        docs = validate_packed(q, k, cu_seqlens, max_seqlen, q_prev, seqlens)
+        return run_packed(lambda qb, kb, vb: _dense(qb, kb, vb, weights, causal, pad_key, p.scale, options),
+                          q, k, v, docs, causal)
+    if q_prev is None and seqlens is None and q.shape[2] == k.shape[2]:
+        return _dense(q, k, v, weights, causal, pad_key, p.scale, options)
+    lens = _validate_block(q, k, pre_conv, post_conv, q_prev, seqlens)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, q_prev, *weights)):
+        raise RuntimeError("mta_attention with a query block (q shorter than k, q_prev or seqlens) is forward "
+                           "only: run it under torch.no_grad(), or pass the whole sequence for gradients")
+    if options.path == "talking_heads":      # a block runs on the general row-chunked path
+        options = options._replace(path="chunked")
+    return block_forward(q, k, v, weights, causal=causal, pad_key=pad_key, scale=p.scale, q_prev=q_prev, lens=lens,
+                         halo=conv_row_halo(pre_conv, post_conv), path=options.path, options=options)
+
+
+def _dense(q, k, v, weights, causal, pad_key, scale, options):
+    """The op on whole sequences (Lq == Lk), through autograd."""
+    if options.path == "sdpa":
+        return sdpa(q, k, v, causal, scale)
+    args = (q, k, v, *weights, causal, pad_key, scale)
     if torch.compiler.is_compiling():
-        return mta_fwd(*args)[0]   # the custom op, which the compiler traces
-    return MTAFunction.apply(*args)
+        return mta_fwd(*args, options.path, *pack_options(options))[0]   # the custom op, traced
+    return MTAFunction.apply(*args, options)
+
+
+def _as_bool(causal):
+    """causal as a Python bool: bools and numpy bools pass, anything else is a TypeError."""
+    if isinstance(causal, bool):
+        return causal
+    if type(causal).__module__ == "numpy" and type(causal).__name__ in ("bool_", "bool"):
+        return bool(causal)
+    raise TypeError(f"causal must be a bool, got {type(causal).__module__}.{type(causal).__qualname__}")
+
+
+def _validate_block(q, k, pre_conv, post_conv, q_prev, seqlens):
+    """validate_block's checks and seqlens as a list; while a CUDA graph is being captured, the
+    values of a CUDA seqlens cannot be read, so only its shape and dtype are checked and the
+    block runs over all Lk keys' shapes."""
+    if seqlens is not None and seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("seqlens on CUDA cannot be read while a CUDA graph is captured; "
+                           "pass it on the CPU")
+    return validate_block(q, k, pre_conv, post_conv, q_prev, seqlens)

@@ -2,7 +2,7 @@
 a GPU, and print each one's shared memory, registers and spills, so resource limits show up
 before device time is spent. Kernel launches are intercepted: nothing runs.
 
-    python scripts/sm90_compile.py mix_bwd full_fwd:256   # OP[:D], bf16, H=16, paper weights
+    python scripts/sm90_compile.py full:96 talking_heads flash:256   # OP[:D], bf16, H=16, paper weights
 
 Must run without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted).
 """
@@ -65,124 +65,38 @@ def intercept(found):
     JITFunction.run = run
 
 
-# candidates for scripts/tune.py slabconv: the conv (and its input gradient), the weight gradient
-SLAB_CONV_CONFIGS = [dict(BR=BR, BC=BC, num_warps=w, num_stages=1, unroll=u, maxnreg=r)
-                     for BR, BC, w, u, r in [(64, 32, 4, 6, None), (64, 32, 4, 6, 96), (64, 32, 4, 6, 80),
-                                             (64, 32, 4, 6, 64), (64, 32, 4, 1, 64), (64, 32, 2, 6, None),
-                                             (32, 32, 4, 6, None), (64, 64, 4, 6, 128)]]
-SLAB_WEIGHT_GRAD_CONFIGS = [dict(BR=BR, num_warps=w, num_stages=1, TILES=16, maxnreg=r)   # column tiles: 2 * halo
-                            for BR, w, r in [(32, 4, None), (32, 4, 96), (64, 4, None), (64, 4, 128), (64, 4, 96)]]
+PARTS = {
+    "flash": (),
+    "talking_heads": ("pre_mix", "post_mix"),
+    "full": ("pre_conv", "pre_mix", "post_conv", "post_mix"),
+    "pre_conv": ("pre_conv",),
+    "post_conv": ("post_conv",),
+}
 
 
-def launch(op, D, H=16, L=256):
-    """Launch one path of the dispatcher (op: flash_fwd, mix_fwd, premix_fwd, full_fwd, flash_bwd,
-    mix_bwd, slab_conv, slab_softmax, slab_mix, pre_conv_matmul) with bf16 inputs of head size D,
-    paper-sized MTA weights; mix_fwd_fp32 and mix_bwd_fp32: the register-mixing kernels with fp32
-    inputs, launched directly (the dispatcher sends fp32 heads wider than they take elsewhere)."""
-    from mta_kernels import backward, forward
+def launch(op, D, H=16, L=256, dtype=torch.bfloat16):
+    """Run the forward and backward of one op's path (flash, talking_heads, full, pre_conv,
+    post_conv) on CPU tensors of head size D with paper-sized weights: every Triton launch is
+    compiled for sm_90a by intercept() instead of running (so the results are garbage, the
+    shapes right)."""
     import mta_reference as R
-    dtype = torch.float32 if op.endswith("_fp32") else torch.bfloat16
+    from mta_kernels.autograd import backward_impl, forward_impl
+    from mta_kernels.options import Options
     q, k, v, do = (torch.randn(1, H, L, D, dtype=dtype) for _ in range(4))
-    lse = torch.zeros(1, H, L)
-    mix, conv = R.identity_mix(H, H), R.identity_conv(H, 6, 11)
-    scale = D ** -0.5
-    if op == "flash_fwd":
-        forward.mta_forward(q, k, v, None, None, None, None, True, "both", scale)
-    elif op == "mix_fwd":
-        forward.mta_forward(q, k, v, None, mix, None, mix, True, "both", scale)
-    elif op == "mix_fwd_fp32":
-        forward.mix_forward(q, k, v, mix, mix, True, scale)
-    elif op == "mix_bwd_fp32":
-        backward.mix_backward(do, q, k, v, mix, mix, lse, True, scale)
-    elif op == "premix_fwd":
-        forward.mta_forward(q, k, v, None, mix, None, None, True, "both", scale)
-    elif op == "full_fwd":
-        forward.mta_forward(q, k, v, conv, mix, conv, mix, True, "both", scale)
-    elif op == "flash_bwd":
-        backward.flash_backward(do, q, k, v, q, lse, True, scale)
-    elif op == "mix_bwd":
-        backward.mix_backward(do, q, k, v, mix, mix, lse, True, scale)   # short grid: key splits
-        splits, backward.MIX_BWD_MAX_SPLITS = backward.MIX_BWD_MAX_SPLITS, 1   # a full grid: no splits
-        backward.mix_backward(do, q, k, v, mix, mix, lse, True, scale)
-        backward.MIX_BWD_MAX_SPLITS = splits
-    elif op == "slab_softmax":
-        from mta_kernels.slab_softmax import softmax_rows_
-        for dtype in (torch.float32, torch.float64):
-            softmax_rows_(torch.randn(1, H, 64, L, dtype=dtype), 5, want_lse=True)
-            softmax_rows_(torch.randn(1, H, 64, 4 * L, dtype=dtype), None)
-    elif op == "slab_mix":
-        from mta_kernels.slab_softmax import mix_softmax_rows
-        x = torch.randn(1, H, 64, L)
-        mix_softmax_rows(x, mix, 5, want_lse=True, precision="tf32", out=x)
-        try:
-            from mta_kernels.slab_mix import mix_rows
-        except ImportError:          # (before the post mix kernel)
-            return
-        mix_rows(x, mix, 5, precision="tf32", out_dtype=torch.bfloat16)
-        mix_rows(x, mix, 5, precision="tf32")
-        try:
-            from mta_kernels.slab_mix_backward import mix_backward_rows
-        except ImportError:          # (before the fused mix backward)
-            return
-        mix_backward_rows(x, mix, x=x, zero_above=5, rows=(5, 60), precision="tf32", out=x)
-        mix_backward_rows(x, mix, x=x, probs=x, zero_above=5, rows=(5, 60), precision="tf32", out=x)
-    elif op == "pre_conv_matmul":
-        from mta_kernels import slab_conv
-        from mta_kernels.pre_conv_matmul import conv_keys, pre_conv_matmul
-        c = pre_conv_matmul(q, conv_keys(k, conv, "both", H, q.dtype), 10, L, L, scale, 10, precision="tf32")
-        slab_conv.key_query_conv(torch.randn(1, H, L - 10, L), conv, "both", zero_above=10, precision="tf32",
-                                 out=c, band=True)
-    elif op == "slab_conv":
-        from mta_kernels import slab_conv
-        x = torch.randn(1, H, 64, L)
-        slab = dict(zero_above=0, precision="tf32")
-        slab_conv.key_query_conv(x, conv, "both", **slab)
-        slab_conv.key_query_conv_input_grad(x, conv, "both", mask_output=True, **slab)
-        slab_conv.key_query_conv_weight_grad(x, x, conv, "both", rows=(5, 60), **slab)
-    elif op == "slab_conv16":
-        # bf16 slabs: the per-tile kernel, the strip kernel with TMA and with pointers; the weight
-        # gradient's kernels
-        from mta_kernels import slab_conv
-        x = torch.randn(1, H, 300, L, dtype=torch.bfloat16)
-        committed = dict(slab_conv.STRIP_CONV_CONFIG)
-        for change in (dict(TILES=0), dict(), dict(tma=False)):
-            print(change)
-            slab_conv.STRIP_CONV_CONFIG = dict(committed, **change)
-            slab_conv.key_query_conv(x, conv, "both", zero_above=0, precision="tf32")
-            slab_conv.key_query_conv_input_grad(x, conv, "both", zero_above=0, mask_output=True, precision="tf32")
-        slab_conv.STRIP_CONV_CONFIG = committed
-        committed = dict(slab_conv.WEIGHT_GRAD_STRIP_CONFIG)
-        for change in (dict(on=False), dict(on=True), dict(on=True, tma=False)):
-            print("weight gradient", change)
-            slab_conv.WEIGHT_GRAD_STRIP_CONFIG = dict(committed, **change)
-            slab_conv.key_query_conv_weight_grad(x, x, conv, "both", zero_above=0, rows=(5, 290), precision="tf32")
-        slab_conv.WEIGHT_GRAD_STRIP_CONFIG = committed
-    elif op == "slab_conv_sweep":
-        from mta_kernels import slab_conv
-        x = torch.randn(1, H, 300, L)
-        for cfg in SLAB_CONV_CONFIGS:
-            print(cfg)
-            slab_conv.CONV_CONFIG = cfg
-            slab_conv.key_query_conv(x, conv, "both", zero_above=0, precision="tf32")
-            slab_conv.key_query_conv_input_grad(x, conv, "both", zero_above=0, mask_output=True, precision="tf32")
-        for cfg in SLAB_WEIGHT_GRAD_CONFIGS:
-            print(cfg)
-            slab_conv.WEIGHT_GRAD_CONFIG = cfg
-            slab_conv.key_query_conv_weight_grad(x, x, conv, "both", zero_above=0, precision="tf32")
-    elif op == "flash_bwd_sweep":
-        for bm, bn, w, st in [(64, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]:
-            print(dict(BM=bm, BN=bn, num_warps=w, num_stages=st))
-            backward.FLASH_DKDV_CONFIG = backward.FLASH_DQ_CONFIG = dict(BM=bm, BN=bn, num_warps=w, num_stages=st)
-            backward.flash_backward(do, q, k, v, q, lse, True, scale)
-    else:
-        raise SystemExit(f"unknown op: {op}")
+    full = dict(pre_conv=R.identity_conv(H, 6, 11), pre_mix=R.identity_mix(H, H), post_conv=R.identity_conv(H, 6, 11),
+                post_mix=R.identity_mix(H, H))
+    weights = tuple(full[n] if n in PARTS[op] else None for n in ("pre_conv", "pre_mix", "post_conv", "post_mix"))
+    path = "flash" if op == "flash" else "talking_heads" if op == "talking_heads" else "chunked"
+    options = Options(path=path, chunk_rows=128)
+    out, lse = forward_impl(q, k, v, weights, True, "both", D ** -0.5, options)
+    backward_impl(do, q, k, v, weights, out, lse, True, "both", D ** -0.5, options, [True] * 7)
 
 
 def main(argv):
     """argv: OP[:D] ... (D defaults to 128). Exit status 1 if a launch does not fit."""
     found = []
     intercept(found)
-    for item in argv or ["mix_bwd"]:
+    for item in argv or list(PARTS):
         op, _, d = item.partition(":")
         print(f"== {op} D={d or 128}", flush=True)
         launch(op, int(d or 128))

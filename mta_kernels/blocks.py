@@ -1,0 +1,50 @@
+"""A query block at the end of each sequence (chunked prefill and decoding), forward only.
+
+q (B, H, Lq, D) holds the last Lq positions of sequences whose keys are k, v (B, Hkv, Lk, D)
+(or the first seqlens[b] of them); q_prev holds the queries just before the block, whose
+scores the convs read. The block runs as its own short sequence of rows over all the keys,
+with those earlier rows prepended as the convs' halo.
+"""
+import torch
+
+from .autograd import flash_scale
+from .flash import flash_fwd, sdpa
+from .mta.forward import mta_chunked_fwd
+from .options import Options
+
+
+def _length_groups(lens, B):
+    """[(n, batch indices)] for sequences of n keys; one group of all B (n None) without lens."""
+    if lens is None:
+        return [(None, list(range(B)))]
+    groups = {}
+    for b, n in enumerate(lens):
+        groups.setdefault(n, []).append(b)
+    return sorted(groups.items())
+
+
+def block_forward(q, k, v, weights, *, causal: bool, pad_key: str, scale: float, q_prev, lens, halo: int,
+                  path: str, options: Options):
+    """The block's output (B, H, Lq, D) in q's dtype. lens: each sequence's key count (a list),
+    or None for all Lk; halo: the convs' row halo (cq-1)+(cq'-1); path: the dispatcher's for the
+    weights ('sdpa', 'flash' or a row-chunked one)."""
+    B, H, Lq, D = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    for n, idx in _length_groups(lens, B):
+        pick = slice(None) if n is None else torch.tensor(idx, device=q.device)
+        keys = slice(None) if n is None else slice(0, n)
+        qb, kb, vb = q[pick], k[pick][:, :, keys], v[pick][:, :, keys]
+        Lk = kb.shape[2]
+        if path == "sdpa":
+            ob = sdpa(qb, kb, vb, causal, scale)
+        elif path == "flash":
+            qs, s = flash_scale(qb, scale)
+            ob = flash_fwd(qs, kb, vb, causal, s)[0]
+        else:
+            # the rows above the block the convs read, as far as the sequence has them
+            above = min(halo, Lk - Lq)
+            qx = torch.cat([q_prev[pick][:, :, q_prev.shape[2] - above:], qb], dim=2) if above else qb
+            ob = mta_chunked_fwd(qx, kb, vb, weights, causal=causal, pad_key=pad_key, scale=scale,
+                                 options=options, q_offset=Lk - Lq - above)[0][:, :, above:]
+        out[pick] = ob
+    return out

@@ -1,0 +1,77 @@
+"""Host side of plain attention: flash_fwd and flash_bwd (Triton), and sdpa (CUDA)."""
+import torch
+import torch.nn.functional as F
+
+from .. import configs
+from ..utils import acc_dtype, cdiv, dot_precision, padded
+from .kernels import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel, flash_fwd_kernel
+
+
+def _tiles(config, L):
+    """config with one block of L rows rounded up (at least 16) for short sequences."""
+    cfg = dict(config)
+    if L <= 64:
+        cfg["BM"] = cfg["BN"] = padded(L)
+    return cfg
+
+
+def flash_fwd(q, k, v, causal: bool, scale: float, q_offset=None):
+    """Plain attention. q (B, H, Lq, D), its row r at position q_offset + r (default Lk - Lq:
+    the block ends at the last key); k, v (B, Hkv, Lk, D). Returns (out (B, H, Lq, D) in q's
+    dtype, lse (B, H, Lq) in acc_dtype(q): each row's natural-log log-sum-exp)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    out = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, Lq, device=q.device, dtype=acc_dtype(q))
+    cfg = dict(configs.FLASH_FWD)
+    if Lq <= 64:
+        cfg["BM"] = padded(Lq)
+    if Lk <= 64:
+        cfg["BN"] = padded(Lk)
+    elif padded(D) > 128:   # the tiles of wide heads must fit shared memory
+        cfg["BN"] = 32
+    grid = (B * H, cdiv(Lq, cfg["BM"]))
+    flash_fwd_kernel[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, H // k.shape[1], Lq, Lk, Lk - Lq if q_offset is None else q_offset, D, scale,
+        CAUSAL=causal, DP=padded(D), PREC=dot_precision(q), **cfg)
+    return out, lse
+
+
+def flash_bwd(grad_out, q, k, v, out, lse, causal: bool, scale: float):
+    """Gradients of plain attention (Lq == Lk) from the forward's out and lse (B, H, L).
+    Returns (dq, dk, dv) in the inputs' dtypes; dk, dv summed over the query heads of each kv
+    head in a fixed order (deterministic)."""
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    DP = padded(D)
+    dkdv_cfg = _tiles(configs.FLASH_BWD_DKDV, L)
+    dq_cfg = _tiles(configs.FLASH_BWD_DQ, L)
+    prec = dot_precision(q)
+    dev = q.device
+    delta = torch.empty(B, H, L, device=dev, dtype=acc_dtype(q))
+    flash_bwd_preprocess_kernel[(cdiv(L, 64), B * H)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, L, D, BM=64, DP=DP)
+    dq = torch.empty(B, H, L, D, device=dev, dtype=q.dtype)
+    dk = torch.empty(B, Hkv, L, D, device=dev, dtype=k.dtype)
+    dv = torch.empty(B, Hkv, L, D, device=dev, dtype=v.dtype)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    flash_bwd_dkdv_kernel[(B * Hkv, cdiv(L, dkdv_cfg["BN"]))](
+        q, k, v, grad_out, lse, delta, dk, dv, *strides, H, Hkv, L, D, scale,
+        CAUSAL=causal, DP=DP, PREC=prec, **dkdv_cfg)
+    flash_bwd_dq_kernel[(B * H, cdiv(L, dq_cfg["BM"]))](
+        q, k, v, grad_out, lse, delta, dq, *strides, H, H // Hkv, L, D, scale,
+        CAUSAL=causal, DP=DP, PREC=prec, **dq_cfg)
+    return dq, dk, dv
+
+
+def sdpa(q, k, v, causal: bool, scale: float):
+    """Plain attention through torch's scaled_dot_product_attention (its own autograd), with
+    the causal mask aligned to the last key where Lq < Lk, as flash_fwd's."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    mask = None
+    if causal and Lq != Lk:
+        from torch.nn.attention.bias import causal_lower_right
+        mask = causal_lower_right(Lq, Lk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# One GPU call of the project: the steps named on the command line, their logs under $OUT.
+#
+#   scripts/gpu_runbook.sh env tests grid        # through the device tool, from the repository root
+#
+# steps:
+#   env       the GPU, driver, torch and triton
+#   tests     the GPU-marked tests (bf16/fp16 at realistic sizes, every path forced)
+#   grid      the benchmark grid (eager and CUDA-graph timing, launches, memory) recorded to
+#             bench/results/results.csv; the file comes back under $OUT
+#   paths     every path of each op timed over the grid (scripts/time_paths.py); with a tree of
+#             another commit under .baseline/ (git-ignored), its paths too, picked by its own switches
+#   profile   kernel-by-kernel profiles of full MTA and talking heads (scripts/profile_path.py)
+#   train     the 830M training benchmark (bench.train), batch 1 and 4
+#   decode    the decode benchmark (bench.decode)
+#   stress    the reliability script (scripts/stress.py)
+# The tree arrives without .git: write `git rev-parse --short HEAD > scripts/device_commit` before
+# the call and name it in the call's carry list, so that results record their commit.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+# nothing is installed there: both packages go on the path (mta_reference lives in reference/)
+mkdir -p /tmp/site && ln -sfn "$PWD/reference" /tmp/site/mta_reference
+export PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts"
+export MTA_BENCH_COMMIT=$(cat scripts/device_commit 2>/dev/null || echo unknown)
+
+step_env() {
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+  python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+}
+
+step_tests() {
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/tests.log" | tail -30
+}
+
+step_grid() {
+  python3 -m bench --shapes grid --record 2>&1 | tee "$OUT/grid.log" | tail -40
+  cp bench/results/results.csv "$OUT/results.csv"
+}
+
+step_paths() {
+  local csv="$OUT/paths.csv"
+  for path in talking_heads chunked; do
+    timeout 400 python3 scripts/time_paths.py --label "new:$path" --path $path --ops talking_heads \
+      --max-l ${MAX_L:-131072} --out "$csv"
+  done
+  timeout 400 python3 scripts/time_paths.py --label new:chunked --path chunked --ops full,pre_conv,post_conv \
+    --max-l 32768 --out "$csv"
+  if [ -d .baseline/mta_kernels ]; then
+    local old="$PWD/.baseline:/tmp/site:$PWD/scripts"
+    MTA_KERNELS_CHUNKED_TALKING_HEADS=0 PYTHONPATH=$old timeout 400 python3 scripts/time_paths.py \
+      --label old:register --ops talking_heads --max-l ${MAX_L:-131072} --out "$csv"
+    MTA_KERNELS_CHUNKED_FORWARD=0 PYTHONPATH=$old timeout 400 python3 scripts/time_paths.py \
+      --label old:general --ops full,pre_conv,post_conv --modes fwd --max-l 32768 --out "$csv"
+  fi
+}
+
+step_profile() {
+  for spec in "full 1,16,4096,128" "full 4,16,2048,96" "full 8,16,1024,64" "talking_heads 8,16,1024,64" \
+              "talking_heads 1,16,4096,128" "post_conv 1,16,4096,128"; do
+    set -- $spec
+    python3 scripts/profile_path.py --op $1 --shape $2 --mode fwd+bwd --top 14
+  done 2>&1 | tee "$OUT/profile.log"
+}
+
+step_train() {
+  python3 -m bench.train --model 830M --batch 1,4 --rounds 3 2>&1 | tee "$OUT/train.log" | tail -20
+}
+
+step_decode() {
+  python3 -m bench.decode 2>&1 | tee "$OUT/decode.log" | tail -30
+}
+
+step_stress() {
+  python3 scripts/stress.py 2>&1 | tee "$OUT/stress.log" | tail -30
+}
+
+for step in "$@"; do
+  echo "=== $step"
+  "step_$step"
+done

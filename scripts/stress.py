@@ -1,0 +1,131 @@
+"""Reliability checks on a GPU, in one run (the issue's stress script):
+
+1. compute-sanitizer memcheck and racecheck over every path, forward and backward, on small
+   awkward shapes (a child process of this script under each tool);
+2. 100 repeated forward+backward calls at a large shape, every output and gradient bitwise
+   equal to the first;
+3. windows of rows of an L = 131072 call against the reference: the reference run on the
+   window's rows plus the convs' halo above them, over every key up to the window's end
+   (mta_reference's query block at the end of a sequence), under the spec's 2x rule.
+
+    python scripts/stress.py                 # all three; a summary table last
+    python scripts/stress.py --smoke         # what the sanitizer runs: every path once
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import mta_reference as R  # noqa: E402
+from mta_kernels import mta_attention  # noqa: E402
+from tolerance import check_rule  # noqa: E402
+
+PARTS = {"none": (), "talking_heads": ("pre_mix", "post_mix"), "full": ("pre_conv", "pre_mix", "post_conv", "post_mix"),
+         "pre_conv": ("pre_conv",), "post_conv": ("post_conv",), "pre_mix": ("pre_mix",), "post_mix": ("post_mix",)}
+SMOKE = [  # (B, H, Hkv, L, D, op, path)
+    (2, 4, 2, 77, 96, "none", "flash"), (1, 10, 10, 130, 64, "none", "sdpa"),
+    (2, 8, 4, 77, 96, "talking_heads", "talking_heads"), (1, 10, 10, 130, 64, "talking_heads", "chunked"),
+    (2, 4, 2, 77, 96, "full", "chunked"), (1, 4, 4, 5, 32, "full", "chunked"), (2, 4, 4, 70, 32, "pre_conv", "chunked"),
+    (1, 4, 4, 70, 32, "post_conv", "chunked"), (1, 4, 4, 70, 32, "post_mix", "chunked"),
+]
+
+
+def weights(op, H, device, cq=6, ck=11, group=None, noise=0.1):
+    group = group or H
+    make = dict(pre_conv=lambda: R.identity_conv(H, cq, ck, device=device),
+                post_conv=lambda: R.identity_conv(H, cq, ck, device=device),
+                pre_mix=lambda: R.identity_mix(H, group, device=device),
+                post_mix=lambda: R.identity_mix(H, group, device=device))
+    g = torch.Generator(device=device).manual_seed(1)
+    return {p: make[p]() + noise * torch.randn(make[p]().shape, generator=g, device=device) for p in PARTS[op]}
+
+
+def smoke():
+    """Every path forward and backward once, bf16 and fp16 (what the sanitizers run)."""
+    for B, H, Hkv, L, D, op, path in SMOKE:
+        for dtype in (torch.bfloat16, torch.float16):
+            q = torch.randn(B, H, L, D, device="cuda", dtype=dtype, requires_grad=True)
+            k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+            ws = {n: w.requires_grad_() for n, w in weights(op, H, "cuda", cq=3, ck=5).items()}
+            out = mta_attention(q, k, v, **ws, kernel_options={"path": path})
+            out.backward(torch.randn_like(out))
+    torch.cuda.synchronize()
+    print("smoke: every path ran", flush=True)
+
+
+def sanitize(tool):
+    exe = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    if not os.path.exists(exe):
+        return f"{tool}: compute-sanitizer not found"
+    t0 = time.time()
+    run = subprocess.run([exe, "--tool", tool, "--error-exitcode", "3", sys.executable, __file__, "--smoke"],
+                         capture_output=True, text=True, timeout=1500)
+    tail = (run.stdout + run.stderr).strip().splitlines()[-3:]
+    summary = next((line for line in reversed(tail) if "ERROR SUMMARY" in line), tail[-1] if tail else "")
+    return f"{tool}: exit {run.returncode}, {summary.strip()} ({time.time() - t0:.0f} s)"
+
+
+def repeat_bitwise(op, shape, n=100):
+    B, H, L, D = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    ws = {n_: w.requires_grad_() for n_, w in weights(op, H, "cuda").items()}
+    do = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    inputs = [q, k, v, *ws.values()]
+    options = {"path": "flash"} if op == "none" else None    # SDPA's backward need not be deterministic
+    first = None
+    for _ in range(n):
+        out = mta_attention(q, k, v, **ws, kernel_options=options)
+        got = [out, *torch.autograd.grad(out, inputs, do)]
+        if first is None:
+            first = [t.clone() for t in got]
+        elif not all(torch.equal(a, b) for a, b in zip(first, got)):
+            return f"repeat {op} {shape}: NOT bitwise equal"
+    return f"repeat {op} {shape}: {n} forward+backward calls bitwise equal"
+
+
+def window_rows(op, L=131072, H=16, D=128, rows=64):
+    """The kernel's rows [end - rows, end) of an L-long call against the reference on that window."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    ws = weights(op, H, "cuda", noise=0.05)
+    with torch.no_grad():
+        out = mta_attention(q, k, v, **ws)
+    halo = R.conv_row_halo(ws.get("pre_conv"), ws.get("post_conv"))
+    results = []
+    for end in (rows + halo, L // 2 + 17, L):
+        blk = dict(q_prev=q[:, :, end - rows - halo:end - rows] if halo else None)
+        args = (q[:, :, end - rows:end], k[:, :, :end], v[:, :, :end])
+        ref = R.mta_attention(*args, **ws, **blk, compute_dtype=torch.float32)
+        low = R.mta_attention(*args, **ws, **blk, compute_dtype=torch.bfloat16)
+        try:
+            err, bound = check_rule(f"rows {end - rows}..{end}", out[:, :, end - rows:end], ref, low, torch.bfloat16)
+            results.append(f"window {op} L={L} rows {end - rows}..{end}: err {err:.2e} <= bound {bound:.2e}")
+        except AssertionError as e:
+            results.append(f"window {op} L={L}: FAILED {e}")
+    return results
+
+
+def main(argv):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        smoke()
+        return
+    lines = [sanitize("memcheck"), sanitize("racecheck")]
+    for op in ("full", "talking_heads", "none"):
+        lines.append(repeat_bitwise(op, (1, 16, 4096, 128)))
+    for op in ("full", "talking_heads", "none"):
+        lines += window_rows(op)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
