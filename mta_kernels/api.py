@@ -8,7 +8,7 @@ from mta_reference.validate import conv_row_halo, validate, validate_block, vali
 
 from .autograd import MTAFunction, mta_fwd, pack_options
 from .blocks import block_forward
-from .dispatch import choose_path
+from .dispatch import choose_block_path, choose_path
 from .flash import sdpa
 from .options import KernelOptions, resolve
 from .packed import run_packed
@@ -92,21 +92,21 @@ def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix
     _check_backend(q, p.D)
     _check_conv_sizes(pre_conv, post_conv)
     options = resolve(kernel_options)
-    options = options._replace(path=choose_path(q, weights, options))
     if cu_seqlens is not None or max_seqlen is not None:
         docs = validate_packed(q, k, cu_seqlens, max_seqlen, q_prev, seqlens)
+        options = options._replace(path=choose_path(q, weights, options))
         return run_packed(lambda qb, kb, vb: _dense(qb, kb, vb, weights, causal, pad_key, p.scale, options),
                           q, k, v, docs, causal)
     if q_prev is None and seqlens is None and q.shape[2] == k.shape[2]:
-        return _dense(q, k, v, weights, causal, pad_key, p.scale, options)
-    lens = _validate_block(q, k, pre_conv, post_conv, q_prev, seqlens)
+        return _dense(q, k, v, weights, causal, pad_key, p.scale, options._replace(path=choose_path(q, weights, options)))
+    _validate_block(q, k, pre_conv, post_conv, q_prev, seqlens)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, q_prev, *weights)):
         raise RuntimeError("mta_attention with a query block (q shorter than k, q_prev or seqlens) is forward "
                            "only: run it under torch.no_grad(), or pass the whole sequence for gradients")
-    if options.path == "talking_heads":      # a block runs on the general row-chunked path
-        options = options._replace(path="chunked")
-    return block_forward(q, k, v, weights, causal=causal, pad_key=pad_key, scale=p.scale, q_prev=q_prev, lens=lens,
-                         halo=conv_row_halo(pre_conv, post_conv), path=options.path, options=options)
+    path = choose_block_path(q, weights, pad_key, options)
+    return block_forward(q, k, v, weights, causal=causal, pad_key=pad_key, scale=p.scale, q_prev=q_prev,
+                         seqlens=seqlens, halo=conv_row_halo(pre_conv, post_conv), path=path,
+                         options=options._replace(path=path))
 
 
 def _dense(q, k, v, weights, causal, pad_key, scale, options):
@@ -129,10 +129,11 @@ def _as_bool(causal):
 
 
 def _validate_block(q, k, pre_conv, post_conv, q_prev, seqlens):
-    """validate_block's checks and seqlens as a list; while a CUDA graph is being captured, the
-    values of a CUDA seqlens cannot be read, so only its shape and dtype are checked and the
-    block runs over all Lk keys' shapes."""
+    """validate_block's checks; while a CUDA graph is captured the values of a CUDA seqlens
+    cannot be read, so only its kind and shape are checked then."""
     if seqlens is not None and seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("seqlens on CUDA cannot be read while a CUDA graph is captured; "
-                           "pass it on the CPU")
-    return validate_block(q, k, pre_conv, post_conv, q_prev, seqlens)
+        if seqlens.dtype not in (torch.int32, torch.int64) or seqlens.shape != (q.shape[0],):
+            raise ValueError(f"seqlens must be a ({q.shape[0]},) int32 or int64 tensor, got "
+                             f"{tuple(seqlens.shape)} {seqlens.dtype}")
+        seqlens = None
+    validate_block(q, k, pre_conv, post_conv, q_prev, seqlens)

@@ -8,6 +8,7 @@ with those earlier rows prepended as the convs' halo.
 import torch
 
 from .autograd import flash_scale
+from .decode import mta_decode_fwd
 from .flash import flash_fwd, sdpa
 from .mta.forward import mta_chunked_fwd
 from .options import Options
@@ -23,11 +24,16 @@ def _length_groups(lens, B):
     return sorted(groups.items())
 
 
-def block_forward(q, k, v, weights, *, causal: bool, pad_key: str, scale: float, q_prev, lens, halo: int,
+def block_forward(q, k, v, weights, *, causal: bool, pad_key: str, scale: float, q_prev, seqlens, halo: int,
                   path: str, options: Options):
-    """The block's output (B, H, Lq, D) in q's dtype. lens: each sequence's key count (a list),
-    or None for all Lk; halo: the convs' row halo (cq-1)+(cq'-1); path: the dispatcher's for the
-    weights ('sdpa', 'flash' or a row-chunked one)."""
+    """The block's output (B, H, Lq, D) in q's dtype. seqlens: each sequence's key count ((B,)
+    ints), or None for all Lk; halo: the convs' row halo (cq-1)+(cq'-1); path: the dispatcher's
+    ('decode', 'sdpa', 'flash' or 'chunked'). Only the decode path reads seqlens on the device;
+    the others run each group of equally long sequences on its own."""
+    if path == "decode":
+        lens = None if seqlens is None else seqlens.to(device=q.device, dtype=torch.int32)
+        return mta_decode_fwd(q, k, v, weights, q_prev, lens, causal=causal, pad_key=pad_key, scale=scale)
+    lens = None if seqlens is None else seqlens.tolist()
     B, H, Lq, D = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     for n, idx in _length_groups(lens, B):

@@ -17,7 +17,7 @@ MIX = dict(elements=2048, elements_16bit=4096, num_warps=4, num_stages=3)
 MIX_BACKWARD = dict(elements=2048, elements_16bit=4096, num_warps=4, num_stages=1)
 TALKING_HEADS_BACKWARD = dict(elements=1024, num_warps=1, num_stages=3)
 
-# Causal talking heads' matmuls through tensor descriptors (slabs/causal_matmul.py): TILES key
+# Causal talking heads' matmuls through tensor descriptors (slabs/matmul.py): TILES key
 # tiles per scores program; SMEM_BYTES caps A V's pipeline stages.
 CAUSAL_SCORES = dict(BM=128, BN=128, TILES=4, num_warps=4, num_stages=1)
 CAUSAL_PV = dict(BM=128, BN=64, num_warps=8, num_stages=5)

@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional, TypedDict
 import torch
 
 # The named paths of dispatch.py, in the order dispatch considers them.
-PATHS = ("sdpa", "flash", "talking_heads", "chunked")
+PATHS = ("sdpa", "flash", "talking_heads", "chunked", "decode")
 
 DEFAULT_CHUNK_BYTES = 1 << 30
 

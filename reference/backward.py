@@ -1,4 +1,4 @@
-"""Gradients of the reference MTA written out as in spec section 3 (materialized, O(L^2)).
+"""Gradients of the reference MTA written out as in docs/spec.md section 3 (materialized, O(L^2)).
 
 The chain, per batch element and head: dA = dO v^T; post_mix^T; post conv^T on dA1
 zeroed on F, then zeroed on F; dZ = P * (dP - Delta) with Delta = rowsum(P * dP) (not

@@ -64,7 +64,7 @@ class Intermediates(NamedTuple):
 def forward_intermediates(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix=None, *,
                           causal=True, pad_key="both", scale=None, compute_dtype=torch.float32,
                           row_range=None, key_end=None, conv=None, mix=None) -> Intermediates:
-    """The forward of spec section 2, step by step; see ``mta_attention`` for the arguments.
+    """The forward of docs/spec.md section 2, step by step; see ``mta_attention`` for the arguments.
 
     row_range=(lo, hi) computes only query rows lo..hi-1 of every tensor. The convs then
     read zeros above row lo, so a result row i is exact only from lo + (cq-1) (pre conv) or
@@ -118,7 +118,7 @@ def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix
     the input dtype to play the low-precision baseline). The softmax runs in fp32, or
     fp64 when compute_dtype is fp64. Returns (B, H, L, D) in q's dtype.
 
-    A query block at the end of the sequence (spec section 8): q (B, H, Lq, D) with
+    A query block at the end of the sequence (docs/spec.md, section 8): q (B, H, Lq, D) with
     Lq <= Lk for k, v (B, Hkv, Lk, D); row r is position Lk - Lq + r. q_prev (B, H, P, D)
     holds the queries just before the block (its last row is position Lk - Lq - 1); it is
     required, P >= ``conv_row_halo(pre_conv, post_conv)``, when that halo is not 0 and
@@ -126,7 +126,7 @@ def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix
     int32/int64: sequence b has keys 0 .. seqlens[b]-1 (later keys are never read) and its
     block ends at its last key. Returns (B, H, Lq, D).
 
-    Packed documents (spec section 9): cu_seqlens (N+1,) int32/int64 offsets [0, ..., T] of
+    Packed documents (docs/spec.md, section 9): cu_seqlens (N+1,) int32/int64 offsets [0, ..., T] of
     N non-empty documents in q (1, H, T, D), k, v (1, Hkv, T, D); each document is an
     independent sequence. max_seqlen, if given, must be >= every document's length.
     Returns (1, H, T, D).

@@ -76,7 +76,7 @@ def validate(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix=None
     """Check every argument of ``mta_attention`` and return the problem sizes.
 
     block=True lets q be shorter than k and v (a query block at the end of the sequence,
-    spec section 8); ``validate_block`` then checks q_prev and seqlens."""
+    docs/spec.md section 8); ``validate_block`` then checks q_prev and seqlens."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x, 4)
         if x.dtype not in INPUT_DTYPES:
@@ -136,7 +136,7 @@ def _check_lengths(name, x, device):
 
 
 def validate_block(q, k, pre_conv=None, post_conv=None, q_prev=None, seqlens=None):
-    """Check the arguments of a query block at the end of the sequence (spec section 8),
+    """Check the arguments of a query block at the end of the sequence (docs/spec.md, section 8),
     after ``validate(..., block=True)``; return seqlens as a list (None when not given).
 
     q: (B, H, Lq, D); k: (B, Hkv, Lk, D), Lq <= Lk. q_prev: (B, H, P, D), the queries just
@@ -178,7 +178,7 @@ def validate_block(q, k, pre_conv=None, post_conv=None, q_prev=None, seqlens=Non
 
 
 def validate_packed(q, k, cu_seqlens, max_seqlen=None, q_prev=None, seqlens=None):
-    """Check the arguments of packed documents (spec section 9), after ``validate``; return the
+    """Check the arguments of packed documents (docs/spec.md, section 9), after ``validate``; return the
     documents' (start, end) offsets.
 
     q: (1, H, T, D); k: (1, Hkv, T, D). cu_seqlens: (N+1,) int32/int64 offsets, 0 first, T

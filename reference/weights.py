@@ -1,4 +1,4 @@
-"""Identity weights and converters from the authors' parameter layouts (spec section 7)."""
+"""Identity weights and converters from the authors' parameter layouts (docs/spec.md, section 7)."""
 import torch
 
 from .validate import left_pad

@@ -5,6 +5,7 @@
 #
 # steps:
 #   env       the GPU, driver, torch and triton
+#   check     every path against the reference on small awkward shapes (scripts/stress.py --check)
 #   tests     the GPU-marked tests (bf16/fp16 at realistic sizes, every path forced)
 #   grid      the benchmark grid (eager and CUDA-graph timing, launches, memory) recorded to
 #             bench/results/results.csv; the file comes back under $OUT
@@ -24,6 +25,10 @@ mkdir -p "$OUT"
 mkdir -p /tmp/site && ln -sfn "$PWD/reference" /tmp/site/mta_reference
 export PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts"
 export MTA_BENCH_COMMIT=$(cat scripts/device_commit 2>/dev/null || echo unknown)
+
+step_check() {
+  python3 scripts/stress.py --check 2>&1 | tee "$OUT/check.log" | tail -45
+}
 
 step_env() {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
@@ -70,6 +75,7 @@ step_train() {
 
 step_decode() {
   python3 -m bench.decode 2>&1 | tee "$OUT/decode.log" | tail -30
+  cp bench/runs/decode_*.csv "$OUT/" 2>/dev/null
 }
 
 step_stress() {

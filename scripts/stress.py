@@ -10,6 +10,7 @@
 
     python scripts/stress.py                 # all three; a summary table last
     python scripts/stress.py --smoke         # what the sanitizer runs: every path once
+    python scripts/stress.py --check         # every path against the reference (2x rule)
 """
 import argparse
 import os
@@ -56,6 +57,45 @@ def smoke():
             out.backward(torch.randn_like(out))
     torch.cuda.synchronize()
     print("smoke: every path ran", flush=True)
+
+
+def check():
+    """Every path of SMOKE against the reference under the 2x rule, output and every gradient,
+    bf16 and fp16; and the decode path (a block of 1 and 3 rows) in the forward."""
+    failures = []
+    for B, H, Hkv, L, D, op, path in SMOKE:
+        for dtype in (torch.bfloat16, torch.float16):
+            g = torch.Generator(device="cuda").manual_seed(3)
+            q = torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=g)
+            k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+            ws = weights(op, H, "cuda", cq=3, ck=5)
+            inputs = [x.requires_grad_() for x in (q, k, v, *ws.values())]
+            do = torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=g)
+
+            def run(fn, **kw):
+                out = fn(q, k, v, **ws, **kw)
+                return [out, *torch.autograd.grad(out, inputs, do)]
+            got = run(mta_attention, kernel_options={"path": path})
+            ref = run(R.mta_attention, compute_dtype=torch.float32)
+            low = run(R.mta_attention, compute_dtype=dtype)
+            names = ["out", "dq", "dk", "dv", *[f"d{n}" for n in ws]]
+            for name, a, r, lo in zip(names, got, ref, low):
+                try:
+                    check_rule(f"{op}/{path}/{dtype}/{name}", a, r, lo, dtype)
+                except AssertionError as e:
+                    failures.append(str(e))
+            with torch.no_grad():
+                halo = R.conv_row_halo(ws.get("pre_conv"), ws.get("post_conv"))
+                for Lq in (1, 3):
+                    blk = dict(q_prev=q[:, :, L - Lq - halo:L - Lq]) if halo else {}
+                    a = mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, kernel_options={"path": "decode"})
+                    r = R.mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, compute_dtype=torch.float32)
+                    lo = R.mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, compute_dtype=dtype)
+                    try:
+                        check_rule(f"{op}/decode{Lq}/{dtype}", a, r, lo, dtype)
+                    except AssertionError as e:
+                        failures.append(str(e))
+    print(f"check: {len(failures)} failures", *failures[:40], sep="\n", flush=True)
 
 
 def sanitize(tool):
@@ -115,9 +155,13 @@ def window_rows(op, L=131072, H=16, D=128, rows=64):
 def main(argv):
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
     if args.smoke:
         smoke()
+        return
+    if args.check:
+        check()
         return
     lines = [sanitize("memcheck"), sanitize("racecheck")]
     for op in ("full", "talking_heads", "none"):

@@ -1,6 +1,6 @@
 """The row-chunked MTA backward for calls with a conv or a head mix (mta_chunked_bwd).
 
-It follows ``mta_reference.mta_attention_backward`` (the chain of spec section 3) on slabs of
+It follows ``mta_reference.mta_attention_backward`` (the chain of docs/spec.md section 3) on slabs of
 rows [lo, hi), every batch element and head at once. For a chunk's output rows [r0, r1):
 
   - the convs read rows above, so the recomputed forward is exact from lo + HQ + HP on,

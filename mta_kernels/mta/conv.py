@@ -103,7 +103,7 @@ def key_query_conv(x: torch.Tensor, w: torch.Tensor, pad_key: str, zero_above=No
     w (H, cq, ck); zero outside x. Returns (B, H, R, L) in x's dtype (``out`` if given, which
     must be contiguous); with mask_output also zero where j - i > zero_above. band=True (with
     zero_above and ``out``): only the tiles holding an entry whose conv window reaches above
-    that diagonal, j - i > zero_above - (cq-1) - (ck-1-pL), are written (pre_conv_matmul.py
+    that diagonal, j - i > zero_above - (cq-1) - (ck-1-pL), are written (mta/pre_conv.py
     makes the others), and x may hold only the slab's columns from x_col0 on (at most
     band_first_column(...), the first that those tiles read)."""
     if band and (zero_above is None or out is None):

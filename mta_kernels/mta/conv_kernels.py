@@ -1,7 +1,7 @@
 """The key-query convolution on materialized slabs of scores, and its two gradients, on
 tensor cores.
 
-Used by the row-chunked backward (chunked_backward.py), which holds (B, H, R, L) slabs of
+Used by the row-chunked paths (mta/forward.py, mta/backward.py), which hold (B, H, R, L) slabs of
 the forward's intermediates. With pL the kernel's left padding, for x (R, L) of one
 (batch, head):
 

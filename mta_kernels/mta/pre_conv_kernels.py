@@ -1,5 +1,5 @@
-"""Triton kernels of the pre-softmax conv of a slab as one matmul of inner width cq * D (design doc, "Pre-softmax
-conv as one matmul"), for the row-chunked forward.
+"""Triton kernels of the pre-softmax conv of a slab as one matmul of inner width cq * D
+(docs/design.md, "The algebra the kernels use").
 
 With w (H, cq, ck) the pre conv's weights and pL its left key padding,
 
@@ -7,11 +7,9 @@ With w (H, cq, ck) the pre conv's weights and pL its left key padding,
 
 (q rows above 0 and k rows outside [0, L) zero) is the conv of the scores s0 = scale q k^T
 wherever the conv window reads no causal-future score, that is for j - i <= Z - (cq-1) -
-(ck-1-pL) in a slab whose scores are zero for j - i > Z. The slab conv kernel recomputes the
-tiles nearer the diagonal from s0 (slab_conv.key_query_conv with band=True). Unlike the slab
-conv, which reads s0 from memory once per query offset, this is one tensor-core GEMM on
-16-bit q and K~ (K~ rounded to q's dtype, as the design doc's precision note allows); K~ is
-made once per batch element: (B, H, L, cq, D), O(L) memory.
+(ck-1-pL) in a slab whose scores are zero for j - i > Z; the slab conv kernel makes the tiles
+nearer the diagonal (mta/conv.py, band=True). conv_keys_kernel makes K~ (B, H, L, cq, D) in
+q's 16-bit dtype, O(L) memory; pre_conv_matmul_kernel is one tensor-core GEMM on q and K~.
 """
 import triton
 import triton.language as tl

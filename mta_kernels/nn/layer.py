@@ -13,11 +13,11 @@ The attention itself is ``mta_kernels.mta_attention`` (``backend="fused"``) or t
 plain-PyTorch ``mta_reference.mta_attention`` (``backend="reference"``); both read the
 same parameters, so one module can be switched between them.
 
-Parameters are stored in this project's layouts (spec section 2): ``pre_conv`` /
+Parameters are stored in this project's layouts (docs/spec.md, section 2): ``pre_conv`` /
 ``post_conv`` (H, cq, ck), ``pre_mix`` / ``post_mix`` (G, ch, ch) as W[g, out, in].
 ``from_official_args`` / ``load_official_state_dict`` / ``official_state_dict`` port to
 and from the authors' training code (facebookresearch/RAM, ``projects/mta``), converting
-layouts per spec section 7.
+layouts per docs/spec.md section 7.
 
 Interpretations, where the paper or the issue leave room (read against the authors' code):
 
@@ -67,7 +67,7 @@ from mta_reference import PAD_KEYS, identity_conv, identity_mix
 BACKENDS = ("fused", "reference")
 VARIANTS = ("mta", "talking_heads", "baseline")
 
-# The paper's models (spec section 6): dim, layers, heads (head dim = dim // heads).
+# The paper's models (docs/spec.md, section 6): dim, layers, heads (head dim = dim // heads).
 PAPER_MODELS: Dict[str, Dict[str, int]] = {
     "300M": dict(dim=1024, n_layers=20, n_heads=16),
     "550M": dict(dim=1280, n_layers=24, n_heads=10),

@@ -96,7 +96,7 @@ class MTATransformerConfig:
     @classmethod
     def paper(cls, model: str, variant: str = "mta", vocab_size: int = LLAMA3_VOCAB,
               **overrides) -> "MTATransformerConfig":
-        """The paper's '300M', '550M', '830M' or '1B' model (spec section 6), MTA or a baseline."""
+        """The paper's '300M', '550M', '830M' or '1B' model (docs/spec.md, section 6), MTA or a baseline."""
         if model not in PAPER_MODELS:
             raise ValueError(f"model must be one of {tuple(PAPER_MODELS)}, got {model!r}")
         return cls(vocab_size=vocab_size, variant=variant, **{**PAPER_MODELS[model], **overrides})

@@ -146,7 +146,7 @@ def mix_softmax_rows_kernel(x, w, w_post, out, lse, sxb, sxh, sxi, sxj, sob, soh
     out's dtype. With WRITE_LSE, lse (B, H, R) with strides (slb, slh, 1) gets each row's
     log-sum-exp (of the first mix's logits); with READ_LSE it holds them already (from the
     forward), and one sweep over the keys normalises with them. Without WRITE_FUTURE, the
-    key blocks past the row's last key are left unwritten (for causal_matmul.causal_pv, which
+    key blocks past the row's last key are left unwritten (for slabs.matmul.causal_pv, which
     masks them). The math runs in w's dtype (fp32 for 16-bit x); with MIX16 (POST16) the pre
     (post) mix is two dots in x's 16-bit dtype on w's high and low parts, with EXP2 the logits are
     in base 2 (the lse written and read stays natural). One program per (batch, group, row),

@@ -69,7 +69,7 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
     the rows' log-sum-exp, known (the backward's recomputation has the forward's), so that one
     sweep over the keys does (not with want_lse). write_future=False (with zero_above): the key
     blocks wholly in a row's causal future are left unwritten, for a reader that masks them
-    (causal_matmul.causal_pv), instead of written as zeros."""
+    (slabs.matmul.causal_pv), instead of written as zeros."""
     B, H, R, K = x.shape
     G, ch, _ = w.shape
     cd = acc_dtype(x)
