@@ -172,12 +172,14 @@ def load_official_state_dict(model: MTATransformer, state_dict: Mapping[str, tor
     """
     if not isinstance(model, MTATransformer):
         raise TypeError(f"model must be an MTATransformer, got {type(model).__name__}")
-    sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and k[len(prefix):] not in IGNORED_KEYS}
+    sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    sd = {k: v for k, v in sd.items() if k not in IGNORED_KEYS}
     targets = _block_tensors(model)
     missing = [k for k in targets if k not in sd]
     if missing:
         raise KeyError(f"official state dict lacks {missing}")
-    tied_outputs = [k for k in ("output.weight", "output.tied_module.weight") if k in sd] if model.config.weight_tying else []
+    tied_outputs = [k for k in ("output.weight", "output.tied_module.weight")
+                    if k in sd and model.config.weight_tying]
     prefixes = tuple(f"layers.{i}.attention." for i in range(len(model.layers)))
     attention = [k for k in sd if k.startswith(prefixes)]     # checked by each layer's loader
     unexpected = sorted(set(sd) - set(targets) - set(tied_outputs) - set(attention))
