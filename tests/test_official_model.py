@@ -304,6 +304,8 @@ def test_checkpoint_forms_and_errors():
         official_transformer_config(**{**args, "mta": {**args["mta"], "curse_norm": True}})
     with pytest.raises(NotImplementedError, match="triton"):
         official_transformer_config(**args, triton=True)
+    with pytest.raises(ValueError, match="vocab_size"):
+        official_transformer_config(**{k: v for k, v in args.items() if k != "vocab_size"})
     with pytest.raises(TypeError, match="unknown model argument"):
         official_transformer_config(**args, n_layer=3)
     with pytest.raises(ValueError, match="both inside mta and at the top level"):

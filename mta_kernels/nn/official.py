@@ -103,6 +103,8 @@ def official_transformer_config(**args) -> OfficialTransformerConfig:
         raise NotImplementedError("triton=True checkpoints name their MTA weights differently; not supported")
     if a["sliding_window"] is not None:
         raise NotImplementedError("sliding_window attention is not implemented by MTATransformer")
+    if a["vocab_size"] is None or a["vocab_size"] <= 0:
+        raise ValueError("give vocab_size: their configs take it from the tokenizer (128256 for the paper's)")
     dim = a["dim"]
     if a["n_heads"] is None and a["head_dim"] is None:
         raise ValueError("give n_heads or head_dim (as the authors' TransformerBlock requires)")
