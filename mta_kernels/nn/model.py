@@ -186,6 +186,13 @@ class MTATransformer(nn.Module):
         """Run every attention layer on 'fused' or 'reference'; returns self."""
         return with_backend(self, backend)
 
+    @classmethod
+    def from_official_args(cls, backend: str = "fused", **args) -> "MTATransformer":
+        """A freshly initialised model from the authors' model arguments (``nn/official.py``); load
+        their weights with ``official.load_official_state_dict`` (or ``load_official_checkpoint``)."""
+        from .official import from_official_args
+        return from_official_args(backend=backend, **args)
+
     def forward(self, tokens: torch.Tensor, cache: Optional[MTACache] = None,
                 new_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (B, S) int64 -> logits (B, S, vocab_size). With ``cache`` (new_cache) the tokens
