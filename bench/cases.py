@@ -53,21 +53,40 @@ def sweep_shapes(lengths=SWEEP_L):
 
 
 def cpu_shapes():
-    """Tiny shapes for the Triton interpreter on CPU (correctness of the harness, not speed)."""
-    return [Shape(1, 4, 4, L, 32) for L in (32, 64)]
+    """The tiny shape for the Triton interpreter on CPU (correctness of the harness, not speed)."""
+    return [Shape(1, 4, 4, 32, 32)]
 
 
-SHAPE_SETS = ("paper", "sweep", "all", "tiny")
+# The GPU gate: (B, H, L, D), Hkv = H, with its ops, modes and providers.
+GRID = ((1, 16, 4096, 128), (4, 16, 2048, 96), (8, 16, 2048, 64), (8, 16, 2048, 128), (8, 16, 1024, 64),
+        (2, 16, 8192, 128), (1, 16, 16384, 128), (1, 16, 32768, 128), (1, 16, 131072, 128))
+GRID_OPS = ("none", "talking_heads", "full", "pre_conv", "post_conv")
+GRID_MODES = ("fwd", "fwd+bwd")
+GRID_PROVIDERS = ("fused", "sdpa")
 
 
-def shape_set(name: str, lengths=SWEEP_L):
-    """The shapes of a named set; ``lengths`` are the sweep's L values."""
-    return {
+def grid_shapes():
+    return [Shape(B, H, H, L, D) for B, H, L, D in GRID]
+
+
+SHAPE_SETS = ("paper", "sweep", "all", "grid", "tiny")
+
+
+def shape_set(name: str, lengths=None, max_l=None):
+    """The shapes of a named set. ``lengths``: the sweep's L values (default SWEEP_L); for the
+    other sets, keep only shapes with these L. ``max_l``: keep only shapes with L <= max_l."""
+    shapes = {
         "paper": paper_shapes,
-        "sweep": lambda: sweep_shapes(lengths),
-        "all": lambda: paper_shapes() + sweep_shapes(lengths),
+        "sweep": lambda: sweep_shapes(lengths or SWEEP_L),
+        "all": lambda: paper_shapes() + sweep_shapes(lengths or SWEEP_L),
+        "grid": grid_shapes,
         "tiny": cpu_shapes,
     }[name]()
+    if lengths and name not in ("sweep", "all"):
+        shapes = [s for s in shapes if s.L in lengths]
+    if max_l:
+        shapes = [s for s in shapes if s.L <= max_l]
+    return shapes
 
 
 def shape_label(B: int, H: int, Hkv: int, L: int, D: int) -> str:

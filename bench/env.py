@@ -1,6 +1,7 @@
-"""Who ran the benchmark on what: GPU name, library versions, commit and date."""
+"""Who ran the benchmark on what: GPU name, library versions, commit, date and run id."""
 import datetime
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -17,9 +18,8 @@ def _git(*args):
 
 
 def commit() -> str:
-    """Short hash of HEAD, '+dirty' when the work tree has changes (outside bench/results);
-    'nocommit' before the first commit. MTA_BENCH_COMMIT overrides it, for copies of the
-    tree without .git (the device machine gets the work tree only)."""
+    """Short hash of HEAD, '+dirty' when the work tree has changes outside bench/results;
+    'nocommit' without git. MTA_BENCH_COMMIT overrides it (for copies of the tree without .git)."""
     if os.environ.get("MTA_BENCH_COMMIT"):
         return os.environ["MTA_BENCH_COMMIT"]
     try:
@@ -27,7 +27,7 @@ def commit() -> str:
     except (OSError, RuntimeError, subprocess.TimeoutExpired):
         head = "nocommit"
     try:
-        # The results folder is left out: a run's own CSV must not make the next run dirty.
+        # Appending to bench/results must not make the next run dirty.
         dirty = bool(_git("status", "--porcelain", "--", ".", ":(exclude)bench/results"))
     except (OSError, RuntimeError, subprocess.TimeoutExpired):
         dirty = False
@@ -39,26 +39,15 @@ def device_name(on_gpu: bool) -> str:
 
 
 def run_info(on_gpu: bool) -> dict:
+    """gpu, torch, triton, commit, date (ISO 8601) and run ('<date>_<time>_<gpu>')."""
     import triton
-    return {
+    info = {
         "gpu": device_name(on_gpu),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "commit": commit(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-
-
-def kernel_switches() -> str:
-    """The mta_kernels switches in effect, as 'NAME=value' words for a results file: which
-    backward and forward paths ran and with what chunk budget."""
-    from mta_kernels import backward, chunked_forward, slabs
-    return " ".join([f"MTA_KERNELS_FUSED_MIX_BACKWARD={int(backward.FUSED_MIX_BACKWARD)}",
-                     f"MTA_KERNELS_CHUNKED_FORWARD={chunked_forward.CHUNKED_FORWARD}",
-                     f"MTA_KERNELS_CHUNKED_TALKING_HEADS={chunked_forward.CHUNKED_TALKING_HEADS}",
-                     f"MTA_KERNELS_CHUNK_BYTES={slabs.CHUNK_BYTES}",
-                     f"MTA_KERNELS_CHUNKED_TF32={int(slabs.TF32_MATMULS)}",
-                     f"MTA_KERNELS_PRE_CONV_MATMUL={slabs.PRE_CONV_MATMUL}",
-                     f"MTA_KERNELS_BF16_SCORES={int(chunked_forward.BF16_SCORES)}",
-                     f"MTA_KERNELS_BF16_SLABS={int(chunked_forward.BF16_SLABS)}",
-                     f"MTA_KERNELS_CAUSAL_MATMULS={chunked_forward.CAUSAL_MATMULS}"])
+    stamp = info["date"].replace(":", "").replace("T", "_")
+    info["run"] = f"{stamp}_{re.sub(r'[^A-Za-z0-9]+', '-', info['gpu']).strip('-')}"
+    return info

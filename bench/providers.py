@@ -2,6 +2,7 @@
 a function ``fn(q, k, v, weights) -> out`` with ``weights`` a {part: tensor or None} dict.
 
 fused           mta_kernels.mta_attention (Triton; interpreted on CPU)
+fused:<path>    the same with kernel_options={'path': <path>} (--paths)
 naive           mta_reference.mta_attention eagerly, every intermediate in the input dtype
 naive-compiled  torch.compile of the same
 sdpa            F.scaled_dot_product_attention: plain causal attention, no MTA (the speed bar);
@@ -22,13 +23,33 @@ def supports(provider: str, op: str) -> bool:
     return provider != "sdpa" or op == "none"
 
 
-def _fused(dtype):
-    # Imported on first use: the kernel may not exist yet, and TRITON_INTERPRET must be
-    # set before the import (bench/__main__.py does it).
+def fused_paths(op: str, on_gpu: bool) -> tuple:
+    """The paths of mta_kernels.dispatch that can run ``op`` (see applicable_paths there)."""
+    if op == "none":
+        return ("sdpa", "flash") if on_gpu else ("flash",)
+    if op == "talking_heads":
+        return ("talking_heads", "chunked")
+    return ("chunked",)
+
+
+def path_variants(op: str, on_gpu: bool) -> tuple:
+    """'fused:<path>' for each path that can run ``op``, where there are several."""
+    paths = fused_paths(op, on_gpu)
+    return tuple(f"fused:{p}" for p in paths) if len(paths) > 1 else ()
+
+
+def kernel_options(provider: str) -> dict:
+    """The kernel_options of a 'fused:<path>' provider ({} for the others)."""
+    return {"path": provider.split(":", 1)[1]} if provider.startswith("fused:") else {}
+
+
+def _fused(dtype, options=None):
+    # Imported on first use: TRITON_INTERPRET must be set before the import
+    # (bench/__main__.py does it).
     from mta_kernels import mta_attention
 
     def fn(q, k, v, w):
-        return mta_attention(q, k, v, **w, causal=True, pad_key="both")
+        return mta_attention(q, k, v, **w, causal=True, pad_key="both", kernel_options=options)
     return fn
 
 
@@ -79,4 +100,6 @@ _BUILDERS = {"fused": _fused, "naive": _naive, "naive-compiled": _naive_compiled
 
 def build(provider: str, dtype):
     """The callable for ``provider`` with inputs in ``dtype``; may raise (e.g. ImportError)."""
+    if provider.startswith("fused:"):
+        return _fused(dtype, kernel_options(provider))
     return _BUILDERS[provider](dtype)

@@ -1,41 +1,49 @@
-"""Results on disk: the CSV (written row by row while the run goes), and the markdown
-summary and PNG plots made from a CSV.
+"""Results on disk and what is made from them: the CSV (one row per case and timing, appended
+as a run goes), a run's markdown summary, the summary against SDPA over a grid of shapes, and
+a plot of time (or memory) against L.
 
-Regenerate the summary and plots of an existing run:  python -m bench.report RESULTS.csv
+    python -m bench.report --run RUN --plot time.png --grid-table grid.md
+    python -m bench.report --commit abc1234 --markdown summary.md
 """
 import argparse
 import csv
 import math
+import statistics
 import sys
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from pathlib import Path
 
 from .cases import OPS, shape_label
 
-COLUMNS = ("gpu", "torch", "triton", "commit", "date", "op", "mode", "provider", "B", "H", "Hkv",
-           "L", "D", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_mem_gib", "tflops", "status")
-INT_COLUMNS = ("B", "H", "Hkv", "L", "D")
+RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS_CSV = RESULTS / "results.csv"
+COLUMNS = ("run", "gpu", "torch", "triton", "commit", "date", "B", "H", "Hkv", "L", "D", "dtype",
+           "conv", "op", "mode", "provider", "options", "timing", "median_ms", "p20_ms", "p80_ms",
+           "peak_mem_gib", "launches", "tflops", "status")
+INT_COLUMNS = ("B", "H", "Hkv", "L", "D", "launches")
 FLOAT_COLUMNS = ("median_ms", "p20_ms", "p80_ms", "peak_mem_gib", "tflops")
-PROVIDER_ORDER = ("fused", "naive", "naive-compiled", "sdpa")
-COLORS = {"fused": "tab:blue", "naive": "tab:orange", "naive-compiled": "tab:red", "sdpa": "tab:green"}
 MODE_ORDER = ("fwd", "bwd", "fwd+bwd")
-CPU_WARNING = ("CPU run under the Triton interpreter: these timings are NOT performance numbers; "
-               "they only show that the harness and the correctness gate work.")
+TIMING_NAMES = {"eager": "eager", "cuda_graph": "graph"}
+COLORS = {"fused": "tab:blue", "naive": "tab:orange", "naive-compiled": "tab:red", "sdpa": "tab:green"}
+NOT_PERFORMANCE = ("timings under the interpreter are not performance numbers and are not reported")
 
 
 class CsvLog:
-    """One CSV per run: '#' comment lines, the header, then one flushed row per case."""
+    """Appends rows to a CSV (writing the header first if the file is new), flushed row by row."""
 
-    def __init__(self, path: Path, comments, append: bool = False, columns=COLUMNS):
-        """append: add rows to an existing run's CSV (its comments and header stay)."""
+    def __init__(self, path: Path, columns=COLUMNS):
         path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists() or path.stat().st_size == 0
+        if not new:
+            with open(path, newline="") as f:
+                header = tuple(next(csv.reader(f), ()))
+            if header != tuple(columns):
+                raise SystemExit(f"{path} has columns {header}, expected {tuple(columns)}: not appending")
         self.path = path
         self.columns = columns
-        self._file = open(path, "a" if append else "w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=columns)
-        if not append:
-            for line in comments:
-                self._file.write(f"# {line}\n")
+        self._file = open(path, "a", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=columns, lineterminator="\n")
+        if new:
             self._writer.writeheader()
             self._file.flush()
 
@@ -55,44 +63,49 @@ def _fmt_csv(x):
     return x
 
 
-def read_csv(path: Path, int_columns=INT_COLUMNS, float_columns=FLOAT_COLUMNS):
-    """(comment lines without '# ', rows as dicts with numbers parsed; '' -> None)."""
-    comments, lines = [], []
+def read_csv(path: Path, int_columns=INT_COLUMNS, float_columns=FLOAT_COLUMNS) -> list:
+    """Rows as dicts with numbers parsed ('' -> None)."""
     with open(path, newline="") as f:
-        for line in f:
-            if line.startswith("#"):
-                comments.append(line[1:].strip())
-            else:
-                lines.append(line)
-    rows = []
-    for row in csv.DictReader(lines):
+        rows = list(csv.DictReader(f))
+    for row in rows:
         for c in int_columns:
             row[c] = int(row[c]) if row.get(c) else None
         for c in float_columns:
             row[c] = float(row[c]) if row.get(c) else None
-        rows.append(row)
-    return comments, rows
+    return rows
 
 
-# ---------------------------------------------------------------- markdown summary
+def _commit_matches(commit: str, want: str) -> bool:
+    if commit == want:
+        return True
+    return "+" not in commit + want and min(len(commit), len(want)) >= 7 and \
+        (commit.startswith(want) or want.startswith(commit))
 
-def _shape_key(r):
+
+def select(rows, run=None, commit=None) -> list:
+    """The rows of one run, or of one commit (every run of it); by default the last run."""
+    if commit:
+        return [r for r in rows if _commit_matches(r["commit"], commit)]
+    run = run or (rows[-1]["run"] if rows else None)
+    return [r for r in rows if r["run"] == run]
+
+
+def latest(rows) -> list:
+    """One row per (shape, dtype, op, mode, provider, timing): the last one."""
+    out = OrderedDict()
+    for r in rows:
+        out[_key(r) + (r["op"], r["mode"], r["provider"], r["timing"])] = r
+    return list(out.values())
+
+
+# ---------------------------------------------------------------- summaries
+
+def _key(r):
     return (r["B"], r["H"], r["Hkv"], r["L"], r["D"], r["dtype"])
 
 
 def _ok(r):
-    return r is not None and r["status"] == "ok"
-
-
-def _short_status(r):
-    if r is None:
-        return "-"
-    s = r["status"]
-    if s == "ok":
-        return _fmt_ms(r["median_ms"])
-    if s == "oom":
-        return "OOM"
-    return s.split(":")[0]  # 'skipped', 'gate failed', 'error'
+    return r is not None and r["status"] == "ok" and r["median_ms"] is not None
 
 
 def _fmt_ms(x):
@@ -105,178 +118,227 @@ def _fmt_ms(x):
     return f"{x:.3f}"
 
 
+def _cell(r):
+    if r is None:
+        return "-"
+    if _ok(r):
+        return _fmt_ms(r["median_ms"])
+    return "OOM" if r["status"] == "oom" else r["status"].split(":")[0]
+
+
 def _ratio(a, b):
     return f"{a['median_ms'] / b['median_ms']:.3g}" if _ok(a) and _ok(b) else "-"
 
 
-def _peak(r):
-    return f"{r['peak_mem_gib']:.2f}" if _ok(r) and r["peak_mem_gib"] is not None else "-"
+def _order(names, first):
+    return [p for p in first if p in names] + sorted(p for p in names if p not in first)
 
 
-def _commits(rows) -> str:
-    """'commit X', or for a run resumed across commits each commit with its row count."""
-    counts = Counter(r.get("commit") for r in rows)
-    if len(counts) <= 1:
-        return f"commit {next(iter(counts), None)}"
-    listed = ", ".join(f"{c} ({n} rows)" for c, n in counts.items())
-    return (f"rows from {len(counts)} commits, resumed run by run ({listed}; dates "
-            f"{rows[0].get('date')} to {rows[-1].get('date')}; the CSV's commit column gives each row's)")
+def _header(rows) -> list:
+    first = rows[0]
+    commits = list(OrderedDict.fromkeys(r["commit"] for r in rows))
+    runs = list(OrderedDict.fromkeys(r["run"] for r in rows))
+    return [f"{first['gpu']}, torch {first['torch']}, triton {first['triton']}, commit {', '.join(commits)}, "
+            f"run {', '.join(runs)}; causal, convs {first.get('conv') or '?'}.", ""]
 
 
-def markdown(rows, comments) -> str:
-    index = {(_shape_key(r), r["op"], r["mode"], r["provider"]): r for r in rows}
-    first = rows[0] if rows else {}
-    dtypes = sorted({r["dtype"] for r in rows})
-    out = [f"# MTA benchmark: {first.get('gpu', '?')}, {first.get('date', '?')}", ""]
-    out.append(f"torch {first.get('torch')}, triton {first.get('triton')}, {_commits(rows)}, "
-               f"dtype {', '.join(dtypes)}, causal.")
-    out.append("")
-    if first.get("gpu") == "cpu":
-        out += [f"**{CPU_WARNING}**", ""]
-    if comments:
-        out += [f"- {c}" for c in comments] + [""]
-    out += ["Medians in ms. sdpa is plain causal attention (no MTA), the same bar for every op. "
-            "fused/sdpa: how many times plain attention's time fused MTA takes; naive/fused: speed-up "
-            "of the fused kernel over naive. Peak: GiB allocated above the inputs.", ""]
-    shapes = list(OrderedDict.fromkeys(_shape_key(r) for r in rows))
-    many_dtypes = len(dtypes) > 1
-    only_sdpa = all(r["provider"] == "sdpa" for r in rows)
-    for mode in [m for m in MODE_ORDER if any(r["mode"] == m for r in rows)]:
-        out += [f"## {mode}", "",
-                "| shape | op | fused | naive | naive-compiled | sdpa | fused/sdpa | naive/fused "
-                "| peak fused | peak naive |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for sk in shapes:
-            label = shape_label(*sk[:5]) + (f" {sk[5]}" if many_dtypes else "")
-            sdpa = index.get((sk, "none", mode, "sdpa"))
-            for op in OPS:
-                got = {p: index.get((sk, op, mode, p)) for p in ("fused", "naive", "naive-compiled")}
-                if not any(got.values()) and not (only_sdpa and op == "none" and sdpa):
-                    continue  # sdpa alone has its column in every row
-                f, n = got["fused"], got["naive"]
-                out.append(f"| {label} | {op} | {_short_status(f)} | {_short_status(n)} | "
-                           f"{_short_status(got['naive-compiled'])} | {_short_status(sdpa)} | "
-                           f"{_ratio(f, sdpa)} | {_ratio(n, f)} | {_peak(f)} | {_peak(n)} |")
-        out.append("")
+def markdown(rows) -> str:
+    """Per timing and mode: medians in ms per shape, op and provider, fused/sdpa and
+    naive/fused, peak memory and kernel launches of fused."""
+    rows = latest(rows)
+    if not rows:
+        return "no rows\n"
+    index = {(_key(r), r["op"], r["mode"], r["provider"], r["timing"]): r for r in rows}
+    shapes = list(OrderedDict.fromkeys(_key(r) for r in rows))
+    mta = _order({r["provider"] for r in rows} - {"sdpa"}, ("fused", "naive", "naive-compiled"))
+    has_sdpa = any(r["provider"] == "sdpa" for r in rows)
+    out = ["# MTA benchmark", ""] + _header(rows)
+    out += ["Medians in ms. sdpa: plain causal attention (no MTA), the bar for every op; fused/sdpa: how "
+            "many times its time fused MTA takes; naive/fused: fused's speed-up over naive. Peak: GiB "
+            "allocated above the inputs. Launches: CUDA kernels per call.", ""]
+    for timing in _order({r["timing"] for r in rows}, TIMING_NAMES):
+        for mode in _order({r["mode"] for r in rows}, MODE_ORDER):
+            cols = mta + (["sdpa"] if has_sdpa else [])
+            ratios = [(a, b) for a, b in (("fused", "sdpa"), ("naive", "fused")) if a in cols and b in cols]
+            extra = [c for c in ("fused", "naive") if c in mta and any(
+                r["peak_mem_gib"] is not None for r in rows if r["provider"] == c)]
+            launches = "fused" in mta and any(r["launches"] is not None for r in rows)
+            out += [f"## {mode}, {TIMING_NAMES.get(timing, timing)}", "",
+                    "| shape | op | " + " | ".join(cols + [f"{a}/{b}" for a, b in ratios]
+                                                  + [f"peak {c}" for c in extra]
+                                                  + (["launches fused"] if launches else [])) + " |",
+                    "|---|---|" + "---:|" * (len(cols) + len(ratios) + len(extra) + launches)]
+            for sk in shapes:
+                sdpa = index.get((sk, "none", mode, "sdpa", timing))
+                for op in OPS:
+                    got = {p: index.get((sk, op, mode, p, timing)) for p in mta}
+                    if not any(got.values()):
+                        continue
+                    got["sdpa"] = sdpa
+                    cells = [_cell(got[c]) for c in cols] + [_ratio(got[a], got[b]) for a, b in ratios]
+                    cells += [f"{got[c]['peak_mem_gib']:.2f}" if _ok(got[c]) and got[c]["peak_mem_gib"] is not None
+                              else "-" for c in extra]
+                    if launches:
+                        f = got["fused"]
+                        cells.append(str(f["launches"]) if f is not None and f["launches"] is not None else "-")
+                    out.append(f"| {shape_label(*sk[:5])} | {op} | " + " | ".join(cells) + " |")
+            out.append("")
+    table = grid_table(rows)
+    if table:
+        out += ["## Against SDPA over the shapes", ""] + table + [""]
     not_ok = OrderedDict()
     for r in rows:
         if r["status"] != "ok":
-            key = (r["provider"], r["status"])
-            not_ok[key] = not_ok.get(key, 0) + 1
+            not_ok[(r["provider"], r["status"])] = not_ok.get((r["provider"], r["status"]), 0) + 1
     if not_ok:
-        out += ["## Not timed", "", "| provider | status | cases |", "|---|---|---:|"]
+        out += ["## Not timed", "", "| provider | status | rows |", "|---|---|---:|"]
         out += [f"| {p} | {s.replace('|', '/')} | {n} |" for (p, s), n in not_ok.items()]
         out.append("")
     return "\n".join(out)
 
 
-# ---------------------------------------------------------------- plots
+def grid_table(rows) -> list:
+    """Markdown lines: per op, mode and MTA provider, the geometric mean and the worst of its
+    time over SDPA's at the same shape, over the shapes where both ran, per timing."""
+    rows = latest(rows)
+    index = {(_key(r), r["op"], r["mode"], r["provider"], r["timing"]): r for r in rows}
+    timings = _order({r["timing"] for r in rows if _ok(r)}, TIMING_NAMES)
+    if not any(r["provider"] == "sdpa" and _ok(r) for r in rows):
+        return []
+    groups = OrderedDict()
+    for op in OPS:
+        for mode in MODE_ORDER:
+            for p in _order({r["provider"] for r in rows if r["op"] == op and r["mode"] == mode} - {"sdpa"},
+                            ("fused",)):
+                groups[(op, mode, p)] = None
+    out = ["| op | mode | provider | " + " | ".join(f"{TIMING_NAMES.get(t, t)}: geomean | {TIMING_NAMES.get(t, t)}: "
+                                                  f"worst" for t in timings) + " |",
+           "|---|---|---|" + "---:|---:|" * len(timings)]
+    for op, mode, p in groups:
+        cells = []
+        for t in timings:
+            ratios = []
+            for r in rows:
+                if (r["op"], r["mode"], r["provider"], r["timing"]) == (op, mode, p, t):
+                    sdpa = index.get((_key(r), "none", mode, "sdpa", t))
+                    if _ok(r) and _ok(sdpa):
+                        ratios.append((r["median_ms"] / sdpa["median_ms"], _key(r)))
+            if ratios:
+                geo = math.exp(statistics.fmean(math.log(x) for x, _ in ratios))
+                worst, wk = max(ratios)
+                cells += [f"{geo:.3g}x (n={len(ratios)})", f"{worst:.3g}x ({shape_label(*wk[:5])})"]
+            else:
+                cells += ["-", "-"]
+        out.append(f"| {op} | {mode} | {p} | " + " | ".join(cells) + " |")
+    return out
 
-def _sweep_rows(rows):
-    """Rows of the (B, H, Hkv, D, dtype) family with the most distinct L (at least 2), or []."""
+
+def cpu_summary(rows) -> str:
+    """What a run under the interpreter shows: which providers x ops passed the gate and ran."""
+    pairs = OrderedDict()
+    for r in rows:
+        pairs.setdefault((r["provider"], r["op"]), []).append(r["status"])
+    passed = [k for k, s in pairs.items() if all(x == "ok" for x in s)]
+    lines = [f"correctness gate: {len(passed)} of {len(pairs)} providers x ops passed and ran every "
+             f"case ({len(rows)} cases); {NOT_PERFORMANCE}."]
+    for (p, op), statuses in pairs.items():
+        bad = [s for s in statuses if s != "ok"]
+        if bad:
+            lines.append(f"  {p} {op}: {bad[0]} ({len(bad)} of {len(statuses)} cases)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- plot
+
+def plot(rows, path: Path, metric: str = "median_ms") -> bool:
+    """``metric`` against L for the (B, H, Hkv, D, dtype) family with the most L values: one
+    panel per op and mode, one line per provider and timing (sdpa in every panel). Returns
+    False (and writes nothing) when no family has 2 or more L."""
+    rows = [r for r in latest(rows) if _ok(r) and r[metric] is not None]
     families = OrderedDict()
     for r in rows:
         families.setdefault((r["B"], r["H"], r["Hkv"], r["D"], r["dtype"]), []).append(r)
     best = max(families.values(), key=lambda rs: len({r["L"] for r in rs}), default=[])
-    return best if len({r["L"] for r in best}) >= 2 else []
-
-
-def _series(rows, op, mode, provider, value):
-    pts = sorted((r["L"], value(r)) for r in rows
-                 if (r["op"], r["mode"], r["provider"]) == (op, mode, provider) and _ok(r)
-                 and value(r) is not None)
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def plots(rows, stem: Path):
-    """time vs L, speed-up over naive vs L, peak memory vs L for the sweep family.
-    Returns the PNG paths written."""
-    sweep = _sweep_rows(rows)
-    if not sweep:
-        return []
+    if len({r["L"] for r in best}) < 2:
+        return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ops = [op for op in OPS if any(r["op"] == op and r["provider"] != "sdpa" for r in sweep)] or ["none"]
-    modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in sweep)]
-    r0 = sweep[0]
-    family = f"B{r0['B']} H{r0['H']} Hkv{r0['Hkv']} D{r0['D']} {r0['dtype']}, {r0['gpu']}"
-    median = lambda r: r["median_ms"]  # noqa: E731
-    peak = lambda r: r["peak_mem_gib"]  # noqa: E731
-
-    def speedup_series(op, mode, provider):
-        n_l, n_t = _series(sweep, op, mode, "naive", median)
-        p_op = "none" if provider == "sdpa" else op
-        p_l, p_t = _series(sweep, p_op, mode, provider, median)
-        naive_at = dict(zip(n_l, n_t))
-        pts = [(L, naive_at[L] / t) for L, t in zip(p_l, p_t) if L in naive_at]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    def plain(op, mode, provider, value):
-        return _series(sweep, "none" if provider == "sdpa" else op, mode, provider, value)
-
-    figures = [
-        ("time", "median ms", lambda o, m, p: plain(o, m, p, median), PROVIDER_ORDER),
-        ("speedup", "naive time / time", speedup_series, ("fused", "naive-compiled", "sdpa")),
-        ("memory", "peak GiB above inputs", lambda o, m, p: plain(o, m, p, peak), PROVIDER_ORDER),
-    ]
-    written = []
-    for name, ylabel, series, providers in figures:
-        fig, axes = plt.subplots(len(modes), len(ops), figsize=(3.4 * len(ops), 2.9 * len(modes)),
-                                 squeeze=False, sharex=True)
-        drew = False
-        for i, mode in enumerate(modes):
-            for j, op in enumerate(ops):
-                ax = axes[i][j]
-                for provider in providers:
-                    xs, ys = series(op, mode, provider)
-                    if xs:
-                        drew = True
-                        style = "--" if provider == "sdpa" else "-"
-                        ax.plot(xs, ys, style, marker="o", ms=3, color=COLORS[provider], label=provider)
-                if name == "speedup":
-                    ax.axhline(1.0, color="gray", lw=0.8)
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                ax.set_title(f"{op}, {mode}", fontsize=9)
-                ax.grid(True, which="both", alpha=0.3)
-                if i == len(modes) - 1:
-                    ax.set_xlabel("L")
-                if j == 0:
-                    ax.set_ylabel(ylabel)
-                if ax.has_data():
-                    ax.legend(fontsize=7)
-        if drew:
-            fig.suptitle(f"{name} vs L ({family}; sdpa = plain attention)", fontsize=10)
-            fig.tight_layout()
-            path = stem.with_name(f"{stem.name}_{name}.png")
-            fig.savefig(path, dpi=110)
-            written.append(path)
-        plt.close(fig)
-    return written
+    ops = [op for op in OPS if any(r["op"] == op and r["provider"] != "sdpa" for r in best)] or ["none"]
+    modes = _order({r["mode"] for r in best}, MODE_ORDER)
+    lines = list(OrderedDict.fromkeys((r["provider"], r["timing"]) for r in best))
+    fig, axes = plt.subplots(len(modes), len(ops), figsize=(3.4 * len(ops), 2.9 * len(modes)),
+                             squeeze=False, sharex=True)
+    for i, mode in enumerate(modes):
+        for j, op in enumerate(ops):
+            ax = axes[i][j]
+            for provider, timing in lines:
+                want = "none" if provider == "sdpa" else op
+                pts = sorted((r["L"], r[metric]) for r in best if (r["op"], r["mode"], r["provider"],
+                                                                   r["timing"]) == (want, mode, provider, timing))
+                if pts:
+                    color = COLORS.get(provider)   # path variants: matplotlib's next color
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if timing == "cuda_graph" else "-",
+                            marker="o", ms=3, color=color, label=f"{provider} {TIMING_NAMES.get(timing, timing)}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{op}, {mode}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            if i == len(modes) - 1:
+                ax.set_xlabel("L")
+            if j == 0:
+                ax.set_ylabel({"median_ms": "median ms", "peak_mem_gib": "peak GiB above inputs"}.get(metric, metric))
+            if ax.has_data():
+                ax.legend(fontsize=6)
+    r0 = best[0]
+    commits = ", ".join(OrderedDict.fromkeys(r["commit"] for r in best))
+    what = {"median_ms": "time", "peak_mem_gib": "peak memory"}[metric]
+    fig.suptitle(f"{what} vs L: B{r0['B']} H{r0['H']} Hkv{r0['Hkv']} D{r0['D']} {r0['dtype']}, {r0['gpu']}, "
+                 f"commit {commits} (sdpa = plain attention)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
-def write_summary(csv_path: Path, make_plots: bool = True):
-    """Write <run>.md (and the PNGs) next to ``csv_path``; returns the paths written."""
-    comments, rows = read_csv(csv_path)
-    stem = csv_path.with_suffix("")
-    md = stem.with_suffix(".md")
-    md.write_text(markdown(rows, comments))
-    pngs = plots(rows, stem) if make_plots else []
-    if make_plots and not pngs:
-        print("no plots: no shape family (B, H, Hkv, D, dtype) was run at 2 or more L", flush=True)
-    return [md] + pngs
+def _write(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.report",
-                                 description="Regenerate the markdown summary and plots from a bench CSV.")
-    ap.add_argument("csv", type=Path)
-    ap.add_argument("--no-plots", action="store_true")
+                                 description="Tables and plots from a bench CSV, for one run or one commit.")
+    ap.add_argument("--csv", type=Path, default=RESULTS_CSV, help=f"default {RESULTS_CSV}")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--run", help="a run id (the CSV's run column); default: the CSV's last run")
+    which.add_argument("--commit", help="every run of this commit (the latest row of each case wins)")
+    ap.add_argument("--gpu", help="keep only rows of this GPU (the gpu column)")
+    ap.add_argument("--plot", type=Path, metavar="PNG", help="write the plot of --metric against L here")
+    ap.add_argument("--metric", choices=("median_ms", "peak_mem_gib"), default="median_ms")
+    ap.add_argument("--grid-table", type=Path, metavar="MD", help="write the summary against SDPA here")
+    ap.add_argument("--markdown", type=Path, metavar="MD", help="write the full summary here")
     args = ap.parse_args(argv)
-    for path in write_summary(args.csv, make_plots=not args.no_plots):
-        print(f"wrote {path}")
+    rows = read_csv(args.csv)
+    if args.gpu:
+        rows = [r for r in rows if r["gpu"] == args.gpu]
+    rows = select(rows, args.run, args.commit)
+    if not rows:
+        raise SystemExit(f"no rows in {args.csv} for run {args.run} / commit {args.commit} / gpu {args.gpu}")
+    table = "\n".join(_header(rows) + grid_table(rows)) + "\n"
+    print(table)
+    if args.grid_table:
+        _write(args.grid_table, table)
+        print(f"wrote {args.grid_table}")
+    if args.markdown:
+        _write(args.markdown, markdown(rows))
+        print(f"wrote {args.markdown}")
+    if args.plot:
+        print(f"wrote {args.plot}" if plot(rows, args.plot, args.metric) else
+              "no plot: no shape family (B, H, Hkv, D, dtype) has 2 or more L")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""The loop over cases: gate each provider once per (op, heads, head dim, grad), then time
-every case, turning each failure into a recorded status instead of a crash.
+"""The loop over cases: gate each provider once per (op, heads, head dim, grad), then measure
+every case, turning each failure into a recorded status instead of a crash. A case gives one
+row per timing ('eager' and 'cuda_graph' on a GPU, 'none' on CPU).
 
 status: 'ok' | 'error: <exception>' | 'gate failed: <reason>' | 'oom' |
-        'skipped: est. memory <x> GiB'
+        'skipped: est. memory <x> GiB' | 'skipped: call > 0.5 s' (graph timing of a slow call)
 
 A kernel fault (illegal address) breaks the process's CUDA context for good: the runner
 records the case, then raises ContextLost so that the caller can resume in a new process.
@@ -27,7 +28,8 @@ class Config:
     conv: Tuple[int, int]
     on_gpu: bool
     max_naive_gib: float = 100.0
-    cuda_graphs: bool = False   # time calls replayed from a CUDA graph (timing.measure)
+    timings: Tuple[str, ...] = timing.TIMINGS   # ('none',) on CPU
+    paths: bool = False    # also run 'fused:<path>' for each path of ops with several
 
     @property
     def device(self):
@@ -50,10 +52,11 @@ def plan(cfg: Config) -> List[Case]:
     cases = []
     for shape in cfg.shapes:
         for op in ops:
+            names = [p for p in cfg.providers if providers.supports(p, op) and (op in cfg.ops or p == "sdpa")]
+            if cfg.paths and "fused" in names:
+                names[names.index("fused") + 1:names.index("fused") + 1] = providers.path_variants(op, cfg.on_gpu)
             for mode in cfg.modes:
-                for p in cfg.providers:
-                    if providers.supports(p, op) and (op in cfg.ops or p == "sdpa"):
-                        cases.append(Case(shape, op, mode, p))
+                cases += [Case(shape, op, mode, p) for p in names]
     return cases
 
 
@@ -66,57 +69,60 @@ def case_key(row: dict) -> tuple:
     return tuple(str(row[c]) for c in ("op", "mode", "provider", "B", "H", "Hkv", "L", "D", "dtype"))
 
 
-def _error(exc: BaseException) -> str:
-    msg = " ".join(str(exc).split())[:200]
-    return f"error: {type(exc).__name__}: {msg}" if msg else f"error: {type(exc).__name__}"
-
-
 class Runner:
     def __init__(self, cfg: Config, info: dict, log):
         self.cfg = cfg
         self.info = info
         self.log = log
         self.gates: Dict[tuple, Optional[str]] = {}
-        self.rows: List[dict] = []
 
     def run(self, cases: List[Case], done=frozenset()):
-        """Run every case whose key is not in ``done``; raises ContextLost after recording
-        a case that broke the CUDA context."""
+        """Run every case whose key is not in ``done``, writing its rows to the log; raises
+        ContextLost after recording a case that broke the CUDA context."""
         for i, case in enumerate(cases, 1):
             if case_key(self._row(case)) in done:
                 continue
-            row = self.run_case(case)
+            rows = self.run_case(case)
             lost = self.cfg.on_gpu and not timing.cuda_usable()
+            for row in rows:
+                if lost:
+                    status = "error" if row["status"] == "ok" else row["status"]
+                    row["status"] = f"{status} [CUDA context lost]"
+                self.log.write(row)
+            print(f"[{i}/{len(cases)}] {describe(rows)}", flush=True)
             if lost:
-                status = "error" if row["status"] == "ok" else row["status"]
-                row["status"] = f"{status} [CUDA context lost]"
-            self.rows.append(row)
-            self.log.write(row)
-            print(f"[{i}/{len(cases)}] {_describe(row)}", flush=True)
-            if lost:
-                raise ContextLost(row["status"])
-        return self.rows
+                raise ContextLost(rows[0]["status"])
 
     def _row(self, case: Case) -> dict:
         s = case.shape
+        options = ";".join(f"{k}={v}" for k, v in providers.kernel_options(case.provider).items())
         return dict(self.info, op=case.op, mode=case.mode, provider=case.provider, B=s.B, H=s.H,
-                    Hkv=s.Hkv, L=s.L, D=s.D, dtype=self.cfg.dtype_name)
+                    Hkv=s.Hkv, L=s.L, D=s.D, dtype=self.cfg.dtype_name, conv="%dx%d" % self.cfg.conv,
+                    options=options)
 
-    def run_case(self, case: Case) -> dict:
-        row = self._row(case)
-        row["status"] = self._skip_reason(case)
-        if row["status"] is None:
+    def run_case(self, case: Case) -> List[dict]:
+        """One row per timing of the config."""
+        base = self._row(case)
+        status, result = self._skip_reason(case), None
+        if status is None:
             try:
                 fn = providers.build(case.provider, self.cfg.dtype)
-                row["status"] = self._gate(fn, case)
-                if row["status"] is None:
-                    row.update(self._time(fn, case))
-                    row["status"] = "ok"
+                status = self._gate(fn, case)
+                if status is None:
+                    result = self._measure(fn, case)
             except Exception as exc:  # a provider failure is a result, not a crash
-                row["status"] = "oom" if timing.is_oom(exc) else _error(exc)
+                status = timing.error_status(exc)
             finally:
                 timing.free_memory(self.cfg.on_gpu)
-        return row
+        rows = []
+        for t in self.cfg.timings:
+            row = dict(base, timing=t, status=status)
+            if result is not None:
+                row.update(result["times"][t], peak_mem_gib=result["peak_mem_gib"], launches=result["launches"])
+                if row.get("median_ms"):
+                    row["tflops"] = attention_flops(case.shape, case.mode) / (row["median_ms"] * 1e-3) / 1e12
+            rows.append(row)
+        return rows
 
     def _skip_reason(self, case: Case) -> Optional[str]:
         if case.provider.startswith("naive"):
@@ -138,13 +144,13 @@ class Runner:
                                     self.cfg.device, with_grad)
                 self.gates[key] = None if reason is None else f"gate failed: {reason}"
             except Exception as exc:
-                self.gates[key] = "oom" if timing.is_oom(exc) else _error(exc)
+                self.gates[key] = timing.error_status(exc)
             what = "fwd+grads" if with_grad else "fwd"
             print(f"  gate {case.provider} {op} H{s.H} Hkv{s.Hkv} D{s.D} {what}: "
                   f"{self.gates[key] or 'passed'}", flush=True)
         return self.gates[key]
 
-    def _time(self, fn, case: Case) -> dict:
+    def _measure(self, fn, case: Case) -> dict:
         cfg = self.cfg
         with_grad = case.mode != "fwd"
         torch.manual_seed(0)
@@ -167,16 +173,24 @@ class Runner:
             def step():
                 fn(q, k, v, w).backward(grad)
 
-        result = timing.measure(step, leaves, cfg.on_gpu, cfg.cuda_graphs)
-        result["tflops"] = attention_flops(case.shape, case.mode) / (result["median_ms"] * 1e-3) / 1e12
-        return result
+        return timing.measure(step, leaves, cfg.on_gpu, cfg.timings)
 
 
-def _describe(row: dict) -> str:
-    head = (f"{row['op']:<13} {row['mode']:<7} {row['provider']:<14} B{row['B']} H{row['H']} "
-            f"Hkv{row['Hkv']} L{row['L']} D{row['D']} {row['dtype']}")
-    if row["status"] != "ok":
-        return f"{head}: {row['status']}"
-    mem = "" if row["peak_mem_gib"] is None else f", peak {row['peak_mem_gib']:.3f} GiB"
-    return (f"{head}: {row['median_ms']:.4g} ms [{row['p20_ms']:.4g}, {row['p80_ms']:.4g}], "
-            f"{row['tflops']:.3g} TFLOP/s{mem}")
+def describe(rows: List[dict]) -> str:
+    """One progress line for a case's rows."""
+    r = rows[0]
+    head = (f"{r['op']:<13} {r['mode']:<7} {r['provider']:<14} B{r['B']} H{r['H']} "
+            f"Hkv{r['Hkv']} L{r['L']} D{r['D']} {r['dtype']}")
+    if len({row["status"] for row in rows}) == 1 and r["status"] != "ok":
+        return f"{head}: {r['status']}"
+    parts = []
+    for row in rows:
+        if row.get("median_ms") is not None:
+            parts.append(f"{row['timing']} {row['median_ms']:.4g} ms [{row['p20_ms']:.4g}, {row['p80_ms']:.4g}]")
+        elif row["status"] != "ok":
+            parts.append(row["status"] if row["timing"] == "none" else f"{row['timing']} {row['status']}")
+    if r.get("peak_mem_gib") is not None:
+        parts.append(f"peak {r['peak_mem_gib']:.3f} GiB")
+    if r.get("launches") is not None:
+        parts.append(f"{r['launches']} launches")
+    return f"{head}: {', '.join(parts) or 'ran, not timed'}"

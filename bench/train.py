@@ -4,22 +4,22 @@ Trains one of the paper's models (spec section 6) for a fixed number of AdamW st
 random tokens, three ways (each of them --rounds times, in turn), and reports tokens/s and
 peak GPU memory:
 
-    baseline   the same transformer without MTA parts, attention through
-               F.scaled_dot_product_attention (the speed and memory bar)
-    reference  the MTA model (variant 'mta') on backend 'reference': mta_reference,
-               materialized (B, H, L, L) scores, as the authors' code
-    fused      the MTA model on backend 'fused': the mta_kernels custom op
+    baseline       the same transformer without MTA parts, attention through
+                   F.scaled_dot_product_attention (the speed and memory bar)
+    mta-reference  the MTA model (variant 'mta') on backend 'reference': mta_reference,
+                   materialized (B, H, L, L) scores, as the authors' code
+    mta-fused      the MTA model on backend 'fused': mta_kernels.mta_attention
 
     python -m bench.train                          # GPU: 830M, 24 layers, seq 2048, bf16
-    python -m bench.train --model 300M             # the smaller model at the same seq
     python -m bench.train --layers 8               # fewer blocks, to fit a time budget
-    python -m bench.train --report RUN_train.csv   # redo the markdown from a CSV
+    python -m bench.train --record                 # append to bench/results/train.csv
+    python -m bench.train --report CSV [--run RUN] # the markdown of a run in a CSV
 
-Writes ``<out>/<date>_<time>_<gpu>_train.csv`` (one row per provider, flushed as it
-goes) and ``<run>_train.md`` with the fused/baseline ratios next to the paper's
-(0.105x tokens/s, 4.2x memory) and the targets (>= 0.5x, <= 1.3x). Without a GPU the
-default is a tiny fp32 model under the Triton interpreter: a harness check whose
-timings are NOT performance numbers. See bench/README.md.
+Rows go to ``<out>/<run>_train.csv`` (default bench/runs/, git-ignored) or, with --record,
+to bench/results/train.csv; ``<out>/<run>_train.md`` has the ratios to the baseline next to
+the paper's (0.105x tokens/s, 4.2x memory) and the targets (>= 0.5x, <= 1.3x). Without a GPU
+the default is a tiny fp32 model under the Triton interpreter: a harness check that measures
+nothing. See bench/README.md.
 """
 import os
 
@@ -35,7 +35,6 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
-import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import statistics  # noqa: E402
@@ -45,16 +44,12 @@ from pathlib import Path  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from . import env, report  # noqa: E402
-from .timing import free_memory, is_oom  # noqa: E402
+from .timing import error_status, free_memory  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-PROVIDERS = ("baseline", "reference", "fused")
-PROVIDER_NOTES = {
-    "baseline": "variant 'baseline' (no MTA parts, no head norm or gate), attention = "
-                "F.scaled_dot_product_attention(is_causal=True)",
-    "reference": "variant 'mta', backend 'reference' (mta_reference, materialized scores)",
-    "fused": "variant 'mta', backend 'fused' (mta_kernels.mta_attention)",
-}
+RUNS = Path(__file__).resolve().parent / "runs"
+TRAIN_CSV = report.RESULTS / "train.csv"
+PROVIDERS = ("baseline", "mta-reference", "mta-fused")
+ALIASES = {"reference": "mta-reference", "fused": "mta-fused"}
 DTYPES = ("bf16", "fp32")
 DTYPE_NOTES = {
     "bf16": "fp32 parameters, gradients and AdamW states; forward and loss under "
@@ -83,13 +78,11 @@ PAPER_MEMORY_RATIO = PAPER["mta_gb"] / PAPER["base_gb"]                      # 4
 TARGET_SPEED_RATIO = 0.5    # fused tokens/s >= 0.5x the baseline's
 TARGET_MEMORY_RATIO = 1.3   # fused peak memory <= 1.3x the baseline's
 
-COLUMNS = ("gpu", "torch", "triton", "commit", "date", "model", "layers", "seq", "batch", "steps",
-           "provider", "dtype", "tokens_per_s", "peak_mem_gib", "status",
-           "warmup", "vocab", "params_m", "step_ms", "loss", "round")
+COLUMNS = ("run", "gpu", "torch", "triton", "commit", "date", "model", "layers", "seq", "batch", "vocab",
+           "dtype", "steps", "warmup", "round", "provider", "options", "tokens_per_s", "step_ms",
+           "peak_mem_gib", "params_m", "loss", "status")
 INT_COLUMNS = ("layers", "seq", "batch", "steps", "warmup", "vocab", "round")
 FLOAT_COLUMNS = ("tokens_per_s", "peak_mem_gib", "params_m", "step_ms", "loss")
-CPU_WARNING = ("CPU run under the Triton interpreter: these timings are NOT performance numbers; "
-               "they only show that the training harness works.")
 
 
 # ---------------------------------------------------------------- models
@@ -100,7 +93,7 @@ def model_config(model: str, variant: str, layers: int, vocab: int):
     variant 'mta' or 'baseline' (MTATransformerConfig's variants). MTA convs are 6x11 in
     blocks 2, 6, 10, ... (0-based) for every model, the tiny one included.
     """
-    from mta_kernels.models import MTATransformerConfig
+    from mta_kernels.nn import MTATransformerConfig
     if model == "tiny":
         sizes = {**TINY, "n_layers": layers}
         return MTATransformerConfig(vocab_size=vocab, variant=variant, **sizes)
@@ -109,13 +102,13 @@ def model_config(model: str, variant: str, layers: int, vocab: int):
 
 def default_layers(model: str) -> int:
     """Number of blocks of ``model`` ('tiny' or a paper model)."""
-    from mta_kernels.layer import PAPER_MODELS
+    from mta_kernels.nn import PAPER_MODELS
     return TINY["n_layers"] if model == "tiny" else PAPER_MODELS[model]["n_layers"]
 
 
 def default_vocab(model: str) -> int:
     """Vocabulary of ``model``: the paper's Llama 3 tokenizer (128256), 256 for 'tiny'."""
-    from mta_kernels.models import LLAMA3_VOCAB
+    from mta_kernels.nn.model import LLAMA3_VOCAB
     return TINY_VOCAB if model == "tiny" else LLAMA3_VOCAB
 
 
@@ -131,7 +124,7 @@ def use_sdpa(model: torch.nn.Module) -> torch.nn.Module:
     Only for layers without MTA parts: it replaces ``MultiTokenAttention.attention`` on
     each instance (projections, RoPE and the output projection stay the layer's own).
     """
-    from mta_kernels.layer import MultiTokenAttention
+    from mta_kernels.nn import MultiTokenAttention
     for layer in model.modules():
         if isinstance(layer, MultiTokenAttention):
             parts = [p for p in MTA_PARTS if getattr(layer, p) is not None]
@@ -143,9 +136,9 @@ def use_sdpa(model: torch.nn.Module) -> torch.nn.Module:
 
 def build_model(provider: str, model: str, layers: int, vocab: int, device) -> torch.nn.Module:
     """The provider's MTATransformer on ``device``, weights from seed 0, fp32 parameters."""
-    from mta_kernels.models import MTATransformer
+    from mta_kernels.nn import MTATransformer
     variant = "baseline" if provider == "baseline" else "mta"
-    backend = "fused" if provider == "fused" else "reference"
+    backend = "fused" if provider == "mta-fused" else "reference"
     torch.manual_seed(0)
     with torch.device(device):   # initialise in place: no host copy of a 1B model
         net = MTATransformer(model_config(model, variant, layers, vocab), backend=backend)
@@ -222,7 +215,8 @@ def timed_steps(step, batches: torch.Tensor, warmup: int, device: torch.device) 
 def train_provider(provider: str, args, device: torch.device) -> dict:
     """Build the provider's model and AdamW(lr 1e-4), train it; returns the measured columns.
 
-    tokens_per_s = batch * seq * steps / elapsed; step_ms = elapsed / steps; status 'ok',
+    tokens_per_s = batch * seq * steps / elapsed; step_ms = elapsed / steps (both None on
+    CPU); status 'ok',
     or 'error: non-finite loss' when the last loss is NaN or inf (numbers kept).
     """
     model = build_model(provider, args.model, args.layers, args.vocab, device)
@@ -231,17 +225,10 @@ def train_provider(provider: str, args, device: torch.device) -> dict:
     batches = random_batches(args.warmup + args.steps, args.batch, args.seq, args.vocab, device)
     m = timed_steps(make_step(model, optimizer, args.dtype, device), batches, args.warmup, device)
     status = "ok" if math.isfinite(m["loss"]) else f"error: non-finite loss {m['loss']}"
-    return dict(tokens_per_s=args.batch * args.seq * args.steps / m["elapsed_s"],
-                peak_mem_gib=m["peak_gib"], step_ms=1e3 * m["elapsed_s"] / args.steps,
+    timed = device.type == "cuda"   # the interpreter's times are not reported
+    return dict(tokens_per_s=args.batch * args.seq * args.steps / m["elapsed_s"] if timed else None,
+                peak_mem_gib=m["peak_gib"], step_ms=1e3 * m["elapsed_s"] / args.steps if timed else None,
                 loss=m["loss"], params_m=count_params(model) / 1e6, status=status)
-
-
-def failure_status(exc: BaseException) -> str:
-    """'oom' for CUDA out-of-memory, else 'error: <type>: <message, one line, <= 200 chars>'."""
-    if is_oom(exc):
-        return "oom"
-    msg = " ".join(str(exc).split())[:200]
-    return f"error: {type(exc).__name__}: {msg}" if msg else f"error: {type(exc).__name__}"
 
 
 def run_provider(provider: str, args, device: torch.device) -> dict:
@@ -249,38 +236,15 @@ def run_provider(provider: str, args, device: torch.device) -> dict:
     try:
         result = train_provider(provider, args, device)
     except Exception as exc:  # a provider failure is a result, not a crash
-        result = dict(status=failure_status(exc))
+        result = dict(status=error_status(exc))
     free_memory(device.type == "cuda")   # after the except block: the traceback is gone
     return result
-
-
-# ---------------------------------------------------------------- CSV
-
-def csv_path_for(out: Path, info: dict) -> Path:
-    """<out>/<date>_<time>_<gpu>_train.csv, as bench's runs are named."""
-    stamp = info["date"].replace(":", "").replace("T", "_")
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", info["gpu"]).strip("-")
-    return out / f"{stamp}_{gpu}_train.csv"
-
-
-def csv_log(path: Path, comments) -> report.CsvLog:
-    """The run's CSV, in the kernel benchmark's format with this benchmark's columns."""
-    return report.CsvLog(path, comments, columns=COLUMNS)
-
-
-def read_csv(path: Path):
-    """(comment lines, rows with numbers parsed) of a training-benchmark CSV."""
-    return report.read_csv(path, INT_COLUMNS, FLOAT_COLUMNS)
 
 
 # ---------------------------------------------------------------- markdown summary
 
 def _ok(r) -> bool:
     return r is not None and r["status"] == "ok"
-
-
-def _round(r) -> int:
-    return r.get("round") or 1    # CSVs written before rounds existed have one
 
 
 def speed_ratio(r, base):
@@ -299,8 +263,8 @@ def paired_speed_ratios(rows, base_rows) -> list:
     """Per round, rows' tokens/s over the baseline's of the same round (both ok), in round
     order. The providers alternate within a round, so a ratio compares runs made minutes
     apart: the H200 host's speed drifts between runs (baseline 75-109 ms/step in one session)."""
-    base = {_round(b): b for b in base_rows}
-    ratios = [speed_ratio(r, base.get(_round(r))) for r in rows]
+    base = {b["round"]: b for b in base_rows}
+    ratios = [speed_ratio(r, base.get(r["round"])) for r in rows]
     return [x for x in ratios if x is not None]
 
 
@@ -384,7 +348,7 @@ def ratio_table(rows) -> list:
     groups = _by_provider(rows)
     base_rows = groups.get("baseline", [])
     base = combine_rounds(base_rows) if base_rows else None
-    fused, ref = groups.get("fused", []), groups.get("reference", [])
+    fused, ref = groups.get("mta-fused", []), groups.get("mta-reference", [])
     s_fused, s_ref = paired_speed_ratios(fused, base_rows), paired_speed_ratios(ref, base_rows)
     m = memory_ratio(combine_rounds(fused), base) if fused else None
     m_ref = memory_ratio(combine_rounds(ref), base) if ref else None
@@ -396,14 +360,11 @@ def ratio_table(rows) -> list:
             f"(73.8 / 17.5 GB) | <= {TARGET_MEMORY_RATIO}x | {_met(m, TARGET_MEMORY_RATIO, False)} |"]
 
 
-def markdown(rows, comments) -> str:
-    """The run's summary: per configuration, the provider table and the ratio table."""
+def markdown(rows) -> str:
+    """A run's summary: per configuration, the provider table and the ratio table."""
     first = rows[0] if rows else {}
-    out = [f"# MTA training benchmark: {first.get('gpu', '?')}, {first.get('date', '?')}", "",
+    out = [f"# MTA training benchmark: {first.get('gpu', '?')}, run {first.get('run', '?')}", "",
            f"torch {first.get('torch')}, triton {first.get('triton')}, commit {first.get('commit')}.", ""]
-    if first.get("gpu") == "cpu":
-        out += [f"**{CPU_WARNING}**", ""]
-    out += [f"- {c}" for c in comments] + [""]
     groups = OrderedDict()
     for r in rows:
         groups.setdefault(_run_key(r), []).append(r)
@@ -416,18 +377,10 @@ def markdown(rows, comments) -> str:
     return "\n".join(out)
 
 
-def write_summary(csv_path: Path) -> Path:
-    """Write <run>.md next to ``csv_path`` from its rows; returns its path."""
-    comments, rows = read_csv(csv_path)
-    md = csv_path.with_suffix(".md")
-    md.write_text(markdown(rows, comments))
-    return md
-
-
 # ---------------------------------------------------------------- command line
 
 def _providers(text):
-    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    items = tuple(ALIASES.get(x.strip(), x.strip()) for x in text.split(",") if x.strip())
     bad = [x for x in items if x not in PROVIDERS]
     if bad or not items:
         raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(PROVIDERS)}")
@@ -457,7 +410,7 @@ def parse_args(argv):
         prog="python -m bench.train",
         description="Training throughput (tokens/s) and peak memory of the paper's MTA models: SDPA "
                     "baseline, reference MTA, fused MTA. Without a GPU: a tiny fp32 model under the "
-                    "Triton interpreter (a harness check; its timings are not performance numbers).")
+                    "Triton interpreter (a harness check; nothing is timed).")
     ap.add_argument("--model", choices=MODELS, default=d["model"],
                     help=f"paper model, or tiny (default {d['model']})")
     ap.add_argument("--layers", type=_positive, help="number of blocks (default: the model's)")
@@ -474,62 +427,49 @@ def parse_args(argv):
     ap.add_argument("--dtype", choices=DTYPES, default=d["dtype"],
                     help=f"bf16: fp32 params + autocast(bf16); fp32 (default {d['dtype']})")
     ap.add_argument("--vocab", type=_positive, help="vocabulary size (default: the model's; smaller saves memory)")
-    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
-    ap.add_argument("--report", type=Path, metavar="CSV", help="only rewrite the markdown of this run's CSV")
+    ap.add_argument("--out", type=Path, default=RUNS,
+                    help=f"folder of the run's CSV and summary (default {RUNS}, git-ignored)")
+    ap.add_argument("--record", action="store_true", help=f"GPU: append the rows to {TRAIN_CSV}")
+    ap.add_argument("--report", type=Path, metavar="CSV", help="only print the markdown of a run in this CSV")
+    ap.add_argument("--run", help="with --report: the run id (default: the CSV's last run)")
     args = ap.parse_args(argv)
+    if args.record and not ON_GPU:
+        ap.error("--record needs a GPU: without one nothing is measured")
     args.layers = args.layers or default_layers(args.model)
     args.vocab = args.vocab or default_vocab(args.model)
     return args
 
 
 def describe_model(args) -> str:
-    """'830M: dim 1536, 24 layers, 16 heads of D=96, vocab 128256' for the chosen sizes."""
+    """'830M: dim 1536, 24 layers, 16 heads of D=96, vocab 128256, ...' for the chosen sizes."""
     c = model_config(args.model, "mta", args.layers, args.vocab)
     return (f"{args.model}: dim {c.dim}, {c.n_layers} layers, {c.n_heads} heads of D={c.dim // c.n_heads}, "
             f"vocab {c.vocab_size}, MTA convs {c.conv[0]}x{c.conv[1]} in blocks 2, 6, 10, ... (0-based), "
             f"head mixing in every block")
 
 
-def header_comments(args, argv) -> list:
-    """The '#' lines of the CSV: command, what ran, how it was measured."""
-    lines = ["MTA training benchmark: python -m bench.train " + " ".join(argv),
-             "model " + describe_model(args)]
-    lines += [f"{p}: {PROVIDER_NOTES[p]}" for p in args.providers]
-    lines += [f"dtype {args.dtype}: {DTYPE_NOTES[args.dtype]}",
-              f"AdamW(lr={LR:g}), other arguments default; random uniform tokens, a new batch per step; "
-              f"each provider's model from seed 0",
-              "tokens_per_s = batch * seq * steps / elapsed (synchronized) over the steps after warm-up",
-              f"{args.rounds} round(s): in each, every provider builds its model and trains in turn; the "
-              f"summary gives medians over rounds and, for ratios, the median of the per-round ratios",
-              "peak_mem_gib = torch.cuda.max_memory_allocated over the timed steps, reset after warm-up "
-              "(absolute: parameters, gradients, AdamW states, activations)",
-              "switches: " + env.kernel_switches()]
-    if not ON_GPU:
-        lines.append(CPU_WARNING)
-    return lines
-
-
 def progress_line(provider: str, r: dict) -> str:
     """One line per provider: tokens/s, ms/step, peak memory, loss, or the failure status."""
-    if "tokens_per_s" not in r:
+    if "loss" not in r:
         return f"{provider}: {r['status']}"
-    mem = "" if r["peak_mem_gib"] is None else f", peak {r['peak_mem_gib']:.2f} GiB"
-    return (f"{provider}: {r['tokens_per_s']:,.0f} tokens/s ({r['step_ms']:.4g} ms/step){mem}, "
-            f"loss {r['loss']:.4g}, {r['params_m']:.1f}M params: {r['status']}")
+    speed = "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f} tokens/s ({r['step_ms']:.4g} ms/step), "
+    mem = "" if r["peak_mem_gib"] is None else f"peak {r['peak_mem_gib']:.2f} GiB, "
+    return f"{provider}: {speed}{mem}loss {r['loss']:.4g}, {r['params_m']:.1f}M params: {r['status']}"
 
 
-def run(args, argv) -> Path:
-    """Train every provider ``args.rounds`` times, alternating (round 1: baseline, reference,
-    fused; round 2: ...), one CSV row and one printed line each; returns the CSV's path."""
+def run(args) -> tuple:
+    """Train every provider ``args.rounds`` times, alternating (round 1: baseline, mta-reference,
+    mta-fused; round 2: ...), one CSV row and one printed line each; returns (CSV path, run id)."""
     device = torch.device("cuda" if ON_GPU else "cpu")
     info = env.run_info(ON_GPU)
-    csv_path = csv_path_for(args.out, info)
+    csv_path = TRAIN_CSV if args.record else args.out / f"{info['run']}_train.csv"
     if not ON_GPU:
-        print(f"NOTE: no GPU. {CPU_WARNING}", flush=True)
-    print(f"{describe_model(args)}; seq {args.seq}, batch {args.batch}, {args.steps} steps after "
-          f"{args.warmup} warm-up, {args.rounds} round(s), {args.dtype} ({DTYPE_NOTES[args.dtype]}); {info['gpu']}, torch "
-          f"{info['torch']}, triton {info['triton']}, commit {info['commit']} -> {csv_path}", flush=True)
-    log = csv_log(csv_path, header_comments(args, argv))
+        print(f"no GPU: a harness check under the Triton interpreter; {report.NOT_PERFORMANCE}.", flush=True)
+    print(f"run {info['run']}: {describe_model(args)}; seq {args.seq}, batch {args.batch}, {args.steps} steps "
+          f"after {args.warmup} warm-up, {args.rounds} round(s), {args.dtype} ({DTYPE_NOTES[args.dtype]}); "
+          f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, commit {info['commit']} -> {csv_path}",
+          flush=True)
+    log = report.CsvLog(csv_path, columns=COLUMNS)
     fixed = dict(info, model=args.model, layers=args.layers, seq=args.seq, batch=args.batch,
                  steps=args.steps, warmup=args.warmup, vocab=args.vocab, dtype=args.dtype)
     runs = [(rnd, provider) for rnd in range(1, args.rounds + 1) for provider in args.providers]
@@ -541,21 +481,31 @@ def run(args, argv) -> Path:
             print(progress_line(provider, result), flush=True)
     finally:
         log.close()
-    return csv_path
+    return csv_path, info["run"]
+
+
+def read_run(csv_path: Path, run=None) -> list:
+    """The rows of one run of a training CSV (default its last), numbers parsed."""
+    return report.select(report.read_csv(csv_path, INT_COLUMNS, FLOAT_COLUMNS), run=run)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.report:
-        print(f"wrote {write_summary(args.report)}")
+        print(markdown(read_run(args.report, args.run)))
         return 0
-    csv_path = run(args, argv)
-    md = write_summary(csv_path)
-    print("\n".join(ratio_table(read_csv(csv_path)[1])))
-    print(f"wrote {csv_path}\nwrote {md}")
+    csv_path, run_id = run(args)
+    rows = read_run(csv_path, run_id)
     if not ON_GPU:
-        print(f"NOTE: {CPU_WARNING}")
+        print(f"trained {len(rows)} models, {sum(r['status'] == 'ok' for r in rows)} ok; {report.NOT_PERFORMANCE}.")
+        print(f"wrote {csv_path}")
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = args.out / f"{run_id}_train.md"
+    md.write_text(markdown(rows))
+    print("\n".join(ratio_table(rows)))
+    print(f"wrote {csv_path}\nwrote {md}")
     return 0
 
 

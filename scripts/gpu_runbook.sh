@@ -40,7 +40,7 @@ step_tests() {
 }
 
 step_grid() {
-  python3 -m bench --shapes grid --record 2>&1 | tee "$OUT/grid.log" | tail -40
+  python3 -m bench --shapes grid --record ${GRID_ARGS:-} 2>&1 | tee "$OUT/grid.log" | tail -60
   cp bench/results/results.csv "$OUT/results.csv"
 }
 
@@ -70,12 +70,15 @@ step_profile() {
 }
 
 step_train() {
-  python3 -m bench.train --model 830M --batch 1,4 --rounds 3 2>&1 | tee "$OUT/train.log" | tail -20
+  for batch in 1 4; do
+    python3 -m bench.train --model 830M --batch $batch --rounds 3 --providers baseline,mta-fused --record 2>&1 | tee -a "$OUT/train.log" | tail -12
+  done
+  cp bench/results/train.csv "$OUT/train.csv"
 }
 
 step_decode() {
-  python3 -m bench.decode 2>&1 | tee "$OUT/decode.log" | tail -30
-  cp bench/runs/decode_*.csv "$OUT/" 2>/dev/null
+  python3 -m bench.decode --record 2>&1 | tee "$OUT/decode.log" | tail -30
+  cp bench/results/decode.csv "$OUT/decode.csv"
 }
 
 step_stress() {

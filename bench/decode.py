@@ -1,0 +1,121 @@
+"""python -m bench.decode: the cost of decoding with MTA against plain attention.
+
+1. One decode step of the attention op: a new query row over a KV cache of context 2k, 8k,
+   32k, 128k, batch 1 and 8, H=16, D=128, bf16, for full MTA (6x11 convs, all heads mixed:
+   the op reads the last 10 queries too) and talking heads, against SDPA over the same cache.
+   Eager and replayed as a CUDA graph.
+2. generate() tokens/s of the paper's 830M model (MTA) against the same model with plain
+   attention (baseline), both decoding with their cache, random weights and prompts.
+
+Rows go to a CSV of the run in bench/runs/ (git-ignored); --record appends them to
+bench/results/decode.csv instead.
+Needs a GPU.
+"""
+import argparse
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench, do_bench_cudagraph
+
+import mta_reference as R
+
+from .report import CsvLog
+
+ROOT = Path(__file__).resolve().parent
+COLUMNS = ("run", "gpu", "torch", "commit", "date", "kind", "op", "B", "H", "L", "D", "timing", "median_ms", "ratio",
+           "tokens_per_s")
+CONTEXTS = (2048, 8192, 32768, 131072)
+BATCHES = (1, 8)
+OPS = {"full": ("pre_conv", "pre_mix", "post_conv", "post_mix"), "talking_heads": ("pre_mix", "post_mix")}
+
+
+def _weights(op, H, device):
+    make = dict(pre_conv=lambda: R.identity_conv(H, 6, 11, device=device),
+                post_conv=lambda: R.identity_conv(H, 6, 11, device=device),
+                pre_mix=lambda: R.identity_mix(H, H, device=device), post_mix=lambda: R.identity_mix(H, H, device=device))
+    return {p: make[p]() + 0.01 * torch.randn(make[p]().shape, device=device) for p in OPS[op]}
+
+
+def _time(fn, graphs):
+    fn()
+    torch.cuda.synchronize()
+    if graphs:
+        return do_bench_cudagraph(fn, rep=100, return_mode="median")
+    return do_bench(fn, warmup=10, rep=100, return_mode="median")
+
+
+def op_steps(rows, H=16, D=128):
+    from mta_kernels import mta_attention
+    for ctx in CONTEXTS:
+        for B in BATCHES:
+            k, v = (torch.randn(B, H, ctx, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+            q_prev = torch.randn(B, H, 10, D, device="cuda", dtype=torch.bfloat16)
+            calls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+            for op in OPS:
+                ws = _weights(op, H, "cuda")
+                calls[op] = lambda ws=ws: mta_attention(q, k, v, **ws, q_prev=q_prev)
+            for graphs in (False, True):
+                with torch.no_grad():
+                    times = {name: _time(fn, graphs) for name, fn in calls.items()}
+                for name, ms in times.items():
+                    rows.append(dict(kind="decode_step", op=name, B=B, H=H, L=ctx, D=D,
+                                     timing="cuda_graph" if graphs else "eager", median_ms=round(ms, 5),
+                                     ratio=round(ms / times["sdpa"], 3)))
+                    print(f"step {name:14s} B={B} ctx={ctx:6d} {'graph' if graphs else 'eager'}: {ms:.4f} ms "
+                          f"({ms / times['sdpa']:.2f}x sdpa)", flush=True)
+            del k, v
+            torch.cuda.empty_cache()
+
+
+def model_tokens_per_s(rows, prompt=512, new=128, batches=(1, 8)):
+    from mta_kernels.nn import MTATransformer, MTATransformerConfig
+    for variant in ("baseline", "mta"):
+        model = MTATransformer(MTATransformerConfig.paper("830M", variant, vocab_size=32000)).cuda().to(torch.bfloat16)
+        for B in batches:
+            ids = torch.randint(0, 32000, (B, prompt), device="cuda")
+            model.generate(ids, 4)      # compiles
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model.generate(ids, new)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            tps = B * (int(out.lengths.min()) - prompt) / seconds
+            rows.append(dict(kind="generate", op=variant, B=B, H=16, L=prompt + new, D=96, timing="eager",
+                             median_ms=round(seconds * 1e3, 2), tokens_per_s=round(tps, 1)))
+            print(f"generate {variant:8s} B={B}: {tps:.1f} tokens/s", flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.decode")
+    ap.add_argument("--record", action="store_true", help="append to bench/results/decode.csv")
+    ap.add_argument("--skip-model", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.decode needs a GPU")
+    rows = []
+    op_steps(rows)
+    if not args.skip_model:
+        model_tokens_per_s(rows)
+    for r in (r for r in rows if r["kind"] == "generate"):
+        base = next(x for x in rows if x["kind"] == "generate" and x["op"] == "baseline" and x["B"] == r["B"])
+        r["ratio"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d_%H%M%S")
+    path = ROOT / "results" / "decode.csv" if args.record else ROOT / "runs" / f"decode_{stamp}.csv"
+    info = dict(run=f"{stamp}_decode", gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                commit=os.environ.get("MTA_BENCH_COMMIT", ""), date=stamp)
+    log = CsvLog(path, COLUMNS)
+    for r in rows:
+        log.write({**info, **r})
+    log.close()
+    print(f"wrote {path}")
+
+if __name__ == "__main__":
+    sys.exit(main())
