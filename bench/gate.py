@@ -4,16 +4,16 @@ backward, every gradient) passed the spec's rule (section 4) on a small shape:
     max|out - ref| <= 2 * max|low - ref| + atol
 
 ref: the reference in fp32 (fp64 for fp32 inputs) on the same inputs; low: the reference
-in the input dtype; atol: 4 ulps of the input dtype at the scale of ref (at least 1).
+in the input dtype; atol: one ulp of the input dtype at the scale of ref (mta_reference.numerics).
 sdpa computes plain attention, so it is checked against the reference with op 'none'.
 """
 import torch
 
 import mta_reference
+from mta_reference.numerics import rule_check
 
 from .cases import Shape, make_inputs, make_weights
 
-ULPS = 4
 GATE_NOISE = 0.1  # stronger than the timing weights' 0.01, so a wrong conv or mix shows
 
 
@@ -24,16 +24,11 @@ def gate_shape(shape: Shape, on_gpu: bool) -> Shape:
 
 def _rule(name, out, ref, low, dtype):
     """None if ``out`` passes, else a one-line reason."""
-    out, ref, low = out.double(), ref.double(), low.double()
-    if not torch.isfinite(out).all():
-        return f"{name}: non-finite values"
-    err = (out - ref).abs().max().item()
-    base = (low - ref).abs().max().item()
-    atol = ULPS * torch.finfo(dtype).eps * max(ref.abs().max().item(), 1.0)
-    bound = 2 * base + atol
-    if err > bound:
-        return f"{name}: max err {err:.2e} > bound {bound:.2e}"
-    return None
+    ok, err, bound, _ = rule_check(out, ref, low, dtype)
+    if ok:
+        return None
+    return f"{name}: non-finite values" if not torch.isfinite(out.double()).all() else \
+        f"{name}: max err {err:.2e} > bound {bound:.2e}"
 
 
 def _run(fn, leaves, grad_out):

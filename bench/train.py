@@ -13,6 +13,8 @@ peak GPU memory:
     python -m bench.train                          # GPU: 830M, 24 layers, seq 2048, bf16
     python -m bench.train --layers 8               # fewer blocks, to fit a time budget
     python -m bench.train --record                 # append to bench/results/train.csv
+    python -m bench.train --packed                 # documents of random lengths packed per row
+    torchrun --nproc-per-node 8 -m bench.train --dist fsdp    # DDP or FSDP2 over the GPUs
     python -m bench.train --report CSV [--run RUN] # the markdown of a run in a CSV
 
 Rows go to ``<out>/<run>_train.csv`` (default bench/runs/, git-ignored) or, with --record,
@@ -134,15 +136,17 @@ def use_sdpa(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def build_model(provider: str, model: str, layers: int, vocab: int, device) -> torch.nn.Module:
-    """The provider's MTATransformer on ``device``, weights from seed 0, fp32 parameters."""
+def build_model(provider: str, model: str, layers: int, vocab: int, device, packed: bool = False) -> torch.nn.Module:
+    """The provider's MTATransformer on ``device``, weights from seed 0, fp32 parameters. With
+    ``packed`` the baseline keeps the package's plain path (SDPA per batch of documents), which
+    takes cu_seqlens; otherwise it calls SDPA directly."""
     from mta_kernels.nn import MTATransformer
     variant = "baseline" if provider == "baseline" else "mta"
     backend = "fused" if provider == "mta-fused" else "reference"
     torch.manual_seed(0)
     with torch.device(device):   # initialise in place: no host copy of a 1B model
         net = MTATransformer(model_config(model, variant, layers, vocab), backend=backend)
-    return use_sdpa(net) if provider == "baseline" else net
+    return use_sdpa(net) if provider == "baseline" and not packed else net
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -152,11 +156,25 @@ def count_params(model: torch.nn.Module) -> int:
 
 # ---------------------------------------------------------------- training
 
-def random_batches(n: int, batch: int, seq: int, vocab: int, device) -> torch.Tensor:
+def random_batches(n: int, batch: int, seq: int, vocab: int, device, seed: int = 1) -> torch.Tensor:
     """n batches of uniform random tokens, (n, batch, seq + 1) int64: each step trains on
     ``seq`` input tokens and predicts the next one at every position."""
-    gen = torch.Generator(device="cpu").manual_seed(1)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randint(0, vocab, (n, batch, seq + 1), generator=gen).to(device)
+
+
+def packed_documents(n: int, tokens: int, seq: int, device, min_len: int = 64):
+    """For each of n steps, offsets (int32 on ``device``) of documents of random lengths
+    min_len .. seq packed into ``tokens`` tokens (the last one cut to fit)."""
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    steps = []
+    for _ in range(n):
+        offsets = [0]
+        while offsets[-1] < tokens:
+            length = int(torch.randint(min(min_len, seq), seq + 1, (1,), generator=gen))
+            offsets.append(min(tokens, offsets[-1] + length))
+        steps.append(torch.tensor(offsets, dtype=torch.int32, device=device))
+    return steps
 
 
 def autocast_context(dtype: str, device: torch.device):
@@ -166,17 +184,18 @@ def autocast_context(dtype: str, device: torch.device):
     return contextlib.nullcontext
 
 
-def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dtype: str, device):
-    """One training step as a closure: tokens (batch, seq + 1) -> loss (0-d tensor, not synced).
-
-    zero_grad, forward and next-token loss under the dtype's autocast, backward, AdamW step.
-    """
+def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dtype: str, device, loss_fn=None):
+    """One training step as a closure: (tokens (batch, seq + 1), cu_seqlens or None) -> loss
+    (0-d tensor, not synced). zero_grad, forward and next-token loss under the dtype's autocast
+    (none where the model computes in bf16 itself: FSDP2's mixed precision), backward, AdamW step.
+    loss_fn: the model's loss (its module's, under DDP)."""
     autocast = autocast_context(dtype, device)
+    loss_fn = loss_fn or model.loss
 
-    def step(tokens: torch.Tensor) -> torch.Tensor:
+    def step(tokens: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with autocast():
-            loss = model.loss(tokens)
+            loss = loss_fn(tokens, cu_seqlens=cu_seqlens)
         loss.backward()
         optimizer.step()
         return loss.detach()
@@ -189,7 +208,7 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def timed_steps(step, batches: torch.Tensor, warmup: int, device: torch.device) -> dict:
+def timed_steps(step, batches: torch.Tensor, warmup: int, device: torch.device, documents=None) -> dict:
     """Run ``warmup`` untimed steps, then one step per remaining batch, timed.
 
     batches (warmup + steps, batch, seq + 1). Returns elapsed_s of the timed steps (from
@@ -197,15 +216,16 @@ def timed_steps(step, batches: torch.Tensor, warmup: int, device: torch.device) 
     during the timed steps, reset after warm-up; it includes parameters, gradients and
     AdamW states; None on CPU) and loss (float, the last step's).
     """
-    for tokens in batches[:warmup]:
-        step(tokens)
+    documents = documents or [None] * len(batches)
+    for tokens, cu in zip(batches[:warmup], documents[:warmup]):
+        step(tokens, cu)
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loss = None
     start = time.perf_counter()
-    for tokens in batches[warmup:]:
-        loss = step(tokens)
+    for tokens, cu in zip(batches[warmup:], documents[warmup:]):
+        loss = step(tokens, cu)
     synchronize(device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -215,20 +235,50 @@ def timed_steps(step, batches: torch.Tensor, warmup: int, device: torch.device) 
 def train_provider(provider: str, args, device: torch.device) -> dict:
     """Build the provider's model and AdamW(lr 1e-4), train it; returns the measured columns.
 
-    tokens_per_s = batch * seq * steps / elapsed; step_ms = elapsed / steps (both None on
-    CPU); status 'ok',
+    tokens_per_s = batch * seq * steps / elapsed per GPU; step_ms = elapsed / steps (both
+    None on CPU); under --dist the peak memory is the largest rank's; status 'ok',
     or 'error: non-finite loss' when the last loss is NaN or inf (numbers kept).
     """
-    model = build_model(provider, args.model, args.layers, args.vocab, device)
+    model = build_model(provider, args.model, args.layers, args.vocab, device, packed=args.packed)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    batches = random_batches(args.warmup + args.steps, args.batch, args.seq, args.vocab, device)
-    m = timed_steps(make_step(model, optimizer, args.dtype, device), batches, args.warmup, device)
+    trained, dtype = model, args.dtype
+    if args.dist:
+        from mta_kernels.nn.parallel import shard
+        fsdp = args.dist == "fsdp"
+        trained = shard(model, args.dist, param_dtype=torch.bfloat16 if fsdp and args.dtype == "bf16" else None,
+                        checkpoint=args.checkpoint, device_ids=[device.index] if args.dist == "ddp" else None)
+        dtype = "fp32" if fsdp else args.dtype       # FSDP2's policy computes in bf16 itself
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=LR)
+    rank = torch.distributed.get_rank() if args.dist else 0
+    steps = args.warmup + args.steps
+    if args.packed:     # one row of batch * seq tokens, documents packed along it
+        batches = random_batches(steps, 1, args.batch * args.seq, args.vocab, device, seed=1 + rank)
+        documents = packed_documents(steps, args.batch * args.seq + 1, args.seq, device)
+    else:
+        batches = random_batches(steps, args.batch, args.seq, args.vocab, device, seed=1 + rank)
+        documents = None
+    loss_fn = functools.partial(_forward_loss, trained) if args.dist == "ddp" else None
+    m = timed_steps(make_step(trained, optimizer, dtype, device, loss_fn), batches, args.warmup, device, documents)
+    if args.dist:
+        peak = torch.tensor([m["peak_gib"] or 0.0], device=device)
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        m["peak_gib"] = peak.item() if device.type == "cuda" else None
     status = "ok" if math.isfinite(m["loss"]) else f"error: non-finite loss {m['loss']}"
     timed = device.type == "cuda"   # the interpreter's times are not reported
     return dict(tokens_per_s=args.batch * args.seq * args.steps / m["elapsed_s"] if timed else None,
                 peak_mem_gib=m["peak_gib"], step_ms=1e3 * m["elapsed_s"] / args.steps if timed else None,
                 loss=m["loss"], params_m=count_params(model) / 1e6, status=status)
+
+
+def _forward_loss(ddp_model, tokens, cu_seqlens=None):
+    """MTATransformer.loss through DDP's forward, whose hooks reduce the gradients."""
+    if cu_seqlens is None:
+        logits = ddp_model(tokens[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    logits = ddp_model(tokens, cu_seqlens=cu_seqlens)[0, :-1]
+    targets = tokens[0, 1:].clone()
+    targets[cu_seqlens.to(targets.device, torch.int64)[1:-1] - 1] = -100
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100)
 
 
 def run_provider(provider: str, args, device: torch.device) -> dict:
@@ -430,6 +480,12 @@ def parse_args(argv):
     ap.add_argument("--out", type=Path, default=RUNS,
                     help=f"folder of the run's CSV and summary (default {RUNS}, git-ignored)")
     ap.add_argument("--record", action="store_true", help=f"GPU: append the rows to {TRAIN_CSV}")
+    ap.add_argument("--packed", action="store_true",
+                    help="pack documents of random lengths 64..seq into each step's batch * seq tokens (cu_seqlens)")
+    ap.add_argument("--dist", choices=("ddp", "fsdp"),
+                    help="under torchrun: DistributedDataParallel or FSDP2 (fully_shard per block, bf16 policy); "
+                         "tokens/s are per GPU, memory the largest rank's")
+    ap.add_argument("--checkpoint", action="store_true", help="with --dist: recompute each block's activations")
     ap.add_argument("--report", type=Path, metavar="CSV", help="only print the markdown of a run in this CSV")
     ap.add_argument("--run", help="with --report: the run id (default: the CSV's last run)")
     args = ap.parse_args(argv)
@@ -457,30 +513,56 @@ def progress_line(provider: str, r: dict) -> str:
     return f"{provider}: {speed}{mem}loss {r['loss']:.4g}, {r['params_m']:.1f}M params: {r['status']}"
 
 
+def _options(args) -> str:
+    """The run's options column: packed documents, the distributed engine and world size."""
+    parts = ["packed"] if args.packed else []
+    if args.dist:
+        parts.append(f"dist={args.dist},world={torch.distributed.get_world_size()}")
+        if args.checkpoint:
+            parts.append("checkpoint")
+    return ";".join(parts)
+
+
+def _device(args) -> torch.device:
+    """This process's device; under --dist, joins the process group torchrun set up."""
+    if not args.dist:
+        return torch.device("cuda" if ON_GPU else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if ON_GPU:
+        torch.cuda.set_device(local)
+    torch.distributed.init_process_group("nccl" if ON_GPU else "gloo")
+    return torch.device("cuda", local) if ON_GPU else torch.device("cpu")
+
+
 def run(args) -> tuple:
     """Train every provider ``args.rounds`` times, alternating (round 1: baseline, mta-reference,
-    mta-fused; round 2: ...), one CSV row and one printed line each; returns (CSV path, run id)."""
-    device = torch.device("cuda" if ON_GPU else "cpu")
+    mta-fused; round 2: ...), one CSV row and one printed line each (rank 0's under --dist);
+    returns (CSV path, run id)."""
+    device = _device(args)
+    lead = not args.dist or torch.distributed.get_rank() == 0
     info = env.run_info(ON_GPU)
     csv_path = TRAIN_CSV if args.record else args.out / f"{info['run']}_train.csv"
+    say = print if lead else (lambda *a, **k: None)
     if not ON_GPU:
-        print(f"no GPU: a harness check under the Triton interpreter; {report.NOT_PERFORMANCE}.", flush=True)
-    print(f"run {info['run']}: {describe_model(args)}; seq {args.seq}, batch {args.batch}, {args.steps} steps "
-          f"after {args.warmup} warm-up, {args.rounds} round(s), {args.dtype} ({DTYPE_NOTES[args.dtype]}); "
-          f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, commit {info['commit']} -> {csv_path}",
-          flush=True)
-    log = report.CsvLog(csv_path, columns=COLUMNS)
+        say(f"no GPU: a harness check under the Triton interpreter; {report.NOT_PERFORMANCE}.", flush=True)
+    say(f"run {info['run']}: {describe_model(args)}; seq {args.seq}, batch {args.batch}, {args.steps} steps "
+        f"after {args.warmup} warm-up, {args.rounds} round(s), {args.dtype} ({DTYPE_NOTES[args.dtype]}); "
+        f"{_options(args) or 'one device'}; {info['gpu']}, torch {info['torch']}, triton {info['triton']}, "
+        f"commit {info['commit']} -> {csv_path}", flush=True)
+    log = report.CsvLog(csv_path, columns=COLUMNS) if lead else None
     fixed = dict(info, model=args.model, layers=args.layers, seq=args.seq, batch=args.batch,
-                 steps=args.steps, warmup=args.warmup, vocab=args.vocab, dtype=args.dtype)
+                 steps=args.steps, warmup=args.warmup, vocab=args.vocab, dtype=args.dtype, options=_options(args))
     runs = [(rnd, provider) for rnd in range(1, args.rounds + 1) for provider in args.providers]
     try:
         for i, (rnd, provider) in enumerate(runs, 1):
-            print(f"[{i}/{len(runs)}] " + (f"round {rnd}, " if args.rounds > 1 else ""), end="", flush=True)
+            say(f"[{i}/{len(runs)}] " + (f"round {rnd}, " if args.rounds > 1 else ""), end="", flush=True)
             result = run_provider(provider, args, device)
-            log.write(dict(fixed, provider=provider, round=rnd, **result))
-            print(progress_line(provider, result), flush=True)
+            if lead:
+                log.write(dict(fixed, provider=provider, round=rnd, **result))
+            say(progress_line(provider, result), flush=True)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     return csv_path, info["run"]
 
 
@@ -496,6 +578,11 @@ def main(argv=None):
         print(markdown(read_run(args.report, args.run)))
         return 0
     csv_path, run_id = run(args)
+    if args.dist:
+        rank = torch.distributed.get_rank()
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return 0
     rows = read_run(csv_path, run_id)
     if not ON_GPU:
         print(f"trained {len(rows)} models, {sum(r['status'] == 'ok' for r in rows)} ok; {report.NOT_PERFORMANCE}.")

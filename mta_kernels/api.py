@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 import triton
 
-from mta_reference.validate import conv_row_halo, validate, validate_block, validate_packed
+from mta_reference.validate import conv_row_halo, is_bool, validate, validate_block, validate_packed
 
 from .autograd import MTAFunction, mta_fwd, pack_options
 from .blocks import block_forward
@@ -19,9 +19,14 @@ MAX_ROW_HALO = 32
 MAX_KEY_HALO = 64
 
 
+# Triton reads TRITON_INTERPRET when it decorates the kernels, at import: so does this (once,
+# so that torch.compile traces no call into Triton's environment reader).
+_INTERPRETING = bool(triton.knobs.runtime.interpret)
+
+
 def interpreting() -> bool:
-    """Whether Triton runs its kernels in the interpreter, as Triton itself reads TRITON_INTERPRET."""
-    return bool(triton.knobs.runtime.interpret)
+    """Whether Triton runs the kernels in its interpreter (TRITON_INTERPRET, as Triton read it)."""
+    return _INTERPRETING
 
 
 def _check_conv_sizes(pre_conv, post_conv):
@@ -121,11 +126,9 @@ def _dense(q, k, v, weights, causal, pad_key, scale, options):
 
 def _as_bool(causal):
     """causal as a Python bool: bools and numpy bools pass, anything else is a TypeError."""
-    if isinstance(causal, bool):
-        return causal
-    if type(causal).__module__ == "numpy" and type(causal).__name__ in ("bool_", "bool"):
-        return bool(causal)
-    raise TypeError(f"causal must be a bool, got {type(causal).__module__}.{type(causal).__qualname__}")
+    if not is_bool(causal):
+        raise TypeError(f"causal must be a bool, got {type(causal).__module__}.{type(causal).__qualname__}")
+    return bool(causal)
 
 
 def _validate_block(q, k, pre_conv, post_conv, q_prev, seqlens):

@@ -26,6 +26,11 @@ class Problem:
     scale: float
 
 
+def is_bool(x) -> bool:
+    """A Python bool or a numpy bool (what indexing a numpy array of flags gives)."""
+    return isinstance(x, bool) or (type(x).__module__ == "numpy" and type(x).__name__ in ("bool", "bool_"))
+
+
 def left_pad(ck: int, pad_key: str) -> int:
     """Key positions the conv window reaches to the left of the current key (pL in the spec)."""
     if pad_key == "both":
@@ -99,8 +104,8 @@ def validate(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix=None
         raise ValueError(f"k has head dim {Dk} but q has head dim {D}")
     if H % Hkv != 0:
         raise ValueError(f"q's heads H={H} must be a multiple of k's heads Hkv={Hkv}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not is_bool(causal):
+        raise TypeError(f"causal must be a bool, got {type(causal).__module__}.{type(causal).__qualname__}")
     if not isinstance(pad_key, str) or pad_key not in PAD_KEYS:
         raise ValueError(f"pad_key must be one of {PAD_KEYS}, got {pad_key!r}")
     if scale is None:

@@ -1,11 +1,15 @@
-"""causal_matmul: talking heads' causal scores and A V through tensor descriptors, and the chunked
-forward that uses them (the future skipped: unwritten score tiles, A left unwritten there)."""
+"""slabs/matmul.py: talking heads' causal scores and A V through tensor descriptors, and the
+talking-heads path that uses them (the future skipped: unwritten score tiles, A left
+unwritten there), or not, as kernel_options' causal_matmuls says."""
 import pytest
 import torch
 
+import mta_kernels
 import mta_reference
 from cases import Case, make_inputs
-from mta_kernels import causal_matmul as cm
+from mta_kernels import configs
+from mta_kernels.slabs import matmul as cm
+from mta_kernels.talking_heads import backward as th_backward, forward as th_forward
 from tolerance import check_rule
 
 # several row blocks and key tiles, and a program whose TILES run past the causal end, on
@@ -36,7 +40,7 @@ def _dtypes(device):
 def test_causal_scores_exact_on_the_past_and_skip_the_future(lo, R, D, device, monkeypatch):
     """S = Q K^T on every key of a row's past (GQA: 4 heads on 2 kv heads), in the slab's dtype
     with fp32 sums; the tiles wholly in the future keep what the buffer held (NaN here)."""
-    monkeypatch.setattr(cm, "SCORES_CONFIG", SMALL_TILES)
+    monkeypatch.setattr(configs, "CAUSAL_SCORES", SMALL_TILES)
     g = torch.Generator().manual_seed(0)
     for dtype in _dtypes(device):
         x = torch.randn(4, 200, D, generator=g).to(device, dtype)
@@ -93,19 +97,59 @@ def test_tma_ok_and_bad_arguments(device):
 def test_forward_falls_back_where_descriptors_cannot_go(device, monkeypatch):
     """q whose rows a descriptor cannot address (D = 20 in fp16: 40-byte rows) keeps the batched
     matmuls, and the result still meets the spec rule; the aligned call takes the kernels."""
-    from mta_kernels import chunked_forward as cf
     calls = []
-    monkeypatch.setattr(cf, "causal_pv", lambda *a, **k: calls.append(1) or cm.causal_pv(*a, **k))
+    monkeypatch.setattr(th_forward, "causal_pv", lambda *a, **k: calls.append(1) or cm.causal_pv(*a, **k))
     for D, used in ((20, False), (24, True)):
         calls.clear()
         case = Case(H=4, L=50, D=D, pre_mix=4, post_mix=4)
         q, k, v, *w = make_inputs(case, torch.float16, device)
-        opts = dict(causal=True, pad_key="both")
-        out, _ = cf.chunked_forward(q, k, v, *w, **opts, scale=D ** -0.5, rows=16)
-        ref = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float64, **opts)
-        low = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float16, **opts)
+        out = mta_kernels.mta_attention(q, k, v, *w, kernel_options=dict(path="talking_heads", chunk_rows=16))
+        ref = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float64)
+        low = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float16)
         check_rule("out", out, ref, low, torch.float16)
         assert bool(calls) == used, D
+
+
+@pytest.mark.parametrize("causal_matmuls", [None, True, False], ids=["default", "on", "off"])
+def test_causal_matmuls_option(causal_matmuls, device, monkeypatch):
+    """causal_matmuls: the causal scores (forward and backward alike, so that the backward's
+    scores are the forward's, which its lse normalises) and A V through the descriptor kernels
+    (the default where the operands allow them) or batched matmuls; output and gradients
+    within the spec rule either way, in chunks of 16 rows."""
+    calls = []
+    for module, name in ((th_forward, "causal_scores"), (th_forward, "causal_pv"), (th_backward, "causal_scores")):
+        real = getattr(cm, name)
+        tag = (module.__name__.rsplit(".", 1)[1], name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, tag=tag, **k: calls.append(tag) or real(*a, **k))
+    case = Case(B=2, H=4, Hkv=2, L=40, D=16, pre_mix=4, post_mix=4)
+    inputs = make_inputs(case, torch.float32, device, requires_grad=True)
+    grad = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1)).to(device)
+    options = dict(path="talking_heads", chunk_rows=16)
+    if causal_matmuls is not None:
+        options["causal_matmuls"] = causal_matmuls
+
+    def run(fn, **kw):
+        out = fn(*inputs, **kw)
+        return (out, *torch.autograd.grad(out, [x for x in inputs if x is not None], grad))
+
+    got = run(mta_kernels.mta_attention, kernel_options=options)
+    ref = run(mta_reference.mta_attention, compute_dtype=torch.float64)
+    low = run(mta_reference.mta_attention)
+    for name, g, r, lo in zip(["out", "dq", "dk", "dv", "dpre_mix", "dpost_mix"], got, ref, low):
+        check_rule(name, g, r, lo, torch.float32)
+    chunks = [("forward", "causal_scores"), ("forward", "causal_pv")] * 3 + [("backward", "causal_scores")] * 3
+    assert sorted(calls) == ([] if causal_matmuls is False else sorted(chunks))
+
+
+def test_noncausal_calls_take_no_causal_matmuls(device, monkeypatch):
+    for module, name in ((th_forward, "causal_scores"), (th_forward, "causal_pv"), (th_backward, "causal_scores")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("a causal matmul ran"))
+    q, k, v, *w = make_inputs(Case(L=20, D=16, pre_mix=4, post_mix=4, causal=False), torch.float32, device,
+                              requires_grad=True)
+    out = mta_kernels.mta_attention(q, k, v, *w, causal=False, kernel_options=dict(path="talking_heads",
+                                                                                  causal_matmuls=True))
+    out.sum().backward()
+    assert q.grad is not None
 
 
 @pytest.mark.gpu
@@ -113,30 +157,28 @@ def test_forward_falls_back_where_descriptors_cannot_go(device, monkeypatch):
 @pytest.mark.parametrize("D", [64, 96, 256])
 @pytest.mark.parametrize("rows", [None, 128], ids=["one-chunk", "128-rows"])
 def test_causal_talking_heads_forward_gpu(dtype, D, rows):
-    """The chunked talking-heads forward with the causal kernels, each dtype and head width up to
-    D = 256 (the tiles and stages fit shared memory), GQA and a length off every tile, under
-    the spec's rule; the future of a row does not reach it."""
-    from mta_kernels.chunked_forward import chunked_forward
+    """The talking-heads path with the causal kernels, each dtype and head width up to D = 256
+    (the tiles and stages fit shared memory), GQA and a length off every tile, under the
+    spec's rule; the future of a row does not reach it."""
     case = Case(H=8, Hkv=4, L=1000, D=D, pre_mix=8, post_mix=8)
     q, k, v, *w = make_inputs(case, dtype, "cuda")
-    opts = dict(causal=True, pad_key="both")
-    out, _ = chunked_forward(q, k, v, *w, **opts, scale=D ** -0.5, rows=rows)
-    ref = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float64, **opts)
-    low = mta_reference.mta_attention(q, k, v, *w, compute_dtype=dtype, **opts)
+    options = dict(path="talking_heads", causal_matmuls=True, **({"chunk_rows": rows} if rows else {}))
+    out = mta_kernels.mta_attention(q, k, v, *w, kernel_options=options)
+    ref = mta_reference.mta_attention(q, k, v, *w, compute_dtype=torch.float64)
+    low = mta_reference.mta_attention(q, k, v, *w, compute_dtype=dtype)
     check_rule("out", out, ref, low, dtype)
     t = 613
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     for x in (q2, k2, v2):
         x[:, :, t:] = torch.randn_like(x[:, :, t:]) * 3
-    out2, _ = chunked_forward(q2, k2, v2, *w, **opts, scale=D ** -0.5, rows=rows)
+    out2 = mta_kernels.mta_attention(q2, k2, v2, *w, kernel_options=options)
     assert torch.equal(out[:, :, :t], out2[:, :, :t])
 
 
 @pytest.mark.gpu
 def test_causal_pv_committed_config_ignores_nan_future_gpu():
-    """The committed A V config on a realistic slab whose future holds NaN (one config had given
-    NaN in session 20's tuning, notes/causal_tune_h200_ebcc3c0.log): equal to cuBLAS on the
-    zero-filled slab to bf16 rounding."""
+    """The committed A V config on a realistic slab whose future holds NaN: equal to cuBLAS on
+    the zero-filled slab to bf16 rounding."""
     torch.manual_seed(0)
     H, R, lo, D = 16, 1024, 1024, 128
     K = lo + R

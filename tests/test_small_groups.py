@@ -1,9 +1,8 @@
 """Mixing groups of one head and a single head: every part against the reference.
 
-A group of one head makes the mix a per-head scale; the forward once returned zeros for a
-post mix of such groups (the kernels kept a one-head program's output in registers and
-dropped what the post mix had accumulated), which gradient tests cannot see: the backward
-recomputes and never reads the forward's output.
+A group of one head makes the mix a per-head scale, on each path that takes the call. The
+output is checked as well as the gradients: a forward that loses the post mix's result is
+invisible to the backward, which recomputes and never reads the forward's output.
 """
 import pytest
 import torch
@@ -16,19 +15,31 @@ from tolerance import check_rule
 NAMES = ("q", "k", "v", "pre_conv", "pre_mix", "post_conv", "post_mix")
 
 SMALL_GROUP_CASES = [
-    Case(H=1, L=37, D=16, post_mix=1),
-    Case(H=1, L=37, D=16, pre_mix=1),
-    Case(H=1, L=37, D=16, pre_mix=1, post_mix=1),
-    Case(H=1, L=37, D=16, pre_conv=(3, 5), pre_mix=1, post_conv=(2, 3), post_mix=1),
-    Case(H=1, L=37, D=16, pre_conv=(3, 5)),
-    Case(H=1, L=37, D=16, post_conv=(2, 3)),
-    Case(H=4, L=45, D=16, post_mix=1),
-    Case(H=4, L=45, D=16, pre_mix=1, post_mix=1),
-    Case(H=4, L=45, D=16, post_conv=(2, 3), post_mix=1),
-    Case(H=4, L=45, D=16, pre_conv=(3, 5), pre_mix=1, post_conv=(2, 3), post_mix=1),
-    Case(H=4, L=45, D=16, pre_mix=1, post_mix=2),
-    Case(B=2, H=4, Hkv=2, L=33, D=16, pre_mix=4, post_mix=1, causal=False),
+    Case(H=1, L=24, D=16, post_mix=1),
+    Case(H=1, L=24, D=16, pre_mix=1),
+    Case(H=1, L=24, D=16, pre_mix=1, post_mix=1),
+    Case(H=1, L=24, D=16, pre_conv=(3, 5), pre_mix=1, post_conv=(2, 3), post_mix=1),
+    Case(H=1, L=24, D=16, pre_conv=(3, 5)),
+    Case(H=1, L=24, D=16, post_conv=(2, 3)),
+    Case(H=2, L=20, D=16, post_mix=1),
+    Case(H=2, L=20, D=16, pre_mix=1, post_mix=1),
+    Case(H=2, L=20, D=16, post_conv=(2, 3), post_mix=1),
+    Case(H=2, L=20, D=16, pre_conv=(3, 5), pre_mix=1, post_conv=(2, 3), post_mix=1),
+    Case(H=4, L=20, D=16, pre_mix=1, post_mix=2),
+    Case(B=2, H=2, Hkv=1, L=20, D=16, pre_mix=2, post_mix=1, causal=False),
 ]
+FP16_CASES = [SMALL_GROUP_CASES[i] for i in (2, 3, 7, 11)]
+
+
+def paths(case):
+    """The paths that can run a case: both for talking heads, else the chunked one."""
+    talking_heads = not (case.pre_conv or case.post_conv) and case.pre_mix and case.pre_mix == case.post_mix
+    return ["talking_heads", "chunked"] if talking_heads else ["chunked"]
+
+
+def params(cases, dtype, first_path_only=False):
+    return [pytest.param(case, path, dtype, id=f"{case.id}-{path}-{str(dtype)[6:]}")
+            for case in cases for path in (paths(case)[:1] if first_path_only else paths(case))]
 
 
 def _scaled_mix(case, w):
@@ -36,9 +47,9 @@ def _scaled_mix(case, w):
     return None if w is None else (0.5 + torch.rand(w.shape, generator=torch.Generator().manual_seed(3))).to(w)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", SMALL_GROUP_CASES, ids=lambda c: c.id)
-def test_small_groups_forward_and_gradients(case, dtype, device):
+@pytest.mark.parametrize("case, path, dtype", params(SMALL_GROUP_CASES, torch.float32)
+                         + params(FP16_CASES, torch.float16, first_path_only=True))
+def test_small_groups_forward_and_gradients(case, path, dtype, device):
     q, k, v, pre_conv, pre_mix, post_conv, post_mix = make_inputs(case, dtype, device)
     if case.pre_mix == 1:
         pre_mix = _scaled_mix(case, pre_mix)
@@ -53,7 +64,7 @@ def test_small_groups_forward_and_gradients(case, dtype, device):
         out = fn(*inputs, **opts, **kw)
         return (out, *torch.autograd.grad(out, present, grad))
 
-    got = run(mta_kernels.mta_attention)
+    got = run(mta_kernels.mta_attention, kernel_options={"path": path})
     ref = run(mta_reference.mta_attention, compute_dtype=torch.float64)
     low = run(mta_reference.mta_attention, compute_dtype=dtype)
     assert got[0].abs().max() > 0.1 * ref[0].abs().max(), "the output lost most of its size"

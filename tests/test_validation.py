@@ -185,8 +185,8 @@ def test_weights_may_differ_in_dtype():
 
 
 def test_check_backend_requires_interpreter_on_cpu(monkeypatch):
-    """Without TRITON_INTERPRET, CPU tensors get a RuntimeError that says how to fix it."""
-    monkeypatch.setattr(mta_kernels.api, "INTERPRETER", False)
+    """Without the Triton interpreter, CPU tensors get a RuntimeError that says how to fix it."""
+    monkeypatch.setattr(mta_kernels.api, "interpreting", lambda: False)
     q = torch.randn(B, H, L, D)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         mta_kernels.api._check_backend(q, D)
@@ -195,6 +195,36 @@ def test_check_backend_requires_interpreter_on_cpu(monkeypatch):
 
 
 def test_check_backend_accepts_cpu_under_interpreter(monkeypatch):
-    """With the interpreter on, a CPU tensor passes the backend check."""
-    monkeypatch.setattr(mta_kernels.api, "INTERPRETER", True)
+    """With the interpreter on, fp32 and fp16 CPU tensors pass the backend check."""
+    monkeypatch.setattr(mta_kernels.api, "interpreting", lambda: True)
     assert mta_kernels.api._check_backend(torch.randn(B, H, L, D), D) is None
+    assert mta_kernels.api._check_backend(torch.randn(B, H, L, D, dtype=torch.float16), D) is None
+
+
+def test_interpreting_follows_triton():
+    """interpreting() reads Triton's own setting, which conftest turns on without a GPU."""
+    import triton
+    assert mta_kernels.api.interpreting() == bool(triton.knobs.runtime.interpret)
+    if not torch.cuda.is_available():
+        assert mta_kernels.api.interpreting()
+
+
+@pytest.mark.parametrize("parts", [{}, dict(pre_mix=torch.randn(1, H, H), post_mix=torch.randn(1, H, H)),
+                                   dict(post_conv=torch.randn(H, 2, 5))], ids=["none", "talking-heads", "post_conv"])
+def test_bf16_on_cpu_is_refused(parts, monkeypatch):
+    """bf16 CPU tensors raise a TypeError naming bfloat16 on every path (the interpreter's bf16
+    dot is wrong), before any kernel runs."""
+    from mta_kernels import autograd
+    monkeypatch.setattr(autograd, "forward_impl", lambda *a, **kw: pytest.fail("a kernel ran"))
+    monkeypatch.setattr(mta_kernels.api, "interpreting", lambda: True)
+    q, k, v = (torch.randn(B, H, L, D, dtype=torch.bfloat16) for _ in range(3))
+    with pytest.raises(TypeError, match="bfloat16"):
+        mta_kernels.mta_attention(q, k, v, **parts)
+    with pytest.raises(TypeError, match="bfloat16"):
+        mta_kernels.api._check_backend(q, D)
+
+
+def test_head_dim_beyond_the_kernels_is_refused():
+    q = torch.randn(B, H, L, 257)
+    with pytest.raises(ValueError, match="D=257"):
+        mta_kernels.mta_attention(q, q, q)

@@ -71,7 +71,14 @@ def mta_decode_fwd(q, k, v, weights, q_prev, lens, *, causal: bool, pad_key: str
     Hkv, Lk = k.shape[1], k.shape[2]
     rep = H // Hkv
     halo = sum(w.shape[1] - 1 for w in (pre_conv, post_conv) if w is not None)
-    qx = torch.cat([q_prev[:, :, q_prev.shape[2] - halo:], q], dim=2) if halo else q
+    if halo:
+        # the halo rows above the block; where q_prev is shorter, the block starts the sequence
+        # and the missing rows lie at negative positions, which the kernels never read
+        above = q_prev[:, :, max(0, q_prev.shape[2] - halo):]
+        missing = halo - above.shape[2]
+        qx = torch.cat([above.new_zeros(B, H, missing, D), above, q] if missing else [above, q], dim=2)
+    else:
+        qx = q
     W = halo + Lq
     # the window's scores, k read once: query heads of one kv head as rows of one matrix
     qg = qx.reshape(B * Hkv, rep * W, D)

@@ -255,6 +255,16 @@ def rope_angles(S: int, D: int, theta: float, device=None, dtype=torch.float32, 
     return angles.cos(), angles.sin()
 
 
+def document_positions(cu_seqlens: torch.Tensor, S: int) -> torch.Tensor:
+    """(S,) int64: each token's position within its document, for offsets cu_seqlens (N+1,)
+    [0, ..., S] of documents packed along a sequence."""
+    offsets = cu_seqlens.to("cpu", torch.int64)
+    if offsets.dim() != 1 or offsets.numel() < 2 or int(offsets[0]) != 0 or int(offsets[-1]) != S:
+        raise ValueError(f"cu_seqlens must be offsets [0, ..., {S}], got {offsets.tolist()}")
+    starts = offsets[:-1].repeat_interleave(offsets.diff())
+    return torch.arange(S) - starts
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) of x (B, S, H, D) by the angles (S, D/2) or
     (B, S, D/2).
@@ -381,9 +391,11 @@ class MultiTokenAttention(nn.Module):
         n = n * self.norm_weight
         return n * c.depth_scale if c.depth_scaling else n
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, S, dim) -> (B, S, dim). Without ``cache`` the tokens are positions 0..S-1; with one
-        (a LayerCache of MTATransformer.new_cache) they follow what it holds, and it keeps them."""
+        (a LayerCache of MTATransformer.new_cache) they follow what it holds, and it keeps them.
+        cu_seqlens (N+1,) int offsets [0, ..., S] with B = 1: documents packed along the sequence,
+        each its own sequence (positions restart at each document's first token)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.config.dim:
@@ -394,11 +406,20 @@ class MultiTokenAttention(nn.Module):
         k = self.wk(x).view(B, S, c.Hkv, c.D)
         v = self.wv(x).view(B, S, c.Hkv, c.D)
         rope_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        positions = None if cache is None else cache.model.lengths.to(x.device)[:, None] + torch.arange(S, device=x.device)
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("cu_seqlens (packed documents) and a decoding cache cannot be combined")
+        positions = None
+        if cache is not None:
+            positions = cache.model.lengths.to(x.device)[:, None] + torch.arange(S, device=x.device)
+        elif cu_seqlens is not None:
+            positions = document_positions(cu_seqlens, S).to(x.device)[None]
         cos, sin = rope_angles(S, c.D, c.rope_theta, device=x.device, dtype=rope_dtype, positions=positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        o = self.attention(q, k, v) if cache is None else self.cached_attention(q, k, v, cache)
+        if cache is not None:
+            o = self.cached_attention(q, k, v, cache)
+        else:
+            o = self.attention(q, k, v, **({} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens)))
         o = o.transpose(1, 2)                                     # (B, S, H, D)
         if self.norm_weight is not None:
             o = self.norm_heads(o)
@@ -559,4 +580,4 @@ def with_backend(module: nn.Module, backend: str) -> nn.Module:
 
 
 __all__ = ["MultiTokenAttention", "MTAConfig", "PAPER_MODELS", "PAPER_CONV", "is_conv_layer",
-           "depth_lambda", "rope_angles", "apply_rope", "with_backend"]
+           "depth_lambda", "rope_angles", "apply_rope", "document_positions", "with_backend"]

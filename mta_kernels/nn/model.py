@@ -140,9 +140,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.hidden_dim)
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        """x (B, S, dim) -> (B, S, dim); cache: this block's LayerCache when decoding."""
-        h = x + self.attention(self.attention_norm(x), cache=cache)
+    def forward(self, x: torch.Tensor, cache=None, cu_seqlens=None) -> torch.Tensor:
+        """x (B, S, dim) -> (B, S, dim); cache: this block's LayerCache when decoding; cu_seqlens:
+        packed documents' offsets (B = 1)."""
+        h = x + self.attention(self.attention_norm(x), cache=cache, cu_seqlens=cu_seqlens)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -194,16 +195,18 @@ class MTATransformer(nn.Module):
         return from_official_args(backend=backend, **args)
 
     def forward(self, tokens: torch.Tensor, cache: Optional[MTACache] = None,
-                new_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                new_tokens: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (B, S) int64 -> logits (B, S, vocab_size). With ``cache`` (new_cache) the tokens
         follow what it holds and it keeps them; ``new_tokens`` (B,): how many of each row's S
-        tokens are real (right-padded prompts of different lengths; the first forward only)."""
+        tokens are real (right-padded prompts of different lengths; the first forward only).
+        cu_seqlens (N+1,) int offsets with B = 1: documents packed along the sequence, each its
+        own sequence in every layer (attention and positions restart at each)."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             raise ValueError(f"tokens must be a (B, S) tensor, got {getattr(tokens, 'shape', type(tokens).__name__)}")
         h = self.tok_embeddings(tokens)
         if cache is None:
             for block in self.layers:
-                h = block(h)
+                h = block(h, cu_seqlens=cu_seqlens)
         else:
             if new_tokens is not None and not cache.fresh:
                 raise ValueError("new_tokens is for the first forward into a cache (right-padded prompts)")
@@ -265,10 +268,18 @@ class MTATransformer(nn.Module):
             last = self(token.to(device)[:, None], cache=cache)[:, -1]
         return Generation(out, ends)
 
-    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of tokens (B, S): predict tokens[:, 1:] from the prefix."""
-        logits = self(tokens[:, :-1])
-        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    def loss(self, tokens: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean next-token cross-entropy of tokens (B, S): predict tokens[:, 1:] from the prefix.
+        With cu_seqlens (offsets of documents packed in tokens (1, S)), each document is its own
+        sequence and no token predicts the next document's first."""
+        if cu_seqlens is None:
+            logits = self(tokens[:, :-1])
+            return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        logits = self(tokens, cu_seqlens=cu_seqlens)[0, :-1]
+        targets = tokens[0, 1:].clone()
+        ends = cu_seqlens.to(targets.device, torch.int64)[1:-1] - 1     # last token of every document but the last
+        targets[ends] = -100
+        return F.cross_entropy(logits.float(), targets, ignore_index=-100)
 
 
 class Generation(NamedTuple):
@@ -290,11 +301,12 @@ def _next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int], 
 
 
 def train_step(model: MTATransformer, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,
-               max_grad_norm: Optional[float] = None) -> float:
-    """One optimizer step on next-token loss over tokens (B, S); returns the loss before the step."""
+               max_grad_norm: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None) -> float:
+    """One optimizer step on next-token loss over tokens (B, S) (documents packed at cu_seqlens
+    offsets, B = 1, if given); returns the loss before the step."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = model.loss(tokens)
+    loss = model.loss(tokens, cu_seqlens=cu_seqlens)
     loss.backward()
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)

@@ -35,12 +35,25 @@ def pv_tiles(itemsize, DP):
     return BM, BN, max(2, min(cfg["num_stages"], configs.CAUSAL_SMEM_BYTES // stage))
 
 
+def _tma_strides(t: torch.Tensor) -> list:
+    """t's strides for a tensor descriptor: a dimension of size 1 is never stepped over, so its
+    stride (which views may set to anything) is taken as the next dimension's extent rounded up
+    to 16 bytes, as a row of a padded buffer would be."""
+    strides = list(t.stride())
+    per16 = max(1, 16 // t.element_size())
+    for i in range(len(strides) - 2, -1, -1):
+        if t.shape[i] == 1:
+            strides[i] = cdiv(t.shape[i + 1] * strides[i + 1], per16) * per16
+    return strides
+
+
 def tma_ok(*tensors) -> bool:
     """Whether every tensor can be read or written through a TMA descriptor: unit last stride,
-    16-byte aligned base and other strides (on CUDA; the interpreter takes any layout)."""
+    16-byte aligned base and other strides."""
     for t in tensors:
         size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
+        strides = _tma_strides(t)
+        if strides[-1] != 1 or t.data_ptr() % 16 or any((s * size) % 16 for s in strides[:-1]):
             return False
     return True
 
@@ -52,7 +65,7 @@ def scores_buffer(H, R, K, dtype, device) -> torch.Tensor:
 
 
 def _descriptor(t: torch.Tensor, block) -> TensorDescriptor:
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
+    return TensorDescriptor(t, list(t.shape), _tma_strides(t), list(block))
 
 
 def _check(zero_above, x, y, name):

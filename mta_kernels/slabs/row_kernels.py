@@ -291,7 +291,7 @@ def talking_heads_backward_rows_kernel(da, s, lse, w_pre, w_post, out, dw_pre, d
     it). With WANT_DW_PRE / WANT_DW_POST, row DW_ROW0 + i of dw_pre / dw_post (B, G, DW_ROWS,
     CH, CH) gets sum over keys of dZ[o] s[c] / da[o] P[c]. With WRITE_A, a_out (B, H, R, K)
     gets A (zero in the causal future), for dV = A^T dO. Two sweeps over the row's keys:
-    rowsum(P * dP) (and A) first, then dZ."""
+    rowsum(P * dP) and rowsum(P) first, then dZ (and A) with P renormalised."""
     b, g, i, hh, head_ok = group_row_program(H, R, CH, CHP)
     da_row = group_row(da, b, g, i, hh, sdb, sdh, sdi, CH)
     s_row = group_row(s, b, g, i, hh, ssb, ssh, ssi, CH)
@@ -310,25 +310,32 @@ def talking_heads_backward_rows_kernel(da, s, lse, w_pre, w_post, out, dw_pre, d
     end = tl.minimum(K, i + ZERO_ABOVE + 1)      # columns [0, end) are not masked
     loaded = load_end(end, K)
     cols = tl.arange(0, BLOCK)
+    # sweep 1: rowsum(P * dP) and rowsum(P), with which sweep 2 renormalises P: exp(z - lse)
+    # carries the fp32 rounding of the forward's lse (relative error ~ |lse| eps), the ratio not
     delta = tl.zeros([CHP], dtype=w_pre_g.dtype)
-    dw_post_acc = tl.zeros([CHP, CHP], dtype=w_pre_g.dtype)
+    row_sum = tl.zeros([CHP], dtype=w_pre_g.dtype)
     for c0 in range(0, end, BLOCK):
         _, p = _talking_heads_probs(s_row, w_pre_g, row_lse, c0 + cols, end, loaded, head_ok, ssj, PREC)
         da_blk = _row_block(da_row, c0 + cols, end, loaded, head_ok, sdj, w_pre_g.dtype)
         delta += tl.sum(p * tl.dot(w_post_t, da_blk, input_precision=PREC), axis=1)
+        row_sum += tl.sum(p, axis=1)
+    inv_sum = tl.where(row_sum > 0, 1.0 / row_sum, 0.0)
+    delta = delta * inv_sum
+    dw_pre_acc = tl.zeros([CHP, CHP], dtype=w_pre_g.dtype)
+    dw_post_acc = tl.zeros([CHP, CHP], dtype=w_pre_g.dtype)
+    for c0 in range(0, end, BLOCK):
+        s_blk, p = _talking_heads_probs(s_row, w_pre_g, row_lse, c0 + cols, end, loaded, head_ok, ssj, PREC)
+        p = p * inv_sum[:, None]
+        da_blk = _row_block(da_row, c0 + cols, end, loaded, head_ok, sdj, w_pre_g.dtype)
+        dz = p * (tl.dot(w_post_t, da_blk, input_precision=PREC) - delta[:, None])
+        if WANT_DW_PRE:
+            dw_pre_acc += tl.dot(dz, tl.trans(s_blk), input_precision=PREC)
         if WANT_DW_POST:
             dw_post_acc += tl.dot(da_blk, tl.trans(p), input_precision=PREC)
         if WRITE_A:
             a = tl.dot(w_post_g, p, input_precision=PREC)
             tl.store(a_row + (c0 + cols)[None, :] * saj, a.to(a_out.dtype.element_ty),
                      mask=head_ok[:, None] & (c0 + cols[None, :] < K))
-    dw_pre_acc = tl.zeros([CHP, CHP], dtype=w_pre_g.dtype)
-    for c0 in range(0, end, BLOCK):
-        s_blk, p = _talking_heads_probs(s_row, w_pre_g, row_lse, c0 + cols, end, loaded, head_ok, ssj, PREC)
-        da_blk = _row_block(da_row, c0 + cols, end, loaded, head_ok, sdj, w_pre_g.dtype)
-        dz = p * (tl.dot(w_post_t, da_blk, input_precision=PREC) - delta[:, None])
-        if WANT_DW_PRE:
-            dw_pre_acc += tl.dot(dz, tl.trans(s_blk), input_precision=PREC)
         ds = tl.dot(w_pre_t, dz, input_precision=PREC)
         tl.store(o_row + (c0 + cols)[None, :] * soj, ds.to(out.dtype.element_ty),
                  mask=head_ok[:, None] & (c0 + cols[None, :] < K))

@@ -76,5 +76,5 @@ def talking_heads_chunked_fwd(q, k, v, pre_mix, post_mix, *, causal: bool, scale
                 causal_pv(a.flatten(0, 1), vf, o, zero_above=r0, precision=prec)
             else:
                 torch.bmm(a.flatten(0, 1), vf[:, :keys], out=o)
-            del a
+            del a, a_out     # before the next chunk's slabs: LIVE_SLABS counts none from this one
     return out, lse
