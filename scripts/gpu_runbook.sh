@@ -12,7 +12,8 @@
 #   paths     every path of each op timed over the grid (scripts/time_paths.py); with a tree of
 #             another commit under .baseline/ (git-ignored), its paths too, picked by its own switches
 #   profile   kernel-by-kernel profiles of full MTA and talking heads (scripts/profile_path.py)
-#   train     the 830M training benchmark (bench.train), batch 1 and 4
+#   train     the 830M training benchmark (bench.train), batch 1 and 4, and packed documents
+#   dist      bench.train under torchrun on every GPU, DDP and FSDP2 (multi-GPU kinds)
 #   decode    the decode benchmark (bench.decode)
 #   stress    the reliability script (scripts/stress.py)
 # The tree arrives without .git: write `git rev-parse --short HEAD > scripts/device_commit` before
@@ -72,6 +73,19 @@ step_profile() {
 step_train() {
   for batch in 1 4; do
     python3 -m bench.train --model 830M --batch $batch --rounds 3 --providers baseline,mta-fused --record 2>&1 | tee -a "$OUT/train.log" | tail -12
+  done
+  python3 -m bench.train --model 830M --packed --rounds 3 --providers baseline,mta-fused --record 2>&1 \
+    | tee -a "$OUT/train.log" | tail -8
+  cp bench/results/train.csv "$OUT/train.csv"
+}
+
+step_dist() {
+  local n=$(python3 -c "import torch; print(torch.cuda.device_count())")
+  for mode in ddp fsdp; do
+    for procs in 1 $n; do
+      python3 -m torch.distributed.run --nproc-per-node $procs -m bench.train --model 830M --dist $mode \
+        --rounds 2 --providers baseline,mta-fused --record 2>&1 | tee -a "$OUT/dist.log" | tail -6
+    done
   done
   cp bench/results/train.csv "$OUT/train.csv"
 }

@@ -48,13 +48,16 @@ def _train(model, batches, rank=0, world=1):
     return losses
 
 
-def _worker(rank, world, port, mode, backend, result_path):
+def _worker(rank, world, port, mode, backend, result_path, compiled=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if backend == "fused":
         os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = shard(_model(backend), mode, reduce_dtype=None)     # fp64 end to end
+        if compiled:        # each block compiled under FSDP2, as the authors compile theirs
+            for block in model.layers:
+                block.compile()
         losses = _train(model, _batches(), rank, world)
         inner = model.module if mode == "ddp" else model
         state = {}
@@ -74,16 +77,18 @@ def _free_port():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["reference", "fused"])
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(mode, backend, tmp_path):
+@pytest.mark.parametrize("backend, mode, compiled", [("reference", "ddp", False), ("reference", "fsdp", False),
+                                                     ("fused", "ddp", False), ("fused", "fsdp", False),
+                                                     ("fused", "fsdp", True)],
+                         ids=["reference-ddp", "reference-fsdp", "fused-ddp", "fused-fsdp", "fused-fsdp-compiled"])
+def test_two_processes_match_one(mode, backend, compiled, tmp_path):
     model = _model(backend)
     losses = _train(model, _batches())
     expected = {n: p.detach() for n, p in model.named_parameters()}
     result = tmp_path / "rank0.pt"
     port = _free_port()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, mode, backend, str(result))) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, mode, backend, str(result), compiled)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
