@@ -82,7 +82,7 @@ def backward_impl(grad_out, q, k, v, weights, out, lse, causal, pad_key, scale, 
                                options=options, needs=needs)
 
 
-def _grads_or_empty(q, inputs, grads, needs):
+def _grads_or_empty(q, grads, needs):
     """Contiguous gradients where wanted, empty tensors elsewhere (what mta_bwd returns)."""
     return [g.contiguous() if need and g is not None else q.new_empty(0) for g, need in zip(grads, needs)]
 
@@ -111,9 +111,9 @@ def mta_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pre_conv: Optiona
             needs_grad: List[bool]) -> List[Tensor]:
     """backward_impl as a custom op: the seven gradients, empty where not wanted."""
     options = unpack_options(path, chunk_rows, chunk_bytes, slab_dtype, pre_conv_matmul, causal_matmuls)
-    inputs = (q, k, v, pre_conv, pre_mix, post_conv, post_mix)
-    grads = backward_impl(grad_out, q, k, v, inputs[3:], out, lse, causal, pad_key, scale, options, needs_grad)
-    return _grads_or_empty(q, inputs, grads, needs_grad)
+    weights = (pre_conv, pre_mix, post_conv, post_mix)
+    grads = backward_impl(grad_out, q, k, v, weights, out, lse, causal, pad_key, scale, options, needs_grad)
+    return _grads_or_empty(q, grads, needs_grad)
 
 
 @mta_bwd.register_fake

@@ -79,11 +79,13 @@ def check():
             ref = run(R.mta_attention, compute_dtype=torch.float32)
             low = run(R.mta_attention, compute_dtype=dtype)
             names = ["out", "dq", "dk", "dv", *[f"d{n}" for n in ws]]
+            before = len(failures)
             for name, a, r, lo in zip(names, got, ref, low):
                 try:
                     check_rule(f"{op}/{path}/{dtype}/{name}", a, r, lo, dtype)
                 except AssertionError as e:
                     failures.append(str(e))
+            print(f"{op}/{path}/{dtype}: {'ok' if len(failures) == before else failures[before:]}", flush=True)
             with torch.no_grad():
                 halo = R.conv_row_halo(ws.get("pre_conv"), ws.get("post_conv"))
                 for Lq in (1, 3):
@@ -93,8 +95,10 @@ def check():
                     lo = R.mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, compute_dtype=dtype)
                     try:
                         check_rule(f"{op}/decode{Lq}/{dtype}", a, r, lo, dtype)
+                        print(f"{op}/decode{Lq}/{dtype}: ok", flush=True)
                     except AssertionError as e:
                         failures.append(str(e))
+                        print(e, flush=True)
     print(f"check: {len(failures)} failures", *failures[:40], sep="\n", flush=True)
 
 

@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import configs
-from ..utils import cdiv
+from ..utils import cdiv, repeat_kv_heads
 
 # A slab is never shorter than one row tile of the conv kernels: below that, long sequences
 # would spend most of each chunk on halo rows and half-empty tiles.
@@ -92,7 +92,6 @@ def slab_inputs(q, k, v, q_scale: float, dtype):
     """q times q_scale, k and v, in ``dtype`` with the kv heads repeated to q's heads, flattened
     to (B * H, L, D): made once per call, read by every chunk (views of the inputs where
     nothing changes them). v may be None (then None comes back for it)."""
-    from ..utils import repeat_kv_heads
     H = q.shape[1]
     qc = q.to(dtype)
     qc = qc * q_scale if q_scale != 1 else qc
