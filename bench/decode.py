@@ -8,7 +8,7 @@
    attention (baseline), both decoding with their cache, random weights and prompts.
 
 Rows go to a CSV of the run in bench/runs/ (git-ignored); --record appends them to
-bench/results/decode.csv instead.
+bench/results/results.csv (bench 'decode').
 Needs a GPU.
 """
 import argparse
@@ -24,11 +24,9 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 import mta_reference as R
 
-from .report import CsvLog
+from .report import COLUMNS, RESULTS_CSV, CsvLog
 
 ROOT = Path(__file__).resolve().parent
-COLUMNS = ("run", "gpu", "torch", "commit", "date", "kind", "op", "B", "H", "L", "D", "timing", "median_ms", "ratio",
-           "tokens_per_s")
 CONTEXTS = (2048, 8192, 32768, 131072)
 BATCHES = (1, 8)
 OPS = {"full": ("pre_conv", "pre_mix", "post_conv", "post_mix"), "talking_heads": ("pre_mix", "post_mix")}
@@ -64,9 +62,10 @@ def op_steps(rows, H=16, D=128):
                 with torch.no_grad():
                     times = {name: _time(fn, graphs) for name, fn in calls.items()}
                 for name, ms in times.items():
-                    rows.append(dict(kind="decode_step", op=name, B=B, H=H, L=ctx, D=D,
-                                     timing="cuda_graph" if graphs else "eager", median_ms=round(ms, 5),
-                                     ratio=round(ms / times["sdpa"], 3)))
+                    rows.append(dict(mode="decode_step", op="none" if name == "sdpa" else name,
+                                     provider="sdpa" if name == "sdpa" else "fused", B=B, H=H, Hkv=H, L=ctx, D=D,
+                                     dtype="bf16", timing="cuda_graph" if graphs else "eager", median_ms=ms,
+                                     status="ok"))
                     print(f"step {name:14s} B={B} ctx={ctx:6d} {'graph' if graphs else 'eager'}: {ms:.4f} ms "
                           f"({ms / times['sdpa']:.2f}x sdpa)", flush=True)
             del k, v
@@ -86,8 +85,9 @@ def model_tokens_per_s(rows, prompt=512, new=128, batches=(1, 8)):
             torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             tps = B * (int(out.lengths.min()) - prompt) / seconds
-            rows.append(dict(kind="generate", op=variant, B=B, H=16, L=prompt + new, D=96, timing="eager",
-                             median_ms=round(seconds * 1e3, 2), tokens_per_s=round(tps, 1)))
+            rows.append(dict(mode="generate", op=variant, provider="fused", model="830M", B=B, H=16, Hkv=16,
+                             L=prompt + new, D=96, dtype="bf16", timing="eager", median_ms=seconds * 1e3,
+                             tokens_per_s=tps, status="ok"))
             print(f"generate {variant:8s} B={B}: {tps:.1f} tokens/s", flush=True)
         del model
         torch.cuda.empty_cache()
@@ -95,7 +95,7 @@ def model_tokens_per_s(rows, prompt=512, new=128, batches=(1, 8)):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.decode")
-    ap.add_argument("--record", action="store_true", help="append to bench/results/decode.csv")
+    ap.add_argument("--record", action="store_true", help="append to bench/results/results.csv")
     ap.add_argument("--skip-model", action="store_true")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -104,14 +104,15 @@ def main(argv=None):
     op_steps(rows)
     if not args.skip_model:
         model_tokens_per_s(rows)
-    for r in (r for r in rows if r["kind"] == "generate"):
-        base = next(x for x in rows if x["kind"] == "generate" and x["op"] == "baseline" and x["B"] == r["B"])
-        r["ratio"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
+    for r in (r for r in rows if r["mode"] == "generate" and r["op"] == "mta"):
+        base = next(x for x in rows if x["mode"] == "generate" and x["op"] == "baseline" and x["B"] == r["B"])
+        print(f"generate B={r['B']}: MTA {r['tokens_per_s'] / base['tokens_per_s']:.2f}x the baseline's tokens/s")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d_%H%M%S")
-    path = ROOT / "results" / "decode.csv" if args.record else ROOT / "runs" / f"decode_{stamp}.csv"
+    path = RESULTS_CSV if args.record else ROOT / "runs" / f"decode_{stamp}.csv"
+    import triton
     info = dict(run=f"{stamp}_decode", gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                commit=os.environ.get("MTA_BENCH_COMMIT", ""), date=stamp)
-    log = CsvLog(path, COLUMNS)
+                triton=triton.__version__, commit=os.environ.get("MTA_BENCH_COMMIT", ""), date=stamp)
+    log = CsvLog(path, COLUMNS, bench="decode")
     for r in rows:
         log.write({**info, **r})
     log.close()

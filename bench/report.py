@@ -17,11 +17,16 @@ from .cases import OPS, shape_label
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RESULTS_CSV = RESULTS / "results.csv"
-COLUMNS = ("run", "gpu", "torch", "triton", "commit", "date", "B", "H", "Hkv", "L", "D", "dtype",
+# One dataset for every benchmark: `bench` says which wrote a row ('kernels': python -m bench,
+# 'train': bench.train, B the batch and L the sequence; 'decode': bench.decode); the last
+# columns are the training and decoding benchmarks' own, empty on kernel rows.
+COLUMNS = ("bench", "run", "gpu", "torch", "triton", "commit", "date", "B", "H", "Hkv", "L", "D", "dtype",
            "conv", "op", "mode", "provider", "options", "timing", "median_ms", "p20_ms", "p80_ms",
-           "peak_mem_gib", "launches", "tflops", "status")
-INT_COLUMNS = ("B", "H", "Hkv", "L", "D", "launches")
-FLOAT_COLUMNS = ("median_ms", "p20_ms", "p80_ms", "peak_mem_gib", "tflops")
+           "peak_mem_gib", "launches", "tflops", "status",
+           "model", "layers", "vocab", "steps", "warmup", "round", "tokens_per_s", "step_ms", "params_m", "loss")
+INT_COLUMNS = ("B", "H", "Hkv", "L", "D", "launches", "layers", "vocab", "steps", "warmup", "round")
+FLOAT_COLUMNS = ("median_ms", "p20_ms", "p80_ms", "peak_mem_gib", "tflops", "tokens_per_s", "step_ms", "params_m",
+                 "loss")
 MODE_ORDER = ("fwd", "bwd", "fwd+bwd")
 TIMING_NAMES = {"eager": "eager", "cuda_graph": "graph"}
 COLORS = {"fused": "tab:blue", "naive": "tab:orange", "naive-compiled": "tab:red", "sdpa": "tab:green"}
@@ -29,9 +34,10 @@ NOT_PERFORMANCE = ("timings under the interpreter are not performance numbers an
 
 
 class CsvLog:
-    """Appends rows to a CSV (writing the header first if the file is new), flushed row by row."""
+    """Appends rows to a CSV (writing the header first if the file is new), flushed row by row;
+    ``bench`` fills the column of that name where a row leaves it out."""
 
-    def __init__(self, path: Path, columns=COLUMNS):
+    def __init__(self, path: Path, columns=COLUMNS, bench: str = "kernels"):
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists() or path.stat().st_size == 0
         if not new:
@@ -41,6 +47,7 @@ class CsvLog:
                 raise SystemExit(f"{path} has columns {header}, expected {tuple(columns)}: not appending")
         self.path = path
         self.columns = columns
+        self.bench = bench
         self._file = open(path, "a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=columns, lineterminator="\n")
         if new:
@@ -48,6 +55,7 @@ class CsvLog:
             self._file.flush()
 
     def write(self, row: dict):
+        row = {"bench": self.bench, **row}
         self._writer.writerow({c: _fmt_csv(row.get(c)) for c in self.columns})
         self._file.flush()
 
@@ -63,10 +71,11 @@ def _fmt_csv(x):
     return x
 
 
-def read_csv(path: Path, int_columns=INT_COLUMNS, float_columns=FLOAT_COLUMNS) -> list:
-    """Rows as dicts with numbers parsed ('' -> None)."""
+def read_csv(path: Path, int_columns=INT_COLUMNS, float_columns=FLOAT_COLUMNS, bench: str = "kernels") -> list:
+    """The rows one benchmark wrote (the bench column; every row for None), as dicts with
+    numbers parsed ('' -> None)."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = [r for r in csv.DictReader(f) if bench is None or r.get("bench", "kernels") == bench]
     for row in rows:
         for c in int_columns:
             row[c] = int(row[c]) if row.get(c) else None

@@ -12,13 +12,13 @@ peak GPU memory:
 
     python -m bench.train                          # GPU: 830M, 24 layers, seq 2048, bf16
     python -m bench.train --layers 8               # fewer blocks, to fit a time budget
-    python -m bench.train --record                 # append to bench/results/train.csv
+    python -m bench.train --record                 # append to bench/results/results.csv
     python -m bench.train --packed                 # documents of random lengths packed per row
     torchrun --nproc-per-node 8 -m bench.train --dist fsdp    # DDP or FSDP2 over the GPUs
     python -m bench.train --report CSV [--run RUN] # the markdown of a run in a CSV
 
 Rows go to ``<out>/<run>_train.csv`` (default bench/runs/, git-ignored) or, with --record,
-to bench/results/train.csv; ``<out>/<run>_train.md`` has the ratios to the baseline next to
+to bench/results/results.csv (bench 'train': B the batch, L the sequence length); ``<out>/<run>_train.md`` has the ratios to the baseline next to
 the paper's (0.105x tokens/s, 4.2x memory) and the targets (>= 0.5x, <= 1.3x). Without a GPU
 the default is a tiny fp32 model under the Triton interpreter: a harness check that measures
 nothing. See bench/README.md.
@@ -49,7 +49,7 @@ from . import env, report  # noqa: E402
 from .timing import error_status, free_memory  # noqa: E402
 
 RUNS = Path(__file__).resolve().parent / "runs"
-TRAIN_CSV = report.RESULTS / "train.csv"
+TRAIN_CSV = report.RESULTS_CSV
 PROVIDERS = ("baseline", "mta-reference", "mta-fused")
 ALIASES = {"reference": "mta-reference", "fused": "mta-fused"}
 DTYPES = ("bf16", "fp32")
@@ -80,11 +80,7 @@ PAPER_MEMORY_RATIO = PAPER["mta_gb"] / PAPER["base_gb"]                      # 4
 TARGET_SPEED_RATIO = 0.5    # fused tokens/s >= 0.5x the baseline's
 TARGET_MEMORY_RATIO = 1.3   # fused peak memory <= 1.3x the baseline's
 
-COLUMNS = ("run", "gpu", "torch", "triton", "commit", "date", "model", "layers", "seq", "batch", "vocab",
-           "dtype", "steps", "warmup", "round", "provider", "options", "tokens_per_s", "step_ms",
-           "peak_mem_gib", "params_m", "loss", "status")
-INT_COLUMNS = ("layers", "seq", "batch", "steps", "warmup", "vocab", "round")
-FLOAT_COLUMNS = ("tokens_per_s", "peak_mem_gib", "params_m", "step_ms", "loss")
+COLUMNS = report.COLUMNS
 
 
 # ---------------------------------------------------------------- models
@@ -549,8 +545,8 @@ def run(args) -> tuple:
         f"after {args.warmup} warm-up, {args.rounds} round(s), {args.dtype} ({DTYPE_NOTES[args.dtype]}); "
         f"{_options(args) or 'one device'}; {info['gpu']}, torch {info['torch']}, triton {info['triton']}, "
         f"commit {info['commit']} -> {csv_path}", flush=True)
-    log = report.CsvLog(csv_path, columns=COLUMNS) if lead else None
-    fixed = dict(info, model=args.model, layers=args.layers, seq=args.seq, batch=args.batch,
+    log = report.CsvLog(csv_path, columns=COLUMNS, bench="train") if lead else None
+    fixed = dict(info, model=args.model, layers=args.layers, L=args.seq, B=args.batch, op="train",
                  steps=args.steps, warmup=args.warmup, vocab=args.vocab, dtype=args.dtype, options=_options(args))
     runs = [(rnd, provider) for rnd in range(1, args.rounds + 1) for provider in args.providers]
     try:
@@ -568,7 +564,10 @@ def run(args) -> tuple:
 
 def read_run(csv_path: Path, run=None) -> list:
     """The rows of one run of a training CSV (default its last), numbers parsed."""
-    return report.select(report.read_csv(csv_path, INT_COLUMNS, FLOAT_COLUMNS), run=run)
+    rows = report.select(report.read_csv(csv_path, bench="train"), run=run)
+    for r in rows:
+        r["batch"], r["seq"] = r["B"], r["L"]
+    return rows
 
 
 def main(argv=None):

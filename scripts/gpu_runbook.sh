@@ -76,7 +76,7 @@ step_train() {
   done
   python3 -m bench.train --model 830M --packed --rounds 3 --providers baseline,mta-fused --record 2>&1 \
     | tee -a "$OUT/train.log" | tail -8
-  cp bench/results/train.csv "$OUT/train.csv"
+  cp bench/results/results.csv "$OUT/results.csv"
 }
 
 step_dist() {
@@ -87,12 +87,12 @@ step_dist() {
         --rounds 2 --providers baseline,mta-fused --record 2>&1 | tee -a "$OUT/dist.log" | tail -6
     done
   done
-  cp bench/results/train.csv "$OUT/train.csv"
+  cp bench/results/results.csv "$OUT/results.csv"
 }
 
 step_decode() {
   python3 -m bench.decode --record 2>&1 | tee "$OUT/decode.log" | tail -30
-  cp bench/results/decode.csv "$OUT/decode.csv"
+  cp bench/results/results.csv "$OUT/results.csv"
 }
 
 step_stress() {

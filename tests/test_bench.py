@@ -131,11 +131,15 @@ def test_plot_from_the_csv(tmp_path):
 
 
 def test_recorded_results_are_one_dataset():
+    """bench/results/ holds one CSV: every benchmark's rows, each case once per run and timing."""
+    assert sorted(p.name for p in report.RESULTS.glob("*.csv")) == ["results.csv"]
     rows = _rows(report.RESULTS_CSV)
     assert rows and tuple(rows[0]) == report.COLUMNS
-    assert {r["timing"] for r in rows} <= {"eager", "cuda_graph"}
+    assert {r["bench"] for r in rows} <= {"kernels", "train", "decode"}
     assert all(r["run"] and r["commit"] and r["gpu"] != "cpu" for r in rows)
-    keys = [(r["run"], r["op"], r["mode"], r["provider"], r["B"], r["H"], r["L"], r["D"], r["timing"]) for r in rows]
+    kernels = [r for r in rows if r["bench"] == "kernels"]
+    assert {r["timing"] for r in kernels} <= {"eager", "cuda_graph"}
+    keys = [(r["run"], r["op"], r["mode"], r["provider"], r["B"], r["H"], r["L"], r["D"], r["timing"]) for r in kernels]
     assert len(set(keys)) == len(keys)
 
 
