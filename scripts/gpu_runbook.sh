@@ -16,7 +16,8 @@
 #   dist      bench.train under torchrun on every GPU, DDP and FSDP2 (multi-GPU kinds)
 #   decode    the decode benchmark (bench.decode)
 #   stress    the reliability script (scripts/stress.py)
-# The tree arrives without .git: write `git rev-parse --short HEAD > scripts/device_commit` before
+# CHECK_S, TESTS_S, GRID_S, DECODE_S: seconds each of those steps may run (what it wrote by then
+# comes back). The tree arrives without .git: write `git rev-parse --short HEAD > scripts/device_commit` before
 # the call and name it in the call's carry list, so that results record their commit.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -28,7 +29,7 @@ export PYTHONPATH="$PWD:/tmp/site:$PWD/tests:$PWD/scripts"
 export MTA_BENCH_COMMIT=$(cat scripts/device_commit 2>/dev/null || echo unknown)
 
 step_check() {
-  python3 scripts/stress.py --check 2>&1 | tee "$OUT/check.log" | tail -45
+  timeout ${CHECK_S:-300} python3 scripts/stress.py --check 2>&1 | tee "$OUT/check.log" | tail -45
 }
 
 step_env() {
@@ -37,11 +38,11 @@ step_env() {
 }
 
 step_tests() {
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/tests.log" | tail -30
+  timeout ${TESTS_S:-540} python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/tests.log" | tail -30
 }
 
 step_grid() {
-  python3 -m bench --shapes grid --record ${GRID_ARGS:-} 2>&1 | tee "$OUT/grid.log" | tail -60
+  timeout ${GRID_S:-560} python3 -m bench --shapes grid --record ${GRID_ARGS:-} 2>&1 | tee "$OUT/grid.log" | tail -60
   cp bench/results/results.csv "$OUT/results.csv"
 }
 
@@ -91,7 +92,7 @@ step_dist() {
 }
 
 step_decode() {
-  python3 -m bench.decode --record 2>&1 | tee "$OUT/decode.log" | tail -30
+  timeout ${DECODE_S:-300} python3 -m bench.decode --record 2>&1 | tee "$OUT/decode.log" | tail -30
   cp bench/results/results.csv "$OUT/results.csv"
 }
 
