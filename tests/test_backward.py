@@ -516,6 +516,12 @@ GPU_GRAD_CASES = [
     Case(H=16, L=4096, D=128),
     Case(B=2, H=16, Hkv=4, L=1000, D=96, causal=False),
     Case(H=16, L=1024, D=256),
+    # where the earlier kernels' fp16 errors passed 2x the fp16 reference's: talking heads at
+    # an odd L, mixing groups of 4, GQA 4:1 at one past a block
+    Case(H=8, L=3001, D=128, pre_mix=8, post_mix=8),
+    Case(H=8, L=1200, D=64, pre_mix=4, post_mix=4),
+    Case(H=8, Hkv=2, L=2049, D=64, pre_mix=8, post_mix=8),
+    Case(H=8, Hkv=2, L=1200, D=64, pre_conv=(6, 11), pre_mix=4, post_conv=(6, 11), post_mix=4),
 ]
 
 
