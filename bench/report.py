@@ -18,7 +18,8 @@ from .cases import OPS, shape_label
 RESULTS = Path(__file__).resolve().parent / "results"
 RESULTS_CSV = RESULTS / "results.csv"
 # One dataset for every benchmark: `bench` says which wrote a row ('kernels': python -m bench,
-# 'train': bench.train, B the batch and L the sequence; 'decode': bench.decode); the last
+# 'train': bench.train, B the batch and L the sequence; 'decode': bench.decode; 'packed':
+# bench.packed, L the packed tokens); the last
 # columns are the training and decoding benchmarks' own, empty on kernel rows.
 COLUMNS = ("bench", "run", "gpu", "torch", "triton", "commit", "date", "B", "H", "Hkv", "L", "D", "dtype",
            "conv", "op", "mode", "provider", "options", "timing", "median_ms", "p20_ms", "p80_ms",

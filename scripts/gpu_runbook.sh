@@ -15,8 +15,9 @@
 #   train     the 830M training benchmark (bench.train), batch 1 and 4, and packed documents
 #   dist      bench.train under torchrun on every GPU, DDP and FSDP2 (multi-GPU kinds)
 #   decode    the decode benchmark (bench.decode)
+#   packed    packed documents against the same documents run alone (bench.packed)
 #   stress    the reliability script (scripts/stress.py)
-# CHECK_S, TESTS_S, GRID_S, DECODE_S: seconds each of those steps may run (what it wrote by then
+# CHECK_S, TESTS_S, GRID_S, DECODE_S, PACKED_S: seconds each of those steps may run (what it wrote by then
 # comes back). The tree arrives without .git: write `git rev-parse --short HEAD > scripts/device_commit` before
 # the call and name it in the call's carry list, so that results record their commit.
 set -uo pipefail
@@ -93,6 +94,11 @@ step_dist() {
 
 step_decode() {
   timeout ${DECODE_S:-300} python3 -m bench.decode --record 2>&1 | tee "$OUT/decode.log" | tail -30
+  cp bench/results/results.csv "$OUT/results.csv"
+}
+
+step_packed() {
+  timeout ${PACKED_S:-400} python3 -m bench.packed --record 2>&1 | tee "$OUT/packed.log" | tail -12
   cp bench/results/results.csv "$OUT/results.csv"
 }
 

@@ -130,12 +130,30 @@ def test_plot_from_the_csv(tmp_path):
     assert not report.plot(rows[:2], tmp_path / "one.png")         # one L: nothing to draw
 
 
+def test_packed_bench_on_cpu_checks_packed_against_documents_alone(tmp_path):
+    """bench.packed without a GPU: every op packed equals its documents run alone, and one
+    untimed row per op, mode and provider."""
+    cmd = [sys.executable, "-m", "bench.packed", "--tokens", "40", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for op in ("full", "talking_heads", "none"):
+        assert f"{op}: packed equals the documents run alone" in result.stdout
+    (csv_path,) = tmp_path.glob("*.csv")
+    rows = _rows(csv_path)
+    assert {r["bench"] for r in rows} == {"packed"}
+    assert {(r["op"], r["mode"], r["provider"]) for r in rows} == {
+        (op, mode, p) for op in ("full", "talking_heads", "none") for mode in ("fwd", "fwd+bwd")
+        for p in ("packed", "separate", "dense")}
+    assert all(r["status"] == "ok" and r["timing"] == "none" and r["median_ms"] == "" for r in rows), rows
+
+
 def test_recorded_results_are_one_dataset():
     """bench/results/ holds one CSV: every benchmark's rows, each case once per run and timing."""
     assert sorted(p.name for p in report.RESULTS.glob("*.csv")) == ["results.csv"]
     rows = _rows(report.RESULTS_CSV)
     assert rows and tuple(rows[0]) == report.COLUMNS
-    assert {r["bench"] for r in rows} <= {"kernels", "train", "decode"}
+    assert {r["bench"] for r in rows} <= {"kernels", "train", "decode", "packed"}
     assert all(r["run"] and r["commit"] and r["gpu"] != "cpu" for r in rows)
     kernels = [r for r in rows if r["bench"] == "kernels"]
     assert {r["timing"] for r in kernels} <= {"eager", "cuda_graph"}
