@@ -30,10 +30,23 @@ def tl_acc_dtype(x: torch.Tensor):
 
 
 def dot_precision(x: torch.Tensor) -> str:
-    """tl.dot's input precision for fp32 operands derived from inputs like x: tf32 beside
-    16-bit inputs (their products are rounded far coarser by the 16-bit reference), exact
-    fp32 otherwise."""
-    return "tf32" if x.dtype in (torch.float16, torch.bfloat16) else "ieee"
+    """tl.dot's input precision for fp32 operands derived from inputs like x. Beside bf16 inputs
+    tf32 (10 mantissa bits against bf16's 7: the bf16 reference rounds its products far
+    coarser); beside fp16 inputs tf32x3 (three tf32 dots, about fp32): tf32 rounds operands as
+    coarsely as fp16 itself, and with that extra rounding the kernels' fp16 errors reached 2-3x
+    the fp16 reference's on an H100. Exact fp32 otherwise."""
+    if x.dtype == torch.bfloat16:
+        return "tf32"
+    return "tf32x3" if x.dtype == torch.float16 else "ieee"
+
+
+def operand_precision(operand: torch.Tensor, precision: str) -> str:
+    """tl.dot's input precision for operands of ``operand``'s dtype: ``precision`` for fp32,
+    exact for fp64, and "tf32" for 16-bit operands, whose dots it does not change (tf32x3 does:
+    it widened a 16-bit kernel's shared memory past an SM's)."""
+    if operand.dtype == torch.float64:
+        return "ieee"
+    return "tf32" if operand.element_size() == 2 else precision
 
 
 def repeat_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 a GPU, and print each one's shared memory, registers and spills, so resource limits show up
 before device time is spent. Kernel launches are intercepted: nothing runs.
 
-    python scripts/sm90_compile.py full:96 talking_heads flash:256   # OP[:D], bf16, H=16, paper weights
+    python scripts/sm90_compile.py full:96 talking_heads:128:fp16 decode_full   # OP[:D[:DTYPE]], H=16, paper weights
 
 Must run without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted).
 """
@@ -65,6 +65,7 @@ def intercept(found):
     JITFunction.run = run
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PARTS = {
     "flash": (),
     "talking_heads": ("pre_mix", "post_mix"),
@@ -92,14 +93,34 @@ def launch(op, D, H=16, L=256, dtype=torch.bfloat16):
     backward_impl(do, q, k, v, weights, out, lse, True, "both", D ** -0.5, options, [True] * 7)
 
 
+def launch_decode(op, D, H=16, Lk=256, Lq=1, dtype=torch.bfloat16):
+    """The fused decode step (a block of Lq rows at the end of Lk keys) of one op with the
+    paper's weights, launched as launch() does."""
+    import mta_reference as R
+    from mta_kernels.decode.forward import mta_decode_fwd
+    full = dict(pre_conv=R.identity_conv(H, 6, 11), pre_mix=R.identity_mix(H, H), post_conv=R.identity_conv(H, 6, 11),
+                post_mix=R.identity_mix(H, H))
+    weights = tuple(full[n] if n in PARTS[op] else None for n in ("pre_conv", "pre_mix", "post_conv", "post_mix"))
+    halo = R.conv_row_halo(weights[0], weights[2])
+    q, q_prev = torch.randn(1, H, Lq, D, dtype=dtype), torch.randn(1, H, max(halo, 1), D, dtype=dtype)
+    k, v = (torch.randn(1, H, Lk, D, dtype=dtype) for _ in range(2))
+    mta_decode_fwd(q, k, v, weights, q_prev if halo else None, None, causal=True, pad_key="both", scale=D ** -0.5)
+
+
 def main(argv):
-    """argv: OP[:D] ... (D defaults to 128). Exit status 1 if a launch does not fit."""
+    """argv: OP[:D[:DTYPE]] ... (D defaults to 128, DTYPE bf16 or fp16 to bf16), OP one of PARTS
+    or decode_OP (the fused decode step). Exit status 1 if a launch does not fit."""
     found = []
     intercept(found)
     for item in argv or list(PARTS):
-        op, _, d = item.partition(":")
-        print(f"== {op} D={d or 128}", flush=True)
-        launch(op, int(d or 128))
+        op, _, rest = item.partition(":")
+        d, _, dtype = rest.partition(":")
+        dtype = DTYPES[dtype or "bf16"]
+        print(f"== {op} D={d or 128} {dtype}", flush=True)
+        if op.startswith("decode_"):
+            launch_decode(op[len("decode_"):], int(d or 128), dtype=dtype)
+        else:
+            launch(op, int(d or 128), dtype=dtype)
     return 0 if all(r["fits"] for r in found) else 1
 
 

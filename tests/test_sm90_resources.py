@@ -12,9 +12,10 @@ import triton
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
-# each path's forward and backward at the widest heads it takes, and the paper's D=96 and 64
+# each path's forward and backward at the widest heads it takes, and the paper's D=96 and 64;
+# fp16 (whose fp32 dots run as tf32x3); the fused decode step
 LAUNCHES = ["flash:256", "talking_heads:256", "talking_heads:96", "full:256", "full:96", "pre_conv:64",
-            "post_conv:128"]
+            "post_conv:128", "talking_heads:128:fp16", "full:128:fp16", "decode_full", "decode_talking_heads:96"]
 
 
 @pytest.mark.slow

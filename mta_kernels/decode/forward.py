@@ -11,9 +11,9 @@ from .. import configs
 from ..utils import cdiv, dot_precision, next_pow2, padded
 from .kernels import decode_probs_kernel, decode_stats_kernel
 
-BN = 32                # keys a program's tile owns
 MAX_WINDOW = 16        # the block's rows plus the convs' row halo
-MAX_REACH = 16         # how far a conv reaches along the keys, either side
+MAX_REACH = 16         # how far the pre conv reaches along the keys, either side
+MAX_POST_REACH = 8     # how far the post conv does (its halo widens every frame of every head)
 MAX_HEADS = 16         # heads a program holds (whole mixing groups)
 
 
@@ -36,12 +36,20 @@ def _reach(w, pad_key) -> int:
 
 def decode_applies(Lq: int, weights, pad_key: str) -> bool:
     """Whether the fused decode step takes a block of Lq rows with these weights: the rows and
-    the convs' row halo fit one tile, the convs reach at most MAX_REACH keys either side, and a
-    program can hold the mixing groups."""
+    the convs' row halo fit one tile, the pre conv reaches at most MAX_REACH keys either side and
+    the post conv MAX_POST_REACH, and a program can hold the mixing groups."""
     pre_conv, pre_mix, post_conv, post_mix = weights
     halo = sum(w.shape[1] - 1 for w in (pre_conv, post_conv) if w is not None)
-    return (halo + Lq <= MAX_WINDOW and max(_reach(pre_conv, pad_key), _reach(post_conv, pad_key)) <= MAX_REACH
-            and heads_per_program(pre_mix, post_mix) <= MAX_HEADS)
+    return (halo + Lq <= MAX_WINDOW and _reach(pre_conv, pad_key) <= MAX_REACH
+            and _reach(post_conv, pad_key) <= MAX_POST_REACH and heads_per_program(pre_mix, post_mix) <= MAX_HEADS)
+
+
+def key_tiles(post_reach: int):
+    """(BN, PH): the keys a program's tile owns and the columns beside them that the post conv
+    reads (0 without one), with the frame width PW = BN + 2 PH a power of two (tl.arange). The
+    frames of all NH heads pass through tl.dot as one [NH, WP * PW] operand: PW = 32 keeps it
+    within an SM's shared memory (64 overflowed it with a 16-head mix)."""
+    return (32, 0) if post_reach == 0 else (16, 8)
 
 
 def block_diagonal(w, H: int, NH: int):
@@ -90,9 +98,9 @@ def mta_decode_fwd(q, k, v, weights, q_prev, lens, *, causal: bool, pad_key: str
     NH = heads_per_program(pre_mix, post_mix)
     n_blocks = H // NH
     dev = q.device
-    ph, sh = _reach(post_conv, pad_key), _reach(pre_conv, pad_key)
-    PH = 0 if post_conv is None else max(16, next_pow2(ph))
+    BN, PH = key_tiles(_reach(post_conv, pad_key))
     PW = BN + 2 * PH
+    sh = _reach(pre_conv, pad_key)
     SH = sh
     SW = next_pow2(PW + 2 * SH)
     WP = padded(W)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import configs
-from ..utils import acc_dtype, cdiv, dot_precision, padded
+from ..utils import acc_dtype, cdiv, dot_precision, operand_precision, padded
 from .kernels import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel, flash_fwd_kernel
 
 
@@ -34,7 +34,7 @@ def flash_fwd(q, k, v, causal: bool, scale: float, q_offset=None):
     flash_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, H // k.shape[1], Lq, Lk, Lk - Lq if q_offset is None else q_offset, D, scale,
-        CAUSAL=causal, DP=padded(D), PREC=dot_precision(q), **cfg)
+        CAUSAL=causal, DP=padded(D), PREC=operand_precision(q, dot_precision(q)), **cfg)
     return out, lse
 
 
@@ -47,7 +47,7 @@ def flash_bwd(grad_out, q, k, v, out, lse, causal: bool, scale: float):
     DP = padded(D)
     dkdv_cfg = _tiles(configs.FLASH_BWD_DKDV, L)
     dq_cfg = _tiles(configs.FLASH_BWD_DQ, L)
-    prec = dot_precision(q)
+    prec = operand_precision(q, dot_precision(q))
     dev = q.device
     delta = torch.empty(B, H, L, device=dev, dtype=acc_dtype(q))
     flash_bwd_preprocess_kernel[(cdiv(L, 64), B * H)](

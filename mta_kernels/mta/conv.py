@@ -5,7 +5,7 @@ Common keyword arguments:
   zero_above: an int Z; the inputs (x and the gradient) are read as zero wherever
       col - row > Z (a causal slab of rows lo.. has Z = lo), and tiles that would read only
       there are skipped. None: no such structure.
-  precision: tl.dot input precision for fp32 slabs, "tf32" or "ieee" (fp64 is always exact).
+  precision: tl.dot input precision for fp32 slabs, "tf32", "tf32x3" or "ieee" (fp64 is always exact).
 """
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -14,7 +14,7 @@ from mta_reference.validate import left_pad
 
 from .. import configs
 from ..slabs.rows import NO_ZEROS
-from ..utils import acc_dtype, cdiv, next_pow2, tl_acc_dtype
+from ..utils import acc_dtype, cdiv, next_pow2, operand_precision, tl_acc_dtype
 from .conv_kernels import (kq_conv_kernel, kq_conv_strip_kernel, kq_conv_weight_grad_kernel,
                            kq_conv_weight_grad_strip_kernel)
 
@@ -51,7 +51,7 @@ def _halo(ck, pl):
 
 
 def _prec(x, precision):
-    return "ieee" if x.dtype == torch.float64 else precision
+    return operand_precision(x, precision)
 
 
 def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None, band=False, x_col0=0):

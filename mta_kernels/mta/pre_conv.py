@@ -14,7 +14,7 @@ from mta_reference.validate import left_pad
 
 from .. import configs
 from ..slabs.rows import NO_ZEROS
-from ..utils import acc_dtype, cdiv, next_pow2, tl_acc_dtype
+from ..utils import acc_dtype, cdiv, next_pow2, operand_precision, tl_acc_dtype
 from .pre_conv_kernels import conv_keys_kernel, pre_conv_matmul_kernel
 
 
@@ -54,7 +54,7 @@ def pre_conv_matmul(q: torch.Tensor, kt: torch.Tensor, lo: int, hi: int, keys: i
     pre_conv_matmul_kernel[(B * H, cdiv(R, BM), cdiv(keys, BN))](
         q, kt, out, torch.full((1,), scale, device=q.device, dtype=acc_dtype(q)), *q.stride(), H, R, keys, L, D, lo,
         NO_ZEROS if zero_above is None else zero_above,
-        CQ=cq, BM=BM, BN=BN, BD=BD, PREC="ieee" if q.dtype == torch.float64 else precision,
+        CQ=cq, BM=BM, BN=BN, BD=BD, PREC=operand_precision(q, precision),
         ACC=tl_acc_dtype(q),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

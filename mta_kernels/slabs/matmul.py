@@ -13,7 +13,7 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import configs
-from ..utils import cdiv, next_pow2, tl_acc_dtype
+from ..utils import cdiv, next_pow2, operand_precision, tl_acc_dtype
 from .matmul_kernels import causal_pv_kernel, causal_scores_kernel
 
 
@@ -78,8 +78,7 @@ def _check(zero_above, x, y, name):
 def _dot_options(x: torch.Tensor, precision):
     """tl.dot's precision, and whether 16-bit operands go to the dot in fp32: under the
     interpreter bf16 tl.dot is wrong (the products of 16-bit values are exact in fp32)."""
-    prec = "ieee" if x.dtype == torch.float64 else precision
-    return prec, x.device.type != "cuda" and x.element_size() == 2
+    return operand_precision(x, precision), x.device.type != "cuda" and x.element_size() == 2
 
 
 def causal_scores(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, row0=0, zero_above=None,
@@ -88,7 +87,7 @@ def causal_scores(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, row0=0, z
     transposed, per head (head h takes kv head h // (H // Hkv)), sums in fp32 (fp64 for fp64),
     in out's dtype. With zero_above (a causal slab of rows lo.. has zero_above = lo), tiles lying
     wholly where col - row > zero_above are skipped and left unwritten; the rest is exact.
-    precision: tl.dot's for fp32 inputs ("tf32" or "ieee"). All three must pass tma_ok (out
+    precision: tl.dot's for fp32 inputs ("tf32", "tf32x3" or "ieee"). All three must pass tma_ok (out
     from scores_buffer does). Returns out."""
     H, R, K = out.shape
     D = x.shape[2]
@@ -138,13 +137,14 @@ def causal_pv(a: torch.Tensor, y: torch.Tensor, out: torch.Tensor, zero_above=No
 
 @contextlib.contextmanager
 def matmul_precision(q):
-    """TF32 for CUDA fp32 matmuls inside the block when q is 16-bit: the slabs' fp32 operands
-    are then rounded far less than the 16-bit reference rounds its own."""
-    use = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    """torch's fp32 matmuls inside the block on CUDA: TF32 when q is bf16 (its 10 mantissa bits
+    round the slabs' fp32 operands far less than the bf16 reference rounds its own), full fp32
+    when q is fp16 (TF32 would round them as coarsely as fp16 itself; see dot_precision)."""
+    want = {torch.bfloat16: "tf32", torch.float16: "ieee"}.get(q.dtype) if q.is_cuda else None
     matmul = torch.backends.cuda.matmul
     old = matmul.fp32_precision
-    if use:
-        matmul.fp32_precision = "tf32"
+    if want:
+        matmul.fp32_precision = want
     try:
         yield
     finally:

@@ -3,7 +3,8 @@ over slabs (B, H, R, K) of materialized rows.
 
 Common arguments: zero_above, an int Z such that entries with col - row > Z are the causal
 future (a slab of rows lo.. has Z = lo; None: no such structure), which the kernels never
-read; precision, tl.dot's input precision for fp32 math ("tf32" or "ieee"; fp64 is exact).
+read; precision, tl.dot's input precision for fp32 math ("tf32", "tf32x3" or "ieee"; fp64 is
+exact).
 """
 import torch
 
@@ -63,7 +64,7 @@ def mix_softmax_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, want_lse
     K), which may be x itself (in place), or a new tensor of ``out_dtype`` (default x's).
     x may be 16-bit (scores rounded once, as a 16-bit reference rounds them): the mixes, the
     softmax and the lse then run in fp32. precision: tl.dot's for the mixes of fp32 math
-    ("tf32" or "ieee"; fp64 is exact). Returns (out, lse (B, H, R) in the math's dtype or None);
+    ("tf32", "tf32x3" or "ieee"; fp64 is exact). Returns (out, lse (B, H, R) in the math's dtype or None);
     with want_lse, ``lse_out`` (B, H, R) of that dtype with unit stride along R (a view into a
     longer lse, say) takes the lse instead of a new tensor. ``lse_in``, of the same layout:
     the rows' log-sum-exp, known (the backward's recomputation has the forward's), so that one
@@ -110,7 +111,7 @@ def mix_rows(x: torch.Tensor, w: torch.Tensor, zero_above=None, precision="ieee"
     """The head mix of x, ``mta_reference.mix_heads(x, w)``, as a new tensor of ``out_dtype``
     (default x's): x (B, H, R, K), w (G, ch, ch) with H = G * ch; entries of x where
     col - row > zero_above are taken as zero (None: all are read). precision: tl.dot's for
-    fp32 slabs ("tf32" or "ieee"; fp64 is exact). Returns (B, H, R, K)."""
+    fp32 slabs ("tf32", "tf32x3" or "ieee"; fp64 is exact). Returns (B, H, R, K)."""
     B, H, R, K = x.shape
     G, ch, _ = w.shape
     zeros = row_kernel_zero_above(zero_above)
@@ -141,7 +142,7 @@ def mix_backward_rows(grad: torch.Tensor, w: torch.Tensor, x=None, probs=None, z
     i writes its share to row row0 + i of the buffer instead, and dw is None: the caller sums
     the buffer once (the row-chunked backward, one sum for all its chunks). The slabs may be
     16-bit: the math then runs in fp32, and dw (and the buffer) are fp32. precision: tl.dot's
-    for the fp32 math ("tf32" or "ieee"; fp64 is exact)."""
+    for the fp32 math ("tf32", "tf32x3" or "ieee"; fp64 is exact)."""
     B, H, R, K = grad.shape
     G, ch, _ = w.shape
     zeros = row_kernel_zero_above(zero_above)
@@ -191,8 +192,8 @@ def talking_heads_backward_rows(da: torch.Tensor, s: torch.Tensor, lse: torch.Te
     (B, G, N, ch, ch) whose rows row0 + i (i < R) get each slab row's share of the weight
     gradients (None: not computed); the caller sums them. ``a_out`` (B, H, R, K), of any dtype
     and strides, gets A on the way (zero in the causal future), for dV = A^T dO without a
-    recomputation of its own. precision: tl.dot's for fp32 math ("tf32" or "ieee"; fp64 is
-    exact). Returns out."""
+    recomputation of its own. precision: tl.dot's for fp32 math ("tf32", "tf32x3" or "ieee";
+    fp64 is exact). Returns out."""
     B, H, R, K = da.shape
     G, ch, _ = w_pre.shape
     if s.shape != da.shape or w_post.shape != w_pre.shape:
