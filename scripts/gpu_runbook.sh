@@ -39,7 +39,7 @@ step_env() {
 }
 
 step_tests() {
-  timeout ${TESTS_S:-540} python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/tests.log" | tail -30
+  timeout ${TESTS_S:-540} python3 -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -30
 }
 
 step_grid() {

@@ -75,30 +75,33 @@ def check():
             def run(fn, **kw):
                 out = fn(q, k, v, **ws, **kw)
                 return [out, *torch.autograd.grad(out, inputs, do)]
-            got = run(mta_attention, kernel_options={"path": path})
-            ref = run(R.mta_attention, compute_dtype=torch.float32)
-            low = run(R.mta_attention, compute_dtype=dtype)
-            names = ["out", "dq", "dk", "dv", *[f"d{n}" for n in ws]]
             before = len(failures)
-            for name, a, r, lo in zip(names, got, ref, low):
-                try:
-                    check_rule(f"{op}/{path}/{dtype}/{name}", a, r, lo, dtype)
-                except AssertionError as e:
-                    failures.append(str(e))
+            try:
+                got = run(mta_attention, kernel_options={"path": path})
+                ref = run(R.mta_attention, compute_dtype=torch.float32)
+                low = run(R.mta_attention, compute_dtype=dtype)
+                names = ["out", "dq", "dk", "dv", *[f"d{n}" for n in ws]]
+                for name, a, r, lo in zip(names, got, ref, low):
+                    try:
+                        check_rule(f"{op}/{path}/{dtype}/{name}", a, r, lo, dtype)
+                    except AssertionError as e:
+                        failures.append(str(e))
+            except Exception as e:      # a launch that fails (resources, say) is a failure, not the end
+                failures.append(f"{op}/{path}/{dtype}: {type(e).__name__}: {e}")
             print(f"{op}/{path}/{dtype}: {'ok' if len(failures) == before else failures[before:]}", flush=True)
             with torch.no_grad():
                 halo = R.conv_row_halo(ws.get("pre_conv"), ws.get("post_conv"))
                 for Lq in (1, 3):
                     blk = dict(q_prev=q[:, :, L - Lq - halo:L - Lq]) if halo else {}
-                    a = mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, kernel_options={"path": "decode"})
-                    r = R.mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, compute_dtype=torch.float32)
-                    lo = R.mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, compute_dtype=dtype)
                     try:
+                        a = mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, kernel_options={"path": "decode"})
+                        r = R.mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, compute_dtype=torch.float32)
+                        lo = R.mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, compute_dtype=dtype)
                         check_rule(f"{op}/decode{Lq}/{dtype}", a, r, lo, dtype)
                         print(f"{op}/decode{Lq}/{dtype}: ok", flush=True)
-                    except AssertionError as e:
-                        failures.append(str(e))
-                        print(e, flush=True)
+                    except Exception as e:
+                        failures.append(f"{op}/decode{Lq}/{dtype}: {type(e).__name__}: {e}")
+                        print(failures[-1], flush=True)
     print(f"check: {len(failures)} failures", *failures[:40], sep="\n", flush=True)
 
 
