@@ -12,31 +12,21 @@ bench/results/results.csv (bench 'decode').
 Needs a GPU.
 """
 import argparse
-import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
-import mta_reference as R
-
-from .report import COLUMNS, RESULTS_CSV, CsvLog
+from .cases import make_weights
+from .report import write_run
 
 ROOT = Path(__file__).resolve().parent
 CONTEXTS = (2048, 8192, 32768, 131072)
 BATCHES = (1, 8)
-OPS = {"full": ("pre_conv", "pre_mix", "post_conv", "post_mix"), "talking_heads": ("pre_mix", "post_mix")}
-
-
-def _weights(op, H, device):
-    make = dict(pre_conv=lambda: R.identity_conv(H, 6, 11, device=device),
-                post_conv=lambda: R.identity_conv(H, 6, 11, device=device),
-                pre_mix=lambda: R.identity_mix(H, H, device=device), post_mix=lambda: R.identity_mix(H, H, device=device))
-    return {p: make[p]() + 0.01 * torch.randn(make[p]().shape, device=device) for p in OPS[op]}
+OPS = ("full", "talking_heads")
 
 
 def _time(fn, graphs):
@@ -56,7 +46,7 @@ def op_steps(rows, H=16, D=128):
             q_prev = torch.randn(B, H, 10, D, device="cuda", dtype=torch.bfloat16)
             calls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
             for op in OPS:
-                ws = _weights(op, H, "cuda")
+                ws = make_weights(op, H, (6, 11), "cuda", requires_grad=False)
                 calls[op] = lambda ws=ws: mta_attention(q, k, v, **ws, q_prev=q_prev)
             for graphs in (False, True):
                 with torch.no_grad():
@@ -107,15 +97,7 @@ def main(argv=None):
     for r in (r for r in rows if r["mode"] == "generate" and r["op"] == "mta"):
         base = next(x for x in rows if x["mode"] == "generate" and x["op"] == "baseline" and x["B"] == r["B"])
         print(f"generate B={r['B']}: MTA {r['tokens_per_s'] / base['tokens_per_s']:.2f}x the baseline's tokens/s")
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d_%H%M%S")
-    path = RESULTS_CSV if args.record else ROOT / "runs" / f"decode_{stamp}.csv"
-    import triton
-    info = dict(run=f"{stamp}_decode", gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, commit=os.environ.get("MTA_BENCH_COMMIT", ""), date=stamp)
-    log = CsvLog(path, COLUMNS, bench="decode")
-    for r in rows:
-        log.write({**info, **r})
-    log.close()
+    path = write_run(rows, "decode", on_gpu=True, to_results=args.record, out_dir=ROOT / "runs")
     print(f"wrote {path}")
 
 if __name__ == "__main__":

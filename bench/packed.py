@@ -19,25 +19,24 @@ Rows go to a CSV of the run in bench/runs/ (git-ignored); --record appends them 
 bench/results/results.csv (bench 'packed', options 'docs=N').
 """
 import argparse
-import os
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from . import timing
-from .report import COLUMNS, RESULTS_CSV, CsvLog
+from .cases import DTYPES, make_weights
+from .report import write_run
 
 ROOT = Path(__file__).resolve().parent
-OPS = {"full": ("pre_conv", "pre_mix", "post_conv", "post_mix"), "talking_heads": ("pre_mix", "post_mix"),
-       "none": ()}
+OPS = ("full", "talking_heads", "none")
 PROVIDERS = ("packed", "separate", "dense")
 MODES = ("fwd", "fwd+bwd")
 # (tokens, heads, head dim, shortest and longest document, conv) on a GPU and under the interpreter
 GPU_CASE = dict(T=16384, H=16, D=128, min_len=64, max_len=4096, conv=(6, 11), dtype=torch.bfloat16)
 CPU_CASE = dict(T=96, H=2, D=16, min_len=3, max_len=40, conv=(3, 5), dtype=torch.float32)
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+WEIGHT_NOISE = 0.05
 
 
 def document_offsets(T: int, min_len: int, max_len: int, generator: torch.Generator) -> torch.Tensor:
@@ -49,18 +48,6 @@ def document_offsets(T: int, min_len: int, max_len: int, generator: torch.Genera
         end = min(T, end + n)
         offsets.append(end)
     return torch.tensor(offsets, dtype=torch.int32)
-
-
-def weights(op: str, H: int, conv, device, generator):
-    """The op's weights: identity convs and mixes over all heads, plus a little noise."""
-    import mta_reference as R
-    make = dict(pre_conv=lambda: R.identity_conv(H, *conv), post_conv=lambda: R.identity_conv(H, *conv),
-                pre_mix=lambda: R.identity_mix(H, H), post_mix=lambda: R.identity_mix(H, H))
-    out = {}
-    for part in OPS[op]:
-        w = make[part]()
-        out[part] = (w + 0.05 * torch.randn(w.shape, generator=generator)).to(device).requires_grad_()
-    return out
 
 
 def calls(op, provider, q, k, v, ws, cu_seqlens):
@@ -79,6 +66,7 @@ def calls(op, provider, q, k, v, ws, cu_seqlens):
 def run(case: dict, seed: int, on_gpu: bool):
     """Every (op, mode, provider) of one packed batch: a list of CSV rows (without run info)."""
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)         # the weights' noise (make_weights draws from the global generator)
     device = "cuda" if on_gpu else "cpu"
     T, H, D, dtype = case["T"], case["H"], case["D"], case["dtype"]
     cu = document_offsets(T, case["min_len"], case["max_len"], g)
@@ -87,8 +75,8 @@ def run(case: dict, seed: int, on_gpu: bool):
     grad = torch.randn(1, H, T, D, generator=g).to(device, dtype)
     rows = []
     for op in OPS:
-        ws = weights(op, H, case["conv"], device, g)
-        leaves = [q, k, v, *ws.values()]
+        ws = make_weights(op, H, case["conv"], device, requires_grad=True, noise=WEIGHT_NOISE)
+        leaves = [q, k, v, *(w for w in ws.values() if w is not None)]
         for mode in MODES:
             for provider in PROVIDERS:
                 fn = calls(op, provider, q, k, v, ws, cu_dev)
@@ -174,15 +162,7 @@ def main(argv=None):
     rows = run(case, args.seed, on_gpu)
     if on_gpu:
         print("\n".join(summary(rows)))
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d_%H%M%S")
-    path = RESULTS_CSV if args.record else args.out / f"packed_{stamp}.csv"
-    import triton
-    info = dict(run=f"{stamp}_packed", gpu=torch.cuda.get_device_name() if on_gpu else "cpu", torch=torch.__version__,
-                triton=triton.__version__, commit=os.environ.get("MTA_BENCH_COMMIT", ""), date=stamp)
-    log = CsvLog(path, COLUMNS, bench="packed")
-    for r in rows:
-        log.write({**info, **r})
-    log.close()
+    path = write_run(rows, "packed", on_gpu, to_results=args.record, out_dir=args.out)
     print(f"wrote {path}")
     return 0
 

@@ -64,6 +64,21 @@ class CsvLog:
         self._file.close()
 
 
+def write_run(rows, bench: str, on_gpu: bool, to_results: bool, out_dir: Path) -> Path:
+    """Write a benchmark's rows stamped with its run (env.run_info, the run id suffixed with the
+    bench's name): appended to RESULTS_CSV when ``to_results``, else to out_dir/<run>.csv.
+    Returns the path written."""
+    from . import env
+    info = env.run_info(on_gpu)
+    info["run"] = f"{info['run']}_{bench}"
+    path = RESULTS_CSV if to_results else out_dir / f"{info['run']}.csv"
+    log = CsvLog(path, COLUMNS, bench=bench)
+    for row in rows:
+        log.write({**info, **row})
+    log.close()
+    return path
+
+
 def _fmt_csv(x):
     if x is None:
         return ""

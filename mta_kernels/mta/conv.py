@@ -50,10 +50,6 @@ def _halo(ck, pl):
     return max(16, next_pow2(max(pl, ck - 1 - pl)))
 
 
-def _prec(x, precision):
-    return operand_precision(x, precision)
-
-
 def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None, band=False, x_col0=0):
     B, H, R, _ = x.shape
     LC = x_col0 + x.shape[-1]
@@ -68,7 +64,7 @@ def _conv(x, w, pad_key, transpose, zero_above, mask_output, precision, out=None
     zeros = NO_ZEROS if zero_above is None else zero_above
     common = dict(CQ=cq, CK=ck, PL=pl, TRANSPOSE=transpose, MASK_OUT=mask_output and zero_above is not None,
                   BAND_ONLY=band, HALO=_halo(ck, pl), KW=next_pow2(BC + 2 * _halo(ck, pl)), BR=BR, BC=BC,
-                  PREC=_prec(x, precision), ACC=tl_acc_dtype(x), **options)
+                  PREC=operand_precision(x, precision), ACC=tl_acc_dtype(x), **options)
     args = (x, w.to(x.dtype).contiguous(), out, *x.stride(), H, R, LC, zeros, reach, zeros - (cq - 1) - (ck - 1 - pl),
             x_col0)
     strip = configs.STRIP_CONV
@@ -169,7 +165,7 @@ def key_query_conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, w: torch.Ten
     args = (out, *grad.stride(), *x.stride(), H, R, LC, NO_ZEROS if zero_above is None else zero_above,
             g_lo, g_hi, n_groups)
     common = dict(CQ=cq, CK=ck, CKP=next_pow2(ck), PL=pl, HALO=halo, BR=BR, TILES=cfg["TILES"],
-                  PREC=_prec(grad, precision))
+                  PREC=operand_precision(grad, precision))
     strip = configs.WEIGHT_GRAD_STRIP
     if strip["on"] and grad.element_size() == 2:
         descs = (None, None)
