@@ -49,7 +49,7 @@ def key_tiles(post_reach: int):
     reads (0 without one), with the frame width PW = BN + 2 PH a power of two (tl.arange). The
     frames of all NH heads pass through tl.dot as one [NH, WP * PW] operand: PW = 32 keeps it
     within an SM's shared memory (64 overflowed it with a 16-head mix)."""
-    return (32, 0) if post_reach == 0 else (16, 8)
+    return (32, 0) if post_reach == 0 else (16, MAX_POST_REACH)
 
 
 def block_diagonal(w, H: int, NH: int):
