@@ -26,6 +26,8 @@ import mta_reference as R  # noqa: E402
 from mta_kernels import mta_attention  # noqa: E402
 from tolerance import check_rule  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"    # the CPU only to try the script under the interpreter
+
 PARTS = {"none": (), "talking_heads": ("pre_mix", "post_mix"), "full": ("pre_conv", "pre_mix", "post_conv", "post_mix"),
          "pre_conv": ("pre_conv",), "post_conv": ("post_conv",), "pre_mix": ("pre_mix",), "post_mix": ("post_mix",)}
 SMOKE = [  # (B, H, Hkv, L, D, op, path)
@@ -50,58 +52,97 @@ def smoke():
     """Every path forward and backward once, bf16 and fp16 (what the sanitizers run)."""
     for B, H, Hkv, L, D, op, path in SMOKE:
         for dtype in (torch.bfloat16, torch.float16):
-            q = torch.randn(B, H, L, D, device="cuda", dtype=dtype, requires_grad=True)
-            k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
-            ws = {n: w.requires_grad_() for n, w in weights(op, H, "cuda", cq=3, ck=5).items()}
+            q = torch.randn(B, H, L, D, device=DEVICE, dtype=dtype, requires_grad=True)
+            k, v = (torch.randn(B, Hkv, L, D, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+            ws = {n: w.requires_grad_() for n, w in weights(op, H, DEVICE, cq=3, ck=5).items()}
             out = mta_attention(q, k, v, **ws, kernel_options={"path": path})
             out.backward(torch.randn_like(out))
     torch.cuda.synchronize()
     print("smoke: every path ran", flush=True)
 
 
+def compare(label, q, k, v, ws, path, dtype, scale=None, oracle=torch.float32):
+    """One call of ``path`` against the reference under the 2x rule, output and every gradient;
+    returns the failures (a launch that fails is one too)."""
+    g = torch.Generator(device=DEVICE).manual_seed(4)
+    inputs = [x.detach().requires_grad_() for x in (q, k, v, *ws.values())]
+    q, k, v, *w = inputs
+    ws = dict(zip(ws, w))
+    do = torch.randn(q.shape, device=DEVICE, dtype=q.dtype, generator=g)
+
+    def run(fn, **kw):
+        out = fn(q, k, v, **ws, scale=scale, **kw)
+        return [out, *torch.autograd.grad(out, inputs, do)]
+    failures = []
+    try:
+        got = run(mta_attention, kernel_options={"path": path})
+        ref = run(R.mta_attention, compute_dtype=oracle)
+        low = run(R.mta_attention, compute_dtype=dtype)
+        for name, a, r, lo in zip(["out", "dq", "dk", "dv", *[f"d{n}" for n in ws]], got, ref, low):
+            try:
+                check_rule(f"{label}/{name}", a, r, lo, dtype)
+            except AssertionError as e:
+                failures.append(str(e))
+    except Exception as e:      # a launch that fails (resources, say) is a failure, not the end
+        failures.append(f"{label}: {type(e).__name__}: {e}")
+    print(f"{label}: {'ok' if not failures else failures}", flush=True)
+    return failures
+
+
+def random_qkv(B, H, Hkv, L, D, dtype, seed=3):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q = torch.randn(B, H, L, D, device=DEVICE, dtype=dtype, generator=g)
+    k, v = (torch.randn(B, Hkv, L, D, device=DEVICE, dtype=dtype, generator=g) for _ in range(2))
+    return q, k, v
+
+
+def check_decode(op, q, k, v, ws, dtype):
+    """The decode path (query blocks of 1 and 3 rows at the end) in the forward."""
+    failures, L = [], q.shape[2]
+    halo = R.conv_row_halo(ws.get("pre_conv"), ws.get("post_conv"))
+    for Lq in (1, 3):
+        blk = dict(q_prev=q[:, :, L - Lq - halo:L - Lq]) if halo else {}
+        try:
+            a = mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, kernel_options={"path": "decode"})
+            r = R.mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, compute_dtype=torch.float32)
+            lo = R.mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, compute_dtype=dtype)
+            check_rule(f"{op}/decode{Lq}/{dtype}", a, r, lo, dtype)
+            print(f"{op}/decode{Lq}/{dtype}: ok", flush=True)
+        except Exception as e:
+            failures.append(f"{op}/decode{Lq}/{dtype}: {type(e).__name__}: {e}")
+            print(failures[-1], flush=True)
+    return failures
+
+
+def outlier_cases():
+    """(label, q, k, v, scale, dtype): logits up to about 1e4 in bf16, one key 1000x the
+    others in bf16, and scale 1e3 in fp32 (issue #32's outliers)."""
+    q, k, v = random_qkv(1, 4, 4, 130, 64, torch.bfloat16)
+    yield "logits1e4", q * 40, k * 40, v, None, torch.bfloat16
+    huge = k.clone()
+    huge[:, :, 37] *= 1000
+    yield "hugekey", q, huge, v, None, torch.bfloat16
+    q, k, v = random_qkv(1, 4, 4, 130, 64, torch.float32)
+    yield "scale1e3", q, k, v, 1e3, torch.float32
+
+
 def check():
     """Every path of SMOKE against the reference under the 2x rule, output and every gradient,
-    bf16 and fp16; and the decode path (a block of 1 and 3 rows) in the forward."""
+    bf16 and fp16, with the decode path's forward beside each; then every path on outlier
+    inputs against an fp64 oracle."""
     failures = []
     for B, H, Hkv, L, D, op, path in SMOKE:
         for dtype in (torch.bfloat16, torch.float16):
-            g = torch.Generator(device="cuda").manual_seed(3)
-            q = torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=g)
-            k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
-            ws = weights(op, H, "cuda", cq=3, ck=5)
-            inputs = [x.requires_grad_() for x in (q, k, v, *ws.values())]
-            do = torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=g)
-
-            def run(fn, **kw):
-                out = fn(q, k, v, **ws, **kw)
-                return [out, *torch.autograd.grad(out, inputs, do)]
-            before = len(failures)
-            try:
-                got = run(mta_attention, kernel_options={"path": path})
-                ref = run(R.mta_attention, compute_dtype=torch.float32)
-                low = run(R.mta_attention, compute_dtype=dtype)
-                names = ["out", "dq", "dk", "dv", *[f"d{n}" for n in ws]]
-                for name, a, r, lo in zip(names, got, ref, low):
-                    try:
-                        check_rule(f"{op}/{path}/{dtype}/{name}", a, r, lo, dtype)
-                    except AssertionError as e:
-                        failures.append(str(e))
-            except Exception as e:      # a launch that fails (resources, say) is a failure, not the end
-                failures.append(f"{op}/{path}/{dtype}: {type(e).__name__}: {e}")
-            print(f"{op}/{path}/{dtype}: {'ok' if len(failures) == before else failures[before:]}", flush=True)
+            q, k, v = random_qkv(B, H, Hkv, L, D, dtype)
+            ws = weights(op, H, DEVICE, cq=3, ck=5)
+            failures += compare(f"{op}/{path}/{dtype}", q, k, v, ws, path, dtype)
             with torch.no_grad():
-                halo = R.conv_row_halo(ws.get("pre_conv"), ws.get("post_conv"))
-                for Lq in (1, 3):
-                    blk = dict(q_prev=q[:, :, L - Lq - halo:L - Lq]) if halo else {}
-                    try:
-                        a = mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, kernel_options={"path": "decode"})
-                        r = R.mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, compute_dtype=torch.float32)
-                        lo = R.mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, compute_dtype=dtype)
-                        check_rule(f"{op}/decode{Lq}/{dtype}", a, r, lo, dtype)
-                        print(f"{op}/decode{Lq}/{dtype}: ok", flush=True)
-                    except Exception as e:
-                        failures.append(f"{op}/decode{Lq}/{dtype}: {type(e).__name__}: {e}")
-                        print(failures[-1], flush=True)
+                failures += check_decode(op, q, k, v, ws, dtype)
+    for label, q, k, v, scale, dtype in outlier_cases():
+        for op, path in (("full", "chunked"), ("talking_heads", "talking_heads"), ("talking_heads", "chunked"),
+                         ("none", "flash"), ("pre_conv", "chunked")):
+            ws = weights(op, q.shape[1], DEVICE, cq=3, ck=5)
+            failures += compare(f"{label}/{op}/{path}", q, k, v, ws, path, dtype, scale, oracle=torch.float64)
     print(f"check: {len(failures)} failures", *failures[:40], sep="\n", flush=True)
 
 
@@ -119,11 +160,11 @@ def sanitize(tool):
 
 def repeat_bitwise(op, shape, n=100):
     B, H, L, D = shape
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device=DEVICE, dtype=torch.bfloat16, generator=g).requires_grad_()
                for _ in range(3))
-    ws = {n_: w.requires_grad_() for n_, w in weights(op, H, "cuda").items()}
-    do = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    ws = {n_: w.requires_grad_() for n_, w in weights(op, H, DEVICE).items()}
+    do = torch.randn(B, H, L, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
     inputs = [q, k, v, *ws.values()]
     options = {"path": "flash"} if op == "none" else None    # SDPA's backward need not be deterministic
     first = None
@@ -139,9 +180,9 @@ def repeat_bitwise(op, shape, n=100):
 
 def window_rows(op, L=131072, H=16, D=128, rows=64):
     """The kernel's rows [end - rows, end) of an L-long call against the reference on that window."""
-    g = torch.Generator(device="cuda").manual_seed(2)
-    q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-    ws = weights(op, H, "cuda", noise=0.05)
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    q, k, v = (torch.randn(1, H, L, D, device=DEVICE, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    ws = weights(op, H, DEVICE, noise=0.05)
     with torch.no_grad():
         out = mta_attention(q, k, v, **ws)
     halo = R.conv_row_halo(ws.get("pre_conv"), ws.get("post_conv"))

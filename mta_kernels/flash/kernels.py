@@ -82,9 +82,11 @@ def flash_fwd_kernel(
         q, k, v, sqb, sqh, sql, sqd, skb, skh, svb, svh, H, HKV_REP, LQ, D, BM, DP)
     pos = Q_OFFSET + rows
     acc_t = lse.dtype.element_ty   # fp32, or fp64 for fp64 inputs
-    # exp2 with a folded fp32 log2(e) is faster, but would limit fp64 inputs to ~1e-8
-    EXP2: tl.constexpr = acc_t != tl.float64
-    qk_scale = scale * LOG2E if EXP2 else scale
+    # natural exp, as the backward's recomputation: exp2 with log2(e) folded into the scale
+    # would save a multiply, but the lse's trip back through ln(2) moves P by ~1 ulp of the logit
+    # (dv 10-100x the fp32 reference's error at logits ~100-1000)
+    EXP2: tl.constexpr = False
+    qk_scale = scale
     b_m = tl.full([BM], float("-inf"), dtype=acc_t)
     b_l = tl.zeros([BM], dtype=acc_t)
     b_acc = tl.zeros([BM, DP], dtype=acc_t)
