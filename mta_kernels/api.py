@@ -9,7 +9,7 @@ from mta_reference.validate import conv_row_halo, is_bool, validate, validate_bl
 from .autograd import MTAFunction, mta_fwd, pack_options
 from .blocks import block_forward
 from .dispatch import choose_block_path, choose_path
-from .flash import sdpa
+from .flash import sdpa, sdpa_varlen
 from .options import KernelOptions, resolve
 from .packed import run_packed
 
@@ -100,6 +100,11 @@ def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix
     if cu_seqlens is not None or max_seqlen is not None:
         docs = validate_packed(q, k, cu_seqlens, max_seqlen, q_prev, seqlens)
         options = options._replace(path=choose_path(q, weights, options))
+        if options.path == "sdpa":      # plain attention: torch's varlen kernel where it can take the call
+            longest = max(e - s for s, e in docs)
+            out = sdpa_varlen(q, k, v, cu_seqlens, longest, causal, p.scale)
+            if out is not None:
+                return out
         return run_packed(lambda qb, kb, vb: _dense(qb, kb, vb, weights, causal, pad_key, p.scale, options),
                           q, k, v, docs, causal)
     if q_prev is None and seqlens is None and q.shape[2] == k.shape[2]:

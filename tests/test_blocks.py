@@ -186,3 +186,63 @@ def test_decode_step_gpu(dtype):
     ref = mta_reference.mta_attention(qb, k, v, *w, q_prev=qp, seqlens=lens, compute_dtype=torch.float32)
     low = mta_reference.mta_attention(qb, k, v, *w, q_prev=qp, seqlens=lens, compute_dtype=dtype)
     check_rule("decode", got, ref, low, dtype)
+
+
+def _varlen_stand_in(calls):
+    """A varlen_attn of torch >= 2.11's signature, per document through SDPA, recording its calls."""
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                    enable_gqa=False):
+        calls.append(dict(cu=cu_q, max_q=max_q, window_size=window_size, enable_gqa=enable_gqa, scale=scale))
+        out = torch.empty_like(q)
+        for s, e in zip(cu_q.tolist(), cu_q.tolist()[1:]):
+            qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))
+            out[s:e] = torch.nn.functional.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+        return out
+    return varlen_attn
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_plain_packed_through_varlen(causal, monkeypatch):
+    """sdpa_varlen's plumbing (token-first views, int32 offsets, the causal window, GQA, scale)
+    against a stand-in varlen_attn; and where it cannot take a call it says so with None."""
+    import torch.nn.attention.varlen as varlen
+    from mta_kernels.flash import sdpa_varlen
+    calls = []
+    monkeypatch.setattr(varlen, "varlen_attn", _varlen_stand_in(calls))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 30, 16, generator=g, dtype=torch.float16)
+    k, v = (torch.randn(1, 2, 30, 16, generator=g, dtype=torch.float16) for _ in range(2))
+    cu = torch.tensor([0, 7, 8, 30])
+    out = sdpa_varlen(q, k, v, cu, 22, causal, 0.3)
+    assert calls[0]["cu"].dtype == torch.int32 and calls[0]["max_q"] == 22 and calls[0]["enable_gqa"]
+    assert calls[0]["window_size"] == ((-1, 0) if causal else (-1, -1)) and calls[0]["scale"] == 0.3
+    for s, e in ((0, 7), (7, 8), (8, 30)):
+        alone = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, s:e].float(), k[:, :, s:e].float(), v[:, :, s:e].float(), is_causal=causal, scale=0.3,
+            enable_gqa=True)
+        assert (out[:, :, s:e].float() - alone).abs().max() < 2e-2
+    assert sdpa_varlen(q.float(), k.float(), v.float(), cu, 22, causal, 0.3) is None      # fp32: no flash kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("parts", [{}, dict(pre_mix=4, post_mix=4), FULL], ids=["none", "talking_heads", "full"])
+def test_packed_gpu(parts):
+    """Packed documents in bf16 on the GPU (plain attention through torch's varlen kernel) against
+    the reference run on each document alone, output and gradients, under the 2x rule."""
+    offsets = [0, 1, 100, 357, 1000, 1200]
+    case = Case(B=1, H=8, Hkv=4, L=1200, D=64, **parts)
+    q, k, v, *w = make_inputs(case, torch.bfloat16, "cuda")
+    inputs = [x.requires_grad_() for x in (q, k, v)]
+    grad = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(4))
+    cu = torch.tensor(offsets, dtype=torch.int32, device="cuda")
+
+    def alone(dtype):
+        pieces = [mta_reference.mta_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], *w, compute_dtype=dtype)
+                  for s, e in zip(offsets, offsets[1:])]
+        out = torch.cat(pieces, dim=2)
+        return [out, *torch.autograd.grad(out, inputs, grad)]
+    packed = mta_kernels.mta_attention(*inputs, *w, cu_seqlens=cu)
+    got = [packed, *torch.autograd.grad(packed, inputs, grad)]
+    for name, a, r, lo in zip(("out", "dq", "dk", "dv"), got, alone(torch.float32), alone(torch.bfloat16)):
+        check_rule(f"packed {name}", a, r, lo, torch.bfloat16)

@@ -75,3 +75,35 @@ def sdpa(q, k, v, causal: bool, scale: float):
         mask = causal_lower_right(Lq, Lk)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
+    """Plain attention over documents packed along the sequence through torch's varlen flash
+    attention (its own autograd): q (1, H, T, D), k, v (1, Hkv, T, D), cu_seqlens (N+1,) on
+    q's device. Returns (1, H, T, D), or None where this torch cannot run the call (no
+    ``torch.nn.attention.varlen``, GQA or a non-default scale it does not take, a dtype or
+    head size its flash kernel lacks): the caller then batches the documents itself."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    import inspect
+    params = inspect.signature(varlen_attn).parameters
+    gqa = q.shape[1] != k.shape[1]
+    D = q.shape[-1]
+    if (q.dtype not in (torch.float16, torch.bfloat16) or D % 8 or D > 256 or (gqa and "enable_gqa" not in params)
+            or (scale != D ** -0.5 and "scale" not in params)):
+        return None
+    kw = {}
+    if "window_size" in params:     # torch >= 2.11; 2.10 took is_causal
+        kw["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kw["is_causal"] = causal
+    if "scale" in params:
+        kw["scale"] = scale
+    if gqa:
+        kw["enable_gqa"] = True
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    tokens_first = [x[0].transpose(0, 1) for x in (q, k, v)]       # (T, heads, D) views
+    out = varlen_attn(*tokens_first, cu, cu, max_seqlen, max_seqlen, **kw)
+    return out.transpose(0, 1).unsqueeze(0)
