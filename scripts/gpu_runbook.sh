@@ -17,7 +17,7 @@
 #   decode    the decode benchmark (bench.decode)
 #   packed    packed documents against the same documents run alone (bench.packed)
 #   stress    the reliability script (scripts/stress.py)
-# CHECK_S, TESTS_S, GRID_S, DECODE_S, PACKED_S: seconds each of those steps may run (what it wrote by then
+# TESTS_K: a pytest -k expression to run only some of the GPU tests. CHECK_S, TESTS_S, GRID_S, DECODE_S, PACKED_S: seconds each of those steps may run (what it wrote by then
 # comes back). The tree arrives without .git: write `git rev-parse --short HEAD > scripts/device_commit` before
 # the call and name it in the call's carry list, so that results record their commit.
 set -uo pipefail
@@ -39,7 +39,7 @@ step_env() {
 }
 
 step_tests() {
-  timeout ${TESTS_S:-540} python3 -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -30
+  timeout ${TESTS_S:-540} python3 -m pytest -v --tb=short -m gpu -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} tests/ 2>&1 | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -30
 }
 
 step_grid() {
