@@ -34,19 +34,22 @@ def buckets(docs, causal: bool):
 
 def run_packed(dense, q, k, v, docs, causal: bool):
     """dense(qb, kb, vb) -> ob over padded batches (Bb, H, Lpad, D) of the documents ``docs``
-    [(start, end), ...] packed in q (1, H, T, D), k, v (1, Hkv, T, D); returns (1, H, T, D)
-    with each document's rows in place. Differentiable (gather and scatter by slicing)."""
+    [(start, end), ...] packed in q (1, H, T, D), k, v (1, Hkv, T, D), covering [0, T) in order;
+    returns (1, H, T, D) with each document's rows in place. Differentiable: the documents are
+    taken with one split per input, whose backward is one concatenation (slices would each
+    build a zero tensor of the whole sequence for their gradient)."""
+    lengths = [e - s for s, e in docs]
+    qs, ks, vs = (x[0].split(lengths, dim=1) for x in (q, k, v))
     pieces = [None] * len(docs)
     for length, members in buckets(docs, causal):
         if len(members) == 1:       # the document's own rows, as views: no padded copies
-            s, e = docs[members[0]]
-            pieces[members[0]] = dense(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])[0]
+            i = members[0]
+            pieces[i] = dense(qs[i][None], ks[i][None], vs[i][None])[0]
             continue
 
-        def gather(x):
-            return torch.stack([F.pad(x[0, :, s:e], (0, 0, 0, length - (e - s))) for s, e in (docs[i] for i in members)])
-        ob = dense(gather(q), gather(k), gather(v))
+        def gather(xs):
+            return torch.stack([F.pad(xs[i], (0, 0, 0, length - lengths[i])) for i in members])
+        ob = dense(gather(qs), gather(ks), gather(vs))
         for row, i in enumerate(members):
-            s, e = docs[i]
-            pieces[i] = ob[row, :, :e - s]
+            pieces[i] = ob[row, :, :lengths[i]]
     return torch.cat(pieces, dim=1).unsqueeze(0)
