@@ -18,16 +18,12 @@ def load_rows(base, rows, dims, stride_l, stride_d, L, D):
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-
-
 @triton.jit
 def _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, pos, dims, j0, b_m, b_l, b_acc,
-                scale, LK, D, CAUSAL_MASK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-                EXP2: tl.constexpr):
+                scale, LK, D, CAUSAL_MASK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """Online-softmax update of (max, sum, acc) with the key tile at j0, for query rows at
-    positions ``pos``. With EXP2 the scale carries log2(e): logits in log2 units."""
+    positions ``pos``. Natural exp, as the backward recomputes P: exp2 with log2(e) in the scale
+    would send the lse through ln(2) and back, an ulp of the logit off the forward's P."""
     cols = j0 + tl.arange(0, BN)
     b_k = load_rows(k_base, cols, dims, skl, skd, LK, D)                   # [BN, DP]
     b_v = load_rows(v_base, cols, dims, svl, svd, LK, D)                   # [BN, DP]
@@ -38,12 +34,8 @@ def _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, pos, dims, j0, b_m, b_l
     b_s = tl.where(keep, b_s, float("-inf"))
     m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing seen yet
-    if EXP2:
-        b_p = tl.exp2(b_s - m_safe[:, None])
-        alpha = tl.exp2(b_m - m_safe)
-    else:
-        b_p = tl.exp(b_s - m_safe[:, None])
-        alpha = tl.exp(b_m - m_safe)
+    b_p = tl.exp(b_s - m_safe[:, None])
+    alpha = tl.exp(b_m - m_safe)
     b_l = b_l * alpha + tl.sum(b_p, axis=1)
     b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
     return m_new, b_l, b_acc
@@ -82,11 +74,6 @@ def flash_fwd_kernel(
         q, k, v, sqb, sqh, sql, sqd, skb, skh, svb, svh, H, HKV_REP, LQ, D, BM, DP)
     pos = Q_OFFSET + rows
     acc_t = lse.dtype.element_ty   # fp32, or fp64 for fp64 inputs
-    # natural exp, as the backward's recomputation: exp2 with log2(e) folded into the scale
-    # would save a multiply, but the lse's trip back through ln(2) moves P by ~1 ulp of the logit
-    # (dv 10-100x the fp32 reference's error at logits ~100-1000)
-    EXP2: tl.constexpr = False
-    qk_scale = scale
     b_m = tl.full([BM], float("-inf"), dtype=acc_t)
     b_l = tl.zeros([BM], dtype=acc_t)
     b_acc = tl.zeros([BM, DP], dtype=acc_t)
@@ -96,21 +83,18 @@ def flash_fwd_kernel(
         clear = tl.minimum(LK, (first + 1) // BN * BN)
         for j0 in range(0, clear, BN):
             b_m, b_l, b_acc = _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, pos, dims, j0,
-                                          b_m, b_l, b_acc, qk_scale, LK, D, False, BN, PREC, EXP2)
+                                          b_m, b_l, b_acc, scale, LK, D, False, BN, PREC)
         for j0 in range(clear, tl.minimum(LK, first + BM), BN):
             b_m, b_l, b_acc = _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, pos, dims, j0,
-                                          b_m, b_l, b_acc, qk_scale, LK, D, True, BN, PREC, EXP2)
+                                          b_m, b_l, b_acc, scale, LK, D, True, BN, PREC)
     else:
         for j0 in range(0, LK, BN):
             b_m, b_l, b_acc = _flash_tile(b_q, k_base, v_base, skl, skd, svl, svd, pos, dims, j0,
-                                          b_m, b_l, b_acc, qk_scale, LK, D, False, BN, PREC, EXP2)
+                                          b_m, b_l, b_acc, scale, LK, D, False, BN, PREC)
     b_acc = b_acc / b_l[:, None]
     o_ptrs = out + i_b * sob + i_h * soh + rows[:, None].to(tl.int64) * sol + dims[None, :] * sod
     tl.store(o_ptrs, b_acc.to(out.dtype.element_ty), mask=(rows[:, None] < LQ) & (dims[None, :] < D))
-    if EXP2:
-        row_lse = (b_m + tl.log2(b_l)) * LN2
-    else:
-        row_lse = b_m + tl.log(b_l)
+    row_lse = b_m + tl.log(b_l)
     tl.store(lse + i_bh * LQ + rows, row_lse, mask=rows < LQ)
 
 
