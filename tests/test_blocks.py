@@ -203,13 +203,15 @@ def _varlen_stand_in(calls):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_plain_packed_through_varlen(causal, monkeypatch):
+def test_plain_packed_through_varlen(causal, monkeypatch, request):
     """sdpa_varlen's plumbing (token-first views, int32 offsets, the causal window, GQA, scale)
     against a stand-in varlen_attn; and where it cannot take a call it says so with None."""
     import torch.nn.attention.varlen as varlen
-    from mta_kernels.flash import sdpa_varlen
+    from mta_kernels.flash import attention, sdpa_varlen
     calls = []
     monkeypatch.setattr(varlen, "varlen_attn", _varlen_stand_in(calls))
+    attention._varlen_api.cache_clear()         # read the stand-in, and forget it afterwards
+    request.addfinalizer(attention._varlen_api.cache_clear)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 30, 16, generator=g, dtype=torch.float16)
     k, v = (torch.randn(1, 2, 30, 16, generator=g, dtype=torch.float16) for _ in range(2))

@@ -1,4 +1,7 @@
 """Host side of plain attention: flash_fwd and flash_bwd (Triton), and sdpa (CUDA)."""
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -77,25 +80,35 @@ def sdpa(q, k, v, causal: bool, scale: float):
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+@functools.lru_cache(maxsize=None)
+def _varlen_api():
+    """(torch's varlen_attn, the names of its parameters), or None where this torch has none:
+    read once, since the signature moved between releases (is_causal in 2.10; window_size and
+    scale after; enable_gqa later)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
 def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
     """Plain attention over documents packed along the sequence through torch's varlen flash
     attention (its own autograd): q (1, H, T, D), k, v (1, Hkv, T, D), cu_seqlens (N+1,) on
     q's device. Returns (1, H, T, D), or None where this torch cannot run the call (no
     ``torch.nn.attention.varlen``, GQA or a non-default scale it does not take, a dtype or
     head size its flash kernel lacks): the caller then batches the documents itself."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
+    api = _varlen_api()
+    if api is None:
         return None
-    import inspect
-    params = inspect.signature(varlen_attn).parameters
+    varlen_attn, params = api
     gqa = q.shape[1] != k.shape[1]
     D = q.shape[-1]
     if (q.dtype not in (torch.float16, torch.bfloat16) or D % 8 or D > 256 or (gqa and "enable_gqa" not in params)
             or (scale != D ** -0.5 and "scale" not in params)):
         return None
     kw = {}
-    if "window_size" in params:     # torch >= 2.11; 2.10 took is_causal
+    if "window_size" in params:
         kw["window_size"] = (-1, 0) if causal else (-1, -1)
     else:
         kw["is_causal"] = causal
