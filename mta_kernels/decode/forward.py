@@ -100,8 +100,7 @@ def mta_decode_fwd(q, k, v, weights, q_prev, lens, *, causal: bool, pad_key: str
     dev = q.device
     BN, PH = key_tiles(_reach(post_conv, pad_key))
     PW = BN + 2 * PH
-    sh = _reach(pre_conv, pad_key)
-    SH = sh
+    SH = _reach(pre_conv, pad_key)
     SW = next_pow2(PW + 2 * SH)
     WP = padded(W)
     NHP = padded(NH)

@@ -13,7 +13,7 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import configs
-from ..utils import cdiv, next_pow2, operand_precision, tl_acc_dtype
+from ..utils import cdiv, dot_precision, next_pow2, operand_precision, tl_acc_dtype
 from .matmul_kernels import causal_pv_kernel, causal_scores_kernel
 
 
@@ -140,7 +140,7 @@ def matmul_precision(q):
     """torch's fp32 matmuls inside the block on CUDA: TF32 when q is bf16 (its 10 mantissa bits
     round the slabs' fp32 operands far less than the bf16 reference rounds its own), full fp32
     when q is fp16 (TF32 would round them as coarsely as fp16 itself; see dot_precision)."""
-    want = {torch.bfloat16: "tf32", torch.float16: "ieee"}.get(q.dtype) if q.is_cuda else None
+    want = {"tf32": "tf32", "tf32x3": "ieee"}.get(dot_precision(q)) if q.is_cuda else None
     matmul = torch.backends.cuda.matmul
     old = matmul.fp32_precision
     if want:
