@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .flash import flash_bwd, flash_fwd
+from .flash import flash_bwd, flash_fwd, lse_dtype
 from .mta.backward import mta_chunked_bwd
 from .mta.forward import mta_chunked_fwd
 from .options import Options
@@ -52,7 +52,8 @@ def _kernel_context(x: Tensor):
 
 
 def forward_impl(q, k, v, weights, causal, pad_key, scale, options: Options):
-    """(out (B, H, L, D) in q's dtype, lse (B, H, L) in acc_dtype(q)) on options.path."""
+    """(out (B, H, L, D) in q's dtype, lse (B, H, L)) on options.path: the lse in flash's
+    lse_dtype(q) there, else in acc_dtype(q)."""
     with _kernel_context(q):
         if options.path == "flash":
             qk, sk = flash_scale(q, scale)
@@ -98,9 +99,9 @@ def mta_fwd(q: Tensor, k: Tensor, v: Tensor, pre_conv: Optional[Tensor], pre_mix
 
 
 @mta_fwd.register_fake
-def _(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale, *options):
+def _(q, k, v, pre_conv, pre_mix, post_conv, post_mix, causal, pad_key, scale, path, *options):
     B, H, L, D = q.shape
-    return q.new_empty(B, H, L, D), q.new_empty(B, H, L, dtype=acc_dtype(q))
+    return q.new_empty(B, H, L, D), q.new_empty(B, H, L, dtype=lse_dtype(q) if path == "flash" else acc_dtype(q))
 
 
 @torch.library.custom_op("mta_kernels::mta_bwd", mutates_args=())

@@ -65,7 +65,7 @@ def intercept(found):
     JITFunction.run = run
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PARTS = {
     "flash": (),
     "talking_heads": ("pre_mix", "post_mix"),

@@ -18,14 +18,20 @@ def _tiles(config, L):
     return cfg
 
 
+def lse_dtype(q: torch.Tensor) -> torch.dtype:
+    """The flash lse's dtype: fp32 for 16-bit q, whose own rounding is far coarser; fp64 for fp32
+    q, so that exp(S - lse) in the backward is the forward's P to fp32 precision at any logit."""
+    return torch.float32 if q.element_size() == 2 else torch.float64
+
+
 def flash_fwd(q, k, v, causal: bool, scale: float, q_offset=None):
     """Plain attention. q (B, H, Lq, D), its row r at position q_offset + r (default Lk - Lq:
     the block ends at the last key); k, v (B, Hkv, Lk, D). Returns (out (B, H, Lq, D) in q's
-    dtype, lse (B, H, Lq) in acc_dtype(q): each row's natural-log log-sum-exp)."""
+    dtype, lse (B, H, Lq) in lse_dtype(q): each row's natural-log log-sum-exp)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     out = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, H, Lq, device=q.device, dtype=acc_dtype(q))
+    lse = torch.empty(B, H, Lq, device=q.device, dtype=lse_dtype(q))
     cfg = dict(configs.FLASH_FWD)
     if Lq <= 64:
         cfg["BM"] = padded(Lq)

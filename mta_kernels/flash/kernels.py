@@ -2,7 +2,9 @@
 
 A forward program owns BM query rows of one head and streams the keys in BN tiles with an
 online softmax (running max and sum per row): O(L) statistics, no score matrix in memory.
-The backward recomputes P from the forward's log-sum-exp: one kernel for dk and dv (a
+The backward recomputes P from the forward's log-sum-exp, held in fp64 for fp32 inputs (an
+fp32 lse = max + log(sum) rounds at an ulp of the row's largest logit, which at logits of a
+few tens scales every P of the row by the same error): one kernel for dk and dv (a
 program per key block of a kv head, summing its query heads in order, so GQA stays
 deterministic) and one for dq.
 """
@@ -68,12 +70,13 @@ def flash_fwd_kernel(
     PREC: tl.constexpr,
 ):
     """q: (B, H, LQ, D), row r at position Q_OFFSET + r; k, v: (B, H // HKV_REP, LK, D);
-    out: (B, H, LQ, D) in out's dtype; lse: (B, H, LQ) contiguous, fp32 (fp64 for fp64
-    inputs), the natural-log log-sum-exp of each row's scaled logits. Grid (B * H, row blocks)."""
+    out: (B, H, LQ, D) in out's dtype; lse: (B, H, LQ) contiguous, fp32 for 16-bit inputs and
+    fp64 otherwise (flash.lse_dtype), the natural-log log-sum-exp of each row's scaled logits.
+    Grid (B * H, row blocks)."""
     i_bh, i_b, i_h, i_m, rows, dims, b_q, k_base, v_base = _query_block(
         q, k, v, sqb, sqh, sql, sqd, skb, skh, svb, svh, H, HKV_REP, LQ, D, BM, DP)
     pos = Q_OFFSET + rows
-    acc_t = lse.dtype.element_ty   # fp32, or fp64 for fp64 inputs
+    acc_t = tl.float64 if q.dtype.element_ty == tl.float64 else tl.float32
     b_m = tl.full([BM], float("-inf"), dtype=acc_t)
     b_l = tl.zeros([BM], dtype=acc_t)
     b_acc = tl.zeros([BM, DP], dtype=acc_t)
@@ -94,7 +97,8 @@ def flash_fwd_kernel(
     b_acc = b_acc / b_l[:, None]
     o_ptrs = out + i_b * sob + i_h * soh + rows[:, None].to(tl.int64) * sol + dims[None, :] * sod
     tl.store(o_ptrs, b_acc.to(out.dtype.element_ty), mask=(rows[:, None] < LQ) & (dims[None, :] < D))
-    row_lse = b_m + tl.log(b_l)
+    lse_t = lse.dtype.element_ty
+    row_lse = b_m.to(lse_t) + tl.log(b_l.to(lse_t))
     tl.store(lse + i_bh * LQ + rows, row_lse, mask=rows < LQ)
 
 
@@ -114,6 +118,12 @@ def flash_bwd_preprocess_kernel(out, dout, delta, sob, soh, sol, sod, sdb, sdh, 
 
 
 @triton.jit
+def _probs(b_s, b_lse):
+    """exp(S - lse) in S's dtype, the difference taken in the lse's (fp64 for fp32 inputs)."""
+    return tl.exp((b_s.to(b_lse.dtype) - b_lse).to(b_s.dtype))
+
+
+@triton.jit
 def _flash_bwd_tile(b_q, b_k, b_v, b_do, b_lse, b_delta, rows, cols, scale, L,
                     CAUSAL: tl.constexpr, PREC: tl.constexpr):
     """Recompute P [BM, BN] from the saved lse and return (P, dS = P * (dO v^T - delta))."""
@@ -121,7 +131,7 @@ def _flash_bwd_tile(b_q, b_k, b_v, b_do, b_lse, b_delta, rows, cols, scale, L,
     keep = (rows[:, None] < L) & (cols[None, :] < L)
     if CAUSAL:
         keep = keep & (cols[None, :] <= rows[:, None])
-    b_p = tl.where(keep, tl.exp(b_s - b_lse[:, None]), 0.0)
+    b_p = tl.where(keep, _probs(b_s, b_lse[:, None]), 0.0)
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
     return b_p, b_p * (b_dp - b_delta[:, None])
 
@@ -166,7 +176,7 @@ def flash_bwd_dkdv_kernel(
             keep = (cols[:, None] < L) & (rows[None, :] < L)
             if CAUSAL:
                 keep = keep & (cols[:, None] <= rows[None, :])
-            b_pt = tl.where(keep, tl.exp(b_st - b_lse[None, :]), 0.0)
+            b_pt = tl.where(keep, _probs(b_st, b_lse[None, :]), 0.0)
             b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
             b_dst = b_pt * (b_dpt - b_delta[None, :])
             b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
