@@ -74,7 +74,8 @@ def mta_attention(q, k, v, pre_conv=None, pre_mix=None, post_conv=None, post_mix
             decoding; forward only): q (B, H, Lq, D) with Lq <= Lk for k, v (B, Hkv, Lk, D),
             row r at position Lk - Lq + r (seqlens[b] - Lq + r with seqlens (B,) ints: sequence
             b's number of keys); q_prev (B, H, P, D), the queries just before the block, needed
-            with P >= (cq-1) + (cq'-1) when a conv is present and Lq < Lk.
+            with P >= (cq-1) + (cq'-1) when a conv is present and Lq < Lk (or as many as there
+            are positions above the block, where that is fewer).
         cu_seqlens, max_seqlen: documents packed along the sequence: cu_seqlens (N+1,) int
             offsets [0, ..., T] with q (1, H, T, D), k, v (1, Hkv, T, D); each document is an
             independent sequence (convs and the causal mask restart at its first row).

@@ -145,7 +145,8 @@ def validate_block(q, k, pre_conv=None, post_conv=None, q_prev=None, seqlens=Non
     after ``validate(..., block=True)``; return seqlens as a list (None when not given).
 
     q: (B, H, Lq, D); k: (B, Hkv, Lk, D), Lq <= Lk. q_prev: (B, H, P, D), the queries just
-    before the block, needed (P >= conv_row_halo) when the convs read rows above it and Lq < Lk.
+    before the block, needed when the convs read rows above it and Lq < Lk: P >= conv_row_halo,
+    or the number of positions above the block where that is fewer (the longest sequence's).
     seqlens: (B,) int32/int64, sequence b's number of keys, Lq <= seqlens[b] <= Lk.
     """
     B, H, Lq, D = q.shape
@@ -163,22 +164,24 @@ def validate_block(q, k, pre_conv=None, post_conv=None, q_prev=None, seqlens=Non
         Bp, Hp, _, Dp = q_prev.shape
         if (Bp, Hp, Dp) != (B, H, D):
             raise ValueError(f"q_prev must have shape (B={B}, H={H}, P, D={D}), got {tuple(q_prev.shape)}")
-    if halo > 0 and Lq < Lk:
-        P = 0 if q_prev is None else q_prev.shape[2]
-        if P < halo:
-            got = "none" if q_prev is None else f"{P}"
-            raise ValueError(f"q_prev must hold the {halo} queries before the block, got {got}: q has length "
-                             f"{Lq} but k has length {Lk}, and the convs read (cq-1) + (cq'-1) = {halo} "
-                             f"rows above each query")
-    if seqlens is None:
-        return None
-    lens = _check_lengths("seqlens", seqlens, q.device)
-    if len(lens) != B:
-        raise ValueError(f"seqlens must have length B={B}, got {len(lens)}")
-    for b, n in enumerate(lens):
-        if not Lq <= n <= Lk:
-            raise ValueError(f"seqlens[{b}] = {n} must lie in [Lq={Lq}, Lk={Lk}]: the block of q's "
-                             f"{Lq} rows ends at the sequence's last key")
+    lens = None
+    if seqlens is not None:
+        lens = _check_lengths("seqlens", seqlens, q.device)
+        if len(lens) != B:
+            raise ValueError(f"seqlens must have length B={B}, got {len(lens)}")
+        for b, n in enumerate(lens):
+            if not Lq <= n <= Lk:
+                raise ValueError(f"seqlens[{b}] = {n} must lie in [Lq={Lq}, Lk={Lk}]: the block of q's "
+                                 f"{Lq} rows ends at the sequence's last key")
+    # the rows above the block that exist: a block starting at position p < halo has p of them
+    above = (max(lens) if lens else Lk) - Lq
+    need = min(halo, above)
+    P = 0 if q_prev is None else q_prev.shape[2]
+    if P < need:
+        got = "none" if q_prev is None else f"{P}"
+        raise ValueError(f"q_prev must hold the {need} queries before the block, got {got}: q has length "
+                         f"{Lq} but k has length {Lk}, and the convs read (cq-1) + (cq'-1) = {halo} "
+                         f"rows above each query")
     return lens
 
 

@@ -22,6 +22,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+if not torch.cuda.is_available():
+    # the tests' interpreter (set before mta_kernels is imported) with dots summed as tensor cores
+    # do: the CPU BLAS's fp32 rounding moves with a tile's position, which large logits magnify
+    import conftest  # noqa: E402,F401
 import mta_reference as R  # noqa: E402
 from mta_kernels import mta_attention  # noqa: E402
 from tolerance import check_rule  # noqa: E402
@@ -102,7 +106,7 @@ def check_decode(op, q, k, v, ws, dtype):
     failures, L = [], q.shape[2]
     halo = R.conv_row_halo(ws.get("pre_conv"), ws.get("post_conv"))
     for Lq in (1, 3):
-        blk = dict(q_prev=q[:, :, L - Lq - halo:L - Lq]) if halo else {}
+        blk = dict(q_prev=q[:, :, max(0, L - Lq - halo):L - Lq]) if halo else {}
         try:
             a = mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, kernel_options={"path": "decode"})
             r = R.mta_attention(q[:, :, -Lq:], k, v, **ws, **blk, compute_dtype=torch.float32)
@@ -116,13 +120,14 @@ def check_decode(op, q, k, v, ws, dtype):
 
 
 def outlier_cases():
-    """(label, q, k, v, scale, dtype): logits up to about 1e4 in bf16, one key 1000x the
-    others in bf16, and scale 1e3 in fp32 (issue #32's outliers)."""
-    q, k, v = random_qkv(1, 4, 4, 130, 64, torch.bfloat16)
-    yield "logits1e4", q * 40, k * 40, v, None, torch.bfloat16
+    """(label, q, k, v, scale, dtype): logits up to about 1e4 in bf16 (fp16 on the CPU), one key
+    1000x the others likewise, and scale 1e3 in fp32 (issue #32's outliers)."""
+    low = torch.bfloat16 if DEVICE == "cuda" else torch.float16     # the interpreter's bf16 dot is wrong
+    q, k, v = random_qkv(1, 4, 4, 130, 64, low)
+    yield "logits1e4", q * 40, k * 40, v, None, low
     huge = k.clone()
     huge[:, :, 37] *= 1000
-    yield "hugekey", q, huge, v, None, torch.bfloat16
+    yield "hugekey", q, huge, v, None, low
     q, k, v = random_qkv(1, 4, 4, 130, 64, torch.float32)
     yield "scale1e3", q, k, v, 1e3, torch.float32
 
@@ -133,7 +138,10 @@ def check():
     inputs against an fp64 oracle."""
     failures = []
     for B, H, Hkv, L, D, op, path in SMOKE:
-        for dtype in (torch.bfloat16, torch.float16):
+        if path == "sdpa" and DEVICE == "cpu":
+            continue
+        # the interpreter's bf16 dot is wrong: fp16 only on the CPU
+        for dtype in (torch.bfloat16, torch.float16) if DEVICE == "cuda" else (torch.float16,):
             q, k, v = random_qkv(B, H, Hkv, L, D, dtype)
             ws = weights(op, H, DEVICE, cq=3, ck=5)
             failures += compare(f"{op}/{path}/{dtype}", q, k, v, ws, path, dtype)

@@ -89,6 +89,33 @@ def test_decoding_token_by_token_reproduces_the_whole_forward(device):
             assert (step - whole[:, :, t - 1:t]).abs().max().item() < 1e-5, t
 
 
+@pytest.mark.parametrize("path", ["decode", "chunked"])
+def test_block_near_the_start_takes_the_rows_that_exist(path, device):
+    """A block starting at position p < (cq-1) + (cq'-1) = 3 needs only the p queries above it."""
+    case = Case(B=2, H=4, L=6, D=16, **FULL)
+    q, k, v, *w = make_inputs(case, torch.float32, device)
+    with torch.no_grad():
+        whole = mta_kernels.mta_attention(q, k, v, *w)
+        ref_whole = mta_reference.mta_attention(q, k, v, *w)
+        for t, Lq in ((2, 1), (3, 2), (3, 1), (4, 2)):
+            qb, qp = q[:, :, t - Lq:t], q[:, :, :t - Lq]
+            blk = mta_kernels.mta_attention(qb, k[:, :, :t], v[:, :, :t], *w, q_prev=qp, kernel_options={"path": path})
+            assert (blk - whole[:, :, t - Lq:t]).abs().max().item() < 1e-5, (t, Lq)
+            ref = mta_reference.mta_attention(qb, k[:, :, :t], v[:, :, :t], *w, q_prev=qp)
+            assert (ref - ref_whole[:, :, t - Lq:t]).abs().max().item() < 1e-5, (t, Lq)
+        # a ragged batch: the longest sequence sets how many rows q_prev must hold (sequence 1's
+        # first row lies at position -1: never read, whatever it holds)
+        lens = torch.tensor([3, 2], device=device)
+        qb = torch.stack([q[0, :, 2:3], q[1, :, 1:2]])
+        qp = torch.stack([q[0, :, :2], torch.cat([torch.full_like(q[1, :, :1], 1e4), q[1, :, :1]], dim=1)])
+        blk = mta_kernels.mta_attention(qb, k[:, :, :3], v[:, :, :3], *w, q_prev=qp, seqlens=lens,
+                                        kernel_options={"path": path})
+        assert (blk[0] - whole[0, :, 2:3]).abs().max().item() < 1e-5
+        assert (blk[1] - whole[1, :, 1:2]).abs().max().item() < 1e-5
+        with pytest.raises(ValueError, match="q_prev must hold the 2 queries"):
+            mta_kernels.mta_attention(qb, k[:, :, :3], v[:, :, :3], *w, q_prev=qp[:, :, 1:], seqlens=lens)
+
+
 def test_block_errors(device):
     case = Case(B=2, H=4, L=20, D=16, **FULL)
     q, k, v, *w = make_inputs(case, torch.float32, device)
