@@ -17,7 +17,8 @@
 #   decode    the decode benchmark (bench.decode)
 #   packed    packed documents against the same documents run alone (bench.packed)
 #   stress    the reliability script (scripts/stress.py)
-# TESTS_K: a pytest -k expression to run only some of the GPU tests. CHECK_S, TESTS_S, GRID_S, DECODE_S, PACKED_S: seconds each of those steps may run (what it wrote by then
+# TESTS_K: a pytest -k expression to run only some of the GPU tests. CHECK_S, TESTS_S, GRID_S, DECODE_S, PACKED_S,
+# PROFILE_S (each profile), TRAIN_S (each training run), STRESS_S: seconds each may run (what it wrote by then
 # comes back). The tree arrives without .git: write `git rev-parse --short HEAD > scripts/device_commit` before
 # the call and name it in the call's carry list, so that results record their commit.
 set -uo pipefail
@@ -68,15 +69,16 @@ step_profile() {
   for spec in "full 1,16,4096,128" "full 4,16,2048,96" "full 8,16,1024,64" "talking_heads 8,16,1024,64" \
               "talking_heads 1,16,4096,128" "post_conv 1,16,4096,128"; do
     set -- $spec
-    python3 scripts/profile_path.py --op $1 --shape $2 --mode fwd+bwd --top 14
+    timeout ${PROFILE_S:-90} python3 scripts/profile_path.py --op $1 --shape $2 --mode fwd+bwd --top 14
   done 2>&1 | tee "$OUT/profile.log"
 }
 
 step_train() {
   for batch in 1 4; do
-    python3 -m bench.train --model 830M --batch $batch --rounds 3 --providers baseline,mta-fused --record 2>&1 | tee -a "$OUT/train.log" | tail -12
+    timeout ${TRAIN_S:-240} python3 -m bench.train --model 830M --batch $batch --rounds 3 --providers baseline,mta-fused \
+      --record 2>&1 | tee -a "$OUT/train.log" | tail -12
   done
-  python3 -m bench.train --model 830M --packed --rounds 3 --providers baseline,mta-fused --record 2>&1 \
+  timeout ${TRAIN_S:-240} python3 -m bench.train --model 830M --packed --rounds 3 --providers baseline,mta-fused --record 2>&1 \
     | tee -a "$OUT/train.log" | tail -8
   cp bench/results/results.csv "$OUT/results.csv"
 }
@@ -103,7 +105,7 @@ step_packed() {
 }
 
 step_stress() {
-  python3 scripts/stress.py 2>&1 | tee "$OUT/stress.log" | tail -30
+  timeout ${STRESS_S:-540} python3 scripts/stress.py 2>&1 | tee "$OUT/stress.log" | tail -30
 }
 
 for step in "$@"; do
