@@ -56,10 +56,11 @@ def test_causal_scores_exact_on_the_past_and_skip_the_future(lo, R, D, device, m
         assert torch.isnan(out[:, tile_future]).all(), f"{dtype}: a tile wholly in the future was written"
 
 
-@pytest.mark.parametrize("D", [16, 96])
-def test_causal_pv_reads_only_the_past(D, device):
+@pytest.mark.parametrize("D, splits", [(16, None), (96, None), (16, 3), (96, 5)])
+def test_causal_pv_reads_only_the_past(D, splits, device):
     """out = A V over each row's past keys, whatever A holds in the future (NaN here), for
-    heads that share kv heads; and without zero_above, the whole of A."""
+    heads that share kv heads; and without zero_above, the whole of A; with the keys split
+    into parts (more parts than a row block has key blocks too)."""
     g = torch.Generator().manual_seed(1)
     lo, R = 40, 90
     K = lo + R
@@ -69,13 +70,13 @@ def test_causal_pv_reads_only_the_past(D, device):
         a.copy_(torch.rand(4, R, K, generator=g).to(device, dtype).masked_fill(~past, float("nan")))
         y = torch.randn(2, 150, D, generator=g).to(device, dtype)
         out = torch.empty(4, R, D, device=device, dtype=dtype)
-        cm.causal_pv(a, y, out, zero_above=lo, precision="ieee")
+        cm.causal_pv(a, y, out, zero_above=lo, precision="ieee", splits=splits)
         ref = a.double().nan_to_num(0.0) @ y.repeat_interleave(2, 0)[:, :K].double()
         bound = _one_rounding(ref, dtype)
         assert (out.double() - ref).abs().max().item() <= bound, dtype
         full = cm.scores_buffer(4, R, K, dtype, device)
         full.copy_(a.nan_to_num(0.0))
-        cm.causal_pv(full, y, out, precision="ieee")
+        cm.causal_pv(full, y, out, precision="ieee", splits=splits)
         assert (out.double() - ref).abs().max().item() <= bound, dtype
 
 

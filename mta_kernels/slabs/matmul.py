@@ -13,7 +13,7 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import configs
-from ..utils import cdiv, dot_precision, next_pow2, operand_precision, tl_acc_dtype
+from ..utils import acc_dtype, cdiv, dot_precision, next_pow2, operand_precision, tl_acc_dtype
 from .matmul_kernels import causal_pv_kernel, causal_scores_kernel
 
 
@@ -110,12 +110,22 @@ def causal_scores(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, row0=0, z
     return out
 
 
-def causal_pv(a: torch.Tensor, y: torch.Tensor, out: torch.Tensor, zero_above=None, precision="ieee") -> torch.Tensor:
+def pv_splits(programs: int, key_blocks: int, device) -> int:
+    """How many parts causal_pv splits each row block's keys into: 1 where its (row block, head)
+    programs fill the GPU, else as many as fill it once, each part at least 8 key blocks (a
+    slab of few rows over many keys ran 16 programs on 132 SMs at L = 131072)."""
+    sms = configs.sm_count(device) if device.type == "cuda" else 4
+    return max(1, min(sms // max(programs, 1), key_blocks // 8))
+
+
+def causal_pv(a: torch.Tensor, y: torch.Tensor, out: torch.Tensor, zero_above=None, precision="ieee",
+              splits=None) -> torch.Tensor:
     """out (H, R, D), any strides and dtype, = a (H, R, K) times y[:, :K] (y (Hkv, >= K, D)) per
     head (head h takes kv head h // (H // Hkv)), sums in fp32 (fp64 for fp64); with zero_above,
     a counts as zero where col - row > zero_above, whatever it holds there (causal_scores'
     skipped tiles, or a mix-softmax that left the future unwritten). precision: tl.dot's for
-    fp32 inputs. a and y must pass tma_ok. Returns out."""
+    fp32 inputs. a and y must pass tma_ok. The keys are split into ``splits`` parts (default
+    pv_splits) whose sums are added in a fixed order. Returns out."""
     H, R, K = a.shape
     D = y.shape[2]
     if y.shape[1] < K or out.shape != (H, R, D):
@@ -128,10 +138,15 @@ def causal_pv(a: torch.Tensor, y: torch.Tensor, out: torch.Tensor, zero_above=No
     DP = max(16, next_pow2(D))
     BM, BN, stages = pv_tiles(a.element_size(), DP)
     prec, upcast = _dot_options(a, precision)
-    causal_pv_kernel[(cdiv(R, BM), H)](
-        _descriptor(a, (1, BM, BN)), _descriptor(y, (1, BN, DP)), out, *out.stride(), R, K, D,
+    S = splits or pv_splits(cdiv(R, BM) * H, cdiv(K, BN), a.device)
+    # with splits, each part's fp32 (fp64) sums go to its own slice; summed once below
+    dest = out.unsqueeze(0) if S == 1 else torch.empty(S, H, R, D, device=a.device, dtype=acc_dtype(a))
+    causal_pv_kernel[(cdiv(R, BM), H, S)](
+        _descriptor(a, (1, BM, BN)), _descriptor(y, (1, BN, DP)), dest, *dest.stride(), R, K, D,
         0 if zero_above is None else zero_above, H // y.shape[0], CAUSAL=zero_above is not None, BM=BM, BN=BN,
         DP=DP, ACC=tl_acc_dtype(a), PREC=prec, UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=stages)
+    if S > 1:
+        out.copy_(dest.sum(0))
     return out
 
 

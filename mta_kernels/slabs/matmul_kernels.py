@@ -39,29 +39,35 @@ def causal_scores_kernel(x_desc, y_desc, s_desc, X_ROW0, R, K, ZERO_ABOVE, REP, 
 
 
 @triton.jit
-def causal_pv_kernel(a_desc, y_desc, out, soh, soi, sod, R, K, D, ZERO_ABOVE, REP, CAUSAL: tl.constexpr,
+def causal_pv_kernel(a_desc, y_desc, out, sos, soh, soi, sod, R, K, D, ZERO_ABOVE, REP, CAUSAL: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                      UPCAST: tl.constexpr):
-    """out (H, R, D) = a (H, R, K) y[:, :K] per head (y (Hkv, L, D), head h reading kv head
-    h // REP), in out's dtype with fp32 sums (fp64 for fp64); with CAUSAL, a[h, i, j] counts as
-    zero for j > i + ZERO_ABOVE and is not read past the row block's last key. ACC: the sums'
-    dtype. Grid (cdiv(R, BM), H), the longest rows first."""
+    """out (S, H, R, D) = a (H, R, K) y[:, :K] per head (y (Hkv, L, D), head h reading kv head
+    h // REP) over split s's share of each row block's key blocks (S splits: program_id 2), in
+    out's dtype with fp32 sums (fp64 for fp64); with CAUSAL, a[h, i, j] counts as zero for
+    j > i + ZERO_ABOVE and is not read past the row block's last key. ACC: the sums' dtype.
+    Grid (cdiv(R, BM), H, S), the longest rows first."""
     m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
+    s = tl.program_id(2)
+    n_splits = tl.num_programs(2)
     rows = m * BM + tl.arange(0, BM)
     last = K
     past = K           # key blocks [0, past) lie in the past of every row of the block
     if CAUSAL:
         last = tl.minimum(K, m * BM + BM + ZERO_ABOVE)
         past = tl.minimum(K, (m * BM + ZERO_ABOVE + 1) // BN * BN)
+    blocks = tl.cdiv(last, BN)
+    lo = s * blocks // n_splits * BN
+    hi = tl.minimum(last, (s + 1) * blocks // n_splits * BN)
     acc = tl.zeros([BM, DP], dtype=ACC)
-    for n0 in range(0, past, BN):
+    for n0 in range(lo, tl.minimum(past, hi), BN):
         at = a_desc.load([h, m * BM, n0]).reshape(BM, BN)
         ys = y_desc.load([h // REP, n0, 0]).reshape(BN, DP)
         if UPCAST:
             at, ys = at.to(tl.float32), ys.to(tl.float32)
         acc += tl.dot(at, ys, input_precision=PREC)
-    for n0 in range(past, last, BN):
+    for n0 in range(tl.maximum(lo, past), hi, BN):
         cols = n0 + tl.arange(0, BN)
         at = a_desc.load([h, m * BM, n0]).reshape(BM, BN)
         at = tl.where((cols[None, :] <= rows[:, None] + ZERO_ABOVE) & (cols[None, :] < K), at, 0.0)
@@ -70,6 +76,6 @@ def causal_pv_kernel(a_desc, y_desc, out, soh, soi, sod, R, K, D, ZERO_ABOVE, RE
             at, ys = at.to(tl.float32), ys.to(tl.float32)
         acc += tl.dot(at, ys, input_precision=PREC)
     ds = tl.arange(0, DP)
-    o_at = out + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * soi + ds[None, :] * sod
+    o_at = out + s.to(tl.int64) * sos + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * soi + ds[None, :] * sod
     tl.store(o_at, acc.to(out.dtype.element_ty), mask=(rows[:, None] < R) & (ds[None, :] < D))
 
