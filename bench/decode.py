@@ -7,8 +7,8 @@
 2. generate() tokens/s of the paper's 830M model (MTA) against the same model with plain
    attention (baseline), both decoding with their cache, random weights and prompts.
 
-Rows go to a CSV of the run in bench/runs/ (git-ignored); --record appends them to
-bench/results/results.csv (bench 'decode').
+Rows go to a CSV of the run in bench/runs/ (git-ignored), each as it is measured; --record
+appends them to bench/results/results.csv (bench 'decode').
 Needs a GPU.
 """
 import argparse
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
 from .cases import make_weights
-from .report import write_run
+from .report import RunRows
 
 ROOT = Path(__file__).resolve().parent
 CONTEXTS = (2048, 8192, 32768, 131072)
@@ -90,15 +90,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.decode needs a GPU")
-    rows = []
+    rows = RunRows("decode", on_gpu=True, to_results=args.record, out_dir=ROOT / "runs")
     op_steps(rows)
     if not args.skip_model:
         model_tokens_per_s(rows)
     for r in (r for r in rows if r["mode"] == "generate" and r["op"] == "mta"):
         base = next(x for x in rows if x["mode"] == "generate" and x["op"] == "baseline" and x["B"] == r["B"])
         print(f"generate B={r['B']}: MTA {r['tokens_per_s'] / base['tokens_per_s']:.2f}x the baseline's tokens/s")
-    path = write_run(rows, "decode", on_gpu=True, to_results=args.record, out_dir=ROOT / "runs")
-    print(f"wrote {path}")
+    print(f"wrote {rows.close()}")
 
 if __name__ == "__main__":
     sys.exit(main())

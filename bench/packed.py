@@ -26,7 +26,7 @@ import torch
 
 from . import timing
 from .cases import DTYPES, make_weights
-from .report import write_run
+from .report import RunRows
 
 ROOT = Path(__file__).resolve().parent
 OPS = ("full", "talking_heads", "none")
@@ -63,8 +63,9 @@ def calls(op, provider, q, k, v, ws, cu_seqlens):
     return lambda: [mta_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], **ws) for s, e in spans]
 
 
-def run(case: dict, seed: int, on_gpu: bool):
-    """Every (op, mode, provider) of one packed batch: a list of CSV rows (without run info)."""
+def run(case: dict, seed: int, on_gpu: bool, rows: list):
+    """Every (op, mode, provider) of one packed batch, appended to ``rows`` as CSV rows (without
+    run info) as each is measured. Returns rows."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)         # the weights' noise (make_weights draws from the global generator)
     device = "cuda" if on_gpu else "cpu"
@@ -73,7 +74,6 @@ def run(case: dict, seed: int, on_gpu: bool):
     cu_dev = cu.to(device)
     q, k, v = (torch.randn(1, H, T, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
     grad = torch.randn(1, H, T, D, generator=g).to(device, dtype)
-    rows = []
     for op in OPS:
         ws = make_weights(op, H, case["conv"], device, requires_grad=True, noise=WEIGHT_NOISE)
         leaves = [q, k, v, *(w for w in ws.values() if w is not None)]
@@ -159,11 +159,11 @@ def main(argv=None):
     case = dict(GPU_CASE if on_gpu else CPU_CASE)
     if args.tokens:
         case["T"] = args.tokens
-    rows = run(case, args.seed, on_gpu)
+    rows = RunRows("packed", on_gpu, to_results=args.record, out_dir=args.out)
+    run(case, args.seed, on_gpu, rows)
     if on_gpu:
         print("\n".join(summary(rows)))
-    path = write_run(rows, "packed", on_gpu, to_results=args.record, out_dir=args.out)
-    print(f"wrote {path}")
+    print(f"wrote {rows.close()}")
     return 0
 
 

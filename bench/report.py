@@ -64,19 +64,34 @@ class CsvLog:
         self._file.close()
 
 
+class RunRows(list):
+    """A benchmark run's rows, each written as it is appended, stamped with the run (env.run_info,
+    the run id suffixed with the bench's name): to RESULTS_CSV when ``to_results``, else to
+    out_dir/<run>.csv. A run stopped by a time limit keeps what it measured."""
+
+    def __init__(self, bench: str, on_gpu: bool, to_results: bool, out_dir: Path):
+        super().__init__()
+        from . import env
+        self.info = env.run_info(on_gpu)
+        self.info["run"] = f"{self.info['run']}_{bench}"
+        self.path = RESULTS_CSV if to_results else out_dir / f"{self.info['run']}.csv"
+        self._log = CsvLog(self.path, COLUMNS, bench=bench)
+
+    def append(self, row: dict):
+        super().append(row)
+        self._log.write({**self.info, **row})
+
+    def close(self) -> Path:
+        self._log.close()
+        return self.path
+
+
 def write_run(rows, bench: str, on_gpu: bool, to_results: bool, out_dir: Path) -> Path:
-    """Write a benchmark's rows stamped with its run (env.run_info, the run id suffixed with the
-    bench's name): appended to RESULTS_CSV when ``to_results``, else to out_dir/<run>.csv.
-    Returns the path written."""
-    from . import env
-    info = env.run_info(on_gpu)
-    info["run"] = f"{info['run']}_{bench}"
-    path = RESULTS_CSV if to_results else out_dir / f"{info['run']}.csv"
-    log = CsvLog(path, COLUMNS, bench=bench)
+    """Write a benchmark's rows as RunRows does, all at once. Returns the path written."""
+    run = RunRows(bench, on_gpu, to_results, out_dir)
     for row in rows:
-        log.write({**info, **row})
-    log.close()
-    return path
+        run.append(row)
+    return run.close()
 
 
 def _fmt_csv(x):
