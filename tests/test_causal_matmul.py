@@ -142,6 +142,56 @@ def test_causal_matmuls_option(causal_matmuls, device, monkeypatch):
     assert sorted(calls) == ([] if causal_matmuls is False else sorted(chunks))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_backward_dq_through_split_causal_pv(dtype, device, monkeypatch):
+    """Where causal_pv would split its keys (a chunk of few rows over many keys), the talking
+    heads backward's dS K runs there: every gradient within the spec rule, and the future of dS
+    never read."""
+    calls = []
+    monkeypatch.setattr(cm, "causal_pv_splits", lambda a, y: 3)
+    real = cm.causal_pv
+    monkeypatch.setattr(cm, "causal_pv", lambda *a, **k: calls.append(k["zero_above"]) or real(*a, **k))
+    case = Case(B=2, H=4, Hkv=2, L=48, D=16, pre_mix=4, post_mix=4)
+    inputs = make_inputs(case, dtype, device, requires_grad=True)
+    grad = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+
+    def run(fn, **kw):
+        out = fn(*inputs, **kw)
+        return torch.autograd.grad(out, [x for x in inputs if x is not None], grad)
+
+    got = run(mta_kernels.mta_attention, kernel_options=dict(path="talking_heads", chunk_rows=16))
+    ref = run(mta_reference.mta_attention, compute_dtype=torch.float64)
+    low = run(mta_reference.mta_attention, compute_dtype=dtype)
+    for name, g, r, lo in zip(["dq", "dk", "dv", "dpre_mix", "dpost_mix"], got, ref, low):
+        check_rule(name, g, r, lo, dtype)
+    assert calls == [32, 16, 0]      # each chunk's rows, last chunk first
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_chunked_paths_through_split_causal_pv(causal, device, monkeypatch):
+    """Full MTA's row-chunked forward (A V) and backward (dS K) where causal_pv would split
+    their keys: output and every gradient within the spec rule, in chunks of 16 rows."""
+    calls = []
+    monkeypatch.setattr(cm, "causal_pv_splits", lambda a, y: 3)
+    real = cm.causal_pv
+    monkeypatch.setattr(cm, "causal_pv", lambda *a, **k: calls.append(k["zero_above"]) or real(*a, **k))
+    case = Case(B=2, H=4, Hkv=2, L=48, D=16, pre_conv=(3, 5), pre_mix=4, post_conv=(2, 3), post_mix=4, causal=causal)
+    inputs = make_inputs(case, torch.float32, device, requires_grad=True)
+    grad = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(3)).to(device)
+
+    def run(fn, **kw):
+        out = fn(*inputs, causal=causal, **kw)
+        return (out, *torch.autograd.grad(out, [x for x in inputs if x is not None], grad))
+
+    got = run(mta_kernels.mta_attention, kernel_options=dict(path="chunked", chunk_rows=16))
+    ref = run(mta_reference.mta_attention, compute_dtype=torch.float64)
+    low = run(mta_reference.mta_attention)
+    names = ["out", "dq", "dk", "dv", "dpre_conv", "dpre_mix", "dpost_conv", "dpost_mix"]
+    for name, g, r, lo in zip(names, got, ref, low):
+        check_rule(name, g, r, lo, torch.float32)
+    assert len(calls) == 6 and all((z is None) != causal for z in calls)     # 3 chunks, forward and backward
+
+
 def test_noncausal_calls_take_no_causal_matmuls(device, monkeypatch):
     for module, name in ((th_forward, "causal_scores"), (th_forward, "causal_pv"), (th_backward, "causal_scores")):
         monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("a causal matmul ran"))

@@ -18,7 +18,7 @@ import torch
 
 from ..options import Options
 from ..slabs.chunks import chunk_starts, conv_halos, default_slab_dtype, rows_per_chunk, slab_inputs, slab_weights
-from ..slabs.matmul import matmul_into, matmul_precision
+from ..slabs.matmul import matmul_into, matmul_precision, rows_times_values
 from ..slabs.rows import mix_backward_rows
 from ..utils import acc_dtype, dot_precision
 from .conv import ConvWeightGradSums, key_query_conv_input_grad, key_query_conv_weight_grad
@@ -124,7 +124,7 @@ def mta_chunked_bwd(grad_out, q, k, v, weights, *, causal: bool, pad_key: str, s
             dc = None
             ds = ds.flatten(0, 1)[:, mine]
             if need_q:
-                matmul_into(dq[:, r0:r1], ds, kf[:, :ke], accumulate=False)
+                rows_times_values(ds, kf, dq[:, r0:r1], zero_above=r0 if causal else None, precision=prec)
             if need_k:
                 matmul_into(dk[:, :ke], ds.transpose(1, 2), qf[:, r0:r1], accumulate=summed)
             ds = None

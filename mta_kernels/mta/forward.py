@@ -10,7 +10,7 @@ import torch
 from ..options import Options
 from ..slabs.chunks import (chunk_starts, conv_halos, default_slab_dtype, rows_per_chunk, slab_inputs,
                             slab_weights)
-from ..slabs.matmul import matmul_precision
+from ..slabs.matmul import matmul_precision, rows_times_values
 from ..utils import acc_dtype, dot_precision, repeat_kv_heads
 from .pre_conv import pre_conv_operands, use_pre_conv_matmul
 from .slab_forward import slab_forward
@@ -56,7 +56,9 @@ def mta_chunked_fwd(q, k, v, weights, *, causal: bool, pad_key: str, scale: floa
                              keep=False, a_dtype=q.dtype, pre_conv_operands=operands, lse_out=lse_rows,
                              softmax_scale=sw.softmax_scale, row_offset=row_offset)
             a = t.a[:, :, r0 - lo:].flatten(0, 1)
-            o = torch.bmm(a, vf[:, :a.shape[-1]].to(a.dtype))
+            o = torch.empty(B * H, r1 - r0, D, device=q.device, dtype=a.dtype)
+            rows_times_values(a, vf[:, :a.shape[-1]].to(a.dtype), o, zero_above=r0 + row_offset if causal else None,
+                              precision=prec)
             out[:, :, r0:r1] = o.view(B, H, r1 - r0, D)
             if t.lse is not lse_rows:
                 lse[:, :, r0:r1] = t.lse[:, :, r0 - lo:]

@@ -118,6 +118,13 @@ def pv_splits(programs: int, key_blocks: int, device) -> int:
     return max(1, min(sms // max(programs, 1), key_blocks // 8))
 
 
+def causal_pv_splits(a: torch.Tensor, y: torch.Tensor) -> int:
+    """The parts causal_pv(a, y, ...) splits the keys into by default: pv_splits of its grid."""
+    H, R, K = a.shape
+    BM, BN, _ = pv_tiles(a.element_size(), max(16, next_pow2(y.shape[2])))
+    return pv_splits(cdiv(R, BM) * H, cdiv(K, BN), a.device)
+
+
 def causal_pv(a: torch.Tensor, y: torch.Tensor, out: torch.Tensor, zero_above=None, precision="ieee",
               splits=None) -> torch.Tensor:
     """out (H, R, D), any strides and dtype, = a (H, R, K) times y[:, :K] (y (Hkv, >= K, D)) per
@@ -125,7 +132,7 @@ def causal_pv(a: torch.Tensor, y: torch.Tensor, out: torch.Tensor, zero_above=No
     a counts as zero where col - row > zero_above, whatever it holds there (causal_scores'
     skipped tiles, or a mix-softmax that left the future unwritten). precision: tl.dot's for
     fp32 inputs. a and y must pass tma_ok. The keys are split into ``splits`` parts (default
-    pv_splits) whose sums are added in a fixed order. Returns out."""
+    causal_pv_splits) whose sums are added in a fixed order. Returns out."""
     H, R, K = a.shape
     D = y.shape[2]
     if y.shape[1] < K or out.shape != (H, R, D):
@@ -138,7 +145,7 @@ def causal_pv(a: torch.Tensor, y: torch.Tensor, out: torch.Tensor, zero_above=No
     DP = max(16, next_pow2(D))
     BM, BN, stages = pv_tiles(a.element_size(), DP)
     prec, upcast = _dot_options(a, precision)
-    S = splits or pv_splits(cdiv(R, BM) * H, cdiv(K, BN), a.device)
+    S = splits or causal_pv_splits(a, y)
     # with splits, each part's fp32 (fp64) sums go to its own slice; summed once below
     dest = out.unsqueeze(0) if S == 1 else torch.empty(S, H, R, D, device=a.device, dtype=acc_dtype(a))
     causal_pv_kernel[(cdiv(R, BM), H, S)](
@@ -147,6 +154,19 @@ def causal_pv(a: torch.Tensor, y: torch.Tensor, out: torch.Tensor, zero_above=No
         DP=DP, ACC=tl_acc_dtype(a), PREC=prec, UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=stages)
     if S > 1:
         out.copy_(dest.sum(0))
+    return out
+
+
+def rows_times_values(a: torch.Tensor, y: torch.Tensor, out: torch.Tensor, zero_above=None, precision="ieee"):
+    """out (H, R, D) = a (H, R, K) y[:, :K] (y (H, >= K, D)), as a batched matmul, or through
+    causal_pv where that would split its keys: a chunk of few rows over many keys has one
+    output tile per head, too few programs for the GPU (with zero_above, a's future is skipped
+    there; it must hold zeros for the matmul)."""
+    K = a.shape[2]
+    if tma_ok(a, y) and causal_pv_splits(a, y) > 1:
+        causal_pv(a, y, out, zero_above=zero_above, precision=precision)
+    else:
+        matmul_into(out, a, y[:, :K], accumulate=False)
     return out
 
 

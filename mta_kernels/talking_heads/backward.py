@@ -18,7 +18,7 @@ import torch
 
 from ..options import Options
 from ..slabs.chunks import chunk_starts, default_slab_dtype, rows_per_chunk, slab_inputs, slab_keys, slab_weights
-from ..slabs.matmul import causal_scores, matmul_into, matmul_precision, scores_buffer
+from ..slabs.matmul import causal_scores, matmul_into, matmul_precision, rows_times_values, scores_buffer
 from ..slabs.rows import mix_softmax_rows, talking_heads_backward_rows
 from ..utils import acc_dtype, dot_precision, repeat_kv_heads
 from .forward import uses_causal_matmuls
@@ -100,7 +100,7 @@ def talking_heads_chunked_bwd(grad_out, q, k, v, pre_mix, post_mix, lse, *, caus
                 del a
             ds = ds.flatten(0, 1)
             if need_q:
-                matmul_into(dq[:, r0:r0 + n], ds, k_m[:, :keys], accumulate=False)
+                rows_times_values(ds, k_m, dq[:, r0:r0 + n], zero_above=zero_above, precision=prec)
             if need_k:
                 matmul_into(dk[:, :keys], ds.transpose(1, 2), q_m[:, r0:r0 + n], accumulate=summed)
             del ds
