@@ -635,6 +635,50 @@ def test_compiled_reduce_overhead():
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+def check_last_rows(case, path, dtype, device, window=48, **options):
+    """A whole fwd+bwd call against the reference run on its last ``window`` rows alone: their
+    output, and their dq (which reads no row above the window: dS of a row depends on that row
+    and the rows below it), under the spec's rule. The reference takes the window plus the
+    rows its convs read above it as a query block, those rows' own halo as q_prev."""
+    q, k, v, *w = make_inputs(case, dtype, device)
+    L, halo = case.L, mta_reference.conv_row_halo(w[0], w[2])
+    q = q.requires_grad_(True)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+    out = mta_kernels.mta_attention(q, k, v, *w, kernel_options=dict(path=path, **options))
+    (dq,) = torch.autograd.grad(out, [q], grad)
+    first = L - window - halo
+
+    def reference(dtype_):
+        qb = q.detach()[:, :, first:].clone().requires_grad_(True)
+        qp = q.detach()[:, :, max(0, first - halo):first] if halo else None
+        ref = mta_reference.mta_attention(qb, k, v, *w, q_prev=qp, compute_dtype=dtype_)
+        g = torch.zeros_like(ref)
+        g[:, :, halo:] = grad[:, :, L - window:]
+        return ref[:, :, halo:], torch.autograd.grad(ref, [qb], g)[0][:, :, halo:]
+
+    ref, low = reference(torch.float32 if dtype != FP64 else FP64), reference(dtype)
+    check_rule("out", out[:, :, L - window:], ref[0], low[0], dtype)
+    check_rule("dq", dq[:, :, L - window:], ref[1], low[1], dtype)
+
+
+@pytest.mark.parametrize("parts, path", [(FULL, "chunked"), (TALKING_HEADS, "talking_heads")],
+                         ids=["full", "talking-heads"])
+def test_last_rows_with_split_products(parts, path, device, monkeypatch):
+    """The last rows of a call whose A V and dS K split their keys (forced here), on the CPU."""
+    from mta_kernels.slabs import matmul
+    monkeypatch.setattr(matmul, "causal_pv_splits", lambda a, y: 3)
+    check_last_rows(Case(H=4, L=160, D=16, **parts), path, FP32, device, window=20, chunk_rows=32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("parts, path", [(PAPER, "chunked"), (dict(pre_mix=16, post_mix=16), "talking_heads")],
+                         ids=["full", "talking-heads"])
+def test_long_sequence_last_rows_gpu(parts, path):
+    """At L = 32768 (chunks of a few hundred rows over every key: A V and dS K split their
+    keys on an H100) the last rows against the reference, bf16."""
+    check_last_rows(Case(H=16, L=32768, D=128, **parts), path, torch.bfloat16, "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("parts, path", [(PAPER, "chunked"), (dict(pre_mix=16, post_mix=16), "talking_heads")],
                          ids=["full", "talking-heads"])
