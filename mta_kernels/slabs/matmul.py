@@ -163,8 +163,9 @@ def rows_times_values(a: torch.Tensor, y: torch.Tensor, out: torch.Tensor, zero_
     output tile per head, too few programs for the GPU (with zero_above, a's future is skipped
     there; it must hold zeros for the matmul)."""
     K = a.shape[2]
-    if tma_ok(a, y) and causal_pv_splits(a, y) > 1:
-        causal_pv(a, y, out, zero_above=zero_above, precision=precision)
+    splits = causal_pv_splits(a, y) if tma_ok(a, y) else 1
+    if splits > 1:
+        causal_pv(a, y, out, zero_above=zero_above, precision=precision, splits=splits)
     else:
         matmul_into(out, a, y[:, :K], accumulate=False)
     return out
