@@ -3,7 +3,7 @@
 1. One decode step of the attention op: a new query row over a KV cache of context 2k, 8k,
    32k, 128k, batch 1 and 8, H=16, D=128, bf16, for full MTA (6x11 convs, all heads mixed:
    the op reads the last 10 queries too) and talking heads, against SDPA over the same cache.
-   Eager and replayed as a CUDA graph.
+   Eager and replayed as a CUDA graph; with --paths decode,chunked each block path forced in turn.
 2. generate() tokens/s of the paper's 830M model (MTA) against the same model with plain
    attention (baseline), both decoding with their cache, random weights and prompts.
 
@@ -37,27 +37,34 @@ def _time(fn, graphs):
     return do_bench(fn, warmup=10, rep=100, return_mode="median")
 
 
-def op_steps(rows, H=16, D=128):
+def op_steps(rows, paths=(None,), H=16, D=128):
+    """One decode step of each op on each of ``paths`` (None: the default, 'decode' or 'chunked'
+    forced through kernel_options) against SDPA, eager and graphed, appended to rows."""
     from mta_kernels import mta_attention
     for ctx in CONTEXTS:
         for B in BATCHES:
             k, v = (torch.randn(B, H, ctx, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
             q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
             q_prev = torch.randn(B, H, 10, D, device="cuda", dtype=torch.bfloat16)
-            calls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+            calls = {("none", None): lambda: F.scaled_dot_product_attention(q, k, v)}
             for op in OPS:
                 ws = make_weights(op, H, (6, 11), "cuda", requires_grad=False)
-                calls[op] = lambda ws=ws: mta_attention(q, k, v, **ws, q_prev=q_prev)
+                for path in paths:
+                    opts = {"path": path} if path else None
+                    calls[(op, path)] = lambda ws=ws, opts=opts: mta_attention(q, k, v, **ws, q_prev=q_prev,
+                                                                               kernel_options=opts)
             for graphs in (False, True):
                 with torch.no_grad():
-                    times = {name: _time(fn, graphs) for name, fn in calls.items()}
-                for name, ms in times.items():
-                    rows.append(dict(mode="decode_step", op="none" if name == "sdpa" else name,
-                                     provider="sdpa" if name == "sdpa" else "fused", B=B, H=H, Hkv=H, L=ctx, D=D,
+                    times = {key: _time(fn, graphs) for key, fn in calls.items()}
+                sdpa_ms = times[("none", None)]
+                for (op, path), ms in times.items():
+                    rows.append(dict(mode="decode_step", op=op, provider="sdpa" if op == "none" else "fused",
+                                     options=f"path={path}" if path else None, B=B, H=H, Hkv=H, L=ctx, D=D,
                                      dtype="bf16", timing="cuda_graph" if graphs else "eager", median_ms=ms,
                                      status="ok"))
-                    print(f"step {name:14s} B={B} ctx={ctx:6d} {'graph' if graphs else 'eager'}: {ms:.4f} ms "
-                          f"({ms / times['sdpa']:.2f}x sdpa)", flush=True)
+                    name = "sdpa" if op == "none" else f"{op}:{path}" if path else op
+                    print(f"step {name:22s} B={B} ctx={ctx:6d} {'graph' if graphs else 'eager'}: {ms:.4f} ms "
+                          f"({ms / sdpa_ms:.2f}x sdpa)", flush=True)
             del k, v
             torch.cuda.empty_cache()
 
@@ -87,11 +94,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.decode")
     ap.add_argument("--record", action="store_true", help="append to bench/results/results.csv")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--paths", help="comma-separated block paths to force (decode, chunked) instead of the default")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.decode needs a GPU")
     rows = RunRows("decode", on_gpu=True, to_results=args.record, out_dir=ROOT / "runs")
-    op_steps(rows)
+    op_steps(rows, tuple(args.paths.split(",")) if args.paths else (None,))
     if not args.skip_model:
         model_tokens_per_s(rows)
     for r in (r for r in rows if r["mode"] == "generate" and r["op"] == "mta"):

@@ -14,7 +14,7 @@
 #   profile   kernel-by-kernel profiles of full MTA and talking heads (scripts/profile_path.py)
 #   train     the 830M training benchmark (bench.train), batch 1 and 4, and packed documents
 #   dist      bench.train under torchrun on every GPU, DDP and FSDP2 (multi-GPU kinds)
-#   decode    the block paths timed against each other (scripts/time_decode_paths.py), then bench.decode
+#   decode    the decode benchmark (bench.decode), each block path forced in turn
 #   packed    packed documents against the same documents run alone (bench.packed)
 #   stress    the reliability script (scripts/stress.py)
 # TESTS_K: a pytest -k expression to run only some of the GPU tests. CHECK_S, TESTS_S, GRID_S, DECODE_S, PACKED_S,
@@ -95,8 +95,7 @@ step_dist() {
 }
 
 step_decode() {
-  timeout ${DECODE_S:-300} python3 scripts/time_decode_paths.py 2>&1 | tee "$OUT/decode_paths.log" | tail -8
-  timeout ${DECODE_S:-300} python3 -m bench.decode --record 2>&1 | tee "$OUT/decode.log" | tail -30
+  timeout ${DECODE_S:-300} python3 -m bench.decode --record --paths decode,chunked 2>&1 | tee "$OUT/decode.log" | tail -40
   cp bench/results/results.csv "$OUT/results.csv"
 }
 
