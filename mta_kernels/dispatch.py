@@ -62,8 +62,8 @@ def choose_block_path(q: torch.Tensor, weights, pad_key: str, options: Options) 
                              "can take 'decode', 'chunked' or plain attention's paths")
         if options.path == "decode" and not decode_applies(q.shape[2], weights, pad_key):
             raise ValueError("kernel_options['path']='decode' cannot run this block: its rows and the convs' row "
-                             "halo must fit 16 rows, the pre conv reach at most 16 keys either side and the post "
-                             "conv 8, a mixing group 16 heads")
+                             "halo must fit 16 rows, each conv reach at most 16 keys either side, a mixing group "
+                             "16 heads")
         return options.path
     if any(w is not None for w in weights) and decode_applies(q.shape[2], weights, pad_key):
         return "decode"

@@ -153,18 +153,17 @@ def test_decode_is_for_query_blocks_only(w):
         choose_path(cpu_q(), w, Options(path="decode"))
 
 
-@pytest.mark.parametrize("pad_key, post_ck, path", [("both", 11, "decode"), ("left", 9, "decode"),
-                                                    ("left", 11, "chunked"), ("right", 11, "chunked")])
+@pytest.mark.parametrize("pad_key, post_ck, path", [("both", 11, "decode"), ("left", 17, "decode"),
+                                                    ("left", 18, "chunked"), ("right", 33, "chunked")])
 def test_block_path_by_the_post_convs_reach(pad_key, post_ck, path):
-    """The fused decode step holds a post conv reaching at most 8 keys either side (its frames
-    must fit an SM's shared memory); a wider one takes the chunked path, and forcing 'decode'
-    then names the limit."""
+    """The fused decode step unrolls a conv reaching at most 16 keys either side; a wider one
+    takes the chunked path, and forcing 'decode' then names the limit."""
     post_conv = torch.empty(H, 6, post_ck, device="meta")
     w = weights(pre_conv=torch.empty(H, 6, 11, device="meta"), pre_mix=MIX, post_conv=post_conv, post_mix=MIX)
     q = torch.empty(1, H, 1, 16)
     assert choose_block_path(q, w, pad_key, Options()) == path
     if path == "chunked":
-        with pytest.raises(ValueError, match="the post conv 8"):
+        with pytest.raises(ValueError, match="each conv reach at most 16 keys"):
             choose_block_path(q, w, pad_key, Options(path="decode"))
 
 

@@ -9,11 +9,10 @@ from mta_reference.validate import left_pad
 
 from .. import configs
 from ..utils import cdiv, dot_precision, next_pow2, padded
-from .kernels import decode_probs_kernel, decode_stats_kernel
+from .kernels import decode_logits_kernel, decode_weights_kernel
 
 MAX_WINDOW = 16        # the block's rows plus the convs' row halo
-MAX_REACH = 16         # how far the pre conv reaches along the keys, either side
-MAX_POST_REACH = 8     # how far the post conv does (its halo widens every frame of every head)
+MAX_REACH = 16         # how far a conv reaches along the keys, either side (its taps are unrolled)
 MAX_HEADS = 16         # heads a program holds (whole mixing groups)
 
 
@@ -36,20 +35,12 @@ def _reach(w, pad_key) -> int:
 
 def decode_applies(Lq: int, weights, pad_key: str) -> bool:
     """Whether the fused decode step takes a block of Lq rows with these weights: the rows and
-    the convs' row halo fit one tile, the pre conv reaches at most MAX_REACH keys either side and
-    the post conv MAX_POST_REACH, and a program can hold the mixing groups."""
+    the convs' row halo fit one tile, each conv reaches at most MAX_REACH keys either side, and a
+    program can hold the mixing groups."""
     pre_conv, pre_mix, post_conv, post_mix = weights
     halo = sum(w.shape[1] - 1 for w in (pre_conv, post_conv) if w is not None)
-    return (halo + Lq <= MAX_WINDOW and _reach(pre_conv, pad_key) <= MAX_REACH
-            and _reach(post_conv, pad_key) <= MAX_POST_REACH and heads_per_program(pre_mix, post_mix) <= MAX_HEADS)
-
-
-def key_tiles(post_reach: int):
-    """(BN, PH): the keys a program's tile owns and the columns beside them that the post conv
-    reads (0 without one), with the frame width PW = BN + 2 PH a power of two (tl.arange). The
-    frames of all NH heads pass through tl.dot as one [NH, WP * PW] operand: PW = 32 keeps it
-    within an SM's shared memory (64 overflowed it with a 16-head mix)."""
-    return (32, 0) if post_reach == 0 else (16, MAX_POST_REACH)
+    return (halo + Lq <= MAX_WINDOW and max(_reach(pre_conv, pad_key), _reach(post_conv, pad_key)) <= MAX_REACH
+            and heads_per_program(pre_mix, post_mix) <= MAX_HEADS)
 
 
 def block_diagonal(w, H: int, NH: int):
@@ -96,38 +87,40 @@ def mta_decode_fwd(q, k, v, weights, q_prev, lens, *, causal: bool, pad_key: str
     else:
         s = torch.bmm(qg.float(), kt.float())
     NH = heads_per_program(pre_mix, post_mix)
+    NHP = padded(NH)
     n_blocks = H // NH
     dev = q.device
-    BN, PH = key_tiles(_reach(post_conv, pad_key))
-    PW = BN + 2 * PH
-    SH = _reach(pre_conv, pad_key)
-    SW = next_pow2(PW + 2 * SH)
-    WP = padded(W)
-    NHP = padded(NH)
-    ns = _split_count(B * n_blocks, cdiv(Lk, BN), dev)
-    stats = torch.empty(ns, 2, B, H, WP, device=dev, dtype=torch.float32)
-    scratch = torch.empty(ns * B * n_blocks * 2 * NHP * WP * PW, device=dev, dtype=torch.float32)
-    a_out = torch.zeros(B, H, Lq, Lk, device=dev, dtype=torch.float32)
     placeholder = torch.zeros(1, device=dev)
 
     def conv(w):
-        return (placeholder, 1, 1, 0) if w is None else (w.float().contiguous(), w.shape[1], w.shape[2],
-                                                         left_pad(w.shape[2], pad_key))
+        if w is None:
+            return torch.ones(H, device=dev), 1, 1, 0
+        return w.float().contiguous(), w.shape[1], w.shape[2], left_pad(w.shape[2], pad_key)
 
     w_pre, cq, ck, pl = conv(pre_conv)
     w_post, cq2, ck2, pl2 = conv(post_conv)
     m_pre = placeholder if pre_mix is None else block_diagonal(pre_mix, H, NH)
     m_post = placeholder if post_mix is None else block_diagonal(post_mix, H, NH)
     lens_arg = placeholder if lens is None else lens
-    common = dict(HAS_LENS=lens is not None, CAUSAL=causal, PRE_CONV=pre_conv is not None, PRE_MIX=pre_mix is not None,
-                  CQ=cq, CK=ck, PL=pl, NH=NH, NHP=NHP, WP=WP, BN=BN, PW=PW, PH=PH, SH=SH, SW=SW,
-                  PREC=dot_precision(q), num_warps=8)
-    grid = (ns, B * n_blocks)
-    decode_stats_kernel[grid](s, lens_arg, w_pre, m_pre, stats, scratch, W, Lk, H, scale, n_blocks, **common)
-    decode_probs_kernel[grid](s, lens_arg, w_pre, m_pre, w_post, m_post, stats, scratch, a_out, W, Lk, H, scale,
-                              n_blocks, Lq, POST_CONV=post_conv is not None, POST_MIX=post_mix is not None,
-                              CQ2=cq2, CK2=ck2, PL2=pl2, **common)
-    a = a_out.view(B * Hkv, rep * Lq, Lk)
+    # M: the logits of the rows the post conv reads, window rows cq-1 .. W-1
+    NR = W - (cq - 1)
+    RP, LQP = next_pow2(NR), next_pow2(Lq)
+    BN, BN2 = (max(16, min(256, next_pow2(4096 // (NHP * rows)))) for rows in (RP, LQP))
+    ns = _split_count(B * n_blocks, cdiv(Lk, BN), dev)
+    ns2 = _split_count(B * n_blocks, cdiv(Lk, BN2), dev)
+    m = torch.empty(B, H, NR, Lk, device=dev, dtype=torch.float32)
+    stats = torch.empty(ns, 2, B, H, RP, device=dev, dtype=torch.float32)
+    lse_scratch = torch.empty(ns2 * B * n_blocks * NHP * RP, device=dev, dtype=torch.float32)
+    a = torch.empty(B, H, Lq, Lk, device=dev, dtype=v.dtype if q.is_cuda else torch.float32)
+    common = dict(HAS_LENS=lens is not None, CAUSAL=causal, NR=NR, RP=RP, NH=NH, NHP=NHP, PREC=dot_precision(q),
+                  num_warps=8, num_stages=1)     # pipelining would stage every tap's tile in shared memory
+    decode_logits_kernel[(ns, B * n_blocks)](
+        s, lens_arg, w_pre, m_pre, m, stats, W, Lk, H, scale, n_blocks, PRE_CONV=pre_conv is not None,
+        PRE_MIX=pre_mix is not None, CQ=cq, CK=ck, PL=pl, BN=BN, **common)
+    decode_weights_kernel[(ns2, B * n_blocks)](
+        m, lens_arg, stats, lse_scratch, w_post, m_post, a, W, Lk, H, n_blocks, ns, POST_MIX=post_mix is not None,
+        CQ0=cq, CQ2=cq2, CK2=ck2, PL2=pl2, LQ=Lq, LQP=LQP, BN=BN2, **common)
+    a = a.view(B * Hkv, rep * Lq, Lk)
     vf = v.flatten(0, 1)
-    out = torch.bmm(a.to(v.dtype), vf) if q.is_cuda or v.dtype == torch.float32 else torch.bmm(a, vf.float())
+    out = torch.bmm(a, vf) if a.dtype == vf.dtype else torch.bmm(a, vf.float())
     return out.view(B, H, Lq, D).to(q.dtype)
