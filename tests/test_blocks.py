@@ -43,6 +43,14 @@ def test_block_at_the_end_matches_the_reference(case, device):
             _check_block(case, q[:, :, -Lq:], k, v, w, Lq, path, q_prev=q[:, :, :-Lq])
 
 
+@pytest.mark.parametrize("pad_key", ["left", "right"])
+def test_decode_step_with_convs_reaching_sixteen_keys(pad_key, device):
+    """The decode step's widest convs: 17 taps on one side of the key, rows of one head groups."""
+    case = Case(B=2, H=3, L=45, D=16, pre_conv=(2, 17), post_conv=(3, 17), pre_mix=1, pad_key=pad_key)
+    q, k, v, *w = make_inputs(case, torch.float32, device)
+    _check_block(case, q[:, :, -2:], k, v, w, 2, "decode", q_prev=q[:, :, :-2])
+
+
 @pytest.mark.parametrize("case", BLOCK_CASES[1:3], ids=lambda c: c.id)
 def test_block_equals_the_last_rows_of_the_whole_call(case, device):
     """The reference's own block semantics aside: a block's rows are the whole call's rows."""
