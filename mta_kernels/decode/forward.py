@@ -90,11 +90,11 @@ def mta_decode_fwd(q, k, v, weights, q_prev, lens, *, causal: bool, pad_key: str
     NHP = padded(NH)
     n_blocks = H // NH
     dev = q.device
-    placeholder = torch.zeros(1, device=dev)
+    placeholder = torch.empty(1, device=dev)       # the pointer of an absent part, never read
 
     def conv(w):
         if w is None:
-            return torch.ones(H, device=dev), 1, 1, 0
+            return placeholder, 1, 1, 0
         return w.float().contiguous(), w.shape[1], w.shape[2], left_pad(w.shape[2], pad_key)
 
     w_pre, cq, ck, pl = conv(pre_conv)
@@ -118,7 +118,8 @@ def mta_decode_fwd(q, k, v, weights, q_prev, lens, *, causal: bool, pad_key: str
         s, lens_arg, w_pre, m_pre, m, stats, W, Lk, H, scale, n_blocks, PRE_CONV=pre_conv is not None,
         PRE_MIX=pre_mix is not None, CQ=cq, CK=ck, PL=pl, BN=BN, **common)
     decode_weights_kernel[(ns2, B * n_blocks)](
-        m, lens_arg, stats, lse_scratch, w_post, m_post, a, W, Lk, H, n_blocks, ns, POST_MIX=post_mix is not None,
+        m, lens_arg, stats, lse_scratch, w_post, m_post, a, W, Lk, H, n_blocks, ns, POST_CONV=post_conv is not None,
+        POST_MIX=post_mix is not None,
         CQ0=cq, CQ2=cq2, CK2=ck2, PL2=pl2, LQ=Lq, LQP=LQP, BN=BN2, **common)
     a = a.view(B * Hkv, rep * Lq, Lk)
     vf = v.flatten(0, 1)

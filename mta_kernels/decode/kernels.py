@@ -113,14 +113,15 @@ def decode_logits_kernel(s, lens, pre_conv, pre_mix, m_out, stats, W, LK, H, sca
 
 @triton.jit
 def decode_weights_kernel(m_in, lens, stats, lse_scratch, post_conv, post_mix, a_out, W, LK, H, n_blocks, NS,
-                          HAS_LENS: tl.constexpr, CAUSAL: tl.constexpr, POST_MIX: tl.constexpr,
+                          HAS_LENS: tl.constexpr, CAUSAL: tl.constexpr, POST_CONV: tl.constexpr,
+                          POST_MIX: tl.constexpr,
                           CQ0: tl.constexpr, CQ2: tl.constexpr, CK2: tl.constexpr, PL2: tl.constexpr,
                           NR: tl.constexpr, RP: tl.constexpr, LQ: tl.constexpr, LQP: tl.constexpr,
                           NH: tl.constexpr, NHP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """a_out (B, H, LQ, LK) in its dtype: A of the window's last LQ rows on every key of this
     split's tiles of all LK (zero past n_keys). m_in, stats: what decode_logits_kernel wrote
     (NS splits); CQ0: the pre conv's rows (window row of M's row 0 is CQ0-1); post_conv (H, CQ2,
-    CK2) (1 x 1 ones without one), post_mix (H // NH, NH, NH); lse_scratch: NHP * RP fp32 per
+    CK2) (CQ2 = CK2 = 1 without one), post_mix (H // NH, NH, NH); lse_scratch: NHP * RP fp32 per
     program. Grid (NS2, B * n_blocks)."""
     i_s, pid = tl.program_id(0), tl.program_id(1)
     NS2 = tl.num_programs(0)
@@ -157,8 +158,11 @@ def decode_weights_kernel(m_in, lens, stats, lse_scratch, post_conv, post_mix, a
                     ok = ok & (key[None, None, :] <= src_pos[None, :, None])
                 x = tl.load(m_heads + src[None, :, None] * LK + key[None, None, :], mask=ok, other=0.0)
                 p = tl.where(ok, tl.exp(x - lse_a), 0.0)
-                wt = tl.load(post_conv + (heads * CQ2 + a) * CK2 + u, mask=hh < NH, other=0.0)
-                acc += wt[:, None, None] * p
+                if POST_CONV:
+                    wt = tl.load(post_conv + (heads * CQ2 + a) * CK2 + u, mask=hh < NH, other=0.0)
+                    acc += wt[:, None, None] * p
+                else:
+                    acc += p
         keep = hok & (q < LQ)[None, :, None] & (cols < n_keys)[None, None, :]
         if CAUSAL:
             keep = keep & (cols[None, None, :] <= out_pos[None, :, None])
