@@ -37,11 +37,11 @@ def _time(fn, graphs):
     return do_bench(fn, warmup=10, rep=100, return_mode="median")
 
 
-def op_steps(rows, paths=(None,), H=16, D=128):
+def op_steps(rows, paths=(None,), contexts=CONTEXTS, H=16, D=128):
     """One decode step of each op on each of ``paths`` (None: the default, 'decode' or 'chunked'
     forced through kernel_options) against SDPA, eager and graphed, appended to rows."""
     from mta_kernels import mta_attention
-    for ctx in CONTEXTS:
+    for ctx in contexts:
         for B in BATCHES:
             k, v = (torch.randn(B, H, ctx, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
             q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
@@ -94,12 +94,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.decode")
     ap.add_argument("--record", action="store_true", help="append to bench/results/results.csv")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--contexts", help=f"comma-separated cache lengths of the op steps (default {CONTEXTS})")
     ap.add_argument("--paths", help="comma-separated block paths to force (decode, chunked) instead of the default")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.decode needs a GPU")
     rows = RunRows("decode", on_gpu=True, to_results=args.record, out_dir=ROOT / "runs")
-    op_steps(rows, tuple(args.paths.split(",")) if args.paths else (None,))
+    contexts = tuple(int(c) for c in args.contexts.split(",")) if args.contexts else CONTEXTS
+    op_steps(rows, tuple(args.paths.split(",")) if args.paths else (None,), contexts)
     if not args.skip_model:
         model_tokens_per_s(rows)
     for r in (r for r in rows if r["mode"] == "generate" and r["op"] == "mta"):

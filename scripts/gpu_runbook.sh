@@ -17,7 +17,8 @@
 #   decode    the decode benchmark (bench.decode), each block path forced in turn
 #   packed    packed documents against the same documents run alone (bench.packed)
 #   stress    the reliability script (scripts/stress.py)
-# TESTS_K: a pytest -k expression to run only some of the GPU tests. CHECK_S, TESTS_S, GRID_S, DECODE_S, PACKED_S,
+# TESTS_K: a pytest -k expression to run only some of the GPU tests; DECODE_ARGS, GRID_ARGS: more arguments of
+# bench.decode and of the grid. CHECK_S, TESTS_S, GRID_S, DECODE_S, PACKED_S,
 # PROFILE_S (each profile), TRAIN_S (each training run), STRESS_S: seconds each may run (what it wrote by then
 # comes back). The tree arrives without .git: write `git rev-parse --short HEAD > scripts/device_commit` before
 # the call and name it in the call's carry list, so that results record their commit.
@@ -95,7 +96,7 @@ step_dist() {
 }
 
 step_decode() {
-  timeout ${DECODE_S:-300} python3 -m bench.decode --record --paths decode,chunked 2>&1 | tee "$OUT/decode.log" | tail -40
+  timeout ${DECODE_S:-300} python3 -m bench.decode --record --paths decode,chunked ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log" | tail -40
   cp bench/results/results.csv "$OUT/results.csv"
 }
 
