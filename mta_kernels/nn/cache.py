@@ -29,9 +29,10 @@ class LayerCache:
     def store(self, k: torch.Tensor, v: torch.Tensor):
         """Store the new tokens' k, v (B, Hkv, S, D) at each sequence's next positions."""
         B, _, S, _ = k.shape
-        pos = self.model.lengths.to(k.device)[:, None] + torch.arange(S, device=k.device)    # (B, S)
-        if int(pos.max()) >= self.k.shape[2]:
-            raise ValueError(f"the cache holds {self.k.shape[2]} positions; a sequence would reach {int(pos.max()) + 1}")
+        reach = int(self.model.lengths.max()) + S          # on the host: no wait for the GPU
+        if reach > self.k.shape[2]:
+            raise ValueError(f"the cache holds {self.k.shape[2]} positions; a sequence would reach {reach}")
+        pos = self.model.device_lengths.to(k.device)[:, None] + torch.arange(S, device=k.device)    # (B, S)
         rows = torch.arange(B, device=k.device)[:, None].expand(B, S)
         self.k.transpose(1, 2)[rows, pos] = k.transpose(1, 2).to(self.k.dtype)
         self.v.transpose(1, 2)[rows, pos] = v.transpose(1, 2).to(self.v.dtype)
@@ -41,7 +42,7 @@ class LayerCache:
         ends at its last real new token."""
         if self.halo:
             joined = torch.cat([self.q_window, q.to(self.q_window.dtype)], dim=2)          # (B, H, P + S, D)
-            ends = self.halo + self.model.new_tokens.to(q.device)                          # (B,)
+            ends = self.halo + self.model.device_new_tokens.to(q.device)                   # (B,)
             take = ends[:, None] - self.halo + torch.arange(self.halo, device=q.device)     # (B, P)
             index = take[:, None, :, None].expand(-1, joined.shape[1], -1, joined.shape[3])
             self.q_window.copy_(torch.gather(joined, 2, index))
@@ -53,12 +54,16 @@ class MTACache:
     ``lengths`` (B,) int64 on the CPU: tokens stored per sequence. A forward with the cache adds
     ``new_tokens`` per sequence (all of its S tokens by default; fewer for right-padded prompts
     of different lengths): call ``begin(new_tokens)`` before the layers and ``end()`` after.
+    ``begin`` also copies both to the cache's device once (``device_lengths``,
+    ``device_new_tokens``), so that the layers never wait for a host-device copy.
     """
 
     def __init__(self, layer_configs, batch: int, max_len: int, dtype=torch.float32, device=None):
-        self.batch, self.max_len = batch, max_len
+        self.batch, self.max_len, self.device = batch, max_len, device
         self.lengths = torch.zeros(batch, dtype=torch.int64)
         self.new_tokens = torch.zeros(batch, dtype=torch.int64)
+        self.device_lengths = self.lengths.to(device)
+        self.device_new_tokens = self.new_tokens.to(device)
         self.layers: List[LayerCache] = []
         for c in layer_configs:
             halo = sum(size[0] - 1 for size in (c.pre_conv, c.post_conv) if size)
@@ -70,10 +75,13 @@ class MTACache:
         if n.shape != (self.batch,) or bool((n < 1).any()) or bool((n > S).any()):
             raise ValueError(f"new_tokens must be ({self.batch},) ints in [1, {S}], got {n.tolist()}")
         self.new_tokens = n
+        self.device_lengths = self.lengths.to(self.device)
+        self.device_new_tokens = n.to(self.device)
 
     def end(self):
         """The forward has run through every layer: the sequences grow by their new tokens."""
         self.lengths = self.lengths + self.new_tokens
+        self.device_lengths = self.device_lengths + self.device_new_tokens
 
     @property
     def fresh(self) -> bool:

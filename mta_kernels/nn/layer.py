@@ -379,7 +379,7 @@ class MultiTokenAttention(nn.Module):
             ragged = bool((lens != longest).any())
             o = self.attention(q, cache.k[:, :, :longest], cache.v[:, :, :longest],
                                q_prev=cache.q_window if cache.halo else None,
-                               seqlens=lens.to(q.device) if ragged else None)
+                               seqlens=(cache.model.device_lengths + S).to(q.device) if ragged else None)
         cache.slide(q)
         return o
 
@@ -410,7 +410,7 @@ class MultiTokenAttention(nn.Module):
             raise ValueError("cu_seqlens (packed documents) and a decoding cache cannot be combined")
         positions = None
         if cache is not None:
-            positions = cache.model.lengths.to(x.device)[:, None] + torch.arange(S, device=x.device)
+            positions = cache.model.device_lengths.to(x.device)[:, None] + torch.arange(S, device=x.device)
         elif cu_seqlens is not None:
             positions = document_positions(cu_seqlens, S).to(x.device)[None]
         cos, sin = rope_angles(S, c.D, c.rope_theta, device=x.device, dtype=rope_dtype, positions=positions)
