@@ -4,7 +4,7 @@ A decode step's output row t reads the post-softmax probabilities of rows t-(cq'
 each of those the pre-softmax scores of rows (cq-1) further up: so besides K and V (after
 RoPE), a layer with convs keeps its last P = (cq-1) + (cq'-1) queries (after RoPE). Layers
 without convs keep no queries (head mixing is per position). Buffers are preallocated for a
-maximum length, so a decode step's shapes do not change.
+maximum length, so a step writes into them instead of growing them.
 """
 from typing import List, Optional
 
