@@ -46,6 +46,16 @@ def _mix(x, mix, hb, hh, NH: tl.constexpr, NHP: tl.constexpr, PREC: tl.constexpr
 
 
 @triton.jit
+def _exists(rows_ok, pos, keys, n_keys, CAUSAL: tl.constexpr):
+    """[NHP, R, BN]: rows_ok ([NHP, R, 1]) where the key keys[j] exists (in [0, n_keys)) and, if
+    causal, is not after the row's position pos [R]."""
+    ok = rows_ok & ((keys >= 0) & (keys < n_keys))[None, None, :]
+    if CAUSAL:
+        ok = ok & (keys[None, None, :] <= pos[None, :, None])
+    return ok
+
+
+@triton.jit
 def decode_logits_kernel(s, lens, pre_conv, pre_mix, m_out, stats, W, LK, H, scale, n_blocks,
                          HAS_LENS: tl.constexpr, CAUSAL: tl.constexpr, PRE_CONV: tl.constexpr,
                          PRE_MIX: tl.constexpr, CQ: tl.constexpr, CK: tl.constexpr, PL: tl.constexpr,
@@ -80,9 +90,7 @@ def decode_logits_kernel(s, lens, pre_conv, pre_mix, m_out, stats, W, LK, H, sca
             row_ok = hok & ((r < NR) & (src_pos >= 0))[None, :, None]
             for u in tl.static_range(CK):
                 key = cols + (u - PL)
-                ok = row_ok & ((key >= 0) & (key < n_keys))[None, None, :]
-                if CAUSAL:
-                    ok = ok & (key[None, None, :] <= src_pos[None, :, None])
+                ok = _exists(row_ok, src_pos, key, n_keys, CAUSAL)
                 x = tl.load(s_heads + src[None, :, None] * LK + key[None, None, :], mask=ok, other=0.0)
                 if PRE_CONV:
                     wt = tl.load(pre_conv + (heads * CQ + a) * CK + u, mask=hh < NH, other=0.0)
@@ -92,13 +100,10 @@ def decode_logits_kernel(s, lens, pre_conv, pre_mix, m_out, stats, W, LK, H, sca
         c = c * scale
         if PRE_MIX:
             c = _mix(c, pre_mix, hb, hh, NH, NHP, PREC)
-        keys_ok = (cols < n_keys)[None, None, :]
         live = hok & (r < NR)[None, :, None]
         tl.store(m_out + ((b * H + heads).to(tl.int64)[:, None, None] * NR + r[None, :, None]) * LK
-                 + cols[None, None, :], c, mask=live & keys_ok)
-        valid = live & keys_ok & (pos >= 0)[None, :, None]
-        if CAUSAL:
-            valid = valid & (cols[None, None, :] <= pos[None, :, None])
+                 + cols[None, None, :], c, mask=live & (cols < n_keys)[None, None, :])
+        valid = _exists(live & (pos >= 0)[None, :, None], pos, cols, n_keys, CAUSAL)
         z = tl.where(valid, c, float("-inf"))
         m_new = tl.maximum(m_run, tl.max(z, axis=2))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -153,9 +158,7 @@ def decode_weights_kernel(m_in, lens, stats, lse_scratch, post_conv, post_mix, a
             lse_a = tl.load(scratch + hh[:, None, None] * RP + src[None, :, None], mask=row_ok, other=0.0)
             for u in tl.static_range(CK2):
                 key = cols + (u - PL2)
-                ok = row_ok & ((key >= 0) & (key < n_keys))[None, None, :]
-                if CAUSAL:
-                    ok = ok & (key[None, None, :] <= src_pos[None, :, None])
+                ok = _exists(row_ok, src_pos, key, n_keys, CAUSAL)
                 x = tl.load(m_heads + src[None, :, None] * LK + key[None, None, :], mask=ok, other=0.0)
                 p = tl.where(ok, tl.exp(x - lse_a), 0.0)
                 if POST_CONV:
@@ -163,10 +166,7 @@ def decode_weights_kernel(m_in, lens, stats, lse_scratch, post_conv, post_mix, a
                     acc += wt[:, None, None] * p
                 else:
                     acc += p
-        keep = hok & (q < LQ)[None, :, None] & (cols < n_keys)[None, None, :]
-        if CAUSAL:
-            keep = keep & (cols[None, None, :] <= out_pos[None, :, None])
-        acc = tl.where(keep, acc, 0.0)
+        acc = tl.where(_exists(hok & (q < LQ)[None, :, None], out_pos, cols, n_keys, CAUSAL), acc, 0.0)
         if POST_MIX:
             acc = _mix(acc, post_mix, hb, hh, NH, NHP, PREC)
         dst = a_out + ((b * H + heads).to(tl.int64)[:, None, None] * LQ + q[None, :, None]) * LK + cols[None, None, :]
