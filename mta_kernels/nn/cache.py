@@ -81,7 +81,6 @@ class MTACache:
     def end(self):
         """The forward has run through every layer: the sequences grow by their new tokens."""
         self.lengths = self.lengths + self.new_tokens
-        self.device_lengths = self.device_lengths + self.device_new_tokens
 
     @property
     def fresh(self) -> bool:
