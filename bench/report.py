@@ -86,14 +86,6 @@ class RunRows(list):
         return self.path
 
 
-def write_run(rows, bench: str, on_gpu: bool, to_results: bool, out_dir: Path) -> Path:
-    """Write a benchmark's rows as RunRows does, all at once. Returns the path written."""
-    run = RunRows(bench, on_gpu, to_results, out_dir)
-    for row in rows:
-        run.append(row)
-    return run.close()
-
-
 def _fmt_csv(x):
     if x is None:
         return ""
