@@ -9,9 +9,13 @@ import torch
 
 from .autograd import flash_scale
 from .decode import mta_decode_fwd
-from .flash import flash_fwd, sdpa
+from .flash import flash_fwd, sdpa, sdpa_block
 from .mta.forward import mta_chunked_fwd
 from .options import Options
+
+# Plain attention takes a ragged block of up to this many rows in one SDPA call with a mask made
+# on the device (Lq x Lk per sequence); longer blocks run each length group on its own.
+MASKED_SDPA_ROWS = 16
 
 
 def _length_groups(lens, B):
@@ -28,11 +32,18 @@ def block_forward(q, k, v, weights, *, causal: bool, pad_key: str, scale: float,
                   path: str, options: Options):
     """The block's output (B, H, Lq, D) in q's dtype. seqlens: each sequence's key count ((B,)
     ints), or None for all Lk; halo: the convs' row halo (cq-1)+(cq'-1); path: the dispatcher's
-    ('decode', 'sdpa', 'flash' or 'chunked'). Only the decode path reads seqlens on the device;
-    the others run each group of equally long sequences on its own."""
+    ('decode', 'sdpa', 'flash' or 'chunked'). The decode path, and SDPA for blocks of up to
+    MASKED_SDPA_ROWS rows, read seqlens on the device; the others run each group of equally long
+    sequences on its own, which reads seqlens on the host and so cannot be captured in a CUDA graph."""
     if path == "decode":
         lens = None if seqlens is None else seqlens.to(device=q.device, dtype=torch.int32)
         return mta_decode_fwd(q, k, v, weights, q_prev, lens, causal=causal, pad_key=pad_key, scale=scale)
+    if path == "sdpa" and seqlens is not None and q.shape[2] <= MASKED_SDPA_ROWS:
+        return sdpa_block(q, k, v, seqlens, causal, scale)
+    if seqlens is not None and seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"seqlens: the {path!r} path reads each sequence's length on the host, which a CUDA "
+                           f"graph cannot capture; only the fused decode step and plain attention of at most "
+                           f"{MASKED_SDPA_ROWS} rows take seqlens on the device")
     lens = None if seqlens is None else seqlens.tolist()
     B, H, Lq, D = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

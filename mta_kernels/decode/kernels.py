@@ -124,7 +124,7 @@ def decode_weights_kernel(m_in, lens, stats, lse_scratch, post_conv, post_mix, a
                           NR: tl.constexpr, RP: tl.constexpr, LQ: tl.constexpr, LQP: tl.constexpr,
                           NH: tl.constexpr, NHP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """a_out (B, H, LQ, LK) in its dtype: A of the window's last LQ rows on every key of this
-    split's tiles of all LK (zero past n_keys). m_in, stats: what decode_logits_kernel wrote
+    split's tiles of all LK (zero past n_keys; tiles wholly past it are only zeroed). m_in, stats: what decode_logits_kernel wrote
     (NS splits); CQ0: the pre conv's rows (window row of M's row 0 is CQ0-1); post_conv (H, CQ2,
     CK2) (CQ2 = CK2 = 1 without one), post_mix (H // NH, NH, NH); lse_scratch: NHP * RP fp32 per
     program. Grid (NS2, B * n_blocks)."""
@@ -148,7 +148,14 @@ def decode_weights_kernel(m_in, lens, stats, lse_scratch, post_conv, post_mix, a
     out_pos = pos0 + (CQ2 - 1) + q                # M's row CQ2-1+q is output row q
     m_heads = m_in + (b * H + heads).to(tl.int64)[:, None, None] * NR * LK
     n_tiles = tl.cdiv(LK, BN)
-    for t in range(i_s * n_tiles // NS2, (i_s + 1) * n_tiles // NS2):
+    t_lo, t_hi = i_s * n_tiles // NS2, (i_s + 1) * n_tiles // NS2
+    t_end = tl.minimum(t_hi, tl.maximum(t_lo, tl.cdiv(n_keys, BN)))     # tiles past it hold no key
+    out_row = (b * H + heads).to(tl.int64)[:, None, None] * LQ + q[None, :, None]
+    for t in range(t_end, t_hi):
+        cols = t * BN + o
+        tl.store(a_out + out_row * LK + cols[None, None, :], tl.zeros([NHP, LQP, BN], dtype=a_out.dtype.element_ty),
+                 mask=hok & (q < LQ)[None, :, None] & (cols < LK)[None, None, :])
+    for t in range(t_lo, t_end):
         cols = t * BN + o
         acc = tl.zeros([NHP, LQP, BN], dtype=tl.float32)
         for a in tl.static_range(CQ2):
@@ -169,5 +176,5 @@ def decode_weights_kernel(m_in, lens, stats, lse_scratch, post_conv, post_mix, a
         acc = tl.where(_exists(hok & (q < LQ)[None, :, None], out_pos, cols, n_keys, CAUSAL), acc, 0.0)
         if POST_MIX:
             acc = _mix(acc, post_mix, hb, hh, NH, NHP, PREC)
-        dst = a_out + ((b * H + heads).to(tl.int64)[:, None, None] * LQ + q[None, :, None]) * LK + cols[None, None, :]
-        tl.store(dst, acc.to(a_out.dtype.element_ty), mask=hok & (q < LQ)[None, :, None] & (cols < LK)[None, None, :])
+        tl.store(a_out + out_row * LK + cols[None, None, :], acc.to(a_out.dtype.element_ty),
+                 mask=hok & (q < LQ)[None, :, None] & (cols < LK)[None, None, :])

@@ -86,6 +86,22 @@ def sdpa(q, k, v, causal: bool, scale: float):
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def sdpa_block(q, k, v, lens, causal: bool, scale: float):
+    """Plain attention of a query block q (B, H, Lq, D) at the end of sequences of lens (B,) keys
+    (a tensor on q's device) in k, v (B, Hkv, Lk, D), through SDPA with a (B, 1, Lq, Lk) mask
+    made on the device: lens is never read on the host (a decode step stays capturable), and
+    one call takes every length. Meant for short blocks: the mask holds Lq x Lk per sequence."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    keys = torch.arange(Lk, device=q.device)
+    if causal:     # row r sits at position lens - Lq + r and sees the keys up to it
+        last = lens.to(q.device)[:, None] - Lq + torch.arange(Lq, device=q.device)       # (B, Lq)
+        mask = keys <= last[:, :, None]
+    else:
+        mask = (keys < lens.to(q.device)[:, None, None]).expand(-1, Lq, -1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
 @functools.lru_cache(maxsize=None)
 def _varlen_api():
     """(torch's varlen_attn, the names of its parameters), or None where this torch has none:
