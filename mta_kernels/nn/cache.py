@@ -5,6 +5,11 @@ each of those the pre-softmax scores of rows (cq-1) further up: so besides K and
 RoPE), a layer with convs keeps its last P = (cq-1) + (cq'-1) queries (after RoPE). Layers
 without convs keep no queries (head mixing is per position). Buffers are preallocated for a
 maximum length, so a step writes into them instead of growing them.
+
+A static cache (``static=True``) also fixes every step's shapes and addresses: the layers attend
+over the whole preallocated K and V with each sequence's length read on the device, and the
+lengths live in device buffers updated in place, so that a decode step can be captured in a
+CUDA graph and replayed (``MTATransformer.generate(..., cuda_graph=True)``).
 """
 from typing import List, Optional
 
@@ -55,11 +60,13 @@ class MTACache:
     ``new_tokens`` per sequence (all of its S tokens by default; fewer for right-padded prompts
     of different lengths): call ``begin(new_tokens)`` before the layers and ``end()`` after.
     ``begin`` also copies both to the cache's device once (``device_lengths``,
-    ``device_new_tokens``), so that the layers never wait for a host-device copy.
+    ``device_new_tokens``, buffers kept for the cache's life), so that the layers never wait for a
+    host-device copy. ``static``: see the module's docstring.
     """
 
-    def __init__(self, layer_configs, batch: int, max_len: int, dtype=torch.float32, device=None):
-        self.batch, self.max_len, self.device = batch, max_len, device
+    def __init__(self, layer_configs, batch: int, max_len: int, dtype=torch.float32, device=None,
+                 static: bool = False):
+        self.batch, self.max_len, self.device, self.static = batch, max_len, device, static
         self.lengths = torch.zeros(batch, dtype=torch.int64)
         self.new_tokens = torch.zeros(batch, dtype=torch.int64)
         self.device_lengths = self.lengths.to(device)
@@ -75,8 +82,11 @@ class MTACache:
         if n.shape != (self.batch,) or bool((n < 1).any()) or bool((n > S).any()):
             raise ValueError(f"new_tokens must be ({self.batch},) ints in [1, {S}], got {n.tolist()}")
         self.new_tokens = n
-        self.device_lengths = self.lengths.to(self.device)
-        self.device_new_tokens = n.to(self.device)
+        if self.device_lengths.shape != (self.batch,):         # rows were selected (beam search)
+            self.device_lengths = torch.empty_like(self.lengths, device=self.device)
+            self.device_new_tokens = torch.empty_like(n, device=self.device)
+        self.device_lengths.copy_(self.lengths)      # in place: a captured step reads these buffers
+        self.device_new_tokens.copy_(n)
 
     def end(self):
         """The forward has run through every layer: the sequences grow by their new tokens."""

@@ -374,12 +374,15 @@ class MultiTokenAttention(nn.Module):
             S = q.shape[2]
             if bool((cache.model.new_tokens != S).any()):
                 raise ValueError("after the first forward every sequence takes all of its new tokens")
-            lens = cache.model.lengths + S
-            longest = int(lens.max())
-            ragged = bool((lens != longest).any())
-            o = self.attention(q, cache.k[:, :, :longest], cache.v[:, :, :longest],
-                               q_prev=cache.q_window if cache.halo else None,
-                               seqlens=(cache.model.device_lengths + S).to(q.device) if ragged else None)
+            q_prev = cache.q_window if cache.halo else None
+            if cache.model.static:      # the whole buffers, lengths on the device: same shapes every step
+                o = self.attention(q, cache.k, cache.v, q_prev=q_prev, seqlens=cache.model.device_lengths + S)
+            else:                       # the keys up to the longest sequence (its length read on the host)
+                lens = cache.model.lengths + S
+                longest = int(lens.max())
+                ragged = bool((lens != longest).any())
+                o = self.attention(q, cache.k[:, :, :longest], cache.v[:, :, :longest], q_prev=q_prev,
+                                   seqlens=(cache.model.device_lengths + S) if ragged else None)
         cache.slide(q)
         return o
 

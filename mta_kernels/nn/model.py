@@ -211,22 +211,28 @@ class MTATransformer(nn.Module):
             if new_tokens is not None and not cache.fresh:
                 raise ValueError("new_tokens is for the first forward into a cache (right-padded prompts)")
             cache.begin(tokens.shape[1], new_tokens)
-            for block, layer_cache in zip(self.layers, cache.layers):
-                h = block(h, cache=layer_cache)
+            h = self._through_cache(h, cache)
             cache.end()
         return self.output(self.norm(h))
 
-    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> MTACache:
+    def _through_cache(self, h: torch.Tensor, cache: MTACache) -> torch.Tensor:
+        """h (B, S, dim) through every block with its layer's cache, between cache.begin and end."""
+        for block, layer_cache in zip(self.layers, cache.layers):
+            h = block(h, cache=layer_cache)
+        return h
+
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None, static: bool = False) -> MTACache:
         """An empty decoding cache for ``batch`` sequences of up to ``max_len`` tokens, in the
-        model's parameter dtype and device unless given."""
+        model's parameter dtype and device unless given; ``static``: every step the same shapes
+        (the whole buffers), so that a step can be captured in a CUDA graph (nn/cache.py)."""
         p = self.tok_embeddings.weight
         return MTACache([self.config.layer_config(i) for i in range(self.config.n_layers)], batch, max_len,
-                        dtype or p.dtype, device or p.device)
+                        dtype or p.dtype, device or p.device, static=static)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, prompt_lengths=None,
                  temperature: float = 0.0, top_k: Optional[int] = None, stop_tokens=(), pad_token_id: int = 0,
-                 generator: Optional[torch.Generator] = None) -> "Generation":
+                 generator: Optional[torch.Generator] = None, cuda_graph: bool = False) -> "Generation":
         """Continue each prompt by up to ``max_new_tokens`` tokens, one forward per token over a cache.
 
         input_ids (B, S) int64: the prompts, right-padded to S where ``prompt_lengths`` (B,) says
@@ -234,7 +240,9 @@ class MTATransformer(nn.Module):
         logits / temperature, restricted to the ``top_k`` most likely tokens if given. A sequence
         stops after emitting one of ``stop_tokens`` (kept in its output). Returns Generation:
         tokens (B, S + max_new_tokens), each row its prompt then its new tokens, padded with
-        pad_token_id, and lengths (B,) of the valid prefix of each row.
+        pad_token_id, and lengths (B,) of the valid prefix of each row. ``cuda_graph`` (CUDA only):
+        replay each decode step from a CUDA graph over a static cache (the host issues one replay
+        per token instead of every layer's launches); the tokens are the same as without it.
         """
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be (B, S) with S >= 1, got {tuple(input_ids.shape)}")
@@ -247,9 +255,13 @@ class MTATransformer(nn.Module):
             torch.as_tensor(prompt_lengths, dtype=torch.int64).cpu()
         if lens.shape != (B,) or bool((lens < 1).any()) or bool((lens > S).any()):
             raise ValueError(f"prompt_lengths must be (B,) ints in [1, {S}], got {lens.tolist()}")
-        self.eval()
         device = input_ids.device
-        cache = self.new_cache(B, S + max_new_tokens)
+        if cuda_graph and (device.type != "cuda" or self.tok_embeddings.weight.device.type != "cuda"):
+            raise ValueError(f"cuda_graph=True needs the model and input_ids on a CUDA device, got {device}")
+        self.eval()
+        cache = self.new_cache(B, S + max_new_tokens, static=cuda_graph)
+        decode_step = _GraphedDecodeStep(self, cache) if cuda_graph else \
+            (lambda token: self(token[:, None], cache=cache)[:, -1])
         out = torch.full((B, S + max_new_tokens), pad_token_id, dtype=torch.int64, device=device)
         out[:, :S] = input_ids
         logits = self(input_ids, cache=cache, new_tokens=lens)
@@ -265,7 +277,7 @@ class MTATransformer(nn.Module):
             done = done | torch.isin(token, stops)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            last = self(token.to(device)[:, None], cache=cache)[:, -1]
+            last = decode_step(token.to(device))
         return Generation(out, ends)
 
     def loss(self, tokens: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -280,6 +292,48 @@ class MTATransformer(nn.Module):
         ends = cu_seqlens.to(targets.device, torch.int64)[1:-1] - 1     # last token of every document but the last
         targets[ends] = -100
         return F.cross_entropy(logits.float(), targets, ignore_index=-100)
+
+
+class _GraphedDecodeStep:
+    """One decode step of ``model`` over a static ``cache``: token (B,) -> logits (B, vocab) of
+    the next position, replayed from a CUDA graph.
+
+    The first step runs eagerly on a side stream (Triton compiles and tunes its kernels there,
+    outside any capture); the second is captured and then replayed, as is every one after. The
+    host-side bookkeeping (cache.begin copies the lengths into the device buffers the graph
+    reads, cache.end counts the token) runs outside the graph at every step.
+    """
+
+    def __init__(self, model: MTATransformer, cache: MTACache):
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(cache.batch, 1, dtype=torch.int64, device=cache.device)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.warmed = False
+        self.logits: Optional[torch.Tensor] = None
+
+    def _run(self) -> torch.Tensor:
+        h = self.model._through_cache(self.model.tok_embeddings(self.tokens), self.cache)
+        return self.model.output(self.model.norm(h))[:, -1]
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(token[:, None])
+        self.cache.begin(1)
+        if not self.warmed:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self._run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.warmed = True
+        else:
+            if self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.logits = self._run()
+            self.graph.replay()
+            logits = self.logits
+        self.cache.end()
+        return logits
 
 
 class Generation(NamedTuple):
