@@ -5,7 +5,8 @@
    the op reads the last 10 queries too) and talking heads, against SDPA over the same cache.
    Eager and replayed as a CUDA graph; with --paths decode,chunked each block path forced in turn.
 2. generate() tokens/s of the paper's 830M model (MTA) against the same model with plain
-   attention (baseline), both decoding with their cache, random weights and prompts.
+   attention (baseline), both decoding with their cache, random weights and prompts, eager
+   and with each step replayed from a CUDA graph (generate(cuda_graph=True)).
 
 Rows go to a CSV of the run in bench/runs/ (git-ignored), each as it is measured; --record
 appends them to bench/results/results.csv (bench 'decode').
@@ -75,17 +76,19 @@ def model_tokens_per_s(rows, prompt=512, new=128, batches=(1, 8)):
         model = MTATransformer(MTATransformerConfig.paper("830M", variant, vocab_size=32000)).cuda().to(torch.bfloat16)
         for B in batches:
             ids = torch.randint(0, 32000, (B, prompt), device="cuda")
-            model.generate(ids, 4)      # compiles
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = model.generate(ids, new)
-            torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-            tps = B * (int(out.lengths.min()) - prompt) / seconds
-            rows.append(dict(mode="generate", op=variant, provider="fused", model="830M", B=B, H=16, Hkv=16,
-                             L=prompt + new, D=96, dtype="bf16", timing="eager", median_ms=seconds * 1e3,
-                             tokens_per_s=tps, status="ok"))
-            print(f"generate {variant:8s} B={B}: {tps:.1f} tokens/s", flush=True)
+            for graph in (False, True):
+                model.generate(ids, 4, cuda_graph=graph)      # compiles
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = model.generate(ids, new, cuda_graph=graph)
+                torch.cuda.synchronize()
+                seconds = time.perf_counter() - t0
+                tps = B * (int(out.lengths.min()) - prompt) / seconds
+                timing = "cuda_graph" if graph else "eager"
+                rows.append(dict(mode="generate", op=variant, provider="fused", model="830M", B=B, H=16, Hkv=16,
+                                 L=prompt + new, D=96, dtype="bf16", timing=timing, median_ms=seconds * 1e3,
+                                 tokens_per_s=tps, status="ok"))
+                print(f"generate {variant:8s} B={B} {timing:10s}: {tps:.1f} tokens/s", flush=True)
         del model
         torch.cuda.empty_cache()
 
@@ -105,8 +108,10 @@ def main(argv=None):
     if not args.skip_model:
         model_tokens_per_s(rows)
     for r in (r for r in rows if r["mode"] == "generate" and r["op"] == "mta"):
-        base = next(x for x in rows if x["mode"] == "generate" and x["op"] == "baseline" and x["B"] == r["B"])
-        print(f"generate B={r['B']}: MTA {r['tokens_per_s'] / base['tokens_per_s']:.2f}x the baseline's tokens/s")
+        base = next(x for x in rows if x["mode"] == "generate" and x["op"] == "baseline" and x["B"] == r["B"]
+                    and x["timing"] == r["timing"])
+        print(f"generate B={r['B']} {r['timing']}: MTA {r['tokens_per_s'] / base['tokens_per_s']:.2f}x "
+              f"the baseline's tokens/s")
     print(f"wrote {rows.close()}")
 
 if __name__ == "__main__":
