@@ -36,10 +36,10 @@ def block_forward(q, k, v, weights, *, causal: bool, pad_key: str, scale: float,
     MASKED_SDPA_ROWS rows, read seqlens on the device; the others run each group of equally long
     sequences on its own, which reads seqlens on the host and so cannot be captured in a CUDA graph."""
     if path == "decode":
-        lens = None if seqlens is None else seqlens.to(device=q.device, dtype=torch.int32)
+        lens = None if seqlens is None else seqlens.to(device=q.device, dtype=torch.int32, non_blocking=True)
         return mta_decode_fwd(q, k, v, weights, q_prev, lens, causal=causal, pad_key=pad_key, scale=scale)
     if path == "sdpa" and seqlens is not None and q.shape[2] <= MASKED_SDPA_ROWS:
-        return sdpa_block(q, k, v, seqlens, causal, scale)
+        return sdpa_block(q, k, v, seqlens.to(q.device, non_blocking=True), causal, scale)
     if seqlens is not None and seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"seqlens: the {path!r} path reads each sequence's length on the host, which a CUDA "
                            f"graph cannot capture; only the fused decode step and plain attention of at most "

@@ -6,7 +6,7 @@ into a no-op that counts; the kernels compile for sm_90a. Each call runs on tiny
 (their torch work is then small) next to a bare torch op. Prints microseconds and Triton
 launches per call, and with --profile NAME the top of cProfile for one row.
 
-    python scripts/host_cost.py [--profile NAME]
+    python scripts/host_cost.py [--profile NAME] [--only SUBSTRING]
 
 Must run without TRITON_INTERPRET. The CPU is this machine's, not a GPU host's: compare the
 rows with each other, not with wall times measured elsewhere."""
@@ -95,15 +95,58 @@ def call(op, backward, chunk_rows):
             out.backward(do)
 
 
+def decode_op(op):
+    """One decode step of the op: a query row over the L keys, the 10 queries before it."""
+    with torch.no_grad():
+        api.mta_attention(q[:, :, -1:], k, v, **OPS[op], q_prev=q[:, :, -11:-1])
+
+
+def decode_layer(variant, static):
+    """A function running one decode step of a paper-like layer ('baseline', 'talking_heads' or
+    'full') over a cache holding L - 1 tokens (restored before each step)."""
+    from mta_kernels.nn.cache import MTACache
+    from mta_kernels.nn.layer import MTAConfig, MultiTokenAttention
+    parts = dict(baseline={}, talking_heads=dict(pre_mix=H, post_mix=H),
+                 full=dict(pre_conv=(6, 11), post_conv=(6, 11), pre_mix=H, post_mix=H, head_norm=True, gate=True))
+    layer = MultiTokenAttention(MTAConfig(dim=H * D, n_heads=H, **parts[variant])).eval()
+    cache = MTACache([layer.config], B, L + 1, static=static)
+    x = torch.randn(B, L - 1, H * D, generator=g)
+    with torch.no_grad():
+        cache.begin(L - 1)
+        layer.attention = lambda q_, k_, v_, **block: q_      # the prefill's op is not what is timed
+        layer(x, cache=cache.layers[0])
+        del layer.attention
+        cache.end()
+    lengths, window = cache.lengths.clone(), cache.layers[0].q_window.clone()
+    x1 = x[:, -1:]
+
+    def step():
+        cache.lengths.copy_(lengths)
+        cache.layers[0].q_window.copy_(window)
+        with torch.no_grad():
+            cache.begin(1)
+            layer(x1, cache=cache.layers[0])
+            cache.end()
+    return step
+
+
 calls = {"bare torch op (x.add_(1))": lambda: q.add_(0)}
 for op in OPS:
     for rows in (L, L // 4):
         calls[f"{op} fwd, {L // rows} chunk(s)"] = lambda op=op, rows=rows: call(op, False, rows)
         calls[f"{op} fwd+bwd, {L // rows} chunk(s)"] = lambda op=op, rows=rows: call(op, True, rows)
+for op in ("talking_heads", "full"):
+    calls[f"{op} decode step (op)"] = lambda op=op: decode_op(op)
+for variant in ("baseline", "talking_heads", "full"):
+    for static in (False, True):
+        calls[f"{variant} layer decode step{', static' if static else ''}"] = decode_layer(variant, static)
 
 if __name__ == "__main__":
-    profile = sys.argv[2] if len(sys.argv) > 2 and sys.argv[1] == "--profile" else None
+    args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+    profile, only = args.get("--profile"), args.get("--only", "")
     for name, fn in calls.items():
+        if only not in name:
+            continue
         fn()                                  # compiles
         LAUNCHES[0] = 0
         fn()

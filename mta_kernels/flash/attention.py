@@ -94,10 +94,10 @@ def sdpa_block(q, k, v, lens, causal: bool, scale: float):
     Lq, Lk = q.shape[2], k.shape[2]
     keys = torch.arange(Lk, device=q.device)
     if causal:     # row r sits at position lens - Lq + r and sees the keys up to it
-        last = lens.to(q.device)[:, None] - Lq + torch.arange(Lq, device=q.device)       # (B, Lq)
+        last = lens[:, None] - Lq + torch.arange(Lq, device=q.device)       # (B, Lq)
         mask = keys <= last[:, :, None]
     else:
-        mask = (keys < lens.to(q.device)[:, None, None]).expand(-1, Lq, -1)
+        mask = (keys < lens[:, None, None]).expand(-1, Lq, -1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
 

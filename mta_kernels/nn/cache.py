@@ -85,8 +85,10 @@ class MTACache:
         if self.device_lengths.shape != (self.batch,):         # rows were selected (beam search)
             self.device_lengths = torch.empty_like(self.lengths, device=self.device)
             self.device_new_tokens = torch.empty_like(n, device=self.device)
-        self.device_lengths.copy_(self.lengths)      # in place: a captured step reads these buffers
-        self.device_new_tokens.copy_(n)
+        # in place (a captured step reads these buffers), without waiting for the GPU: the host
+        # tensors are staged at once and never written afterwards (end() makes new ones)
+        self.device_lengths.copy_(self.lengths, non_blocking=True)
+        self.device_new_tokens.copy_(n, non_blocking=True)
 
     def end(self):
         """The forward has run through every layer: the sequences grow by their new tokens."""

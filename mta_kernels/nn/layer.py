@@ -377,12 +377,12 @@ class MultiTokenAttention(nn.Module):
             q_prev = cache.q_window if cache.halo else None
             if cache.model.static:      # the whole buffers, lengths on the device: same shapes every step
                 o = self.attention(q, cache.k, cache.v, q_prev=q_prev, seqlens=cache.model.device_lengths + S)
-            else:                       # the keys up to the longest sequence (its length read on the host)
+            else:           # the keys up to the longest sequence; lengths from the host, so nothing waits
                 lens = cache.model.lengths + S
                 longest = int(lens.max())
                 ragged = bool((lens != longest).any())
                 o = self.attention(q, cache.k[:, :, :longest], cache.v[:, :, :longest], q_prev=q_prev,
-                                   seqlens=(cache.model.device_lengths + S) if ragged else None)
+                                   seqlens=lens if ragged else None)
         cache.slide(q)
         return o
 
