@@ -223,6 +223,34 @@ def test_decode_step_gpu(dtype):
     check_rule("decode", got, ref, low, dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("parts", ["full", "talking_heads", "none"])
+def test_decode_step_in_a_cuda_graph_gpu(parts):
+    """A decode step with lengths on the device, captured once and replayed after the lengths
+    and the query change, equals the step run eagerly on the new values; a path that reads the
+    lengths on the host refuses to be captured."""
+    weights = dict(full=dict(pre_conv=(6, 11), pre_mix=16, post_conv=(6, 11), post_mix=16),
+                   talking_heads=dict(pre_mix=16, post_mix=16), none={})[parts]
+    case = Case(B=3, H=16, L=2048, D=128, **weights)
+    q, k, v, *w = make_inputs(case, torch.bfloat16, "cuda")
+    qb, qp = q[:, :, -1:].clone(), q[:, :, -11:-1].clone()
+    lens = torch.tensor([2048, 1500, 300], device="cuda")
+    step = lambda: mta_kernels.mta_attention(qb, k, v, *w, q_prev=qp, seqlens=lens)   # noqa: E731
+    with torch.no_grad():
+        step()                                 # compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        lens.copy_(torch.tensor([1999, 2048, 41]))
+        qb.copy_(q[:, :, -2:-1])
+        graph.replay()
+        assert torch.equal(out, step())
+        if parts == "full":
+            with pytest.raises(RuntimeError, match="seqlens"):
+                with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                    mta_kernels.mta_attention(qb, k, v, *w, q_prev=qp, seqlens=lens, kernel_options={"path": "chunked"})
+
+
 def _varlen_stand_in(calls):
     """A varlen_attn of torch >= 2.11's signature, per document through SDPA, recording its calls."""
     def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
