@@ -90,16 +90,22 @@ def sdpa_block(q, k, v, lens, causal: bool, scale: float):
     """Plain attention of a query block q (B, H, Lq, D) at the end of sequences of lens (B,) keys
     (a tensor on q's device) in k, v (B, Hkv, Lk, D), through SDPA with a (B, 1, Lq, Lk) mask
     made on the device: lens is never read on the host (a decode step stays capturable), and
-    one call takes every length. Meant for short blocks: the mask holds Lq x Lk per sequence."""
-    Lq, Lk = q.shape[2], k.shape[2]
+    one call takes every length. Meant for short blocks: the mask holds Lq x Lk per sequence.
+    With GQA the query heads of a kv head become rows of one call, so that SDPA neither copies
+    k and v per query head nor leaves its fused kernels for the math one."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
     keys = torch.arange(Lk, device=q.device)
     if causal:     # row r sits at position lens - Lq + r and sees the keys up to it
         last = lens[:, None] - Lq + torch.arange(Lq, device=q.device)       # (B, Lq)
         mask = keys <= last[:, :, None]
     else:
         mask = (keys < lens[:, None, None]).expand(-1, Lq, -1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    rep = H // Hkv
+    rows = q.reshape(B, Hkv, rep * Lq, D)                  # query head h = kv head h // rep
+    mask = mask[:, None, None].expand(-1, -1, rep, -1, -1).reshape(B, 1, rep * Lq, Lk)
+    out = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)
+    return out.view(B, H, Lq, D)
 
 
 @functools.lru_cache(maxsize=None)
