@@ -242,7 +242,8 @@ class MTATransformer(nn.Module):
         tokens (B, S + max_new_tokens), each row its prompt then its new tokens, padded with
         pad_token_id, and lengths (B,) of the valid prefix of each row. ``cuda_graph`` (CUDA only):
         replay each decode step from a CUDA graph over a static cache (the host issues one replay
-        per token instead of every layer's launches); the tokens are the same as without it.
+        per token instead of every layer's launches). Its steps run over the whole preallocated
+        cache, so their logits may differ from the default cache's in the last bits.
         """
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be (B, S) with S >= 1, got {tuple(input_ids.shape)}")
