@@ -24,7 +24,7 @@ F64 = torch.float64
 LAYERS = {
     "full-both": dict(pre_conv=(6, 11), post_conv=(6, 11), pre_mix=4, post_mix=4, head_norm=True, gate=True),
     "full-left": dict(pre_conv=(6, 11), post_conv=(6, 11), pre_mix=4, post_mix=4, pad_key="left"),
-    "full-right": dict(pre_conv=(3, 5), post_conv=(2, 4), pre_mix=2, post_mix=2, pad_key="right"),
+    "full-right": dict(pre_conv=(6, 11), post_conv=(2, 4), pre_mix=2, post_mix=2, pad_key="right"),
     "full-gqa": dict(pre_conv=(3, 5), post_conv=(3, 5), pre_mix=4, post_mix=4, n_kv_heads=2),
     "talking_heads": dict(pre_mix=4, post_mix=4),
     "baseline": dict(),
