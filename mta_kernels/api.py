@@ -12,6 +12,7 @@ from .dispatch import choose_block_path, choose_path
 from .flash import sdpa, sdpa_varlen
 from .options import KernelOptions, resolve
 from .packed import run_packed
+from .utils import captured_on_device
 
 MAX_HEAD_DIM = 256
 # The convs' halos the slab kernels take: (cq-1)+(cq'-1) rows and (ck-1)+(ck'-1) keys.
@@ -140,7 +141,7 @@ def _as_bool(causal):
 def _validate_block(q, k, pre_conv, post_conv, q_prev, seqlens):
     """validate_block's checks; while a CUDA graph is captured the values of a CUDA seqlens
     cannot be read, so only its kind and shape are checked then."""
-    if seqlens is not None and seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+    if captured_on_device(seqlens):
         if seqlens.dtype not in (torch.int32, torch.int64) or seqlens.shape != (q.shape[0],):
             raise ValueError(f"seqlens must be a ({q.shape[0]},) int32 or int64 tensor, got "
                              f"{tuple(seqlens.shape)} {seqlens.dtype}")

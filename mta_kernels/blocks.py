@@ -12,6 +12,7 @@ from .decode import mta_decode_fwd
 from .flash import flash_fwd, sdpa, sdpa_block
 from .mta.forward import mta_chunked_fwd
 from .options import Options
+from .utils import captured_on_device
 
 # Plain attention takes a ragged block of up to this many rows in one SDPA call with a mask made
 # on the device (Lq x Lk per sequence); longer blocks run each length group on its own.
@@ -40,7 +41,7 @@ def block_forward(q, k, v, weights, *, causal: bool, pad_key: str, scale: float,
         return mta_decode_fwd(q, k, v, weights, q_prev, lens, causal=causal, pad_key=pad_key, scale=scale)
     if path == "sdpa" and seqlens is not None and q.shape[2] <= MASKED_SDPA_ROWS:
         return sdpa_block(q, k, v, seqlens.to(q.device, non_blocking=True), causal, scale)
-    if seqlens is not None and seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+    if captured_on_device(seqlens):
         raise RuntimeError(f"seqlens: the {path!r} path reads each sequence's length on the host, which a CUDA "
                            f"graph cannot capture; only the fused decode step and plain attention of at most "
                            f"{MASKED_SDPA_ROWS} rows take seqlens on the device")

@@ -376,8 +376,7 @@ class MTAForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             mta = cache.prepare(B, hc.shape[1], h.dtype, h.device)
             mta.begin(hc.shape[1], None if real is None else n)
-            for block, layer_cache in zip(m.layers, mta.layers):
-                hc = block(hc, cache=layer_cache)
+            hc = m._through_cache(hc, mta)
             mta.end()
             cache.seen += S
 

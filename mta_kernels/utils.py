@@ -1,4 +1,4 @@
-"""Small helpers every path shares: launch-grid arithmetic, dtypes and dot precision."""
+"""Small helpers every path shares: launch-grid arithmetic, dtypes, dot precision, graph capture."""
 import torch
 import triton.language as tl
 
@@ -16,6 +16,12 @@ def next_pow2(x: int) -> int:
 def padded(x: int) -> int:
     """x rounded up to a power of two, at least 16: tl.arange and tl.dot sizes."""
     return max(16, next_pow2(x))
+
+
+def captured_on_device(t) -> bool:
+    """Whether t is a CUDA tensor while a CUDA graph is being captured: its values cannot be
+    read on the host then."""
+    return t is not None and t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
